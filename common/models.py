@@ -1,0 +1,325 @@
+"""Model registry: every torchvision classifier by name, plus small models for 28-32 px data.
+
+Each model built here carries an `InputSpec` (channels, size, mean, std, classes) as
+`model.input_spec`, so the stages know how to feed it without any real data at hand.
+
+Weights (`--weights`):
+  none                  random initialisation
+  DEFAULT / <ENUM NAME> torchvision's pretrained weights (downloads; clear error offline)
+  <path>                a checkpoint saved by `save_model_checkpoint` or a plain state_dict
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: `channels` x `size` x `size` images normalised with mean/std."""
+
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        try:
+            return cls(int(d["channels"]), int(d["size"]), tuple(float(v) for v in d["mean"]),
+                       tuple(float(v) for v in d["std"]), int(d["num_classes"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"malformed input spec {d!r}: {e}") from None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] (B, C, H, W) -> the model's normalised input."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+# --------------------------------------------------------------------------- small models
+class LeNet5(nn.Module):
+    """LeNet-5 with BatchNorm after every conv (the DFKD MNIST teacher/student pair).
+
+    conv5x5(pad 2) -> BN -> ReLU -> maxpool, conv5x5 -> BN -> ReLU -> maxpool,
+    conv5x5 -> BN -> ReLU -> global average pool -> FC -> ReLU -> FC.
+    At 28 px this is the classic 32 px LeNet-5 layout (28 -> 14 -> 10 -> 5 -> 1); the global
+    pool and the linear head make it a GAP + linear classifier (usable for CAMs).
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths=(6, 16, 120, 84)):
+        super().__init__()
+        c1, c2, c3, f1 = widths
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, c1, 5, padding=2, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 5, bias=False), nn.BatchNorm2d(c3), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Linear(c3, f1), nn.ReLU(inplace=True), nn.Linear(f1, num_classes))
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class _CifarBasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al. (2016) CIFAR ResNet-(6n+2): 3x3 stem, three stages of 16/32/64 x width channels."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 1):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError("CIFAR ResNet depth must be 6n+2")
+        n = (depth - 2) // 6
+        widths = [16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(n):
+                layers.append(_CifarBasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def features(self, x):
+        return self.layers(torch.relu(self.bn1(self.conv1(x))))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _cifar_torchvision_resnet(name: str, num_classes: int, in_chans: int) -> nn.Module:
+    """torchvision ResNet-18/34 with the CIFAR stem (3x3 conv, stride 1, no max-pool), as in DFKD papers."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+@dataclass(frozen=True)
+class _SmallModel:
+    build: callable
+    channels: int
+    size: int
+    mean: tuple = field(default=MNIST_MEAN)
+    std: tuple = field(default=MNIST_STD)
+    num_classes: int = 10
+
+
+SMALL_MODELS: dict[str, _SmallModel] = {
+    "lenet5": _SmallModel(lambda nc, ch: LeNet5(nc, ch), 1, 28),
+    "lenet5_half": _SmallModel(lambda nc, ch: LeNet5(nc, ch, widths=(3, 8, 60, 42)), 1, 28),
+    **{f"cifar_resnet{d}": _SmallModel((lambda d: lambda nc, ch: CifarResNet(d, nc, ch))(d), 3, 32,
+                                        CIFAR_MEAN, CIFAR_STD)
+       for d in (8, 14, 20, 32, 44, 56)},
+    **{f"cifar_{n}": _SmallModel((lambda n: lambda nc, ch: _cifar_torchvision_resnet(n, nc, ch))(n), 3, 32,
+                                 CIFAR_MEAN, CIFAR_STD)
+       for n in ("resnet18", "resnet34")},
+}
+
+
+def torchvision_model_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_models() -> list[str]:
+    return sorted(SMALL_MODELS) + torchvision_model_names()
+
+
+# --------------------------------------------------------------------------- building
+def create_model(name: str, num_classes: int | None = None, weights: str | None = "none",
+                 in_chans: int | None = None, input_size: int | None = None) -> nn.Module:
+    """Build registry model `name` and load `weights`; the result carries `.input_spec`.
+
+    num_classes/in_chans/input_size override the model's defaults (a checkpoint's recorded
+    spec wins for the values it stores, and a conflicting explicit value is an error).
+    """
+    weights = "none" if weights in (None, "", "none", "None") else weights
+    checkpoint = None
+    if weights != "none" and _looks_like_path(weights):
+        checkpoint = load_model_checkpoint(weights)
+        if checkpoint.get("arch") not in (None, name):
+            raise UserError(f"checkpoint {weights} holds a '{checkpoint['arch']}', not a '{name}': "
+                            f"pass --teacher/--student {checkpoint['arch']} or another checkpoint")
+        spec = checkpoint.get("input_spec")
+        if spec:
+            if num_classes is not None and num_classes != spec["num_classes"]:
+                raise UserError(f"checkpoint {weights} has {spec['num_classes']} classes, not {num_classes}")
+            num_classes = spec["num_classes"]
+            in_chans = in_chans or spec["channels"]
+            input_size = input_size or spec["size"]
+
+    if name in SMALL_MODELS:
+        entry = SMALL_MODELS[name]
+        nc = num_classes or entry.num_classes
+        ch = in_chans or entry.channels
+        mean, std = _stats_for_channels(entry.mean, entry.std, ch)
+        model = entry.build(nc, ch)
+        spec = InputSpec(ch, input_size or entry.size, mean, std, nc)
+        if weights != "none" and checkpoint is None:
+            raise UserError(f"'{name}' has no pretrained weights to download; pass --weights none or a checkpoint path")
+    elif name in torchvision_model_names():
+        model, spec = _create_torchvision(name, num_classes, weights if checkpoint is None else "none",
+                                          in_chans, input_size)
+    else:
+        raise UserError(f"unknown model '{name}'. Known small models: {', '.join(sorted(SMALL_MODELS))}; "
+                        "or any torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2)")
+
+    if checkpoint is not None:
+        state = checkpoint["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"weights in {weights} do not fit a '{name}' with {spec.num_classes} classes "
+                            f"and {spec.channels} input channels ({first})") from None
+    model.input_spec = spec
+    model.arch = name
+    return model
+
+
+def _stats_for_channels(mean, std, channels):
+    if len(mean) == channels:
+        return tuple(mean), tuple(std)
+    if len(mean) == 1:
+        return tuple(mean) * channels, tuple(std) * channels
+    return (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pt", ".pth", ".ckpt", ".bin")) or Path(weights).exists()
+
+
+def _create_torchvision(name, num_classes, weights, in_chans, input_size):
+    import torchvision
+
+    size, mean, std, nc = 224, IMAGENET_MEAN, IMAGENET_STD, 1000
+    weights_enum = None
+    if weights != "none":
+        try:
+            weights_enum = torchvision.models.get_model_weights(name)
+            weights_enum = weights_enum.DEFAULT if weights.upper() == "DEFAULT" else weights_enum[weights.split(".")[-1]]
+        except (KeyError, ValueError):
+            options = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
+            raise UserError(f"unknown weights '{weights}' for {name}; use DEFAULT, one of {options}, "
+                            "none, or a checkpoint path") from None
+        nc = len(weights_enum.meta.get("categories") or []) or nc
+        transforms = weights_enum.transforms()
+        size = int(getattr(transforms, "crop_size", [size])[0])
+        mean, std = tuple(transforms.mean), tuple(transforms.std)
+        if num_classes not in (None, nc):
+            raise UserError(f"{name} weights {weights_enum.name} have {nc} classes, not {num_classes}")
+        if in_chans not in (None, 3):
+            raise UserError(f"{name} pretrained weights take 3 input channels, not {in_chans}")
+        try:
+            model = torchvision.models.get_model(name, weights=weights_enum)
+        except Exception as e:  # urllib/http/ssl errors when offline
+            cache = Path(torch.hub.get_dir()) / "checkpoints"
+            raise UserError(
+                f"could not download {name} weights {weights_enum.name} ({type(e).__name__}: {e}). "
+                f"Offline? Put the file {Path(weights_enum.url).name} into {cache}, "
+                "or pass --weights PATH to a local checkpoint") from None
+    else:
+        nc = num_classes or nc
+        model = torchvision.models.get_model(name, weights=None, num_classes=nc)
+        if in_chans not in (None, 3):
+            _replace_first_conv(model, in_chans)
+        mean, std = _stats_for_channels(mean, std, in_chans or 3)
+    spec = InputSpec(in_chans or 3, input_size or size, tuple(mean), tuple(std), nc)
+    return model, spec
+
+
+def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            new = nn.Conv2d(in_chans, module.out_channels, module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, module.bias is not None)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+            return
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> None:
+    """Save a model with its architecture name and input spec (loadable with weights_only=True)."""
+    from .fileio import atomic_open
+
+    payload = {"arch": model.arch, "input_spec": model.input_spec.to_dict(),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if extra:
+        payload["extra"] = extra
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def load_model_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a model checkpoint safely. Returns {'arch', 'input_spec', 'state_dict'} (arch/spec may be None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; pass an existing checkpoint, DEFAULT or none")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path}: not a safe PyTorch weights file "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return {"arch": obj.get("arch"), "input_spec": obj.get("input_spec"), "state_dict": obj["state_dict"]}
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"arch": None, "input_spec": None, "state_dict": obj}
+    raise UserError(f"checkpoint {path} holds neither a model checkpoint nor a state_dict")
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Checksum of a model's weights and buffers (name, dtype, shape, bytes), independent of file format."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
