@@ -1,0 +1,1 @@
+"""Stage one: synthesise a labelled dataset from a frozen teacher and write it as WebDataset shards."""

@@ -1,0 +1,94 @@
+"""`synth`: stage one on the command line (thin adapters over `synth.generate` and `common.shards`).
+
+    synth generate --teacher resnet50 --weights DEFAULT --out shards/ --num-images 100000
+    synth generate --teacher lenet5 --weights runs/teacher/lenet5.pt --out shards/mnist --set steps=800
+    synth methods                      # each method's options (--set key=value) and defaults
+    synth verify shards/mnist          # check shards against the manifest
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import click
+
+from common.errors import UserError
+from common.shards import IMAGE_FORMATS, read_manifest, verify_dataset
+
+from .generate import GenerateConfig, generate
+from .methods import METHODS
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Stage one of data-free distillation: synthesise a dataset from a teacher, as WebDataset shards."""
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for item in values:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = value.strip()
+    return options
+
+
+@main.command("generate")
+@click.option("--teacher", required=True, help="Teacher architecture: lenet5, cifar_resnet20, resnet50, ...")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="Teacher weights: DEFAULT / a torchvision weights name (download), a checkpoint path, or none.")
+@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder for shards and manifest.")
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="generator", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A method option (repeatable); `synth methods` lists them.")
+@click.option("--num-images", default=50_000, show_default=True, type=int)
+@click.option("--shard-size", default=5_000, show_default=True, type=int, help="Images per shard.")
+@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="png", show_default=True)
+@click.option("--resolution", type=int, default=None, help="Teacher input size (default: the model's own).")
+@click.option("--num-classes", type=int, default=None, help="Classes of a teacher built with --weights none.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=500, show_default=True, type=int, help="Images per batch when writing shards.")
+@click.option("--overwrite", is_flag=True, help="Delete earlier output in --out and start over.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, image_format, resolution,
+                 num_classes, seed, batch_size, overwrite, threads, quiet):
+    """Train the synthesis method against the teacher and write the synthetic dataset.
+
+    Rerun the same command after an interruption to continue: finished shards are kept.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    manifest = generate(GenerateConfig(
+        teacher=teacher, weights=weights, out=out, method=method, method_options=_parse_sets(sets),
+        num_images=num_images, shard_size=shard_size, image_format=image_format, resolution=resolution,
+        num_classes=num_classes, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=not quiet))
+    click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
+
+
+@main.command("methods")
+def methods_cmd():
+    """List the synthesis methods and their options (set with --set key=value)."""
+    for name, cls in METHODS.items():
+        click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls.Config):
+            click.echo(f"  {f.name} = {f.default!r}")
+
+
+@main.command("verify")
+@click.argument("folder", type=click.Path())
+@click.option("--no-decode", is_flag=True, help="Check presence and sha256 only (faster).")
+def verify_cmd(folder, no_decode):
+    """Check every shard in FOLDER against its manifest (present, sha256, sample count, decodable)."""
+    manifest = read_manifest(folder, require_complete=False)
+    problems = verify_dataset(folder, decode=not no_decode)
+    for p in problems:
+        click.echo(f"BAD  {p}")
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {folder}", err=True)
+        sys.exit(1)
+    click.echo(f"OK   {len(manifest.shards)} shards, {manifest.num_samples} samples")

@@ -1,0 +1,169 @@
+"""Stage one: train a synthesis method against a frozen teacher, then write the synthetic dataset as
+WebDataset shards plus a manifest (format: `common/shards.py`).
+
+Restartable and deterministic:
+  - the method's training checkpoints go to `<out>/state/`; a rerun continues from them;
+  - shard i holds samples i*S .. (i+1)*S-1; its images depend only on (seed, i), so a redone shard
+    has the same bytes; each shard is written under a temporary name and renamed when complete;
+  - the manifest lists finished shards (checked by sha256 on resume) and is rewritten after each;
+  - a rerun with another config or teacher into the same folder is refused (`overwrite=True` clears it).
+
+    from synth.generate import GenerateConfig, generate
+    generate(GenerateConfig(teacher="lenet5", weights="teacher.pt", out="shards/mnist", num_images=50000))
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.fileio import canonical_json_sha256, sha256_file
+from common.models import create_model, state_dict_sha256
+from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sample, ShardRecord, read_manifest,
+                           sample_key, shard_name, write_manifest, write_shard)
+
+from .methods import METHODS, build_method
+from .methods.base import seeded_generator
+
+STATE_DIR = "state"
+
+
+@dataclass
+class GenerateConfig:
+    teacher: str
+    out: str = "shards"
+    weights: str = "none"
+    method: str = "generator"
+    method_options: dict = field(default_factory=dict)
+    num_images: int = 50_000
+    shard_size: int = 5_000
+    image_format: str = "png"
+    resolution: int | None = None     # teacher input size; default: the model's own
+    num_classes: int | None = None    # for teachers built with random weights
+    seed: int = 0
+    batch_size: int = 500             # images per synthesis/teacher batch when writing shards
+    overwrite: bool = False
+    progress: bool = True
+
+
+def generate(cfg: GenerateConfig) -> Manifest:
+    """Run stage one to completion (or continue an interrupted run). Returns the final manifest."""
+    _check_options(cfg)
+    torch.manual_seed(cfg.seed)
+    teacher = create_model(cfg.teacher, num_classes=cfg.num_classes, weights=cfg.weights,
+                           input_size=cfg.resolution).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    spec = teacher.input_spec
+    method = build_method(cfg.method, cfg.method_options, spec)
+    teacher_record = {
+        "arch": cfg.teacher, "weights": cfg.weights,
+        "weights_path": str(Path(cfg.weights).resolve()) if Path(cfg.weights).is_file() else None,
+        "weights_sha256": state_dict_sha256(teacher), "input_spec": spec.to_dict()}
+    config = {"method": cfg.method, "method_config": asdict(method.config), "teacher_arch": cfg.teacher,
+              "teacher_sha256": teacher_record["weights_sha256"], "input_spec": spec.to_dict(),
+              "num_images": cfg.num_images, "shard_size": cfg.shard_size, "image_format": cfg.image_format,
+              "seed": cfg.seed}
+    out = Path(cfg.out)
+    manifest = _open_output(out, cfg, config, teacher_record, spec.num_classes)
+
+    method.fit(teacher, out / STATE_DIR, progress=cfg.progress, seed=cfg.seed)
+
+    num_shards = -(-cfg.num_images // cfg.shard_size)
+    done = _finished_shards(out, manifest)
+    bar = tqdm(range(num_shards), desc="shards", disable=not cfg.progress, unit="shard")
+    for index in bar:
+        if index in done:
+            continue
+        first = index * cfg.shard_size
+        indices = range(first, min(first + cfg.shard_size, cfg.num_images))
+        record = write_shard(out / shard_name(index), _shard_samples(cfg, method, teacher, index, indices),
+                             cfg.image_format)
+        manifest.shards = sorted([r for r in manifest.shards if r.name != record.name] + [record],
+                                 key=lambda r: r.name)
+        write_manifest(out, manifest)
+    manifest.complete = True
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _check_options(cfg: GenerateConfig) -> None:
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
+    if cfg.image_format not in IMAGE_FORMATS:
+        raise UserError(f"image format must be one of {', '.join(IMAGE_FORMATS)}")
+    for name in ("num_images", "shard_size", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.resolution is not None and cfg.resolution < 8:
+        raise UserError("--resolution must be at least 8 pixels")
+
+
+def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: dict, num_classes: int) -> Manifest:
+    """A fresh manifest for a new folder, or the existing one for a resumed run of the same config."""
+    config_sha = canonical_json_sha256(config)
+    if cfg.overwrite and out.exists():
+        _clear_output(out)
+    if out.exists() and (out / MANIFEST_NAME).exists():
+        manifest = read_manifest(out, require_complete=False)
+        if manifest.config_sha256 != config_sha:
+            changed = sorted(k for k in config if manifest.config.get(k) != config[k])
+            raise UserError(f"{out} holds shards of another run (differs in: {', '.join(changed) or 'config'}); "
+                            "use another --out, or --overwrite to delete them and start over")
+        return manifest
+    if out.exists() and any(p.name != "README.md" for p in out.iterdir()):
+        raise UserError(f"{out} is not empty and has no {MANIFEST_NAME}; use an empty or new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(teacher=teacher_record, num_classes=num_classes, image_format=cfg.image_format,
+                        method=cfg.method, config=config, config_sha256=config_sha,
+                        planned_samples=cfg.num_images, shard_size=cfg.shard_size)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _clear_output(out: Path) -> None:
+    """Delete what `synth generate` writes (shards, manifests, state), nothing else."""
+    for p in out.iterdir():
+        if p.name in (MANIFEST_NAME, INFO_NAME) or (p.name.startswith(("shard-", ".shard-")) and ".tar" in p.name):
+            p.unlink()
+        elif p.name == STATE_DIR and p.is_dir():
+            shutil.rmtree(p)
+
+
+def _finished_shards(out: Path, manifest: Manifest) -> set[int]:
+    """Shards listed in the manifest whose file is present and intact (others are redone)."""
+    done = set()
+    for record in manifest.shards:
+        path = out / record.name
+        if path.is_file() and sha256_file(path) == record.sha256:
+            done.add(int(record.name[len("shard-"):-len(".tar")]))
+    return done
+
+
+def _shard_samples(cfg: GenerateConfig, method, teacher, index: int, indices: range):
+    """Yield the samples of one shard: class-balanced labels, round-robin ensemble members, teacher logits
+    computed on the 8-bit image exactly as stored."""
+    spec = teacher.input_spec
+    rng = seeded_generator(cfg.seed, index)
+    all_idx = torch.tensor(list(indices))
+    for start in range(0, len(all_idx), cfg.batch_size):
+        idx = all_idx[start:start + cfg.batch_size]
+        labels = idx % spec.num_classes
+        streams = (idx // spec.num_classes) % method.num_streams
+        images = method.synthesize(labels, streams, rng)
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        with torch.no_grad():
+            logits = teacher(spec.normalize(pixels.float() / 255))
+        if method.labels_from_teacher:
+            labels = logits.argmax(1)
+        logits = logits.to(torch.float16).numpy()
+        pixels = pixels.permute(0, 2, 3, 1).contiguous().numpy()
+        for i in range(len(idx)):
+            j = int(idx[i])
+            yield Sample(key=sample_key(j), image=pixels[i], label=int(labels[i]), logits=logits[i],
+                         meta={"stream": int(streams[i]), "shard_seed": int(rng.initial_seed()),
+                               "resolution": spec.size, "method": cfg.method})

@@ -1,0 +1,79 @@
+"""What a synthesis method provides to `synth generate`.
+
+A method is one file in `synth/methods/` with a config dataclass and a class that
+  - `fit(teacher, state_dir, progress, seed)`: trains whatever it needs against the frozen teacher, restartably
+    (checkpoints in `state_dir`; calling it again after a kill continues where it stopped);
+  - `synthesize(labels, streams, generator)`: returns images in [0, 1], (B, C, H, W), at the
+    teacher's input size, for the given target classes. `streams` says which ensemble member
+    (or other sub-source) makes each image; `generator` is the torch RNG to draw noise from, so
+    that a shard's content depends only on its seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from common.errors import UserError
+
+
+class SynthesisMethod:
+    name: str = ""
+    Config: type = object
+    labels_from_teacher = False   # True: a sample's class is the teacher's argmax, not the requested one
+
+    def __init__(self, config, spec):
+        self.config = config
+        self.spec = spec
+
+    @property
+    def num_streams(self) -> int:
+        return 1
+
+    def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
+        raise NotImplementedError
+
+    def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def parse_config(config_cls: type, options: dict[str, Any]):
+    """Build a method config dataclass from `key=value` strings or values, with type checks."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    values = {}
+    for key, raw in options.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise UserError(f"unknown option '{key}' for this method; options: {', '.join(sorted(fields))}")
+        default = getattr(config_cls(), name)
+        try:
+            if isinstance(raw, str):
+                if isinstance(default, bool):
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    value = raw.lower() in ("1", "true", "yes")
+                elif isinstance(default, tuple):
+                    value = tuple(type(default[0])(v) for v in raw.split(",")) if default else tuple(raw.split(","))
+                else:
+                    value = type(default)(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise UserError(f"option '{key}' expects a {type(default).__name__}, got {raw!r}") from None
+        values[name] = value
+    config = config_cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU RNG whose seed is a fixed mix of integers (seed, shard, step, ...)."""
+    seed = 0x9E3779B97F4A7C15
+    for p in parts:
+        seed = (seed * 6364136223846793005 + int(p) + 1442695040888963407) % (1 << 63)
+    return torch.Generator().manual_seed(seed)

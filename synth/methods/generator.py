@@ -1,0 +1,211 @@
+"""Generator ensemble (Luo et al. 2020, "Large-Scale Generative Data-Free Distillation").
+
+K class-conditional generators are trained, one after the other, against the frozen teacher; then
+each shard samples all of them. Per training step, for a class-balanced batch of labels y and
+noise z, images x = G_k(z, y) in [0, 1] are normalised for the teacher and
+
+    loss = bn_weight        * sum_l ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2
+         + ce_weight        * CE(teacher(x), y)                       (the image shows class y)
+         + balance_weight   * sum_c p_c log p_c, p = mean softmax       (no class collapse; DAFL)
+         + diversity_weight * -mean_i |x_i - x_j|_1 / |z_i - z_j|_1     (no mode collapse inside a
+                                                                       class: mode seeking, same y)
+         + adversarial_weight * -|softmax(s(x)) - softmax(t(x))|_1       (optional: hard samples for
+                                                                       a proxy student s trained
+                                                                       alongside by KD)
+
+Generator (after Luo et al.'s public code): concat(z, embed(y)) -> linear -> init x init x 2w ->
+BN -> LeakyReLU -> n x (nearest x2, conv3x3, BN, LeakyReLU) -> conv3x3 -> sigmoid.
+Our choices (not in the paper, which does not publish them): a learned class embedding instead of a
+one-hot, a sigmoid to [0, 1] pixels (so the stored PNG is exactly what the teacher saw, up to 8-bit
+quantisation) instead of tanh + a final BN, the diversity and adversarial terms, and all weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.bn_stats import BNStatsLoss
+from common.errors import UserError
+from common.fileio import atomic_open
+from common.models import InputSpec, create_model
+
+from .base import SynthesisMethod, seeded_generator
+
+
+@dataclass
+class GeneratorEnsembleConfig:
+    num_generators: int = 4       # K: the ensemble size
+    steps: int = 400              # training steps per generator
+    batch_size: int = 200
+    lr: float = 0.01              # Adam(beta1=0.5)
+    latent_dim: int = 64
+    width: int = 32               # channels of the last stage (earlier stages: 2 x width)
+    bn_weight: float = 1.0
+    first_bn_weight: float = 1.0  # extra factor on the first BN layer (DeepInversion: 10 on ImageNet)
+    ce_weight: float = 1.0
+    balance_weight: float = 1.0
+    diversity_weight: float = 1.0
+    adversarial_weight: float = 0.0
+    proxy_student: str = "lenet5_half"   # used only when adversarial_weight > 0
+    proxy_lr: float = 1e-3
+    checkpoint_every: int = 50
+
+    def validate(self) -> None:
+        for name in ("num_generators", "steps", "batch_size", "latent_dim", "width", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"generator option {name} must be >= 1")
+
+
+class ConditionalGenerator(nn.Module):
+    """(z, y) -> image in [0, 1] of `spec.channels` x `spec.size` x `spec.size`."""
+
+    def __init__(self, spec: InputSpec, latent_dim: int, width: int):
+        super().__init__()
+        self.num_up = max(2, round(math.log2(spec.size / 8)))
+        self.init = math.ceil(spec.size / 2 ** self.num_up)
+        self.size = spec.size
+        self.embed = nn.Embedding(spec.num_classes, latent_dim)
+        self.fc = nn.Linear(2 * latent_dim, 2 * width * self.init ** 2)
+        self.bn0 = nn.BatchNorm2d(2 * width)
+        blocks = []
+        for i in range(self.num_up):
+            cin = 2 * width
+            cout = width if i == self.num_up - 1 else 2 * width
+            blocks += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                       nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Conv2d(width, spec.channels, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([z, self.embed(y)], 1)).view(z.shape[0], -1, self.init, self.init)
+        h = self.blocks(F.leaky_relu(self.bn0(h), 0.2))
+        if h.shape[-1] != self.size:
+            h = F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.out(h))
+
+
+def mode_seeking_loss(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """-mean |x_i - x_j| / |z_i - z_j| over pairs (i, i + B/2); pairs share a label when B/2 % C == 0."""
+    half = x.shape[0] // 2
+    dx = (x[:half] - x[half:2 * half]).abs().flatten(1).mean(1)
+    dz = (z[:half] - z[half:2 * half]).abs().mean(1)
+    return -(dx / (dz + 1e-6)).mean()
+
+
+def class_balance_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Negative entropy of the batch-mean prediction (minimal when classes are used evenly)."""
+    p = F.softmax(logits, 1).mean(0)
+    return (p * torch.log(p + 1e-8)).sum()
+
+
+class GeneratorEnsemble(SynthesisMethod):
+    """Luo et al. 2020: an ensemble of class-conditional generators trained on teacher BN statistics."""
+
+    name = "generator"
+    Config = GeneratorEnsembleConfig
+
+    def __init__(self, config: GeneratorEnsembleConfig, spec: InputSpec):
+        super().__init__(config, spec)
+        self.generators = [ConditionalGenerator(spec, config.latent_dim, config.width)
+                           for _ in range(config.num_generators)]
+
+    @property
+    def num_streams(self) -> int:
+        return self.config.num_generators
+
+    def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for k in range(self.config.num_generators):
+            self._fit_one(k, teacher, state_dir / f"generator-{k:03d}.pt", progress, seed)
+
+    def _fit_one(self, k: int, teacher: nn.Module, path: Path, progress: bool, seed: int) -> None:
+        cfg, spec = self.config, self.spec
+        torch.manual_seed(seeded_generator(seed, k).initial_seed())
+        gen = ConditionalGenerator(spec, cfg.latent_dim, cfg.width)
+        opt = torch.optim.Adam(gen.parameters(), cfg.lr, betas=(0.5, 0.999))
+        proxy = proxy_opt = None
+        if cfg.adversarial_weight > 0:
+            proxy = create_model(cfg.proxy_student, num_classes=spec.num_classes, in_chans=spec.channels,
+                                 input_size=spec.size)
+            proxy_opt = torch.optim.Adam(proxy.parameters(), cfg.proxy_lr)
+        start = 0
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("config") != asdict(cfg):
+                raise UserError(f"{path} was trained with another configuration; use --overwrite to start over")
+            gen.load_state_dict(state["generator"])
+            opt.load_state_dict(state["optimizer"])
+            if proxy is not None:
+                proxy.load_state_dict(state["proxy"])
+                proxy_opt.load_state_dict(state["proxy_optimizer"])
+            start = state["step"]
+        if start < cfg.steps:
+            labels = torch.arange(cfg.batch_size) % spec.num_classes
+            gen.train()
+            bar = tqdm(range(start, cfg.steps), desc=f"generator {k + 1}/{cfg.num_generators}",
+                       initial=start, total=cfg.steps, disable=not progress, leave=False)
+            with BNStatsLoss(teacher, cfg.first_bn_weight) as bn_stats:
+                for step in bar:
+                    z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=seeded_generator(seed, k, step))
+                    terms = self._step(gen, opt, teacher, bn_stats, proxy, proxy_opt, z, labels)
+                    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                        self._save(path, gen, opt, proxy, proxy_opt, step + 1)
+                    bar.set_postfix({k_: f"{v:.3f}" for k_, v in terms.items()})
+        gen.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"])
+        self.generators[k] = gen.eval()
+
+    def _step(self, gen, opt, teacher, bn_stats, proxy, proxy_opt, z, labels) -> dict[str, float]:
+        cfg, spec = self.config, self.spec
+        x = gen(z, labels)
+        logits = teacher(spec.normalize(x))
+        bn = bn_stats.loss()
+        ce = F.cross_entropy(logits, labels)
+        loss = cfg.bn_weight * bn + cfg.ce_weight * ce
+        terms = {"bn": bn.item(), "ce": ce.item()}
+        if cfg.balance_weight:
+            loss = loss + cfg.balance_weight * class_balance_loss(logits)
+        if cfg.diversity_weight:
+            div = mode_seeking_loss(x, z)
+            loss = loss + cfg.diversity_weight * div
+            terms["div"] = div.item()
+        if proxy is not None:
+            proxy.eval()
+            disagreement = (F.softmax(proxy(spec.normalize(x)), 1) - F.softmax(logits, 1)).abs().sum(1).mean()
+            loss = loss - cfg.adversarial_weight * disagreement
+            terms["adv"] = disagreement.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if proxy is not None:  # the proxy student learns the teacher on the new images
+            proxy.train()
+            xd = x.detach()
+            kd = F.kl_div(F.log_softmax(proxy(spec.normalize(xd)), 1), F.log_softmax(logits.detach(), 1),
+                          reduction="batchmean", log_target=True)
+            proxy_opt.zero_grad(set_to_none=True)
+            kd.backward()
+            proxy_opt.step()
+        return terms
+
+    def _save(self, path, gen, opt, proxy, proxy_opt, step) -> None:
+        state = {"config": asdict(self.config), "step": step, "generator": gen.state_dict(),
+                 "optimizer": opt.state_dict()}
+        if proxy is not None:
+            state["proxy"] = proxy.state_dict()
+            state["proxy_optimizer"] = proxy_opt.state_dict()
+        with atomic_open(path, "wb") as f:
+            torch.save(state, f)
+
+    @torch.no_grad()
+    def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(labels.shape[0], self.config.latent_dim, generator=generator)
+        out = torch.empty(labels.shape[0], self.spec.channels, self.spec.size, self.spec.size)
+        for k in streams.unique().tolist():
+            idx = (streams == k).nonzero().squeeze(1)
+            out[idx] = self.generators[k](z[idx], labels[idx])
+        return out

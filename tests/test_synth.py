@@ -1,0 +1,141 @@
+"""Stage one: the generator-ensemble method, restartable and deterministic shard writing, CLI errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.errors import UserError
+from common.shards import read_manifest, read_shard, verify_dataset
+from synth.cli import main as synth_cli
+from synth.generate import GenerateConfig, generate
+
+TINY = {"num_generators": "2", "steps": "6", "batch_size": "20", "width": "4", "latent_dim": "8",
+        "checkpoint_every": "2"}
+
+
+def _config(teacher, out, **kw):
+    base = dict(teacher="lenet5", weights=str(teacher), out=str(out), method_options=dict(TINY),
+                num_images=50, shard_size=20, batch_size=16, progress=False)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def _shard_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("shard-*.tar"))}
+
+
+def test_generate_writes_valid_balanced_shards(tiny_teacher_path, tmp_path):
+    m = generate(_config(tiny_teacher_path, tmp_path / "out"))
+    assert m.complete and [s.num_samples for s in m.shards] == [20, 20, 10]
+    assert verify_dataset(tmp_path / "out") == []
+    samples = [s for p in sorted((tmp_path / "out").glob("shard-*.tar")) for s in read_shard(p)]
+    assert [s.key for s in samples] == [f"sample-{i:08d}" for i in range(50)]
+    assert sorted(s.label for s in samples) == sorted(i % 10 for i in range(50))
+    assert {s.meta["stream"] for s in samples} == {0, 1}
+    assert samples[0].image.shape == (28, 28, 1) and samples[0].logits.shape == (10,)
+    # stored logits are the teacher's on exactly the stored 8-bit image
+    from common.models import create_model
+    teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
+    x = torch.from_numpy(samples[3].image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        expected = teacher(teacher.input_spec.normalize(x))[0].half()
+    assert torch.allclose(torch.from_numpy(samples[3].logits).float(), expected.float(), atol=1e-2)
+    assert json.loads((tmp_path / "out" / "_info.json").read_text())["num_samples"] == 50
+
+
+def test_same_seed_same_bytes_and_resume_redoes_only_unfinished(tiny_teacher_path, tmp_path):
+    generate(_config(tiny_teacher_path, tmp_path / "a"))
+    reference = _shard_bytes(tmp_path / "a")
+    generate(_config(tiny_teacher_path, tmp_path / "b"))
+    assert _shard_bytes(tmp_path / "b") == reference
+    # simulate a kill after the first shard: drop later shards from disk and manifest, damage one
+    b = tmp_path / "b"
+    m = read_manifest(b)
+    (b / "shard-000002.tar").unlink()
+    (b / "shard-000001.tar").write_bytes(b"half a shard")
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["complete"] = False
+    manifest["shards"] = manifest["shards"][:2]
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    mtime0 = (b / "shard-000000.tar").stat().st_mtime_ns
+    generate(_config(tiny_teacher_path, b))
+    assert _shard_bytes(b) == reference
+    assert (b / "shard-000000.tar").stat().st_mtime_ns == mtime0  # finished shard kept, not rewritten
+    assert read_manifest(b).shards == m.shards
+
+
+def test_interrupted_run_resumed_equals_uninterrupted(tiny_teacher_path, tmp_path):
+    """Kill a real `synth generate` process mid-way (generator training or shard writing), rerun it."""
+    generate(_config(tiny_teacher_path, tmp_path / "ref", method_options={**TINY, "steps": "30"}))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
+           "--out", str(out), "--num-images", "50", "--shard-size", "20", "--batch-size", "16", "--quiet",
+           "--threads", "1"] + [f"--set={k}={v}" for k, v in {**TINY, "steps": "30"}.items()]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    state = out / "state"
+    while time.time() < deadline and proc.poll() is None:  # wait for the first generator checkpoint
+        if any(state.glob("generator-*.pt")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
+
+
+def test_refuses_to_mix_configs_and_overwrite_starts_over(tiny_teacher_path, tmp_path):
+    generate(_config(tiny_teacher_path, tmp_path / "o"))
+    with pytest.raises(UserError, match="another run.*seed"):
+        generate(_config(tiny_teacher_path, tmp_path / "o", seed=1))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        generate(_config(tiny_teacher_path, tmp_path / "x"))
+    m = generate(_config(tiny_teacher_path, tmp_path / "o", seed=1, overwrite=True))
+    assert m.config["seed"] == 1 and verify_dataset(tmp_path / "o") == []
+
+
+def test_random_weight_torchvision_teacher_smoke(tmp_path):
+    m = generate(GenerateConfig(teacher="resnet18", weights="none", out=str(tmp_path / "r"), num_images=4,
+                                shard_size=4, resolution=32, batch_size=4, progress=False,
+                                method_options={"num_generators": "1", "steps": "1", "batch_size": "4",
+                                                "width": "4", "latent_dim": "4"}))
+    assert m.num_samples == 4 and m.input_spec.size == 32 and m.num_classes == 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "nonet", "--weights", "none"], "unknown model 'nonet'"),
+    (["--teacher", "lenet5", "--weights", "missing.pt"], "does not exist"),
+    (["--teacher", "lenet5", "--weights", "none", "--set", "bogus=1"], "unknown option 'bogus'"),
+    (["--teacher", "lenet5", "--weights", "none", "--set", "steps=many"], "expects a int"),
+    (["--teacher", "lenet5", "--weights", "none", "--num-images", "0"], "at least 1"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
+    result = CliRunner().invoke(synth_cli, ["generate", "--out", str(tmp_path / "o"), "--quiet", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cli_generate_and_verify(tiny_teacher_path, tmp_path):
+    out = tmp_path / "c"
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    r = CliRunner().invoke(synth_cli, ["generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
+                                       "--out", str(out), "--num-images", "30", "--shard-size", "10", "--quiet",
+                                       *sets])
+    assert r.exit_code == 0, r.output
+    assert "wrote 30 images in 3 shards" in r.output
+    r = CliRunner().invoke(synth_cli, ["verify", str(out)])
+    assert r.exit_code == 0 and "OK   3 shards, 30 samples" in r.output
+    (out / "shard-000001.tar").write_bytes(b"broken")
+    r = CliRunner().invoke(synth_cli, ["verify", str(out)])
+    assert r.exit_code == 1 and "shard-000001.tar: sha256" in r.output
