@@ -1,0 +1,156 @@
+"""The main job: data-free distillation of LeNet-5 into LeNet-5-half on MNIST, end to end, with baselines.
+
+    bash pipelines/mnist.sh                    # sets up .venv, then runs this file
+    python pipelines/mnist.py --out runs/mnist # inside the environment
+
+Steps (each is the product's own command line, printed before it runs; a rerun skips finished steps
+and resumes unfinished ones):
+  1. `distill teacher`   lenet5 on the real MNIST training split
+  2. `synth generate`    the generator ensemble against the frozen teacher -> shards
+  3. baselines' shards   Gaussian noise (`synth generate --method noise`, the floor) and the real MNIST
+                         training images with teacher logits (the ceiling)
+  4. `distill train`     lenet5_half on each set of shards, same schedule, evaluated on the MNIST test split
+  5. a results table (markdown + CSV) in --out
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# ---- the recipe (defaults grouped and visible) -------------------------------------------------
+TEACHER, STUDENT = "lenet5", "lenet5_half"
+TEACHER_EPOCHS = 8
+NUM_IMAGES, SHARD_SIZE = 48_000, 4_000
+GENERATOR_OPTIONS = {"num_generators": 4, "steps": 300, "batch_size": 200, "width": 16, "latent_dim": 64,
+                     "diversity_weight": 20.0}
+DISTILL = {"epochs": 12, "batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
+           "aug": "translate", "workers": 2}
+
+
+def run(cmd: list[str]) -> float:
+    """Run one stage's command line, streaming its output; return wall seconds."""
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def final_top1(run_dir: Path) -> float:
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["eval_top1"])
+
+
+def write_real_shards(teacher_path: Path, out: Path, data_root: str) -> None:
+    """MNIST's training images with the teacher's logits, in the shard format (the KD-on-real ceiling)."""
+    import torch
+
+    from common.fileio import canonical_json_sha256
+    from common.models import create_model, state_dict_sha256
+    from common.shards import Manifest, Sample, read_manifest, sample_key, shard_name, write_manifest, write_shard
+    from common.data import load_mnist
+
+    if (out / "manifest.json").exists() and read_manifest(out, require_complete=False).complete:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = create_model(TEACHER, weights=str(teacher_path)).eval()
+    spec = teacher.input_spec
+    images, labels = load_mnist(data_root, train=True)
+    config = {"method": "real-mnist-train", "teacher_sha256": state_dict_sha256(teacher)}
+    manifest = Manifest(teacher={"arch": TEACHER, "weights": str(teacher_path), "weights_path": str(teacher_path),
+                                 "weights_sha256": config["teacher_sha256"], "input_spec": spec.to_dict()},
+                        num_classes=10, image_format="png", method="real-mnist-train", config=config,
+                        config_sha256=canonical_json_sha256(config), planned_samples=len(images),
+                        shard_size=SHARD_SIZE)
+    for index, first in enumerate(range(0, len(images), SHARD_SIZE)):
+        x = images[first:first + SHARD_SIZE]
+        with torch.no_grad():
+            logits = teacher(spec.normalize(x.float().div(255).unsqueeze(1))).half().numpy()
+        samples = (Sample(sample_key(first + i), x[i].numpy()[:, :, None], int(labels[first + i]), logits[i], {})
+                   for i in range(len(x)))
+        manifest.shards.append(write_shard(out / shard_name(index), samples, "png"))
+    manifest.complete = True
+    write_manifest(out, manifest)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/mnist", help="Folder for teacher, shards, runs and results.")
+    parser.add_argument("--data-root", default="data", help="Where MNIST is (or is fetched to).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-baselines", action="store_true", help="Only teacher, synthesis, distillation.")
+    args = parser.parse_args()
+    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    teacher_path = out / "teacher" / f"{TEACHER}.pt"
+    seconds: dict[str, float] = {}
+
+    if not teacher_path.exists():
+        seconds["teacher"] = run([py, "-m", "distill", "teacher", "--model", TEACHER, "--data", "mnist",
+                                  "--data-root", args.data_root, "--epochs", str(TEACHER_EPOCHS),
+                                  "--seed", str(args.seed), "--out", str(teacher_path)])
+    sets = [a for k, v in GENERATOR_OPTIONS.items() for a in ("--set", f"{k}={v}")]
+    common = ["--teacher", TEACHER, "--weights", str(teacher_path), "--num-images", str(NUM_IMAGES),
+              "--shard-size", str(SHARD_SIZE), "--seed", str(args.seed)]
+    shard_sets = {"generator ensemble (data-free)": out / "shards" / "generator"}
+    seconds["synthesis"] = run([py, "-m", "synth", "generate", *common, "--method", "generator", *sets,
+                                "--out", str(shard_sets["generator ensemble (data-free)"])])
+    if not args.skip_baselines:
+        shard_sets["Gaussian noise (floor)"] = out / "shards" / "noise"
+        run([py, "-m", "synth", "generate", *common, "--method", "noise", "--out", str(out / "shards" / "noise")])
+        shard_sets["real MNIST train images (ceiling)"] = out / "shards" / "real"
+        write_real_shards(teacher_path, out / "shards" / "real", args.data_root)
+
+    distill_args = [a for k, v in DISTILL.items() for a in (f"--{k}", str(v))]
+    results = []
+    for name, shards in shard_sets.items():
+        run_dir = out / "runs" / shards.name
+        resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
+        seconds[f"distill {shards.name}"] = run(
+            [py, "-m", "distill", "train", "--shards", str(shards), "--student", STUDENT, "--out", str(run_dir),
+             "--eval-data", "mnist", "--data-root", args.data_root, "--seed", str(args.seed), *distill_args,
+             *resume])
+        results.append((name, final_top1(run_dir)))
+
+    teacher_top1 = teacher_accuracy(teacher_path, args.data_root)
+    write_results(out, teacher_top1, results, seconds)
+
+
+def teacher_accuracy(teacher_path: Path, data_root: str) -> float:
+    import torch
+
+    from common.data import mnist_dataset
+    from common.models import create_model
+
+    teacher = create_model(TEACHER, weights=str(teacher_path)).eval()
+    images, labels = mnist_dataset(data_root, False, teacher.input_spec).tensors
+    with torch.no_grad():
+        return 100.0 * (teacher(images).argmax(1) == labels).float().mean().item()
+
+
+def write_results(out: Path, teacher_top1: float, results: list[tuple[str, float]], seconds: dict) -> None:
+    lines = ["| model | trained on | MNIST test top-1 (%) |", "|---|---|---|",
+             f"| {TEACHER} (teacher) | real MNIST train | {teacher_top1:.2f} |"]
+    lines += [f"| {STUDENT} (student, KD) | {name} | {top1:.2f} |" for name, top1 in results]
+    timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+    text = "\n".join(lines) + f"\n\nWall time this run: {timing}; total {sum(seconds.values()) / 60:.1f} min.\n"
+    (out / "results.md").write_text(text)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "trained_on", "test_top1"])
+        w.writerow([TEACHER, "real MNIST train", f"{teacher_top1:.2f}"])
+        w.writerows([STUDENT, name, f"{top1:.2f}"] for name, top1 in results)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
