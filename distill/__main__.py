@@ -1,0 +1,4 @@
+"""`python -m distill ...` runs the `distill` command line."""
+from .cli import main
+
+main(prog_name="distill")

@@ -1,0 +1,110 @@
+"""`distill`: the command line of stage two; thin adapters over distill.train and distill.teacher.
+
+Defaults live in TrainConfig / TeacherConfig; the options show them. Bad input ends in a one-line
+`Error: ...` (UserError, exit code 2).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+import click
+import torch
+
+from .data import AUGMENTATIONS
+from .engine import OPTIMIZERS
+from .teacher import TeacherConfig, train_teacher
+from .train import DEFAULT_LR, DEFAULT_WD, TrainConfig, train
+
+
+def default(config_class: type, name: str):
+    """The dataclass default of one field (one source of truth for library and CLI)."""
+    return next(f.default for f in fields(config_class) if f.name == name)
+
+
+def run_options(command):
+    """--threads and --quiet, shared by the commands (as in `synth generate`)."""
+    command = click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")(command)
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="torch CPU threads [default: torch's choice; use 1 when other jobs share the cores]"
+                        )(command)
+
+
+def apply_run_options(options: dict) -> dict:
+    """Apply --threads; turn --quiet into the configs' `progress`. Returns the remaining options."""
+    threads = options.pop("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    return options | {"progress": not options.pop("quiet")}
+
+
+def _format(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main():
+    """Stage two of data-free KD: distill students from synth's shards; train teachers on real data."""
+
+
+@main.command("train")
+@click.option("--shards", required=True, help="Folder written by `synth generate` (shards + manifest.json).")
+@click.option("--student", required=True, help="Student model name from the registry (e.g. lenet5_half, resnet18).")
+@click.option("--out", required=True, help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
+@click.option("--teacher-weights", default=None,
+              help="Teacher checkpoint; default: the weights recorded in the manifest (checked by sha256).")
+@click.option("--student-weights", default=default(TrainConfig, "student_weights"),
+              help="Initial student weights: none, DEFAULT (torchvision) or a checkpoint path.")
+@click.option("--epochs", type=click.IntRange(min=1), default=default(TrainConfig, "epochs"))
+@click.option("--batch-size", type=click.IntRange(min=1), default=default(TrainConfig, "batch_size"))
+@click.option("--opt", type=click.Choice(OPTIMIZERS), default=default(TrainConfig, "opt"),
+              help="SGD (momentum 0.9, Nesterov) or AdamW.")
+@click.option("--lr", type=float, default=None, show_default=False,
+              help=f"Peak learning rate [default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw]")
+@click.option("--wd", type=float, default=None, show_default=False,
+              help=f"Weight decay [default: {DEFAULT_WD['sgd']} for sgd, {DEFAULT_WD['adamw']} for adamw]")
+@click.option("--warmup-epochs", type=float, default=default(TrainConfig, "warmup_epochs"),
+              help="Linear warmup, then cosine decay per step.")
+@click.option("--temperature", type=float, default=default(TrainConfig, "temperature"), help="KD temperature T.")
+@click.option("--ce-weight", type=float, default=default(TrainConfig, "ce_weight"),
+              help="Weight of cross-entropy on the stored labels, added to the KD loss.")
+@click.option("--mixup", type=float, default=default(TrainConfig, "mixup"),
+              help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online teacher; 0 = off.")
+@click.option("--aug", type=click.Choice(AUGMENTATIONS), default=default(TrainConfig, "aug"),
+              help="Student-side augmentation: translate (shift up to size/8 px), crop-flip (natural images).")
+@click.option("--workers", type=click.IntRange(min=0), default=default(TrainConfig, "workers"),
+              help="DataLoader workers reading shards (needs at least as many shards).")
+@click.option("--eval-data", default=None, help="Real held-out set for top-1: mnist or an ImageFolder path.")
+@click.option("--data-root", default=default(TrainConfig, "data_root"), help="Where MNIST lives (or is fetched to).")
+@click.option("--seed", type=int, default=default(TrainConfig, "seed"))
+@click.option("--device", default=default(TrainConfig, "device"), help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@run_options
+def train_command(**options):
+    """Distill a student from a shard folder, with the teacher run online on every augmented batch."""
+    metrics = train(TrainConfig(**apply_run_options(options)))
+    click.echo(f"done: {_format(metrics)}")
+
+
+@main.command("teacher")
+@click.option("--model", required=True, help="Registry model name (e.g. lenet5, cifar_resnet20, resnet18).")
+@click.option("--out", required=True, help="Checkpoint file to write (e.g. runs/teacher/lenet5.pt).")
+@click.option("--data", default=default(TeacherConfig, "data"), help="mnist or an ImageFolder path (training set).")
+@click.option("--data-root", default=default(TeacherConfig, "data_root"), help="Where MNIST lives (or is fetched to).")
+@click.option("--eval-data", default=None,
+              help="Test set: mnist or an ImageFolder path [default: MNIST's test split when --data is mnist]")
+@click.option("--epochs", type=click.IntRange(min=1), default=default(TeacherConfig, "epochs"))
+@click.option("--batch-size", type=click.IntRange(min=1), default=default(TeacherConfig, "batch_size"))
+@click.option("--lr", type=float, default=default(TeacherConfig, "lr"), help="Peak SGD learning rate.")
+@click.option("--wd", type=float, default=default(TeacherConfig, "wd"), help="Weight decay.")
+@click.option("--warmup-epochs", type=float, default=default(TeacherConfig, "warmup_epochs"))
+@click.option("--translate", type=click.IntRange(min=0), default=default(TeacherConfig, "translate"),
+              help="Random shift of up to this many px; 0 = off.")
+@click.option("--workers", type=click.IntRange(min=0), default=default(TeacherConfig, "workers"),
+              help="DataLoader workers for ImageFolder data (MNIST is held in memory).")
+@click.option("--seed", type=int, default=default(TeacherConfig, "seed"))
+@click.option("--device", default=default(TeacherConfig, "device"), help="auto, cpu, cuda or cuda:N.")
+@run_options
+def teacher_command(**options):
+    """Train a teacher on real data and save it for `synth generate --weights`."""
+    metrics = train_teacher(TeacherConfig(**apply_run_options(options)))
+    click.echo(f"done: {_format(metrics)}")

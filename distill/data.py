@@ -1,0 +1,231 @@
+"""Streaming input pipeline over synth's WebDataset shards, and image augmentations on tensors.
+
+Stages, run inside each DataLoader worker (GUIDE section 4):
+
+  EpochShardList      the manifest's shard list, shuffled with (seed, epoch, round): the same order on
+                      every rank; then split by rank, then by worker; repeated round after round, so a
+                      worker never runs dry and an epoch never runs short
+  tarfile_to_samples  the raw bytes of each sample
+  EpochShuffle        a sample shuffle buffer on the raw (still compressed) bytes
+  Decoder             common.shards.decode_sample, checked against the manifest
+  batched             whole batches stacked inside the worker: pixels B x C x H x W in [0, 1],
+                      labels, logits float32
+  Augmentation        student-side augmentation, vectorised over the batch (each image its own draw)
+
+The loader (batch_size=None) cuts this endless stream after `steps_per_epoch` batches, counted on the
+loader: `with_epoch` on the dataset would count per worker.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from common.errors import UserError
+from common.models import InputSpec
+from common.shards import Manifest, Sample, ShardFormatError, decode_sample, shard_paths
+
+AUGMENTATIONS = ("none", "translate", "crop-flip")
+SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
+SHUFFLE_INITIAL = 500  # samples gathered before the first one leaves the buffer
+
+
+class Batch(NamedTuple):
+    """What the pipeline yields: one training batch."""
+
+    images: torch.Tensor  # float (B, C, H, W), pixels in [0, 1], augmented
+    labels: torch.Tensor  # int64 (B,), the class each image was synthesised for
+    logits: torch.Tensor  # float32 (B, K), the teacher's logits of the stored (un-augmented) image
+
+
+# --------------------------------------------------------------------------- augmentations
+def pad_random_crop(x: torch.Tensor, pad: int, mode: str = "constant") -> torch.Tensor:
+    """Pad each side of (B, C, H, W) by `pad` and crop an H x W window at a random offset per image."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    top = torch.randint(0, 2 * pad + 1, (b,))
+    left = torch.randint(0, 2 * pad + 1, (b,))
+    rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def random_translate(x: torch.Tensor, max_shift: int, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Shift each image of (B, C, H, W) by up to `max_shift` px in x and y; uncovered pixels get `fill`."""
+    return pad_random_crop(x - fill, max_shift) + fill
+
+
+def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Reflect-pad random crop plus horizontal flip with p = 0.5 (natural images) of (B, C, H, W)."""
+    x = pad_random_crop(x, pad, mode="reflect")
+    flip = torch.rand(x.shape[0]) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Student-side augmentation of a batch's images (B, C, H, W) in [0, 1], by name (see AUGMENTATIONS).
+
+    translate: random shift by up to size/8 px, zero (black) fill; crop-flip: reflect-pad random
+    crop by up to size/8 px and horizontal flip, for natural images; none: the stored image.
+    """
+
+    name: str
+    size: int
+
+    def __post_init__(self):
+        if self.name not in AUGMENTATIONS:
+            raise UserError(f"unknown augmentation '{self.name}'; use one of {', '.join(AUGMENTATIONS)}")
+
+    def __call__(self, batch: Batch) -> Batch:
+        shift = max(1, self.size // 8)
+        if self.name == "translate":
+            return batch._replace(images=random_translate(batch.images, shift))
+        if self.name == "crop-flip":
+            return batch._replace(images=random_crop_flip(batch.images, shift))
+        return batch
+
+
+# --------------------------------------------------------------------------- pipeline stages
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class EpochShardList(IterableDataset):
+    """Endless stream of {"url": shard} for this rank and DataLoader worker.
+
+    Every round shuffles the full list with (seed, epoch, round), identical on every rank, and only
+    then takes this rank's share, then this worker's share of it.
+    """
+
+    def __init__(self, urls: Sequence[str], seed: int, rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.seed, self.rank, self.world_size = list(urls), seed, rank, world_size
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_info()
+        round_ = 0
+        while True:
+            order = list(self.urls)
+            random.Random(f"shards/{self.seed}/{self.epoch}/{round_}").shuffle(order)
+            for url in order[self.rank::self.world_size][worker::num_workers]:
+                yield {"url": url}
+            round_ += 1
+
+
+class EpochShuffle:
+    """Sample shuffle buffer, seeded by (seed, epoch, rank, worker): reproducible, distinct per worker."""
+
+    def __init__(self, shard_list: EpochShardList, bufsize: int = SHUFFLE_BUFFER, initial: int = SHUFFLE_INITIAL):
+        self.shard_list, self.bufsize, self.initial = shard_list, bufsize, initial
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        s = self.shard_list
+        rng = random.Random(f"samples/{s.seed}/{s.epoch}/{s.rank}/{_worker_info()[0]}")
+        return wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Raw sample fields -> common.shards.Sample, checked against the manifest's image size and classes."""
+
+    spec: InputSpec
+
+    def __call__(self, fields: dict) -> Sample:
+        where = f"{Path(fields.get('__url__', '?')).name}"
+        try:
+            sample = decode_sample(fields)
+        except ShardFormatError as e:
+            raise ShardFormatError(f"{where}: {e}") from None
+        expected = (self.spec.size, self.spec.size, self.spec.channels)
+        if sample.image.shape != expected or sample.logits.shape != (self.spec.num_classes,):
+            raise ShardFormatError(f"{where}: sample {sample.key} has a {sample.image.shape} image and "
+                                   f"{sample.logits.shape[0]} logits; the manifest says {expected} and "
+                                   f"{self.spec.num_classes}")
+        return sample
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack decoded samples (uint8 H x W x C images) into a Batch of float pixels in [0, 1]."""
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div_(255)
+    logits = torch.from_numpy(np.stack([s.logits for s in samples]).astype(np.float32))
+    return Batch(images.contiguous(), torch.tensor([s.label for s in samples], dtype=torch.int64), logits)
+
+
+def raise_shard_error(exn: Exception) -> bool:
+    """webdataset error handler: an unreadable shard stops training with its name (wds appends the url)."""
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "a shard")
+    raise ShardFormatError(f"{Path(url).name} cannot be read ({type(exn).__name__}: {exn.args[0] if exn.args else ''})")
+
+
+# --------------------------------------------------------------------------- loader
+class ShardLoader:
+    """Batches from a shard folder, `steps_per_epoch` of them per `epoch(e)`, the same count on every rank.
+
+    `epoch(e)` reseeds the shard order and sample shuffle with e; workers are started per epoch
+    (not persistent), so they pick the new epoch up.
+    """
+
+    def __init__(self, folder: str | os.PathLike, manifest: Manifest, batch_size: int, workers: int = 2,
+                 aug: str = "translate", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = SHUFFLE_BUFFER):
+        urls = shard_paths(folder, manifest)
+        missing = [u for u in urls if not os.path.isfile(u)]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(urls)} shards listed in the manifest are missing "
+                            f"(first: {missing[0]}); restore them or regenerate the shards (`synth verify` lists them)")
+        readers = max(workers, 1) * world_size
+        if len(urls) < readers:
+            raise UserError(f"{folder} has {len(urls)} shards but {max(workers, 1)} workers x {world_size} ranks "
+                            f"need at least {readers} (one each): pass --workers {len(urls) // world_size} "
+                            "or regenerate with a smaller --shard-size")
+        self.steps_per_epoch = manifest.num_samples // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{folder} holds {manifest.num_samples} samples, less than one batch of {batch_size} "
+                            f"x {world_size} ranks: lower --batch-size")
+        self.shard_list = EpochShardList(urls, seed, rank, world_size)
+        spec = manifest.input_spec
+        dataset = wds.DataPipeline(
+            self.shard_list,
+            wds.tarfile_to_samples(handler=raise_shard_error),
+            EpochShuffle(self.shard_list, bufsize=shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer)),
+            wds.map(Decoder(spec)),
+            wds.batched(batch_size, collation_fn=collate, partial=False),
+            wds.map(Augmentation(aug, spec.size)),
+        )
+        self.loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                    persistent_workers=False).with_epoch(self.steps_per_epoch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        self.shard_list.epoch = epoch
+        return iter(self.loader)
+
+
+# --------------------------------------------------------------------------- real data
+def real_batches(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
+                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) batches of a real dataset; in-memory TensorDatasets are sliced directly (fast).
+    Training order (shuffle=True) drops the last partial batch."""
+    if isinstance(dataset, TensorDataset):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if shuffle else n
+        for start in range(0, stop, batch_size):
+            index = order[start:start + batch_size]
+            yield tuple(t[index] for t in dataset.tensors)
+        return
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          drop_last=shuffle, generator=generator)

@@ -1,0 +1,319 @@
+"""Knowledge distillation of a student from synth's shards, with the frozen teacher run online.
+
+    metrics = train(TrainConfig(shards="shards/mnist", student="lenet5_half", out="runs/kd"))
+
+Each step takes a batch of stored images (pixels in [0, 1]) that the data pipeline has augmented for
+the student, optionally mixes pairs of them (mixup), lets the teacher label exactly that view
+(consistent teaching, Beyer et al. 2022) and trains the student on
+
+    loss = KL(softmax(t/T) || softmax(s/T)) * T^2  +  ce_weight * CE(s, stored label)
+
+with each model fed the view normalised with its own mean/std.
+
+Files in `out`: config.json (the resolved config), checkpoint.pt (after every epoch: student,
+optimiser, scheduler, epoch, RNG state, config, metrics so far; `resume` continues from it),
+metrics.csv (one row per epoch) and student.pt (the final student, `save_model_checkpoint` format).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.data import real_dataset
+from common.errors import UserError
+from common.fileio import atomic_open, write_json_atomic
+from common.models import create_model, save_model_checkpoint, state_dict_sha256
+from common.shards import Manifest, ShardFormatError, read_manifest
+
+from .data import AUGMENTATIONS, Batch, ShardLoader
+from .engine import OPTIMIZERS, build_optimizer, evaluate_top1, resolve_device, warmup_cosine
+
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
+DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
+CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
+METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s")
+# Settings that may change when resuming: paths (the shards and the teacher are checked by checksum
+# instead), evaluation and how the run is executed. Everything else must match the checkpoint.
+RESUMABLE_CHANGES = ("shards", "out", "teacher_weights", "eval_data", "data_root", "workers", "device",
+                     "resume", "progress")
+
+
+@dataclass
+class TrainConfig:
+    """A distillation run. `lr`/`wd` of None take the optimiser's default (DEFAULT_LR, DEFAULT_WD)."""
+
+    shards: str                         # folder written by `synth generate`
+    student: str                        # registry model name
+    out: str                            # run folder
+    teacher_weights: str | None = None  # None: the weights recorded in the manifest
+    student_weights: str = "none"       # initial student weights: none, DEFAULT or a checkpoint path
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128
+    opt: str = "sgd"
+    lr: float | None = None
+    wd: float | None = None
+    warmup_epochs: float = 1.0
+    # distillation
+    temperature: float = 4.0
+    ce_weight: float = 0.0
+    mixup: float = 0.0                  # Beta(alpha, alpha) mixing of image pairs; 0 = off
+    aug: str = "translate"
+    # execution and evaluation
+    workers: int = 2
+    eval_data: str | None = None        # "mnist" or an ImageFolder path
+    data_root: str = "data"
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """This config with the optimiser defaults filled in; UserError for an out-of-range value."""
+        if self.opt not in OPTIMIZERS:
+            raise UserError(f"unknown optimiser '{self.opt}'; use one of {', '.join(OPTIMIZERS)}")
+        config = replace(self, lr=DEFAULT_LR[self.opt] if self.lr is None else self.lr,
+                         wd=DEFAULT_WD[self.opt] if self.wd is None else self.wd)
+        problems = [f"--{name.replace('_', '-')} {why}" for name, ok, why in (
+            ("epochs", config.epochs >= 1, "must be at least 1"),
+            ("batch_size", config.batch_size >= 1, "must be at least 1"),
+            ("lr", config.lr > 0, "must be positive"),
+            ("wd", config.wd >= 0, "must not be negative"),
+            ("warmup_epochs", 0 <= config.warmup_epochs <= config.epochs, "must be between 0 and --epochs"),
+            ("temperature", config.temperature > 0, "must be positive"),
+            ("ce_weight", config.ce_weight >= 0, "must not be negative"),
+            ("mixup", config.mixup >= 0, "must not be negative (0 turns mixup off)"),
+            ("workers", config.workers >= 0, "must not be negative"),
+            ("aug", config.aug in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
+        ) if not ok]
+        if problems:
+            raise UserError("; ".join(problems))
+        return config
+
+
+# --------------------------------------------------------------------------- loss
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (Hinton et al. 2015)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+def mixup(images: torch.Tensor, labels: torch.Tensor,
+          alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Blend every image with a random partner: lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha).
+    Returns (mixed images, labels, partner labels, lam); alpha = 0 returns the batch unchanged."""
+    if alpha <= 0:
+        return images, labels, labels, 1.0
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(images.shape[0]).to(images.device)
+    return lam * images + (1 - lam) * images[perm], labels, labels[perm], lam
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, batch: Batch, config: TrainConfig,
+                 device: torch.device) -> torch.Tensor:
+    """The training loss of one batch: KD against the online teacher on the same (mixed) view, plus CE."""
+    images = batch.images.to(device, non_blocking=True)
+    images, labels, partner_labels, lam = mixup(images, batch.labels.to(device), config.mixup)
+    with torch.no_grad():
+        teacher_logits = teacher(teacher.input_spec.normalize(images))
+    student_logits = student(student.input_spec.normalize(images))
+    loss = kd_loss(student_logits, teacher_logits, config.temperature)
+    if config.ce_weight > 0:
+        ce = lam * F.cross_entropy(student_logits, labels) + (1 - lam) * F.cross_entropy(student_logits, partner_labels)
+        loss = loss + config.ce_weight * ce
+    return loss
+
+
+# --------------------------------------------------------------------------- models
+def load_teacher(manifest: Manifest, weights: str | None, device: torch.device) -> nn.Module:
+    """The teacher that made the shards, frozen in eval mode. `weights` None: the manifest's record.
+    UserError unless the weights' checksum equals the manifest's."""
+    record, spec = manifest.teacher, manifest.input_spec
+    if weights is None:
+        weights = record.get("weights_path") or record["weights"]
+        if record.get("weights_path") and not Path(weights).is_file():
+            raise UserError(f"the teacher weights recorded in the manifest, {weights}, are gone: "
+                            "pass --teacher-weights PATH to a copy of them")
+    seed = int(manifest.config.get("seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # synth seeds before building, so a random ('none') teacher can be rebuilt
+        teacher = create_model(record["arch"], num_classes=spec.num_classes, weights=weights,
+                               in_chans=spec.channels, input_size=spec.size)
+    found = state_dict_sha256(teacher)
+    if found != record["weights_sha256"] and weights in ("none", "None", ""):
+        raise UserError(f"the shards were made by a randomly initialised {record['arch']} (weights 'none') that "
+                        f"seed {seed} does not rebuild: pass --teacher-weights PATH to a checkpoint of that teacher")
+    if found != record["weights_sha256"]:
+        raise UserError(f"the shards were made by another teacher: {record['arch']} weights '{weights}' have sha256 "
+                        f"{found[:12]}..., the manifest records {record['weights_sha256'][:12]}...; "
+                        "pass --teacher-weights PATH to the weights used by `synth generate`")
+    return teacher.eval().requires_grad_(False).to(device)
+
+
+def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
+    """The student, shaped for the shards' images and classes (UserError if its weights do not fit)."""
+    spec = manifest.input_spec
+    return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
+                        in_chans=spec.channels, input_size=spec.size)
+
+
+# --------------------------------------------------------------------------- run folder
+def prepare_out(config: TrainConfig) -> Path:
+    """Create the run folder; refuse to start over a previous run unless resuming it."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run")
+    if not config.resume and (out / CHECKPOINT_FILE).exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if config.resume and not (out / CHECKPOINT_FILE).is_file():
+        raise UserError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist (run without --resume)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_fingerprint(config: TrainConfig, manifest: Manifest, teacher_sha256: str) -> dict:
+    """What a checkpoint must agree on to be resumed: run settings, shard checksums, teacher weights."""
+    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    return {"settings": settings, "shards": [s.sha256 for s in manifest.shards], "teacher_sha256": teacher_sha256}
+
+
+def save_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict],
+                    config: TrainConfig, fingerprint: dict) -> None:
+    """Everything needed to continue after `epoch` completed epochs, written atomically."""
+    state = {
+        "epoch": epoch, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "history": history, "config": asdict(config),
+        "fingerprint": fingerprint,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """A checkpoint of this very run (same settings, shards and teacher), else UserError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["fingerprint"]
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); delete the run folder to start "
+                        "again") from None
+    changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in fingerprint["settings"].items()
+               if saved["settings"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} belongs to a run with other settings ({', '.join(changed)}): resume with the "
+                        "same options or choose another --out")
+    if saved["shards"] != fingerprint["shards"] or saved["teacher_sha256"] != fingerprint["teacher_sha256"]:
+        raise UserError(f"{path} was trained on other shards (or by another teacher) than the --shards given now: "
+                        "pass the original --shards or choose another --out")
+    return state
+
+
+def restore(state: dict, student: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    with atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+# --------------------------------------------------------------------------- training
+def train_one_epoch(student: nn.Module, teacher: nn.Module, loader: ShardLoader,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    config: TrainConfig, epoch: int, device: torch.device) -> dict:
+    """One pass of `len(loader)` steps. Returns train_loss (mean), lr (of the last step), seconds."""
+    student.train()
+    start = time.perf_counter()
+    total_loss, lr = 0.0, 0.0
+    with tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}",
+              disable=not config.progress, leave=False) as bar:
+        for batch in bar:
+            loss = distill_loss(student, teacher, batch, config, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            total_loss += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return {"train_loss": total_loss / len(loader), "lr": lr, "seconds": time.perf_counter() - start}
+
+
+def train(config: TrainConfig) -> dict:
+    """Distill `config.student` from the shards' teacher. Returns the final metrics: eval_top1 (None
+    without eval data), teacher_top1, epochs, steps, train_loss, images_per_s, out."""
+    config = config.resolved()
+    manifest = read_manifest(config.shards)
+    out = prepare_out(config)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    teacher = load_teacher(manifest, config.teacher_weights, device)
+    student = build_student(config, manifest).to(device)
+    loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed)
+    optimizer = build_optimizer(student, config.opt, config.lr, config.wd)
+    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), round(config.warmup_epochs * len(loader)))
+    eval_student = eval_teacher = None
+    if config.eval_data:
+        eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root)
+        eval_teacher = eval_student if teacher.input_spec == student.input_spec else real_dataset(
+            config.eval_data, teacher.input_spec, train=False, root=config.data_root)
+
+    fingerprint = run_fingerprint(config, manifest, manifest.teacher["weights_sha256"])
+    history, start_epoch = [], 0
+    if config.resume:
+        state = load_checkpoint(out / CHECKPOINT_FILE, fingerprint)
+        restore(state, student, optimizer, scheduler)
+        history, start_epoch = state["history"], state["epoch"]
+    write_json_atomic(out / CONFIG_FILE, asdict(config))
+    log = tqdm.write if config.progress else (lambda message: None)
+    teacher_top1 = evaluate_top1(teacher, eval_teacher, device, config.workers) if eval_teacher is not None else None
+    if teacher_top1 is not None:
+        log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
+
+    for epoch in range(start_epoch, config.epochs):
+        try:
+            stats = train_one_epoch(student, teacher, loader, optimizer, scheduler, config, epoch, device)
+        except ShardFormatError as e:
+            # from a DataLoader worker the message carries the worker's traceback: keep its last line
+            reason = str(e).strip().splitlines()[-1].split("ShardFormatError: ", 1)[-1]
+            raise UserError(f"bad shard data in {config.shards}: {reason}; check the folder with "
+                            f"`synth verify {config.shards}`") from None
+        top1 = evaluate_top1(student, eval_student, device, config.workers) if eval_student is not None else None
+        images = len(loader) * config.batch_size
+        history.append({"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": stats["lr"],
+                        "train_loss": stats["train_loss"], "eval_top1": top1, "seconds": stats["seconds"],
+                        "images_per_s": images / stats["seconds"]})
+        save_checkpoint(out / CHECKPOINT_FILE, student, optimizer, scheduler, epoch + 1, history, config, fingerprint)
+        write_metrics(out / METRICS_FILE, history)
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {stats['train_loss']:.4f}"
+            + (f", top-1 {top1:.2f}%" if top1 is not None else "") + f", {images / stats['seconds']:.0f} img/s")
+
+    final = history[-1]
+    save_model_checkpoint(out / STUDENT_FILE, student, extra={
+        "teacher_sha256": fingerprint["teacher_sha256"], "shards": str(Path(config.shards).resolve()),
+        "epochs": final["epoch"], "eval_top1": final["eval_top1"]})
+    seconds = sum(row["seconds"] for row in history)
+    return {"eval_top1": final["eval_top1"], "teacher_top1": teacher_top1, "epochs": final["epoch"],
+            "steps": final["step"], "train_loss": final["train_loss"],
+            "images_per_s": final["step"] * config.batch_size / seconds, "out": str(out)}
