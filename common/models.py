@@ -182,7 +182,7 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         checkpoint = load_model_checkpoint(weights)
         if checkpoint.get("arch") not in (None, name):
             raise UserError(f"checkpoint {weights} holds a '{checkpoint['arch']}', not a '{name}': "
-                            f"pass --teacher/--student {checkpoint['arch']} or another checkpoint")
+                            f"use the model '{checkpoint['arch']}' with it, or another checkpoint")
         spec = checkpoint.get("input_spec")
         if spec:
             if num_classes is not None and num_classes != spec["num_classes"]:
@@ -199,7 +199,7 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         model = entry.build(nc, ch)
         spec = InputSpec(ch, input_size or entry.size, mean, std, nc)
         if weights != "none" and checkpoint is None:
-            raise UserError(f"'{name}' has no pretrained weights to download; pass --weights none or a checkpoint path")
+            raise UserError(f"'{name}' has no pretrained weights to download; use weights 'none' or a checkpoint path")
     elif name in torchvision_model_names():
         model, spec = _create_torchvision(name, num_classes, weights if checkpoint is None else "none",
                                           in_chans, input_size)
@@ -260,7 +260,7 @@ def _create_torchvision(name, num_classes, weights, in_chans, input_size):
             raise UserError(
                 f"could not download {name} weights {weights_enum.name} ({type(e).__name__}: {e}). "
                 f"Offline? Put the file {Path(weights_enum.url).name} into {cache}, "
-                "or pass --weights PATH to a local checkpoint") from None
+                "or give the path of a local checkpoint as the weights") from None
     else:
         nc = num_classes or nc
         model = torchvision.models.get_model(name, weights=None, num_classes=nc)
@@ -299,7 +299,7 @@ def load_model_checkpoint(path: str | os.PathLike) -> dict:
     """Load a model checkpoint safely. Returns {'arch', 'input_spec', 'state_dict'} (arch/spec may be None)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist; pass an existing checkpoint, DEFAULT or none")
+        raise UserError(f"weights file {path} does not exist; give an existing checkpoint, DEFAULT or none")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

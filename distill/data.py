@@ -5,7 +5,7 @@ Stages, run inside each DataLoader worker (GUIDE section 4):
   EpochShardList      the manifest's shard list, shuffled with (seed, epoch, round): the same order on
                       every rank; then split by rank, then by worker; repeated round after round, so a
                       worker never runs dry and an epoch never runs short
-  tarfile_to_samples  the raw bytes of each sample
+  shard_samples       the raw bytes of each sample (common.shards' strict, fast tar reader)
   EpochShuffle        a sample shuffle buffer on the raw (still compressed) bytes
   Decoder             common.shards.decode_sample, checked against the manifest
   batched             whole batches stacked inside the worker: pixels B x C x H x W in [0, 1],
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from common.errors import UserError
 from common.models import InputSpec
-from common.shards import Manifest, Sample, ShardFormatError, decode_sample, shard_paths
+from common.shards import Manifest, Sample, ShardFormatError, decode_sample, iter_raw_samples, shard_paths
 
 AUGMENTATIONS = ("none", "translate", "crop-flip")
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
@@ -162,10 +162,13 @@ def collate(samples: list[Sample]) -> Batch:
     return Batch(images.contiguous(), torch.tensor([s.label for s in samples], dtype=torch.int64), logits)
 
 
-def raise_shard_error(exn: Exception) -> bool:
-    """webdataset error handler: an unreadable shard stops training with its name (wds appends the url)."""
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "a shard")
-    raise ShardFormatError(f"{Path(url).name} cannot be read ({type(exn).__name__}: {exn.args[0] if exn.args else ''})")
+def shard_samples(shards: Iterator[dict]) -> Iterator[dict]:
+    """{"url": path} -> raw sample dicts of that shard; an unreadable shard raises ShardFormatError naming it."""
+    for shard in shards:
+        try:
+            yield from iter_raw_samples(shard["url"])
+        except OSError as e:
+            raise ShardFormatError(f"{Path(shard['url']).name} cannot be read ({e})") from None
 
 
 # --------------------------------------------------------------------------- loader
@@ -197,7 +200,7 @@ class ShardLoader:
         spec = manifest.input_spec
         dataset = wds.DataPipeline(
             self.shard_list,
-            wds.tarfile_to_samples(handler=raise_shard_error),
+            shard_samples,
             EpochShuffle(self.shard_list, bufsize=shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer)),
             wds.map(Decoder(spec)),
             wds.batched(batch_size, collation_fn=collate, partial=False),

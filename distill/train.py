@@ -107,28 +107,31 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature ** 2
 
 
-def mixup(images: torch.Tensor, labels: torch.Tensor,
-          alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Blend every image with a random partner: lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha).
-    Returns (mixed images, labels, partner labels, lam); alpha = 0 returns the batch unchanged."""
+def mixup(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blend every image with a random partner, each pair with its own lam ~ Beta(alpha, alpha):
+    lam * x + (1 - lam) * x[perm]. Returns (mixed images, perm, lam of shape (B,)); alpha = 0: unchanged."""
+    n = images.shape[0]
     if alpha <= 0:
-        return images, labels, labels, 1.0
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(images.shape[0]).to(images.device)
-    return lam * images + (1 - lam) * images[perm], labels, labels[perm], lam
+        return images, torch.arange(n, device=images.device), torch.ones(n, device=images.device)
+    lam = torch.distributions.Beta(alpha, alpha).sample((n,)).to(images.device)
+    perm = torch.randperm(n).to(images.device)
+    w = lam.view(-1, *([1] * (images.dim() - 1)))
+    return w * images + (1 - w) * images[perm], perm, lam
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, batch: Batch, config: TrainConfig,
                  device: torch.device) -> torch.Tensor:
     """The training loss of one batch: KD against the online teacher on the same (mixed) view, plus CE."""
     images = batch.images.to(device, non_blocking=True)
-    images, labels, partner_labels, lam = mixup(images, batch.labels.to(device), config.mixup)
+    images, perm, lam = mixup(images, config.mixup)
     with torch.no_grad():
         teacher_logits = teacher(teacher.input_spec.normalize(images))
     student_logits = student(student.input_spec.normalize(images))
     loss = kd_loss(student_logits, teacher_logits, config.temperature)
     if config.ce_weight > 0:
-        ce = lam * F.cross_entropy(student_logits, labels) + (1 - lam) * F.cross_entropy(student_logits, partner_labels)
+        labels = batch.labels.to(device)
+        ce = (lam * F.cross_entropy(student_logits, labels, reduction="none")
+              + (1 - lam) * F.cross_entropy(student_logits, labels[perm], reduction="none")).mean()
         loss = loss + config.ce_weight * ce
     return loss
 
