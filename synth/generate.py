@@ -59,7 +59,7 @@ def generate(cfg: GenerateConfig) -> Manifest:
     for p in teacher.parameters():
         p.requires_grad_(False)
     spec = teacher.input_spec
-    method = build_method(cfg.method, cfg.method_options, spec)
+    method = build_method(cfg.method, cfg.method_options, spec, cfg.num_images)
     teacher_record = {
         "arch": cfg.teacher, "weights": cfg.weights,
         "weights_path": str(Path(cfg.weights).resolve()) if Path(cfg.weights).is_file() else None,

@@ -139,3 +139,13 @@ def test_cli_generate_and_verify(tiny_teacher_path, tmp_path):
     (out / "shard-000001.tar").write_bytes(b"broken")
     r = CliRunner().invoke(synth_cli, ["verify", str(out)])
     assert r.exit_code == 1 and "shard-000001.tar: sha256" in r.output
+
+
+def test_generator_steps_auto_scale_with_dataset_size():
+    from synth.methods.generator import GeneratorEnsembleConfig
+
+    auto = GeneratorEnsembleConfig(batch_size=100)
+    assert auto.for_images(64).steps == 20          # smoke runs stay short
+    assert auto.for_images(50_000).steps == 1000
+    assert auto.for_images(10_000_000).steps == 2000
+    assert GeneratorEnsembleConfig(steps=7).for_images(10**6).steps == 7  # explicit wins

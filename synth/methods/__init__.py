@@ -13,6 +13,10 @@ METHODS: dict[str, type[SynthesisMethod]] = {
 }
 
 
-def build_method(name: str, options: dict, spec: InputSpec) -> SynthesisMethod:
+def build_method(name: str, options: dict, spec: InputSpec, num_images: int) -> SynthesisMethod:
+    """The method `name` with its config parsed from `options` and sized for `num_images` images."""
     cls = METHODS[name]
-    return cls(parse_config(cls.Config, options), spec)
+    config = parse_config(cls.Config, options)
+    if hasattr(config, "for_images"):
+        config = config.for_images(num_images)
+    return cls(config, spec)

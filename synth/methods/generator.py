@@ -22,7 +22,7 @@ quantisation) instead of tanh + a final BN, the diversity and adversarial terms,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,8 +41,9 @@ from .base import SynthesisMethod, seeded_generator
 @dataclass
 class GeneratorEnsembleConfig:
     num_generators: int = 4       # K: the ensemble size
-    steps: int = 400              # training steps per generator
-    batch_size: int = 200
+    steps: int = 0                # training steps per generator; 0 = auto: 2 x num_images / batch_size,
+                                  # clamped to [20, 2000] (a smoke run stays short, a real one trains)
+    batch_size: int = 64
     lr: float = 0.01              # Adam(beta1=0.5)
     latent_dim: int = 64
     width: int = 32               # channels of the last stage (earlier stages: 2 x width)
@@ -55,11 +56,20 @@ class GeneratorEnsembleConfig:
     proxy_student: str = "lenet5_half"   # used only when adversarial_weight > 0
     proxy_lr: float = 1e-3
     checkpoint_every: int = 50
+    sample_noise_scale: float = 1.0   # std of z when writing shards (> 1 reaches further from the modes)
 
     def validate(self) -> None:
-        for name in ("num_generators", "steps", "batch_size", "latent_dim", "width", "checkpoint_every"):
+        for name in ("num_generators", "batch_size", "latent_dim", "width", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"generator option {name} must be >= 1")
+        if self.steps < 0:
+            raise UserError("generator option steps must be >= 0 (0 = auto)")
+
+    def for_images(self, num_images: int) -> "GeneratorEnsembleConfig":
+        """This config with `steps` resolved for a dataset of `num_images` images."""
+        if self.steps:
+            return self
+        return replace(self, steps=min(2000, max(20, 2 * num_images // self.batch_size)))
 
 
 class ConditionalGenerator(nn.Module):
@@ -203,7 +213,7 @@ class GeneratorEnsemble(SynthesisMethod):
 
     @torch.no_grad()
     def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(labels.shape[0], self.config.latent_dim, generator=generator)
+        z = torch.randn(labels.shape[0], self.config.latent_dim, generator=generator) * self.config.sample_noise_scale
         out = torch.empty(labels.shape[0], self.spec.channels, self.spec.size, self.spec.size)
         for k in streams.unique().tolist():
             idx = (streams == k).nonzero().squeeze(1)
