@@ -17,6 +17,7 @@ from synth.cli import main as synth_cli
 from synth.generate import GenerateConfig, generate
 
 TINY = {"num_generators": "2", "steps": "6", "batch_size": "20", "width": "4", "latent_dim": "8",
+        "feature_diversity_weight": "0.5", "sample_noise_scale": "1.5",
         "checkpoint_every": "2"}
 
 

@@ -9,6 +9,8 @@ noise z, images x = G_k(z, y) in [0, 1] are normalised for the teacher and
          + balance_weight   * sum_c p_c log p_c, p = mean softmax       (no class collapse; DAFL)
          + diversity_weight * -mean_i |x_i - x_j|_1 / |z_i - z_j|_1     (no mode collapse inside a
                                                                        class: mode seeking, same y)
+         + feature_diversity_weight * -mean_i (1 - cos(f_i, f_j)) / |z_i - z_j|_1   (the same on the
+                                                                       teacher's penultimate features)
          + adversarial_weight * -|softmax(s(x)) - softmax(t(x))|_1       (optional: hard samples for
                                                                        a proxy student s trained
                                                                        alongside by KD)
@@ -21,6 +23,7 @@ quantisation) instead of tanh + a final BN, the diversity and adversarial terms,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,6 +55,7 @@ class GeneratorEnsembleConfig:
     ce_weight: float = 1.0
     balance_weight: float = 1.0
     diversity_weight: float = 1.0
+    feature_diversity_weight: float = 0.0   # mode seeking on the teacher's penultimate features (cosine)
     adversarial_weight: float = 0.0
     proxy_student: str = "lenet5_half"   # used only when adversarial_weight > 0
     proxy_lr: float = 1e-3
@@ -101,11 +105,36 @@ class ConditionalGenerator(nn.Module):
 
 
 def mode_seeking_loss(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """-mean |x_i - x_j| / |z_i - z_j| over pairs (i, i + B/2); pairs share a label when B/2 % C == 0."""
+    """-mean |x_i - x_j| / |z_i - z_j| over pairs (i, i + B/2) (the training batch gives pairs one label)."""
     half = x.shape[0] // 2
     dx = (x[:half] - x[half:2 * half]).abs().flatten(1).mean(1)
     dz = (z[:half] - z[half:2 * half]).abs().mean(1)
     return -(dx / (dz + 1e-6)).mean()
+
+
+def feature_mode_seeking_loss(features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """-mean (1 - cos(f_i, f_j)) / |z_i - z_j| over pairs (i, i + B/2) of the teacher's penultimate features."""
+    half = features.shape[0] // 2
+    df = 1 - F.cosine_similarity(features[:half], features[half:2 * half], dim=1)
+    dz = (z[:half] - z[half:2 * half]).abs().mean(1)
+    return -(df / (dz + 1e-6)).mean()
+
+
+class PenultimateFeatures:
+    """Records the input of the teacher's last linear layer (its penultimate features) on each forward."""
+
+    def __init__(self, model: nn.Module):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise UserError(f"{type(model).__name__} has no linear classifier: feature_diversity_weight needs one")
+        self.value = None
+        self._handle = linears[-1].register_forward_hook(lambda m, inputs, out: setattr(self, "value", inputs[0]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
 
 
 def class_balance_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -156,21 +185,23 @@ class GeneratorEnsemble(SynthesisMethod):
                 proxy_opt.load_state_dict(state["proxy_optimizer"])
             start = state["step"]
         if start < cfg.steps:
-            labels = torch.arange(cfg.batch_size) % spec.num_classes
+            half = max(1, cfg.batch_size // 2)  # image i and i + half share a label (mode-seeking pairs)
+            labels = torch.arange(cfg.batch_size) % half % spec.num_classes
             gen.train()
             bar = tqdm(range(start, cfg.steps), desc=f"generator {k + 1}/{cfg.num_generators}",
                        initial=start, total=cfg.steps, disable=not progress, leave=False)
-            with BNStatsLoss(teacher, cfg.first_bn_weight) as bn_stats:
+            features = PenultimateFeatures(teacher) if cfg.feature_diversity_weight else contextlib.nullcontext()
+            with BNStatsLoss(teacher, cfg.first_bn_weight) as bn_stats, features:
                 for step in bar:
                     z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=seeded_generator(seed, k, step))
-                    terms = self._step(gen, opt, teacher, bn_stats, proxy, proxy_opt, z, labels)
+                    terms = self._step(gen, opt, teacher, bn_stats, features, proxy, proxy_opt, z, labels)
                     if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                         self._save(path, gen, opt, proxy, proxy_opt, step + 1)
                     bar.set_postfix({k_: f"{v:.3f}" for k_, v in terms.items()})
         gen.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"])
         self.generators[k] = gen.eval()
 
-    def _step(self, gen, opt, teacher, bn_stats, proxy, proxy_opt, z, labels) -> dict[str, float]:
+    def _step(self, gen, opt, teacher, bn_stats, features, proxy, proxy_opt, z, labels) -> dict[str, float]:
         cfg, spec = self.config, self.spec
         x = gen(z, labels)
         logits = teacher(spec.normalize(x))
@@ -184,6 +215,10 @@ class GeneratorEnsemble(SynthesisMethod):
             div = mode_seeking_loss(x, z)
             loss = loss + cfg.diversity_weight * div
             terms["div"] = div.item()
+        if cfg.feature_diversity_weight:
+            fdiv = feature_mode_seeking_loss(features.value, z)
+            loss = loss + cfg.feature_diversity_weight * fdiv
+            terms["fdiv"] = fdiv.item()
         if proxy is not None:
             proxy.eval()
             disagreement = (F.softmax(proxy(spec.normalize(x)), 1) - F.softmax(logits, 1)).abs().sum(1).mean()
