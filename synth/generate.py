@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.fileio import canonical_json_sha256, sha256_file
 from common.models import create_model, state_dict_sha256
-from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sample, ShardRecord, read_manifest,
+from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sample, read_manifest,
                            sample_key, shard_name, write_manifest, write_shard)
 
 from .methods import METHODS, build_method

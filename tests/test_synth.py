@@ -44,7 +44,7 @@ def test_generate_writes_valid_balanced_shards(tiny_teacher_path, tmp_path):
     # stored logits are the teacher's on exactly the stored 8-bit image
     from common.models import create_model
     teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
-    x = torch.from_numpy(samples[3].image).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(samples[3].image.copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         expected = teacher(teacher.input_spec.normalize(x))[0].half()
     assert torch.allclose(torch.from_numpy(samples[3].logits).float(), expected.float(), atol=1e-2)
