@@ -207,10 +207,10 @@ def iter_tar_members(f: BinaryIO, source: str) -> Iterator[tuple[str, bytes]]:
     Much faster than `tarfile` for the many small members of a shard."""
     while True:
         header = f.read(512)
-        if not header or header == _ZERO_BLOCK:
-            return  # end of archive (two zero blocks, or EOF right after the last member)
+        if header == _ZERO_BLOCK:
+            return  # the end-of-archive marker every tar writer emits
         if len(header) < 512:
-            raise ShardFormatError(f"{source}: truncated (incomplete tar header)")
+            raise ShardFormatError(f"{source}: truncated ({'no end-of-archive marker' if not header else 'incomplete tar header'})")
         stored = header[148:156].split(b"\0", 1)[0].strip()
         if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
             raise ShardFormatError(f"{source}: corrupt tar header (checksum mismatch)")
@@ -224,8 +224,8 @@ def iter_tar_members(f: BinaryIO, source: str) -> Iterator[tuple[str, bytes]]:
         if size > MAX_MEMBER_BYTES:
             raise ShardFormatError(f"{source}: member {name!r} is {size} bytes, over the limit")
         data = f.read(size)
-        f.read(-size % 512)
-        if len(data) < size:
+        padding = -size % 512
+        if len(data) < size or len(f.read(padding)) < padding:
             raise ShardFormatError(f"{source}: truncated inside member {name!r}")
         yield name, data
 

@@ -5,7 +5,8 @@ Stages, run inside each DataLoader worker (GUIDE section 4):
   EpochShardList      the manifest's shard list, shuffled with (seed, epoch, round): the same order on
                       every rank; then split by rank, then by worker; repeated round after round, so a
                       worker never runs dry and an epoch never runs short
-  shard_samples       the raw bytes of each sample (common.shards' strict, fast tar reader)
+  ShardSamples        the raw bytes of each sample (common.shards' strict, fast tar reader), counted
+                      against the manifest
   EpochShuffle        a sample shuffle buffer on the raw (still compressed) bytes
   Decoder             common.shards.decode_sample, checked against the manifest
   batched             whole batches stacked inside the worker: pixels B x C x H x W in [0, 1],
@@ -162,13 +163,25 @@ def collate(samples: list[Sample]) -> Batch:
     return Batch(images.contiguous(), torch.tensor([s.label for s in samples], dtype=torch.int64), logits)
 
 
-def shard_samples(shards: Iterator[dict]) -> Iterator[dict]:
-    """{"url": path} -> raw sample dicts of that shard; an unreadable shard raises ShardFormatError naming it."""
-    for shard in shards:
-        try:
-            yield from iter_raw_samples(shard["url"])
-        except OSError as e:
-            raise ShardFormatError(f"{Path(shard['url']).name} cannot be read ({e})") from None
+@dataclass(frozen=True)
+class ShardSamples:
+    """{"url": path} -> raw sample dicts of that shard. A shard that cannot be read, or that holds another
+    number of samples than the manifest records, raises ShardFormatError naming it (no silent loss)."""
+
+    expected: dict  # path -> sample count from the manifest
+
+    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url, count = shard["url"], 0
+            try:
+                for fields in iter_raw_samples(url):
+                    count += 1
+                    yield fields
+            except OSError as e:
+                raise ShardFormatError(f"{Path(url).name} cannot be read ({e})") from None
+            if count != self.expected[url]:
+                raise ShardFormatError(f"{Path(url).name} holds {count} samples, the manifest says "
+                                       f"{self.expected[url]} (run `synth verify`)")
 
 
 # --------------------------------------------------------------------------- loader
@@ -200,7 +213,7 @@ class ShardLoader:
         spec = manifest.input_spec
         dataset = wds.DataPipeline(
             self.shard_list,
-            shard_samples,
+            ShardSamples({u: r.num_samples for u, r in zip(urls, manifest.shards)}),
             EpochShuffle(self.shard_list, bufsize=shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer)),
             wds.map(Decoder(spec)),
             wds.batched(batch_size, collation_fn=collate, partial=False),

@@ -131,3 +131,13 @@ def test_pickle_and_unknown_fields_are_rejected(tmp_path):
     (tmp_path / "bad.tar").write_bytes(_tar_with([("k.png", b"not an image"), ("k.cls", b"1")]))
     with pytest.raises(ShardFormatError):
         list(read_shard(tmp_path / "bad.tar"))
+
+
+def test_truncation_at_any_block_is_detected(tmp_path):
+    write_shard(tmp_path / "s.tar", _samples(3))
+    data = (tmp_path / "s.tar").read_bytes()
+    end = len(data.rstrip(b"\0"))  # last member's data ends here; its padding and the end marker follow
+    for cut in (512, end - 1, end + 1, -(-end // 512) * 512):
+        (tmp_path / "t.tar").write_bytes(data[:cut])
+        with pytest.raises(ShardFormatError, match="truncated"):
+            list(read_shard(tmp_path / "t.tar"))
