@@ -117,7 +117,16 @@ def mnist_dataset(root: str | Path, train: bool, spec: InputSpec) -> TensorDatas
     images, labels = load_mnist(root, train)
     if spec.num_classes != 10:
         raise UserError(f"MNIST has 10 classes but the model has {spec.num_classes}")
-    return TensorDataset(to_model_input(images, spec), labels)
+    return TensorDataset(to_model_input(pad_mnist(images, spec.size), spec), labels)
+
+
+def pad_mnist(images_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """28 px MNIST digits zero-padded to `size` when 28 < size <= 32 (LeNet-5's 32 x 32 convention, used
+    by the DFKD papers' 32 px MNIST); other sizes are left to the bilinear resize."""
+    extra = size - images_u8.shape[-1]
+    if 0 < extra <= 4:
+        images_u8 = F.pad(images_u8, (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2))
+    return images_u8
 
 
 def imagefolder_dataset(path: str | Path, spec: InputSpec) -> Dataset:

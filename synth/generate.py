@@ -166,4 +166,4 @@ def _shard_samples(cfg: GenerateConfig, method, teacher, index: int, indices: ra
             j = int(idx[i])
             yield Sample(key=sample_key(j), image=pixels[i], label=int(labels[i]), logits=logits[i],
                          meta={"stream": int(streams[i]), "shard_seed": int(rng.initial_seed()),
-                               "resolution": spec.size, "method": cfg.method})
+                               "resolution": method.stream_resolution(int(streams[i])), "method": cfg.method})

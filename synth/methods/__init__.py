@@ -4,11 +4,15 @@ from __future__ import annotations
 from common.models import InputSpec
 
 from .base import SynthesisMethod, parse_config
+from .deepinversion import DeepInversion
 from .generator import GeneratorEnsemble
+from .muse import Muse
 from .noise import GaussianNoise
 
 METHODS: dict[str, type[SynthesisMethod]] = {
     GeneratorEnsemble.name: GeneratorEnsemble,
+    Muse.name: Muse,
+    DeepInversion.name: DeepInversion,
     GaussianNoise.name: GaussianNoise,
 }
 

@@ -33,6 +33,10 @@ class SynthesisMethod:
     def num_streams(self) -> int:
         return 1
 
+    def stream_resolution(self, k: int) -> int:
+        """The resolution stream k generates at, before any upsampling to the teacher's size."""
+        return self.spec.size
+
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
         raise NotImplementedError
 

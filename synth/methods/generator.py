@@ -11,9 +11,11 @@ noise z, images x = G_k(z, y) in [0, 1] are normalised for the teacher and
                                                                        class: mode seeking, same y)
          + feature_diversity_weight * -mean_i (1 - cos(f_i, f_j)) / |z_i - z_j|_1   (the same on the
                                                                        teacher's penultimate features)
-         + adversarial_weight * -|softmax(s(x)) - softmax(t(x))|_1       (optional: hard samples for
-                                                                       a proxy student s trained
-                                                                       alongside by KD)
+         + adversarial_weight * -mean_i [argmax s(x_i) = argmax t(x_i)] KL(t(x_i) || s(x_i))
+                                                                      (optional, Fast-DFKD/CMI's masked
+                                                                       disagreement: hard samples for a
+                                                                       proxy student s trained alongside
+                                                                       by KD on the same images)
 
 Generator (after Luo et al.'s public code): concat(z, embed(y)) -> linear -> init x init x 2w ->
 BN -> LeakyReLU -> n x (nearest x2, conv3x3, BN, LeakyReLU) -> conv3x3 -> sigmoid.
@@ -96,8 +98,10 @@ class ConditionalGenerator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Conv2d(width, spec.channels, 3, 1, 1)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(torch.cat([z, self.embed(y)], 1)).view(z.shape[0], -1, self.init, self.init)
+    def forward(self, z: torch.Tensor, y: torch.Tensor, class_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """class_vectors (B, latent_dim) replace the learned embedding of y when given (MUSE's noisy embeddings)."""
+        e = self.embed(y) if class_vectors is None else class_vectors
+        h = self.fc(torch.cat([z, e], 1)).view(z.shape[0], -1, self.init, self.init)
         h = self.blocks(F.leaky_relu(self.bn0(h), 0.2))
         if h.shape[-1] != self.size:
             h = F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -137,6 +141,16 @@ class PenultimateFeatures:
         self._handle.remove()
 
 
+def masked_disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Fast-DFKD / CMI adversarial term: mean over the batch of KL(teacher || student), counted only for
+    images where student and teacher agree on the class (argmax); the generator maximises it, so it seeks
+    images the student gets wrong without drifting where the two already disagree."""
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().detach()
+    kl = F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
+                  reduction="none", log_target=True).sum(1)
+    return (kl * agree).mean()
+
+
 def class_balance_loss(logits: torch.Tensor) -> torch.Tensor:
     """Negative entropy of the batch-mean prediction (minimal when classes are used evenly)."""
     p = F.softmax(logits, 1).mean(0)
@@ -151,8 +165,7 @@ class GeneratorEnsemble(SynthesisMethod):
 
     def __init__(self, config: GeneratorEnsembleConfig, spec: InputSpec):
         super().__init__(config, spec)
-        self.generators = [ConditionalGenerator(spec, config.latent_dim, config.width)
-                           for _ in range(config.num_generators)]
+        self.generators: list[nn.Module | None] = [None] * self.num_streams   # filled by fit()
 
     @property
     def num_streams(self) -> int:
@@ -160,13 +173,35 @@ class GeneratorEnsemble(SynthesisMethod):
 
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        for k in range(self.config.num_generators):
+        for k in range(self.num_streams):
             self._fit_one(k, teacher, state_dir / f"generator-{k:03d}.pt", progress, seed)
+
+    def _new_generator(self, k: int) -> nn.Module:
+        """Ensemble member k, freshly initialised (the caller seeds torch)."""
+        return ConditionalGenerator(self.spec, self.config.latent_dim, self.config.width)
+
+    def _render(self, k: int, gen: nn.Module, z: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image as generated, image at the teacher's input): both [0, 1]; the same tensor here."""
+        x = gen(z, labels)
+        return x, x
+
+    def _hooks(self, teacher: nn.Module, stack: contextlib.ExitStack) -> dict:
+        """Teacher hooks for the loss terms: BN statistics, and penultimate features if used."""
+        hooks = {"bn": stack.enter_context(BNStatsLoss(teacher, self.config.first_bn_weight))}
+        if self.config.feature_diversity_weight:
+            hooks["features"] = stack.enter_context(PenultimateFeatures(teacher))
+        return hooks
+
+    def _extra_loss(self, hooks: dict, logits: torch.Tensor, labels: torch.Tensor,
+                    x: torch.Tensor) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """Loss terms a subclass adds (none here)."""
+        return 0.0, {}
 
     def _fit_one(self, k: int, teacher: nn.Module, path: Path, progress: bool, seed: int) -> None:
         cfg, spec = self.config, self.spec
         torch.manual_seed(seeded_generator(seed, k).initial_seed())
-        gen = ConditionalGenerator(spec, cfg.latent_dim, cfg.width)
+        gen = self._new_generator(k)
         opt = torch.optim.Adam(gen.parameters(), cfg.lr, betas=(0.5, 0.999))
         proxy = proxy_opt = None
         if cfg.adversarial_weight > 0:
@@ -188,42 +223,46 @@ class GeneratorEnsemble(SynthesisMethod):
             half = max(1, cfg.batch_size // 2)  # image i and i + half share a label (mode-seeking pairs)
             labels = torch.arange(cfg.batch_size) % half % spec.num_classes
             gen.train()
-            bar = tqdm(range(start, cfg.steps), desc=f"generator {k + 1}/{cfg.num_generators}",
+            bar = tqdm(range(start, cfg.steps), desc=f"{self.name} {k + 1}/{self.num_streams}",
                        initial=start, total=cfg.steps, disable=not progress, leave=False)
-            features = PenultimateFeatures(teacher) if cfg.feature_diversity_weight else contextlib.nullcontext()
-            with BNStatsLoss(teacher, cfg.first_bn_weight) as bn_stats, features:
+            with contextlib.ExitStack() as stack:
+                hooks = self._hooks(teacher, stack)
                 for step in bar:
                     z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=seeded_generator(seed, k, step))
-                    terms = self._step(gen, opt, teacher, bn_stats, features, proxy, proxy_opt, z, labels)
+                    terms = self._step(k, gen, opt, teacher, hooks, proxy, proxy_opt, z, labels,
+                                       seeded_generator(seed, k, step, 1))
                     if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                         self._save(path, gen, opt, proxy, proxy_opt, step + 1)
                     bar.set_postfix({k_: f"{v:.3f}" for k_, v in terms.items()})
         gen.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"])
         self.generators[k] = gen.eval()
 
-    def _step(self, gen, opt, teacher, bn_stats, features, proxy, proxy_opt, z, labels) -> dict[str, float]:
+    def _step(self, k, gen, opt, teacher, hooks, proxy, proxy_opt, z, labels, step_rng) -> dict[str, float]:
         cfg, spec = self.config, self.spec
-        x = gen(z, labels)
+        x_native, x = self._render(k, gen, z, labels, step_rng)
         logits = teacher(spec.normalize(x))
-        bn = bn_stats.loss()
+        bn = hooks["bn"].loss()
         ce = F.cross_entropy(logits, labels)
         loss = cfg.bn_weight * bn + cfg.ce_weight * ce
         terms = {"bn": bn.item(), "ce": ce.item()}
         if cfg.balance_weight:
             loss = loss + cfg.balance_weight * class_balance_loss(logits)
         if cfg.diversity_weight:
-            div = mode_seeking_loss(x, z)
+            div = mode_seeking_loss(x_native, z)
             loss = loss + cfg.diversity_weight * div
             terms["div"] = div.item()
         if cfg.feature_diversity_weight:
-            fdiv = feature_mode_seeking_loss(features.value, z)
+            fdiv = feature_mode_seeking_loss(hooks["features"].value, z)
             loss = loss + cfg.feature_diversity_weight * fdiv
             terms["fdiv"] = fdiv.item()
+        extra, extra_terms = self._extra_loss(hooks, logits, labels, x)
+        loss = loss + extra
+        terms.update(extra_terms)
         if proxy is not None:
             proxy.eval()
-            disagreement = (F.softmax(proxy(spec.normalize(x)), 1) - F.softmax(logits, 1)).abs().sum(1).mean()
-            loss = loss - cfg.adversarial_weight * disagreement
-            terms["adv"] = disagreement.item()
+            adv = masked_disagreement(proxy(spec.normalize(x)), logits)
+            loss = loss - cfg.adversarial_weight * adv
+            terms["adv"] = adv.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -252,5 +291,5 @@ class GeneratorEnsemble(SynthesisMethod):
         out = torch.empty(labels.shape[0], self.spec.channels, self.spec.size, self.spec.size)
         for k in streams.unique().tolist():
             idx = (streams == k).nonzero().squeeze(1)
-            out[idx] = self.generators[k](z[idx], labels[idx])
+            out[idx] = self._render(k, self.generators[k], z[idx], labels[idx], generator)[1]
         return out

@@ -1,0 +1,136 @@
+"""DeepInversion (Yin et al. 2020): optimise the pixels of each batch directly against the frozen teacher.
+
+No training stage: every batch of a shard starts from Gaussian noise in the teacher's normalised input
+space, x ~ N(0, 1), and runs Adam(lr, betas=(0.5, 0.9)) on
+
+    loss = CE(teacher(j(x)), y)
+         + bn_weight * (first_bn_weight * R_1 + sum_{l>1} R_l)     BN statistics, R_l = ||mu - mu_l||_2 +
+                                                                     ||var - var_l||_2 (common/bn_stats.py)
+         + tv_weight * TV_L2(x)      TV_L2 = sum over the 4 neighbour directions (right, down and both
+                                     diagonals) of the L2 norm of the pixel differences over the batch
+         + l2_weight * ||x||_2
+
+where j() is a random jitter (a roll of up to `jitter` px in x and y) and, with `flip`, a random
+horizontal flip, both drawn per iteration. After each step x is clipped to the range that maps to
+[0, 1] pixels. The batch with the lowest loss over all iterations is kept (the paper's "best" images).
+
+Two-phase schedule (DeepInversion's multi-resolution setting): with `low_res_iterations` > 0, the
+first phase runs that many iterations with the teacher seeing x average-pooled 2 x 2 (half the size,
+a quarter of the teacher's cost), then `iterations` more at full size; the kept batch comes from the
+full-size phase. Randomness (start noise, jitter, flips) comes from the shard's RNG, so a shard's
+bytes depend only on its seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.bn_stats import BNStatsLoss
+from common.errors import UserError
+
+from .base import SynthesisMethod
+
+
+@dataclass
+class DeepInversionConfig:
+    iterations: int = 200           # full-resolution Adam steps per batch
+    low_res_iterations: int = 0     # optional first phase at half resolution (2x2 average pooling)
+    lr: float = 0.1
+    bn_weight: float = 0.05
+    first_bn_weight: float = 10.0
+    tv_weight: float = 1e-4
+    l2_weight: float = 1e-5
+    jitter: int = 2                 # max roll in pixels (the paper: 30 at 224 px)
+    flip: bool = True               # random horizontal flips (turn off for digits and text)
+
+    def validate(self) -> None:
+        if self.iterations < 1 or self.low_res_iterations < 0 or self.jitter < 0:
+            raise UserError("deepinversion needs iterations >= 1, low_res_iterations >= 0, jitter >= 0")
+
+
+def tv_l2(x: torch.Tensor) -> torch.Tensor:
+    """Sum over right, down and the two diagonal neighbour directions of ||x_p - x_q||_2 over the batch."""
+    return (torch.linalg.vector_norm(x[..., :, 1:] - x[..., :, :-1])
+            + torch.linalg.vector_norm(x[..., 1:, :] - x[..., :-1, :])
+            + torch.linalg.vector_norm(x[..., 1:, 1:] - x[..., :-1, :-1])
+            + torch.linalg.vector_norm(x[..., 1:, :-1] - x[..., :-1, 1:]))
+
+
+def jitter_flip(x: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """x rolled by a random (dy, dx) in [-max_shift, max_shift] and, if `flip`, mirrored with p = 1/2."""
+    if max_shift:
+        dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if flip and torch.rand((), generator=generator).item() < 0.5:
+        x = torch.flip(x, dims=(3,))
+    return x
+
+
+class DeepInversion(SynthesisMethod):
+    """Per-batch pixel optimisation against the teacher's BN statistics (no generator)."""
+
+    name = "deepinversion"
+    Config = DeepInversionConfig
+
+    def __init__(self, config: DeepInversionConfig, spec):
+        super().__init__(config, spec)
+        self.teacher: nn.Module | None = None
+
+    def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
+        self.teacher = teacher
+        if self.config.low_res_iterations:
+            half = self.spec.size // 2
+            try:
+                with torch.no_grad():
+                    teacher(torch.zeros(2, self.spec.channels, half, half))
+            except RuntimeError:
+                raise UserError(f"the teacher cannot take {half} px inputs: set low_res_iterations=0 "
+                                "(the half-resolution phase needs a teacher that accepts half-size images)") from None
+
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised values of pixel 0 and pixel 1, per channel."""
+        zero = self.spec.normalize(torch.zeros(1, self.spec.channels, 1, 1))
+        one = self.spec.normalize(torch.ones(1, self.spec.channels, 1, 1))
+        return zero, one
+
+    def loss_terms(self, x: torch.Tensor, labels: torch.Tensor, bn: BNStatsLoss) -> dict[str, torch.Tensor]:
+        """Every term of the loss for the teacher's view x (normalised space), after a teacher forward."""
+        logits = self.teacher(x)
+        cfg = self.config
+        terms = {"ce": F.cross_entropy(logits, labels), "bn": bn.loss(), "tv": tv_l2(x),
+                 "l2": torch.linalg.vector_norm(x)}
+        terms["total"] = (terms["ce"] + cfg.bn_weight * terms["bn"] + cfg.tv_weight * terms["tv"]
+                          + cfg.l2_weight * terms["l2"])
+        return terms
+
+    def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.teacher is None:
+            raise RuntimeError("DeepInversion.synthesize called before fit()")
+        cfg, spec = self.config, self.spec
+        lo, hi = self._bounds()
+        x = torch.randn(labels.shape[0], spec.channels, spec.size, spec.size, generator=generator)
+        x = torch.max(torch.min(x, hi), lo).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+        best, best_loss = x.detach().clone(), float("inf")
+        schedule = [(True, cfg.low_res_iterations), (False, cfg.iterations)]
+        with torch.enable_grad(), BNStatsLoss(self.teacher, cfg.first_bn_weight) as bn:
+            for low_res, iterations in schedule:
+                for _ in range(iterations):
+                    view = jitter_flip(x, cfg.jitter // 2 if low_res else cfg.jitter, cfg.flip, generator)
+                    if low_res:
+                        view = F.avg_pool2d(view, 2)
+                    loss = self.loss_terms(view, labels, bn)["total"]
+                    if not low_res and loss.item() < best_loss:   # the loss belongs to x before this step
+                        best_loss, best = loss.item(), x.detach().clone()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        x.copy_(torch.max(torch.min(x, hi), lo))
+        std = torch.tensor(spec.std).view(1, -1, 1, 1)
+        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        return (best * std + mean).clamp(0, 1)

@@ -1,0 +1,174 @@
+"""MUSE (Tran et al. 2024, "Large-Scale Data-Free Knowledge Distillation for ImageNet via Multi-Resolution
+Data Generation"), as far as it is public: low-resolution generation, multi-resolution generation, a
+Class Activation Map loss and embedding diversity, on top of our generator ensemble.
+
+The paper's body and code are not available to us; the abstract and a third-party review give the
+parts, and every formula below is ours. Per stream k (one generator per resolution and member):
+
+    resolution  l_k = round(scale_k * S)           S: the teacher's input size; scales default 1/4, 1/2, 1
+    input       u_i = e_{y_i} + embedding_noise * R_i e_{y_i}       the "noisy layer" (embedding diversity):
+                R_i (D x D) has N(0, 1/D) entries, drawn afresh for every image, at training steps and
+                when writing shards; e_y are fixed class embeddings (`embedding`: random orthogonal rows
+                scaled to norm sqrt(D), learned, or a (C, D') .npy file of e.g. text embeddings, projected
+                to D by a fixed random matrix)
+    image       x_i = G_k(z_i, u_i)  in [0, 1], l_k x l_k; the teacher sees
+                up(x_i) = interpolate(x_i, S, mode=upsample_mode, align_corners=False)
+                (`teacher_input=upsampled`, default) or x_i itself (`teacher_input=native`: cheaper, needs
+                a teacher that takes l_k px, e.g. any ResNet; BN statistics are then those of a smaller view)
+    loss        the generator ensemble's terms (BN statistics, CE, class balance, pixel and feature mode
+                seeking; see generator.py), computed on the teacher's view, plus
+                cam_weight * (1 - mean_i coverage(CAM_{y_i}(x_i)))
+                with coverage = mean / max of the target class's CAM (common/cam.py: CAM for GAP + linear
+                heads, Grad-CAM otherwise): the class evidence must fill the image instead of sitting in a
+                few pixels, which is what keeps a low-resolution image class-specific.
+
+Shards always hold images at the teacher's size S (low-resolution streams upsampled with the same
+mode), so every student reads one input size; each sample's JSON records its native `resolution`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.cam import ClassActivationMaps, cam_coverage
+from common.errors import UserError
+from common.models import InputSpec
+
+from .generator import ConditionalGenerator, GeneratorEnsemble, GeneratorEnsembleConfig
+
+UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
+TEACHER_INPUTS = ("upsampled", "native")
+
+
+@dataclass
+class MuseConfig(GeneratorEnsembleConfig):
+    num_generators: int = 1            # generators per resolution (streams = scales x num_generators)
+    scales: tuple = (0.25, 0.5, 1.0)   # output resolutions as fractions of the teacher's input size
+    upsample_mode: str = "bilinear"
+    teacher_input: str = "upsampled"   # upsampled | native
+    cam_weight: float = 1.0
+    embedding: str = "orthogonal"      # orthogonal | learned | path to a (classes, dim) float .npy file
+    embedding_noise: float = 0.5       # strength of the per-image noisy layer; 0 = plain class embedding
+    diversity_weight: float = 20.0
+    feature_diversity_weight: float = 10.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.scales or any(not 0 < s <= 1 for s in self.scales):
+            raise UserError("muse option scales must be fractions in (0, 1], e.g. scales=0.25,0.5,1")
+        if self.upsample_mode not in UPSAMPLE_MODES:
+            raise UserError(f"muse option upsample_mode must be one of {', '.join(UPSAMPLE_MODES)}")
+        if self.teacher_input not in TEACHER_INPUTS:
+            raise UserError(f"muse option teacher_input must be one of {', '.join(TEACHER_INPUTS)}")
+        if self.embedding not in ("orthogonal", "learned") and not Path(self.embedding).is_file():
+            raise UserError(f"muse option embedding must be orthogonal, learned or an existing .npy file, "
+                            f"not {self.embedding!r}")
+
+
+def class_embeddings(source: str, num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """(num_classes, dim) class vectors of norm sqrt(dim) from `source` (see the module docstring)."""
+    rng = torch.Generator().manual_seed(seed)
+    if source in ("orthogonal", "learned"):
+        m = torch.randn(max(num_classes, dim), dim, generator=rng)
+        q, _ = torch.linalg.qr(m)                   # orthonormal columns; rows orthogonal when classes <= dim
+        e = q[:num_classes]
+    else:
+        try:
+            arr = np.load(source, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read class embeddings {source}: {err}; give a float .npy array") from None
+        if arr.ndim != 2 or arr.shape[0] != num_classes or not np.issubdtype(arr.dtype, np.floating):
+            raise UserError(f"class embeddings {source} must be a float array of shape ({num_classes}, dim), "
+                            f"got {arr.dtype} {arr.shape}")
+        e = torch.from_numpy(arr.astype(np.float32))
+        e = e @ torch.randn(e.shape[1], dim, generator=rng)   # fixed random projection to dim
+    return F.normalize(e, dim=1) * dim ** 0.5
+
+
+def noisy_embeddings(e: torch.Tensor, strength: float, generator: torch.Generator | None) -> torch.Tensor:
+    """u_i = e_i + strength * R_i e_i with a fresh R_i ~ N(0, 1/D) per row (the noisy layer)."""
+    if strength == 0:
+        return e
+    b, d = e.shape
+    r = torch.randn(b, d, d, generator=generator) / d ** 0.5
+    return e + strength * torch.bmm(r, e.unsqueeze(2)).squeeze(2)
+
+
+class Muse(GeneratorEnsemble):
+    """MUSE: low- and multi-resolution generators with CAM guidance and noisy class embeddings."""
+
+    name = "muse"
+    Config = MuseConfig
+
+    def __init__(self, config: MuseConfig, spec: InputSpec):
+        self.resolutions = [max(4, round(s * spec.size)) for s in config.scales]
+        super().__init__(config, spec)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.config.scales) * self.config.num_generators
+
+    def stream_resolution(self, k: int) -> int:
+        return self.resolutions[k % len(self.resolutions)]
+
+    def _new_generator(self, k: int) -> nn.Module:
+        cfg, spec = self.config, self.spec
+        size = self.stream_resolution(k)
+        gen = ConditionalGenerator(InputSpec(spec.channels, size, spec.mean, spec.std, spec.num_classes),
+                                   cfg.latent_dim, cfg.width)
+        e = class_embeddings(cfg.embedding, spec.num_classes, cfg.latent_dim)
+        gen.embed.weight.data.copy_(e)
+        gen.embed.weight.requires_grad_(cfg.embedding == "learned")
+        return gen
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.spec.size:
+            return x
+        mode = self.config.upsample_mode
+        up = F.interpolate(x, size=(self.spec.size, self.spec.size), mode=mode,
+                           **({} if mode == "nearest" else {"align_corners": False}))
+        return up.clamp(0, 1)
+
+    def _render(self, k, gen, z, labels, generator):
+        u = noisy_embeddings(gen.embed(labels), self.config.embedding_noise, generator)
+        x = gen(z, labels, class_vectors=u)
+        return x, (x if self.config.teacher_input == "native" else self._upsample(x))
+
+    def _hooks(self, teacher: nn.Module, stack: contextlib.ExitStack) -> dict:
+        hooks = super()._hooks(teacher, stack)
+        if self.config.cam_weight:
+            hooks["cam"] = stack.enter_context(ClassActivationMaps(teacher))
+        return hooks
+
+    def _extra_loss(self, hooks, logits, labels, x):
+        if not self.config.cam_weight:
+            return 0.0, {}
+        coverage = cam_coverage(hooks["cam"].maps(logits, labels)).mean()
+        return self.config.cam_weight * (1 - coverage), {"cam": coverage.item()}
+
+    def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
+        if self.config.teacher_input == "native":
+            for size in sorted(set(self.resolutions)):
+                try:
+                    with torch.no_grad():
+                        teacher(torch.zeros(2, self.spec.channels, size, size))
+                except RuntimeError:
+                    raise UserError(f"the teacher cannot take {size} px inputs (teacher_input=native); use "
+                                    "teacher_input=upsampled or larger scales") from None
+        super().fit(teacher, state_dir, progress, seed)
+
+    @torch.no_grad()
+    def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(labels.shape[0], self.config.latent_dim, generator=generator) * self.config.sample_noise_scale
+        out = torch.empty(labels.shape[0], self.spec.channels, self.spec.size, self.spec.size)
+        for k in streams.unique().tolist():
+            idx = (streams == k).nonzero().squeeze(1)
+            out[idx] = self._upsample(self._render(k, self.generators[k], z[idx], labels[idx], generator)[0])
+        return out
+

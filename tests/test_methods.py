@@ -1,0 +1,205 @@
+"""MUSE, DeepInversion and the adversarial term: loss pieces against hand computations, and each method
+writing valid, deterministic shards from a tiny teacher."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.cam import ClassActivationMaps, cam_coverage
+from common.errors import UserError
+from common.models import InputSpec, create_model
+from common.shards import read_shard, verify_dataset
+from synth.generate import GenerateConfig, generate
+from synth.methods import build_method
+from synth.methods.base import seeded_generator
+from synth.methods.deepinversion import jitter_flip, tv_l2
+from synth.methods.generator import masked_disagreement
+from synth.methods.muse import class_embeddings, noisy_embeddings
+
+
+class GapLinear(nn.Module):
+    """conv -> ReLU -> global average pool -> linear: the textbook CAM model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 1, bias=False)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.act(self.conv(x))), 1))
+
+
+def test_cam_of_gap_linear_head_is_zhou_cam():
+    torch.manual_seed(0)
+    model = GapLinear()
+    x = torch.randn(2, 1, 4, 5, requires_grad=True)
+    labels = torch.tensor([0, 1])
+    with ClassActivationMaps(model) as cams:
+        logits = model(x)
+        cam = cams.maps(logits, labels)
+    a = F.relu(model.conv(x)).detach()                       # (B, K, h, w)
+    w = model.fc.weight.detach()                              # (classes, K)
+    expected = torch.stack([F.relu(torch.einsum("k,khw->hw", w[y], a[i])) for i, y in enumerate(labels)]) / 20
+    assert cam.shape == (2, 4, 5)
+    torch.testing.assert_close(cam, expected)
+    cam.sum().backward()                                      # differentiable w.r.t. the input
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_cam_falls_back_to_grad_cam_for_mlp_head_and_refuses_mlp_only_models():
+    lenet = create_model("lenet5").eval()
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    with ClassActivationMaps(lenet) as cams:
+        cam = cams.maps(lenet(x), torch.tensor([1, 2, 3]))
+    # lenet5's last conv map at 28 px is 1 x 1, so the map is taken after conv2 (10 x 10)
+    assert cam.shape == (3, 10, 10) and (cam >= 0).all() and cam.sum() > 0
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    with ClassActivationMaps(mlp) as cams, pytest.raises(UserError, match="convolutional teacher"):
+        cams.maps(mlp(torch.randn(2, 1, 4, 4)), torch.tensor([0, 1]))
+
+
+def test_cam_coverage_is_mean_over_max():
+    flat = torch.ones(1, 4, 4)
+    spot = torch.zeros(1, 4, 4)
+    spot[0, 1, 2] = 3.0
+    torch.testing.assert_close(cam_coverage(torch.cat([flat, spot])), torch.tensor([1.0, 1 / 16]))
+
+
+def test_class_embeddings_and_noisy_layer(tmp_path):
+    e = class_embeddings("orthogonal", 10, 16)
+    torch.testing.assert_close(e @ e.T, 16 * torch.eye(10), atol=1e-4, rtol=0)
+    assert torch.equal(noisy_embeddings(e, 0.0, None), e)
+    u1 = noisy_embeddings(e[[3, 3]], 0.5, torch.Generator().manual_seed(1))
+    u2 = noisy_embeddings(e[[3, 3]], 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(u1, u2) and not torch.allclose(u1[0], u1[1])     # seeded, and fresh per image
+    good = tmp_path / "text.npy"
+    np.save(good, np.random.default_rng(0).normal(size=(10, 300)).astype(np.float32))
+    assert class_embeddings(str(good), 10, 16).shape == (10, 16)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="cannot read class embeddings"):
+        class_embeddings(str(bad), 10, 16)
+    np.save(bad, np.zeros((9, 4), np.float32))
+    with pytest.raises(UserError, match=r"shape \(10, dim\)"):
+        class_embeddings(str(bad), 10, 16)
+
+
+def _muse(spec, **options):
+    base = {"steps": "1", "batch_size": "8", "width": "4", "latent_dim": "8"}
+    base.update(options)
+    return build_method("muse", base, spec, 100)
+
+
+def test_muse_generates_low_resolution_and_upsamples_for_the_teacher_and_the_shards():
+    spec = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)
+    method = _muse(spec)
+    assert method.num_streams == 3 and [method.stream_resolution(k) for k in range(3)] == [8, 16, 32]
+    gen = method._new_generator(0)
+    z, y = torch.randn(4, 8), torch.arange(4)
+    native, teacher_view = method._render(0, gen, z, y, torch.Generator().manual_seed(0))
+    assert native.shape == (4, 3, 8, 8) and teacher_view.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(teacher_view, F.interpolate(native, size=(32, 32), mode="bilinear",
+                                                           align_corners=False).clamp(0, 1))
+    native_method = _muse(spec, teacher_input="native")
+    assert native_method._render(0, gen, z, y, None)[1].shape == (4, 3, 8, 8)
+    with pytest.raises(UserError, match="upsample_mode"):
+        _muse(spec, upsample_mode="area")
+    with pytest.raises(UserError, match="scales"):
+        _muse(spec, scales="0,1")
+
+
+def test_muse_native_input_refused_for_a_teacher_that_cannot_take_it(tiny_teacher_path, tmp_path):
+    cfg = GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "o"), method="muse",
+                         method_options={"steps": "1", "batch_size": "8", "width": "4", "latent_dim": "8",
+                                         "teacher_input": "native"},
+                         num_images=10, shard_size=10, progress=False)
+    with pytest.raises(UserError, match="cannot take 7 px"):
+        generate(cfg)
+
+
+def test_deepinversion_priors_by_hand():
+    x = torch.zeros(1, 1, 3, 3)
+    x[..., :, 2] = 1.0                                        # a vertical edge between columns 1 and 2
+    # right: 3 differences of 1; down: 0; diagonals: 2 each
+    torch.testing.assert_close(tv_l2(x), torch.tensor(3 ** 0.5 + 0 + 2 ** 0.5 + 2 ** 0.5))
+    img = torch.arange(16.0).view(1, 1, 4, 4)
+    a = jitter_flip(img, 1, True, torch.Generator().manual_seed(3))
+    b = jitter_flip(img, 1, True, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and sorted(a.flatten().tolist()) == list(range(16))
+
+
+def test_deepinversion_loss_terms_combine_with_their_weights(tiny_teacher_path):
+    from common.bn_stats import BNStatsLoss
+
+    teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
+    method = build_method("deepinversion", {"bn_weight": "0.5", "tv_weight": "0.1", "l2_weight": "0.01"},
+                          teacher.input_spec, 10)
+    method.fit(teacher, None)
+    x = torch.randn(4, 1, 28, 28)
+    with BNStatsLoss(teacher, 10.0) as bn:
+        t = method.loss_terms(x, torch.tensor([0, 1, 2, 3]), bn)
+    torch.testing.assert_close(t["tv"], tv_l2(x))
+    torch.testing.assert_close(t["l2"], x.norm())
+    torch.testing.assert_close(t["total"], t["ce"] + 0.5 * t["bn"] + 0.1 * t["tv"] + 0.01 * t["l2"])
+
+
+def test_deepinversion_lowers_its_loss(tiny_teacher_path):
+    teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    method = build_method("deepinversion", {"iterations": "25", "flip": "false"}, teacher.input_spec, 10)
+    method.fit(teacher, None)
+    labels = torch.arange(8) % 10
+    from common.bn_stats import BNStatsLoss
+
+    def loss_of(images):
+        with torch.no_grad(), BNStatsLoss(teacher, 10.0) as bn:
+            return method.loss_terms(teacher.input_spec.normalize(images), labels, bn)["total"].item()
+
+    start = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    lo, hi = method._bounds()
+    start = torch.max(torch.min(start, hi), lo) * 0.3081 + 0.1307
+    out = method.synthesize(labels, torch.zeros(8, dtype=torch.long), torch.Generator().manual_seed(5))
+    assert out.shape == (8, 1, 28, 28) and 0 <= out.min() and out.max() <= 1
+    assert loss_of(out) < 0.95 * loss_of(start)      # a random tiny teacher: CE stays near chance
+
+
+def test_masked_disagreement_counts_only_agreeing_images():
+    t = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    s_agree = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    s_disagree = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    kl = F.kl_div(F.log_softmax(s_agree, 1), F.log_softmax(t, 1), reduction="none", log_target=True).sum(1)
+    torch.testing.assert_close(masked_disagreement(s_agree, t), kl.mean())
+    assert masked_disagreement(s_disagree, t).item() == 0.0
+    mixed = torch.stack([s_agree[0], s_disagree[1]])
+    torch.testing.assert_close(masked_disagreement(mixed, t), kl[0] / 2)
+
+
+TINY_OPTIONS = {
+    "muse": {"steps": "3", "batch_size": "8", "width": "4", "latent_dim": "8", "checkpoint_every": "2"},
+    "deepinversion": {"iterations": "3", "flip": "false"},
+    "generator": {"num_generators": "1", "steps": "3", "batch_size": "8", "width": "4", "latent_dim": "8",
+                  "adversarial_weight": "0.5"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(TINY_OPTIONS))
+def test_method_writes_valid_deterministic_shards(method, tiny_teacher_path, tmp_path):
+    def run(out):
+        return generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out),
+                                       method=method, method_options=dict(TINY_OPTIONS[method]),
+                                       num_images=24, shard_size=12, batch_size=12, image_format="npy",
+                                       progress=False))
+
+    m1, m2 = run(tmp_path / "a"), run(tmp_path / "b")
+    assert verify_dataset(tmp_path / "a") == []
+    assert [s.sha256 for s in m1.shards] == [s.sha256 for s in m2.shards]
+    samples = list(read_shard(tmp_path / "a" / "shard-000000.tar"))
+    assert [s.label for s in samples] == [i % 10 for i in range(12)]
+    assert samples[0].image.shape == (28, 28, 1)
+    if method == "muse":   # images 0-9 come from stream 0 (7 px), 10-19 stream 1 (14 px), 20-23 stream 2
+        samples += list(read_shard(tmp_path / "a" / "shard-000001.tar"))
+        assert [s.meta["resolution"] for s in samples[::10]] == [7, 14, 28]
