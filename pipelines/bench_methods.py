@@ -1,0 +1,236 @@
+"""Every synthesis method side by side: same teacher, same image budget, same `distill train` schedule.
+
+    bash pipelines/bench_methods.sh                         # sets up .venv, then runs this file
+    python pipelines/bench_methods.py --out runs/bench_methods [--seeds 3] [--jobs 2] [--configs mnist28]
+
+Two configurations (CONFIGS): MNIST at 28 px with lenet5 -> lenet5_half, and MNIST zero-padded to 32 px
+and replicated to RGB with a CIFAR ResNet-8 teacher (so MUSE's 8 / 16 / 32 px path really runs). Per
+configuration each method (VARIANTS) synthesises once (seed 0) with `synth generate`; the student is then
+distilled from those shards once per seed (the seeds vary distillation only) and evaluated on the real
+MNIST test split, final epoch. Each command is the product's own command line, run as a child process
+(`--jobs` at a time, one thread each); its CPU seconds come from the child's rusage, so a busy machine
+slows the wall clock but barely moves the CPU column.
+
+Writes <out>/results.csv and <out>/results.md (one row per configuration x method: images, synthesis
+CPU-seconds and wall seconds, images per synthesis CPU-second, student top-1 mean +- std over seeds and
+each seed, teacher top-1), plus the low-resolution cost ratio. A rerun skips what is finished.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# ---- the benchmark (defaults grouped and visible) ----------------------------------------------
+CONFIGS = {
+    "mnist28": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
+                "student": "lenet5_half", "options": {}},
+    # ResNet-8 costs ~30x LeNet-5 per image: smaller generator batches, DeepInversion mostly at half size,
+    # and MUSE's teacher sees each resolution as it is (a ResNet takes 8 and 16 px; LeNet-5 cannot)
+    "mnist32rgb": {"title": "MNIST padded to 32 px RGB, cifar_resnet8 -> lenet5_half", "teacher": "cifar_resnet8",
+                   "teacher_epochs": 2, "student": "lenet5_half",
+                   "options": {"generator": {"batch_size": 100, "steps": 100},
+                               "muse": {"batch_size": 100, "steps": 100, "teacher_input": "native"},
+                               "deepinversion": {"iterations": 4, "low_res_iterations": 16}}},
+}
+NUM_IMAGES, SHARD_SIZE, IMAGE_FORMAT = 10_000, 2_000, "npy"
+GEN = {"batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
+       "feature_diversity_weight": 10.0, "sample_noise_scale": 2.0}
+# name -> (method, options); the generator methods all train 3 generators x GEN["steps"] steps;
+# CONFIGS[...]["options"][method] overrides per configuration
+VARIANTS = {
+    "noise (floor)": ("noise", {}),
+    "generator ensemble": ("generator", {**GEN, "num_generators": 3}),
+    "generator ensemble + adversarial": ("generator", {**GEN, "num_generators": 3, "adversarial_weight": 1.0}),
+    "deepinversion": ("deepinversion", {"iterations": 20, "lr": 0.1, "bn_weight": 1.0, "flip": False}),
+    "muse": ("muse", dict(GEN)),
+    "muse without CAM": ("muse", {**GEN, "cam_weight": 0.0}),
+    "muse without multi-resolution (3 x full)": ("muse", {**GEN, "scales": "1", "num_generators": 3}),
+    "muse without embedding diversity": ("muse", {**GEN, "embedding_noise": 0.0}),
+    "muse low-resolution only (3 x 1/4)": ("muse", {**GEN, "scales": "0.25", "num_generators": 3}),
+}
+DISTILL = {"epochs": 5, "batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
+           "aug": "translate", "workers": 1, "threads": 1}
+
+_print_lock = threading.Lock()
+
+
+def say(text: str) -> None:
+    with _print_lock:
+        print(text, flush=True)
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run a command line with its output in `log`; return (wall seconds, CPU seconds of the child)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    say("$ " + " ".join(shlex.quote(c) for c in cmd))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n--- last lines of {log}:\n"
+                         + "\n".join(log.read_text().splitlines()[-15:]))
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def slug(name: str) -> str:
+    """A folder name for a method row: 'muse without CAM' -> 'muse-without-cam'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def final_top1(run_dir: Path) -> float | None:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows or int(rows[-1]["epoch"]) < DISTILL["epochs"]:
+        return None
+    return float(rows[-1]["eval_top1"])
+
+
+def teacher_top1(arch: str, path: Path, data_root: str) -> float:
+    import torch
+
+    from common.data import mnist_dataset
+    from common.models import create_model
+
+    torch.set_num_threads(1)
+    teacher = create_model(arch, weights=str(path)).eval()
+    images, labels = mnist_dataset(data_root, False, teacher.input_spec).tensors
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(images), 1000):
+            correct += (teacher(images[i:i + 1000]).argmax(1) == labels[i:i + 1000]).sum().item()
+    return 100.0 * correct / len(images)
+
+
+def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: list[int], data_root: str) -> dict:
+    """Synthesise once, distil once per seed; timings are cached so a rerun does not redo or re-time."""
+    cfg = CONFIGS[config_name]
+    method, options = VARIANTS[variant]
+    options = {**options, **cfg["options"].get(method, {})}
+    base = out / config_name
+    teacher_path = base / "teacher.pt"
+    shards = base / "shards" / slug(variant)
+    timing_file = shards / "bench_timing.json"
+    if timing_file.exists():
+        timing = json.loads(timing_file.read_text())
+    else:
+        sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
+        wall, cpu = run([py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(teacher_path),
+                         "--method", method, *sets, "--num-images", str(NUM_IMAGES), "--shard-size",
+                         str(SHARD_SIZE), "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", "1",
+                         "--quiet", "--out", str(shards)], base / "logs" / f"synth-{slug(variant)}.log")
+        timing = {"wall_s": wall, "cpu_s": cpu}
+        timing_file.write_text(json.dumps(timing))
+    top1 = {}
+    distill_args = [a for k, v in DISTILL.items() for a in (f"--{k}", str(v))]
+    for seed in seeds:
+        run_dir = base / "runs" / f"{slug(variant)}-seed{seed}"
+        if final_top1(run_dir) is None:
+            resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
+            run([py, "-m", "distill", "train", "--shards", str(shards), "--student", cfg["student"], "--out",
+                 str(run_dir), "--eval-data", "mnist", "--data-root", data_root, "--seed", str(seed), "--quiet",
+                 *distill_args, *resume], base / "logs" / f"distill-{slug(variant)}-seed{seed}.log")
+        top1[seed] = final_top1(run_dir)
+    say(f"done: {config_name} / {variant}: {top1}")
+    return {"config": config_name, "method": variant, "images": NUM_IMAGES, **timing, "top1": top1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench_methods")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--seeds", type=int, default=3, help="distillation seeds per method (0 .. N-1)")
+    parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one thread each)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the method rows (by slug)")
+    args = parser.parse_args()
+    out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    variants = list(VARIANTS) if not args.variants else [v for v in VARIANTS if slug(v) in args.variants.split(",")]
+    py, seeds, started = sys.executable, list(range(args.seeds)), time.perf_counter()
+    os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        teachers = {}
+        for name in configs:
+            path = out / name / "teacher.pt"
+            if not path.exists():
+                cfg = CONFIGS[name]
+                teachers[name] = pool.submit(run, [py, "-m", "distill", "teacher", "--model", cfg["teacher"],
+                                                   "--data", "mnist", "--data-root", args.data_root, "--epochs",
+                                                   str(cfg["teacher_epochs"]), "--seed", "0", "--threads", "1",
+                                                   "--quiet", "--out", str(path)], out / name / "logs" / "teacher.log")
+        for f in teachers.values():
+            f.result()
+        jobs = [pool.submit(bench_variant, py, out, c, v, seeds, args.data_root) for c in configs for v in variants]
+        rows = [j.result() for j in jobs]
+    for name in configs:
+        acc = teacher_top1(CONFIGS[name]["teacher"], out / name / "teacher.pt", args.data_root)
+        for r in rows:
+            if r["config"] == name:
+                r["teacher_top1"] = acc
+    write_results(out, rows, time.perf_counter() - started, args.jobs)
+
+
+def write_results(out: Path, rows: list[dict], seconds: float, jobs: int) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "method", "images", "synthesis_cpu_s", "synthesis_wall_s", "images_per_cpu_s",
+                    "student_top1_mean", "student_top1_std", "student_top1_per_seed", "teacher_top1"])
+        for r in rows:
+            accs = [r["top1"][s] for s in sorted(r["top1"])]
+            w.writerow([r["config"], r["method"], r["images"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}",
+                        f"{r['images'] / r['cpu_s']:.1f}", f"{statistics.mean(accs):.2f}",
+                        f"{statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
+                        " ".join(f"{a:.2f}" for a in accs), f"{r['teacher_top1']:.2f}"])
+    lines = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        sub = [r for r in rows if r["config"] == name]
+        lines += [f"### {CONFIGS[name]['title']} (teacher top-1 {sub[0]['teacher_top1']:.2f}%)", "",
+                  "| method | images | synthesis CPU-s | synthesis wall-s | images / CPU-s | student top-1 (%), "
+                  f"mean +- std over {len(sub[0]['top1'])} seeds | per seed |", "|---|---|---|---|---|---|---|"]
+        for r in sub:
+            accs = [r["top1"][s] for s in sorted(r["top1"])]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            lines.append(f"| {r['method']} | {r['images']:,} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
+                         f"{r['images'] / r['cpu_s']:.1f} | {statistics.mean(accs):.2f} +- {std:.2f} | "
+                         + " / ".join(f"{a:.2f}" for a in accs) + " |")
+        by = {r["method"]: r for r in sub}
+        low, full = by.get("muse low-resolution only (3 x 1/4)"), by.get("muse without multi-resolution (3 x full)")
+        if low and full:
+            lines += ["", f"Low-resolution cost: MUSE at 1/4 resolution used {low['cpu_s']:.0f} CPU-s against "
+                      f"{full['cpu_s']:.0f} CPU-s at full resolution for the same images and steps: "
+                      f"**{100 * low['cpu_s'] / full['cpu_s']:.0f}%**."]
+        lines.append("")
+    lines.append(f"Wall time of this invocation: {seconds / 60:.1f} min with {jobs} jobs at once "
+                 "(finished steps are skipped on a rerun).")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
