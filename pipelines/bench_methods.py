@@ -37,16 +37,17 @@ sys.path.insert(0, str(ROOT))
 # ---- the benchmark (defaults grouped and visible) ----------------------------------------------
 CONFIGS = {
     "mnist28": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
-                "student": "lenet5_half", "options": {}},
-    # ResNet-8 costs ~30x LeNet-5 per image: smaller generator batches, DeepInversion mostly at half size,
-    # and MUSE's teacher sees each resolution as it is (a ResNet takes 8 and 16 px; LeNet-5 cannot)
+                "student": "lenet5_half", "images": 10_000, "distill_epochs": 5, "options": {}},
+    # ResNet-8 costs ~30x LeNet-5 per image, in synthesis and as the online teacher in distillation:
+    # fewer images and epochs, smaller generator batches, DeepInversion mostly at half size, and MUSE's
+    # teacher sees each resolution as it is (a ResNet takes 8 and 16 px; LeNet-5 cannot)
     "mnist32rgb": {"title": "MNIST padded to 32 px RGB, cifar_resnet8 -> lenet5_half", "teacher": "cifar_resnet8",
-                   "teacher_epochs": 2, "student": "lenet5_half",
-                   "options": {"generator": {"batch_size": 100, "steps": 100},
-                               "muse": {"batch_size": 100, "steps": 100, "teacher_input": "native"},
+                   "teacher_epochs": 2, "student": "lenet5_half", "images": 6_000, "distill_epochs": 4,
+                   "options": {"generator": {"batch_size": 100, "steps": 80},
+                               "muse": {"batch_size": 100, "steps": 80, "teacher_input": "native"},
                                "deepinversion": {"iterations": 4, "low_res_iterations": 16}}},
 }
-NUM_IMAGES, SHARD_SIZE, IMAGE_FORMAT = 10_000, 2_000, "npy"
+SHARD_SIZE, IMAGE_FORMAT = 2_000, "npy"
 GEN = {"batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
        "feature_diversity_weight": 10.0, "sample_noise_scale": 2.0}
 # name -> (method, options); the generator methods all train 3 generators x GEN["steps"] steps;
@@ -62,7 +63,7 @@ VARIANTS = {
     "muse without embedding diversity": ("muse", {**GEN, "embedding_noise": 0.0}),
     "muse low-resolution only (3 x 1/4)": ("muse", {**GEN, "scales": "0.25", "num_generators": 3}),
 }
-DISTILL = {"epochs": 5, "batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
+DISTILL = {"batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 1, "threads": 1}
 
 _print_lock = threading.Lock()
@@ -95,13 +96,13 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def final_top1(run_dir: Path) -> float | None:
+def final_top1(run_dir: Path, epochs: int) -> float | None:
     path = run_dir / "metrics.csv"
     if not path.exists():
         return None
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    if not rows or int(rows[-1]["epoch"]) < DISTILL["epochs"]:
+    if not rows or int(rows[-1]["epoch"]) < epochs:
         return None
     return float(rows[-1]["eval_top1"])
 
@@ -136,23 +137,24 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
     else:
         sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
         wall, cpu = run([py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(teacher_path),
-                         "--method", method, *sets, "--num-images", str(NUM_IMAGES), "--shard-size",
+                         "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size",
                          str(SHARD_SIZE), "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", "1",
                          "--quiet", "--out", str(shards)], base / "logs" / f"synth-{slug(variant)}.log")
         timing = {"wall_s": wall, "cpu_s": cpu}
         timing_file.write_text(json.dumps(timing))
     top1 = {}
-    distill_args = [a for k, v in DISTILL.items() for a in (f"--{k}", str(v))]
+    distill = {**DISTILL, "epochs": cfg["distill_epochs"]}
+    distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
     for seed in seeds:
         run_dir = base / "runs" / f"{slug(variant)}-seed{seed}"
-        if final_top1(run_dir) is None:
+        if final_top1(run_dir, cfg["distill_epochs"]) is None:
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
             run([py, "-m", "distill", "train", "--shards", str(shards), "--student", cfg["student"], "--out",
                  str(run_dir), "--eval-data", "mnist", "--data-root", data_root, "--seed", str(seed), "--quiet",
                  *distill_args, *resume], base / "logs" / f"distill-{slug(variant)}-seed{seed}.log")
-        top1[seed] = final_top1(run_dir)
+        top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
     say(f"done: {config_name} / {variant}: {top1}")
-    return {"config": config_name, "method": variant, "images": NUM_IMAGES, **timing, "top1": top1}
+    return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1}
 
 
 def main() -> None:
