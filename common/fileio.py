@@ -1,12 +1,24 @@
-"""Small file helpers: atomic writes (temp file, fsync, rename) and checksums."""
+"""Small file helpers: atomic writes (temp file, fsync, rename), checksums, safe loading, a folder lock."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
+
+from .errors import DiskFullError, UserError
+from .faults import fault_point
+
+DISK_FULL_REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                     errno.EFBIG: "file larger than the file-size limit (ulimit -f)"}
+LOCK_NAME = ".lock"
+_TEMP_NAME = re.compile(r"\..+\.tmp[0-9]+")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -23,27 +35,57 @@ def temp_path_for(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def is_temp_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is the temp file of an atomic write (possibly left by a killed process)."""
+    return bool(_TEMP_NAME.fullmatch(Path(path).name))
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Delete temp files that killed writers left in `folder` (call only while holding its lock)."""
+    removed = []
+    for p in Path(folder).iterdir():
+        if is_temp_file(p) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p.name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temp file next to `path`; on success fsync and rename it over `path`; on error remove it.
 
-    A reader never sees a half-written file under the final name.
+    A reader never sees a half-written file under the final name. Out of space (ENOSPC, EDQUOT,
+    EFBIG) becomes DiskFullError naming `path`.
     """
     path = Path(path)
     tmp = temp_path_for(path)
-    f = open(tmp, mode)
+    try:
+        f = open(tmp, mode)
+    except OSError as e:
+        raise _disk_full_or(e, path) from None
     try:
         yield f
         f.flush()
         os.fsync(f.fileno())
         f.close()
+        fault_point(f"commit:{path.name}")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        f.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            f.close()  # flushing the rest may fail again when the disk is full
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _disk_full_or(e, path) from None
         raise
+
+
+def _disk_full_or(error: OSError, path: Path) -> OSError | DiskFullError:
+    if error.errno in DISK_FULL_REASONS:
+        return DiskFullError(path, DISK_FULL_REASONS[error.errno])
+    return error
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -55,13 +97,77 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` atomically (fault point `half-written:<name>` halfway, for the kill tests)."""
+    view = memoryview(data)
+    half = len(view) // 2
+    with atomic_open(path, "wb") as f:
+        f.write(view[:half])
+        f.flush()
+        fault_point(f"half-written:{Path(path).name}")
+        f.write(view[half:])
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
 
 
+def save_torch_atomic(path: str | os.PathLike, obj) -> None:
+    """torch.save `obj` (tensors, plain containers: loadable with weights_only=True) atomically. Serialised
+    in memory first, so that a full disk surfaces as an OSError on the write, not inside torch."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getbuffer())
+
+
+def load_torch_safely(path: str | os.PathLike, fix: str):
+    """torch.load(weights_only=True): tensors and plain containers only, never pickled code.
+    UserError naming `path` and saying `fix` for a missing, damaged or unsafe file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot load {path}: damaged, or not a plain-tensor PyTorch file "
+                        f"({type(e).__name__}: {first}); {fix}") from None
+
+
 def canonical_json_sha256(obj) -> str:
     """Checksum of a JSON-able object that does not depend on key order or whitespace."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its `.lock` file) while `command` writes there, so that a second
+    writer (a job requeued while the old one still runs) is refused. The kernel drops the lock when the
+    holder dies, however it dies. File systems without locking are used unlocked."""
+    folder = Path(folder)
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write into {folder} ({e.strerror}): choose a writable output folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"{folder} is being written by another running `{command}` (pid {holder}): wait for "
+                            "it to end or stop it, or choose another output folder") from None
+        except OSError:
+            pass  # no locking on this file system
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -284,27 +284,24 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
 # --------------------------------------------------------------------------- checkpoints
 def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> None:
     """Save a model with its architecture name and input spec (loadable with weights_only=True)."""
-    from .fileio import atomic_open
+    from .fileio import save_torch_atomic
 
     payload = {"arch": model.arch, "input_spec": model.input_spec.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if extra:
         payload["extra"] = extra
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
-        torch.save(payload, f)
+    save_torch_atomic(path, payload)
 
 
 def load_model_checkpoint(path: str | os.PathLike) -> dict:
     """Load a model checkpoint safely. Returns {'arch', 'input_spec', 'state_dict'} (arch/spec may be None)."""
+    from .fileio import load_torch_safely
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; give an existing checkpoint, DEFAULT or none")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: not a safe PyTorch weights file "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    obj = load_torch_safely(path, "give a checkpoint saved by this project, or a plain state_dict of tensors")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         return {"arch": obj.get("arch"), "input_spec": obj.get("input_spec"), "state_dict": obj["state_dict"]}
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
