@@ -23,15 +23,18 @@ import json
 import os
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 
+from . import schema
 from .errors import UserError
-from .fileio import atomic_open, sha256_file, write_json_atomic
+from .faults import fault_point
+from .fileio import atomic_open, is_temp_file, sha256_file, write_json_atomic
 from .models import InputSpec
 
 FORMAT = "dfkd-webdataset"
@@ -41,7 +44,13 @@ INFO_NAME = "_info.json"
 IMAGE_FORMATS = ("png", "jpg", "npy")
 MAX_IMAGE_PIXELS = 4096 * 4096  # refuse decompression bombs
 MAX_MEMBER_BYTES = 64 << 20     # no legitimate sample field is this large
+MAX_MANIFEST_BYTES = 64 << 20
+# the members a sample may have, and the most bytes each may hold
+FIELD_MAX_BYTES = {"png": MAX_MEMBER_BYTES, "jpg": MAX_MEMBER_BYTES, "npy": MAX_MEMBER_BYTES,
+                   "cls": 32, "logits.npy": 4 << 20, "json": 64 << 10}
+KEY_PATTERN = re.compile(r"sample-[0-9]{8,}")
 JPEG_QUALITY = 95
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 _ZERO_BLOCK = bytes(512)
 
 
@@ -110,25 +119,33 @@ def encode_image(image: np.ndarray, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, image_format: str) -> np.ndarray:
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ShardFormatError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+
+
+def decode_image(data: bytes, image_format: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image -> uint8 (H, W, C). Its size is checked from the header, before any pixel is decoded
+    (decompression bombs); PNG and JPEG members must really be PNG and JPEG (no other PIL decoder runs)."""
+    max_pixels = min(max_pixels, MAX_IMAGE_PIXELS)
     if image_format == "npy":
         image = _npy_load(data, "image")
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
             raise ShardFormatError(f"image array must be uint8 (H, W, 1|3), got {image.dtype} {image.shape}")
-        if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
-            raise ShardFormatError(f"image of {image.shape[0]}x{image.shape[1]} exceeds the pixel limit")
+        _check_pixels(image.shape[1], image.shape[0], max_pixels)
         return image
     try:
-        with Image.open(io.BytesIO(data)) as pil:
-            if pil.width * pil.height > MAX_IMAGE_PIXELS:
-                raise ShardFormatError(f"image of {pil.width}x{pil.height} exceeds the pixel limit")
+        with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[image_format]]) as pil:
+            _check_pixels(pil.width, pil.height, max_pixels)
             if pil.mode not in ("L", "RGB"):
                 pil = pil.convert("RGB")
             image = np.asarray(pil, dtype=np.uint8)
     except ShardFormatError:
         raise
+    except Image.DecompressionBombError as e:
+        raise ShardFormatError(f"image exceeds the pixel limit ({e})") from None
     except Exception as e:
-        raise ShardFormatError(f"undecodable {image_format} image ({e})") from None
+        raise ShardFormatError(f"undecodable {image_format} image ({type(e).__name__}: {e})") from None
     return image[:, :, None] if image.ndim == 2 else image
 
 
@@ -145,8 +162,9 @@ def encode_sample(sample: Sample, image_format: str = "png") -> list[tuple[str, 
     ]
 
 
-def decode_sample(fields: Mapping[str, bytes]) -> Sample:
-    """WebDataset's raw sample dict (`__key__`, `png`/`jpg`/`npy`, `cls`, `logits.npy`, `json`) -> Sample."""
+def decode_sample(fields: Mapping[str, bytes], max_pixels: int = MAX_IMAGE_PIXELS) -> Sample:
+    """WebDataset's raw sample dict (`__key__`, `png`/`jpg`/`npy`, `cls`, `logits.npy`, `json`) -> Sample.
+    An image of more than `max_pixels` pixels is refused before it is decoded."""
     key = fields.get("__key__", "?")
     known = {"__key__", "__url__", "__local_path__", "cls", "logits.npy", "json", *IMAGE_FORMATS}
     unknown = set(fields) - known
@@ -165,12 +183,14 @@ def decode_sample(fields: Mapping[str, bytes]) -> Sample:
         raise ShardFormatError(f"sample {key}: logits must be a 1-d float array, got {logits.dtype} {logits.shape}")
     try:
         meta = json.loads(fields["json"]) if "json" in fields else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ShardFormatError(f"sample {key}: metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"sample {key}: metadata is not a JSON object")
     if not 0 <= label < logits.shape[0]:
         raise ShardFormatError(f"sample {key}: class {label} outside 0..{logits.shape[0] - 1}")
     try:
-        image = decode_image(fields[image_fields[0]], image_fields[0])
+        image = decode_image(fields[image_fields[0]], image_fields[0], max_pixels)
     except ShardFormatError as e:
         raise ShardFormatError(f"sample {key}: {e}") from None
     return Sample(key=key, image=image, label=label, logits=logits, meta=meta)
@@ -182,6 +202,7 @@ class ShardRecord:
     name: str
     num_samples: int
     sha256: str
+    size: int | None = None    # bytes; absent in manifests written before it was recorded
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample], image_format: str = "png") -> ShardRecord:
@@ -198,12 +219,32 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample], image_format
                     info.uname = info.gname = ""
                     tar.addfile(info, io.BytesIO(data))
                 count += 1
-    return ShardRecord(path.name, count, sha256_file(path))
+                fault_point("shard-sample")
+    return ShardRecord(path.name, count, sha256_file(path), path.stat().st_size)
 
 
-def iter_tar_members(f: BinaryIO, source: str) -> Iterator[tuple[str, bytes]]:
+def check_member(name: str, size: int) -> None:
+    """A shard member must be named `<key>.<field>` (key sample-NNNNNNNN, a known field) and hold at most
+    that field's FIELD_MAX_BYTES; ShardFormatError otherwise."""
+    key, _, field_name = name.partition(".")
+    if not KEY_PATTERN.fullmatch(key) or field_name not in FIELD_MAX_BYTES:
+        raise ShardFormatError(f"unexpected member name {name!r} (expected sample-NNNNNNNN."
+                               f"{{{','.join(FIELD_MAX_BYTES)}}})")
+    if size > FIELD_MAX_BYTES[field_name]:
+        raise ShardFormatError(f"member {name!r} is {size} bytes, over the {FIELD_MAX_BYTES[field_name]}-byte "
+                               f"limit for .{field_name}")
+
+
+def _any_member(name: str, size: int) -> None:
+    if size > MAX_MEMBER_BYTES:
+        raise ShardFormatError(f"member {name!r} is {size} bytes, over the limit")
+
+
+def iter_tar_members(f: BinaryIO, source: str,
+                     check: Callable[[str, int], None] = _any_member) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each member of a plain tar stream. Strict: regular files only, checksummed
-    headers, size limits; ShardFormatError (naming `source`) for anything else or a truncated file.
+    headers, `check(name, size)` before a member's data is read (size limits, allowed names);
+    ShardFormatError (naming `source`) for anything else or a truncated file.
     Much faster than `tarfile` for the many small members of a shard."""
     while True:
         header = f.read(512)
@@ -212,7 +253,12 @@ def iter_tar_members(f: BinaryIO, source: str) -> Iterator[tuple[str, bytes]]:
         if len(header) < 512:
             raise ShardFormatError(f"{source}: truncated ({'no end-of-archive marker' if not header else 'incomplete tar header'})")
         stored = header[148:156].split(b"\0", 1)[0].strip()
-        if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+        try:
+            valid = bool(stored) and int(stored, 8) == sum(header[:148]) + 256 + sum(header[156:])
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            valid = False
+        if not valid:
             raise ShardFormatError(f"{source}: corrupt tar header (checksum mismatch)")
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
@@ -220,9 +266,10 @@ def iter_tar_members(f: BinaryIO, source: str) -> Iterator[tuple[str, bytes]]:
             name = prefix.decode("utf-8", "replace") + "/" + name
         if header[156:157] not in (b"0", b"\0"):
             raise ShardFormatError(f"{source}: member {name!r} is not a regular file")
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        if size > MAX_MEMBER_BYTES:
-            raise ShardFormatError(f"{source}: member {name!r} is {size} bytes, over the limit")
+        try:
+            check(name, size)
+        except ShardFormatError as e:
+            raise ShardFormatError(f"{source}: {e}") from None
         data = f.read(size)
         padding = -size % 512
         if len(data) < size or len(f.read(padding)) < padding:
@@ -232,14 +279,12 @@ def iter_tar_members(f: BinaryIO, source: str) -> Iterator[tuple[str, bytes]]:
 
 def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict]:
     """Raw sample dicts ({"__key__", "__url__", field: bytes}) of one shard, as WebDataset groups them.
-    Members of one sample must be adjacent; names must be `<key>.<field>` without folders."""
+    Members of one sample must be adjacent; names and sizes must pass `check_member`."""
     source = Path(path).name
     group: dict = {}
     with open(path, "rb", buffering=1 << 20) as f:
-        for name, data in iter_tar_members(f, source):
+        for name, data in iter_tar_members(f, source, check_member):
             key, _, field_name = name.partition(".")
-            if "/" in name or not key or not field_name:
-                raise ShardFormatError(f"{source}: unexpected member name {name!r}")
             if group and key != group["__key__"]:
                 yield group
                 group = {}
@@ -252,11 +297,11 @@ def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict]:
         yield group
 
 
-def read_shard(path: str | os.PathLike) -> Iterator[Sample]:
+def read_shard(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Sample]:
     """Decoded samples of one shard (ShardFormatError for anything that breaks the format)."""
     for fields in iter_raw_samples(path):
         try:
-            yield decode_sample(fields)
+            yield decode_sample(fields, max_pixels)
         except ShardFormatError as e:
             raise ShardFormatError(f"{Path(path).name}: {e}") from None
 
@@ -290,34 +335,66 @@ class Manifest:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["num_samples"] = self.num_samples
+        d["shards"] = [{k: v for k, v in s.items() if v is not None} for s in d["shards"]]
         return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "manifest") -> "Manifest":
+        """Parse a manifest read from a file, checked against the schema (`validate_manifest`)."""
+        fix = "regenerate the shards or restore the original manifest.json"
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise UserError(f"{source} is not a {FORMAT} manifest")
+            raise UserError(f"{source} is not a {FORMAT} manifest; {fix}")
         if d.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{source} has format version {d.get('format_version')}; this tool reads version "
+            raise UserError(f"{source} has format version {d.get('format_version')!r}; this tool reads version "
                             f"{FORMAT_VERSION}: regenerate the shards or use a matching release")
         try:
-            shards = [ShardRecord(str(s["name"]), int(s["num_samples"]), str(s["sha256"])) for s in d["shards"]]
-            m = cls(teacher=dict(d["teacher"]), num_classes=int(d["num_classes"]),
-                    image_format=str(d["image_format"]), method=str(d["method"]), config=dict(d["config"]),
-                    config_sha256=str(d["config_sha256"]), planned_samples=int(d["planned_samples"]),
-                    shard_size=int(d["shard_size"]), shards=shards, complete=bool(d["complete"]))
-            for k in ("arch", "weights", "weights_sha256", "input_spec"):
-                m.teacher[k]  # noqa: B018 (presence check)
-            spec = m.input_spec
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{source} is malformed ({type(e).__name__}: {e}); regenerate the shards") from None
-        if m.image_format not in IMAGE_FORMATS:
-            raise UserError(f"{source}: unknown image format {m.image_format!r}")
-        if spec.num_classes != m.num_classes:
-            raise UserError(f"{source}: teacher has {spec.num_classes} classes but the manifest says {m.num_classes}")
-        for s in shards:
-            if Path(s.name).name != s.name or not s.name.endswith(".tar"):
-                raise UserError(f"{source}: shard name {s.name!r} is not a plain .tar file name")
-        return m
+            return validate_manifest(d)
+        except schema.SchemaError as e:
+            raise UserError(f"{source} does not follow the manifest schema: {e}; {fix}") from None
+
+
+def validate_manifest(d: dict) -> Manifest:
+    """A Manifest from its JSON form, every field checked for presence, type and range (SchemaError).
+    Unknown fields are ignored (later versions of format 1 may add some)."""
+    teacher = schema.obj(d, "teacher")
+    spec_dict = schema.obj(teacher, "input_spec", "teacher")
+    channels = schema.integer(spec_dict, "channels", "teacher.input_spec", minimum=1)
+    schema.integer(spec_dict, "size", "teacher.input_spec", minimum=1)
+    schema.numbers(spec_dict, "mean", "teacher.input_spec", length=channels)
+    schema.numbers(spec_dict, "std", "teacher.input_spec", length=channels, positive=True)
+    spec_classes = schema.integer(spec_dict, "num_classes", "teacher.input_spec", minimum=1)
+    for key in ("arch", "weights"):
+        schema.string(teacher, key, "teacher")
+    schema.optional_string(teacher, "weights_path", "teacher")
+    schema.sha256(teacher, "weights_sha256", "teacher")
+    num_classes = schema.integer(d, "num_classes", minimum=1)
+    if num_classes != spec_classes:
+        raise schema.SchemaError(f"num_classes is {num_classes} but teacher.input_spec.num_classes is {spec_classes}")
+    image_format = schema.string(d, "image_format", pattern=re.compile("|".join(IMAGE_FORMATS)),
+                                 what=f"one of {', '.join(IMAGE_FORMATS)}")
+    shards = [_shard_record(s, f"shards[{i}]") for i, s in enumerate(schema.array(d, "shards"))]
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise schema.SchemaError(f"shards lists {next(n for n in names if names.count(n) > 1)} twice")
+    manifest = Manifest(teacher=teacher, num_classes=num_classes, image_format=image_format,
+                        method=schema.string(d, "method"), config=schema.obj(d, "config"),
+                        config_sha256=schema.sha256(d, "config_sha256"),
+                        planned_samples=schema.integer(d, "planned_samples"),
+                        shard_size=schema.integer(d, "shard_size", minimum=1), shards=shards,
+                        complete=schema.boolean(d, "complete"))
+    if manifest.complete and manifest.num_samples != manifest.planned_samples:
+        raise schema.SchemaError(f"it is marked complete but its shards hold {manifest.num_samples} samples, "
+                                 f"not the planned {manifest.planned_samples}")
+    return manifest
+
+
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
+
+
+def _shard_record(d: dict, where: str) -> ShardRecord:
+    name = schema.string(d, "name", where, _SHARD_NAME, "a plain file name ending in .tar (no folders)")
+    size = schema.integer(d, "size", where) if isinstance(d, dict) and "size" in d else None
+    return ShardRecord(name, schema.integer(d, "num_samples", where), schema.sha256(d, "sha256", where), size)
 
 
 def manifest_path(folder: str | os.PathLike) -> Path:
@@ -332,10 +409,14 @@ def read_manifest(folder: str | os.PathLike, require_complete: bool = True) -> M
     if not path.is_file():
         raise UserError(f"{folder} has no {MANIFEST_NAME}: not a synth output folder "
                         f"(run `synth generate --out {folder}`)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a "
+                        "manifest; regenerate the shards or restore the original manifest.json")
     try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); regenerate the shards") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:100]}); regenerate the shards "
+                        "or restore the original manifest.json") from None
     manifest = Manifest.from_dict(data, str(path))
     if require_complete and not manifest.complete:
         raise UserError(f"{folder} is unfinished ({len(manifest.shards)} shards of "
@@ -366,25 +447,120 @@ def shard_paths(folder: str | os.PathLike, manifest: Manifest) -> list[str]:
     return [str(folder / s.name) for s in manifest.shards]
 
 
-def verify_dataset(folder: str | os.PathLike, decode: bool = True) -> list[str]:
-    """Check every shard against the manifest (present, sha256, sample count, decodable). Returns problems."""
+CHECK_LEVELS = ("full", "size", "none")
+
+
+def check_shard_file(path: str | os.PathLike, record: ShardRecord, level: str = "full") -> str | None:
+    """What is wrong with one shard file against its manifest record, or None. Levels: `size` checks
+    presence and byte count (when the manifest records it), `full` also the sha256, `none` nothing."""
+    if level == "none":
+        return None
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "missing"
+    if not os.path.isfile(path):
+        return "not a regular file"
+    if record.size is not None and size != record.size:
+        return f"{size} bytes, the manifest says {record.size} (truncated or modified)"
+    if level == "full" and sha256_file(path) != record.sha256:
+        return "sha256 differs from the manifest (modified or damaged)"
+    return None
+
+
+def check_shard_files(folder: str | os.PathLike, manifest: Manifest, level: str = "full",
+                      jobs: int | None = None) -> dict[str, str]:
+    """{shard name: problem} for every listed shard whose file does not match the manifest (several
+    files hashed at once: hashlib releases the GIL)."""
+    if level not in CHECK_LEVELS:
+        raise UserError(f"shard check level must be one of {', '.join(CHECK_LEVELS)}, not {level!r}")
+    jobs = jobs or min(8, os.cpu_count() or 1)
+    pairs = list(zip(shard_paths(folder, manifest), manifest.shards))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        found = list(pool.map(lambda pair: check_shard_file(pair[0], pair[1], level), pairs))
+    return {record.name: problem for (_, record), problem in zip(pairs, found) if problem}
+
+
+@dataclass
+class ShardContent:
+    """What decoding a whole shard found: its sample keys and what is wrong with its samples."""
+
+    keys: list[str]
+    problems: list[str]
+
+
+def check_shard_content(path: str | os.PathLike, record: ShardRecord, manifest: Manifest) -> ShardContent:
+    """Decode every sample of a shard and check it against the manifest: image shape, logits length,
+    finite logits, sample count. Stops at the first sample that breaks the format."""
+    spec = manifest.input_spec
+    expected = (spec.size, spec.size, spec.channels)
+    keys, problems = [], []
+    try:
+        for sample in read_shard(path, max_pixels=spec.size * spec.size):
+            keys.append(sample.key)
+            if sample.image.shape != expected:
+                problems.append(f"sample {sample.key}: image {sample.image.shape}, the manifest says {expected}")
+            elif sample.logits.shape != (manifest.num_classes,):
+                problems.append(f"sample {sample.key}: {sample.logits.shape[0]} logits, the manifest says "
+                                f"{manifest.num_classes} classes")
+            elif not np.isfinite(sample.logits).all():
+                problems.append(f"sample {sample.key}: logits are not finite")
+    except ShardFormatError as e:
+        problems.append(str(e).removeprefix(f"{Path(path).name}: "))
+    else:
+        if len(keys) != record.num_samples:
+            problems.append(f"holds {len(keys)} samples, the manifest says {record.num_samples}")
+    if len(problems) > 3:
+        problems = problems[:3] + [f"... and {len(problems) - 3} more problems"]
+    return ShardContent(keys, problems)
+
+
+def verify_dataset(folder: str | os.PathLike, decode: bool = True, jobs: int | None = None) -> list[str]:
+    """Check every shard against the manifest: present, byte size, sha256, and (decode) every sample
+    decodable and of the manifest's shape, the sample count, keys unique across shards. Returns the
+    problems, each starting with the shard's name."""
     manifest = read_manifest(folder, require_complete=False)
-    problems = []
-    for record, path in zip(manifest.shards, shard_paths(folder, manifest)):
-        if not os.path.isfile(path):
-            problems.append(f"{record.name}: missing")
-            continue
-        if sha256_file(path) != record.sha256:
-            problems.append(f"{record.name}: sha256 differs from the manifest (modified or truncated)")
-            continue
-        if decode:
-            try:
-                n = sum(1 for s in read_shard(path) if s.logits.shape[0] == manifest.num_classes)
-            except ShardFormatError as e:
-                problems.append(f"{record.name}: {e}")
-                continue
-            if n != record.num_samples:
-                problems.append(f"{record.name}: {n} valid samples, manifest says {record.num_samples}")
+    bad_files = check_shard_files(folder, manifest, "full", jobs)
+    problems = [f"{name}: {problem}" for name, problem in bad_files.items()]
+    if decode:
+        good = [(path, record) for path, record in zip(shard_paths(folder, manifest), manifest.shards)
+                if record.name not in bad_files]
+        with ThreadPoolExecutor(max_workers=jobs or min(4, os.cpu_count() or 1)) as pool:
+            contents = list(pool.map(lambda pair: check_shard_content(pair[0], pair[1], manifest), good))
+        seen: dict[str, str] = {}
+        for (_, record), content in zip(good, contents):
+            problems += [f"{record.name}: {p}" for p in content.problems]
+            duplicates = [k for k in content.keys if k in seen]
+            if duplicates:
+                problems.append(f"{record.name}: {len(duplicates)} sample keys also in {seen[duplicates[0]]} "
+                                f"(first: {duplicates[0]}): a shard copied under two names?")
+            seen.update((k, record.name) for k in content.keys)
     if not manifest.complete:
-        problems.append("manifest marks the dataset unfinished: rerun the same `synth generate`")
-    return problems
+        problems.append(f"{MANIFEST_NAME}: marks the dataset unfinished: rerun the same `synth generate`")
+    return sorted(problems)
+
+
+def dataset_warnings(folder: str | os.PathLike) -> list[str]:
+    """Things in a dataset folder that are not wrong but worth knowing: files that look like shards but
+    are not listed in the manifest (ignored by readers), temp files of interrupted writes, a missing or
+    stale _info.json."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, require_complete=False)
+    listed = {s.name for s in manifest.shards}
+    notes = []
+    for p in sorted(folder.iterdir()):
+        if is_temp_file(p):
+            notes.append(f"{p.name}: temp file of an interrupted write; rerun `synth generate` (it removes it) "
+                         "or delete it")
+        elif p.suffix == ".tar" and p.name not in listed:
+            notes.append(f"{p.name}: not listed in {MANIFEST_NAME}, so readers ignore it")
+    if manifest.complete:
+        try:
+            info = json.loads((folder / INFO_NAME).read_text())
+            stale = info.get("filenames") != [s.name for s in manifest.shards]
+        except (OSError, ValueError, AttributeError):
+            stale = True
+        if stale:
+            notes.append(f"{INFO_NAME}: missing or out of date (only timm reads it); rerun `synth generate` to "
+                         "rewrite it")
+    return notes

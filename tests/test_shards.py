@@ -11,7 +11,7 @@ from common.shards import (IMAGE_FORMATS, Manifest, Sample, ShardFormatError, de
                            read_shard, sample_key, shard_paths, verify_dataset, write_manifest, write_shard)
 
 
-def _samples(n, channels=1, size=28, classes=10, seed=0):
+def _samples(n, channels=1, size=28, classes=10, seed=0, first=0):
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 150, size)
     smooth = (ramp[:, None, None] + ramp[None, :, None] * 0.25 + np.zeros((1, 1, channels)))  # JPEG-friendly
@@ -19,15 +19,15 @@ def _samples(n, channels=1, size=28, classes=10, seed=0):
     def image():
         return (smooth + rng.integers(0, 50, (1, 1, channels))).astype(np.uint8)
 
-    return [Sample(sample_key(i), image(), i % classes,
+    return [Sample(sample_key(first + i), image(), i % classes,
                    rng.standard_normal(classes).astype(np.float16), {"stream": i % 3}) for i in range(n)]
 
 
 def _manifest(records, complete=True):
     spec = {"channels": 1, "size": 28, "mean": [0.1307], "std": [0.3081], "num_classes": 10}
-    return Manifest(teacher={"arch": "lenet5", "weights": "t.pt", "weights_path": None, "weights_sha256": "ab",
+    return Manifest(teacher={"arch": "lenet5", "weights": "t.pt", "weights_path": None, "weights_sha256": "ab" * 32,
                              "input_spec": spec},
-                    num_classes=10, image_format="png", method="generator", config={"x": 1}, config_sha256="cd",
+                    num_classes=10, image_format="png", method="generator", config={"x": 1}, config_sha256="cd" * 32,
                     planned_samples=sum(r.num_samples for r in records), shard_size=8, shards=records,
                     complete=complete)
 
@@ -67,7 +67,7 @@ def test_keys_with_dots_are_refused(tmp_path):
 
 
 def test_manifest_round_trip_and_info_json(tmp_path):
-    records = [write_shard(tmp_path / f"shard-00000{i}.tar", _samples(8, seed=i)) for i in range(2)]
+    records = [write_shard(tmp_path / f"shard-00000{i}.tar", _samples(8, seed=i, first=8 * i)) for i in range(2)]
     write_manifest(tmp_path, _manifest(records))
     m = read_manifest(tmp_path)
     assert m.num_samples == 16 and m.shards == records and m.input_spec.size == 28
@@ -79,13 +79,13 @@ def test_manifest_round_trip_and_info_json(tmp_path):
 
 
 def test_verify_finds_truncated_and_missing_shards(tmp_path):
-    records = [write_shard(tmp_path / f"shard-00000{i}.tar", _samples(8, seed=i)) for i in range(3)]
+    records = [write_shard(tmp_path / f"shard-00000{i}.tar", _samples(8, seed=i, first=8 * i)) for i in range(3)]
     write_manifest(tmp_path, _manifest(records))
     data = (tmp_path / "shard-000001.tar").read_bytes()
     (tmp_path / "shard-000001.tar").write_bytes(data[: len(data) // 2])
     (tmp_path / "shard-000002.tar").unlink()
     problems = verify_dataset(tmp_path)
-    assert any("shard-000001.tar" in p and "sha256" in p for p in problems)
+    assert any("shard-000001.tar" in p and "truncated" in p for p in problems)
     assert any("shard-000002.tar: missing" in p for p in problems)
 
 
