@@ -13,7 +13,7 @@ import sys
 import click
 
 from common.errors import UserError
-from common.shards import IMAGE_FORMATS, read_manifest, verify_dataset
+from common.shards import IMAGE_FORMATS, dataset_warnings, read_manifest, verify_dataset
 
 from .generate import GenerateConfig, generate
 from .methods import METHODS
@@ -81,14 +81,21 @@ def methods_cmd():
 
 @main.command("verify")
 @click.argument("folder", type=click.Path())
-@click.option("--no-decode", is_flag=True, help="Check presence and sha256 only (faster).")
-def verify_cmd(folder, no_decode):
-    """Check every shard in FOLDER against its manifest (present, sha256, sample count, decodable)."""
+@click.option("--no-decode", is_flag=True, help="Check presence, size and sha256 only (faster).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Shards checked at once [default: up to 4, one per CPU core].")
+def verify_cmd(folder, no_decode, jobs):
+    """Check every shard in FOLDER against its manifest: present, size, sha256, every sample decodable and
+    of the manifest's shape, sample counts, unique keys. Exit code 1 when something is wrong."""
     manifest = read_manifest(folder, require_complete=False)
-    problems = verify_dataset(folder, decode=not no_decode)
-    for p in problems:
-        click.echo(f"BAD  {p}")
+    problems = verify_dataset(folder, decode=not no_decode, jobs=jobs)
+    for note in dataset_warnings(folder):
+        click.echo(f"NOTE {note}")
+    for problem in problems:
+        click.echo(f"BAD  {problem}")
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {folder}", err=True)
+        click.echo(f"{len(problems)} problem(s) in {folder}: rerun the same `synth generate` to redo damaged shards, "
+                   "restore them from a copy, or train without them (`distill train --on-bad-shard skip`)", err=True)
         sys.exit(1)
-    click.echo(f"OK   {len(manifest.shards)} shards, {manifest.num_samples} samples")
+    click.echo(f"OK   {len(manifest.shards)} shards, {manifest.num_samples} samples"
+               + ("" if no_decode else ", all decoded"))

@@ -6,7 +6,9 @@ Restartable and deterministic:
   - shard i holds samples i*S .. (i+1)*S-1; its images depend only on (seed, i), so a redone shard
     has the same bytes; each shard is written under a temporary name and renamed when complete;
   - the manifest lists finished shards (checked by sha256 on resume) and is rewritten after each;
-  - a rerun with another config or teacher into the same folder is refused (`overwrite=True` clears it).
+  - a rerun with another config or teacher into the same folder is refused (`overwrite=True` clears it);
+  - one writer per folder (a lock file; a second `synth generate` into it is refused), temp files of
+    killed writes are removed on start, and a full disk ends in a DiskFullError that names the file.
 
     from synth.generate import GenerateConfig, generate
     generate(GenerateConfig(teacher="lenet5", weights="teacher.pt", out="shards/mnist", num_images=50000))
@@ -20,8 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.errors import UserError
-from common.fileio import canonical_json_sha256, sha256_file
+from common.errors import DiskFullError, UserError
+from common.faults import fault_point
+from common.fileio import (LOCK_NAME, canonical_json_sha256, folder_lock, is_temp_file, remove_stale_temps,
+                           sha256_file)
 from common.models import create_model, state_dict_sha256
 from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sample, read_manifest,
                            sample_key, shard_name, write_manifest, write_shard)
@@ -69,7 +73,21 @@ def generate(cfg: GenerateConfig) -> Manifest:
               "num_images": cfg.num_images, "shard_size": cfg.shard_size, "image_format": cfg.image_format,
               "seed": cfg.seed}
     out = Path(cfg.out)
-    manifest = _open_output(out, cfg, config, teacher_record, spec.num_classes)
+    _make_folder(out)
+    with folder_lock(out, "synth generate"):
+        try:
+            return _write_dataset(cfg, out, method, teacher, config, teacher_record)
+        except DiskFullError as e:
+            raise e.with_fix("make room (free space, or raise the quota or limit) and rerun the same `synth generate`: "
+                             "finished shards are kept") from None
+
+
+def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: dict) -> Manifest:
+    """Train the method and write every shard not yet finished (the caller holds the folder's lock)."""
+    manifest = _open_output(out, cfg, config, teacher_record, teacher.input_spec.num_classes)
+    for folder in (out, out / STATE_DIR):
+        if folder.is_dir():
+            remove_stale_temps(folder)
 
     method.fit(teacher, out / STATE_DIR, progress=cfg.progress, seed=cfg.seed)
 
@@ -83,12 +101,23 @@ def generate(cfg: GenerateConfig) -> Manifest:
         indices = range(first, min(first + cfg.shard_size, cfg.num_images))
         record = write_shard(out / shard_name(index), _shard_samples(cfg, method, teacher, index, indices),
                              cfg.image_format)
+        fault_point("shard-done")
         manifest.shards = sorted([r for r in manifest.shards if r.name != record.name] + [record],
                                  key=lambda r: r.name)
         write_manifest(out, manifest)
+        fault_point("shard-listed")
     manifest.complete = True
     write_manifest(out, manifest)
     return manifest
+
+
+def _make_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the shards")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
 
 
 def _check_options(cfg: GenerateConfig) -> None:
@@ -115,9 +144,10 @@ def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: d
             raise UserError(f"{out} holds shards of another run (differs in: {', '.join(changed) or 'config'}); "
                             "use another --out, or --overwrite to delete them and start over")
         return manifest
-    if out.exists() and any(p.name != "README.md" for p in out.iterdir()):
-        raise UserError(f"{out} is not empty and has no {MANIFEST_NAME}; use an empty or new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("README.md", LOCK_NAME) and not is_temp_file(p))
+    if foreign:
+        raise UserError(f"{out} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and "
+                        f"has no {MANIFEST_NAME}; use an empty or new --out folder")
     manifest = Manifest(teacher=teacher_record, num_classes=num_classes, image_format=cfg.image_format,
                         method=cfg.method, config=config, config_sha256=config_sha,
                         planned_samples=cfg.num_images, shard_size=cfg.shard_size)
@@ -128,7 +158,8 @@ def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: d
 def _clear_output(out: Path) -> None:
     """Delete what `synth generate` writes (shards, manifests, state), nothing else."""
     for p in out.iterdir():
-        if p.name in (MANIFEST_NAME, INFO_NAME) or (p.name.startswith(("shard-", ".shard-")) and ".tar" in p.name):
+        ours = p.name in (MANIFEST_NAME, INFO_NAME) or (p.name.startswith("shard-") and ".tar" in p.name)
+        if ours or is_temp_file(p):
             p.unlink()
         elif p.name == STATE_DIR and p.is_dir():
             shutil.rmtree(p)

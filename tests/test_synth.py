@@ -1,10 +1,5 @@
 """Stage one: the generator-ensemble method, restartable and deterministic shard writing, CLI errors."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,28 +67,6 @@ def test_same_seed_same_bytes_and_resume_redoes_only_unfinished(tiny_teacher_pat
     assert read_manifest(b).shards == m.shards
 
 
-def test_interrupted_run_resumed_equals_uninterrupted(tiny_teacher_path, tmp_path):
-    """Kill a real `synth generate` process mid-way (generator training or shard writing), rerun it."""
-    generate(_config(tiny_teacher_path, tmp_path / "ref", method_options={**TINY, "steps": "30"}))
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
-           "--out", str(out), "--num-images", "50", "--shard-size", "20", "--batch-size", "16", "--quiet",
-           "--threads", "1"] + [f"--set={k}={v}" for k, v in {**TINY, "steps": "30"}.items()]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    state = out / "state"
-    while time.time() < deadline and proc.poll() is None:  # wait for the first generator checkpoint
-        if any(state.glob("generator-*.pt")):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
-
-
 def test_refuses_to_mix_configs_and_overwrite_starts_over(tiny_teacher_path, tmp_path):
     generate(_config(tiny_teacher_path, tmp_path / "o"))
     with pytest.raises(UserError, match="another run.*seed"):
@@ -136,10 +109,10 @@ def test_cli_generate_and_verify(tiny_teacher_path, tmp_path):
     assert r.exit_code == 0, r.output
     assert "wrote 30 images in 3 shards" in r.output
     r = CliRunner().invoke(synth_cli, ["verify", str(out)])
-    assert r.exit_code == 0 and "OK   3 shards, 30 samples" in r.output
+    assert r.exit_code == 0 and "OK   3 shards, 30 samples, all decoded" in r.output
     (out / "shard-000001.tar").write_bytes(b"broken")
     r = CliRunner().invoke(synth_cli, ["verify", str(out)])
-    assert r.exit_code == 1 and "shard-000001.tar: sha256" in r.output
+    assert r.exit_code == 1 and "BAD  shard-000001.tar: 6 bytes, the manifest says" in r.output
 
 
 def test_generator_steps_auto_scale_with_dataset_size():

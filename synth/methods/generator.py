@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from common.bn_stats import BNStatsLoss
 from common.errors import UserError
-from common.fileio import atomic_open
+from common.faults import fault_point
+from common.fileio import load_torch_safely, save_torch_atomic
 from common.models import InputSpec, create_model
 
 from .base import SynthesisMethod, seeded_generator
@@ -210,15 +211,7 @@ class GeneratorEnsemble(SynthesisMethod):
             proxy_opt = torch.optim.Adam(proxy.parameters(), cfg.proxy_lr)
         start = 0
         if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("config") != asdict(cfg):
-                raise UserError(f"{path} was trained with another configuration; use --overwrite to start over")
-            gen.load_state_dict(state["generator"])
-            opt.load_state_dict(state["optimizer"])
-            if proxy is not None:
-                proxy.load_state_dict(state["proxy"])
-                proxy_opt.load_state_dict(state["proxy_optimizer"])
-            start = state["step"]
+            start = self._restore(path, gen, opt, proxy, proxy_opt)
         if start < cfg.steps:
             half = max(1, cfg.batch_size // 2)  # image i and i + half share a label (mode-seeking pairs)
             labels = torch.arange(cfg.batch_size) % half % spec.num_classes
@@ -229,13 +222,38 @@ class GeneratorEnsemble(SynthesisMethod):
                 hooks = self._hooks(teacher, stack)
                 for step in bar:
                     z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=seeded_generator(seed, k, step))
-                    terms = self._step(k, gen, opt, teacher, hooks, proxy, proxy_opt, z, labels,
-                                       seeded_generator(seed, k, step, 1))
+                    try:
+                        terms = self._step(k, gen, opt, teacher, hooks, proxy, proxy_opt, z, labels,
+                                           seeded_generator(seed, k, step, 1))
+                    except FloatingPointError as e:
+                        kept = f"its last checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
+                        raise UserError(f"{self.name} {k + 1} diverged at step {step + 1} ({e}); {kept}. Lower "
+                                        "--set lr=... (or the loss weights) and rerun with --overwrite or another "
+                                        "--out") from None
+                    fault_point("generator-step")
                     if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                         self._save(path, gen, opt, proxy, proxy_opt, step + 1)
                     bar.set_postfix({k_: f"{v:.3f}" for k_, v in terms.items()})
-        gen.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"])
+        self._restore(path, gen)
         self.generators[k] = gen.eval()
+
+    def _restore(self, path: Path, gen, opt=None, proxy=None, proxy_opt=None) -> int:
+        """Load a training checkpoint (tensors only, weights_only=True) into the given objects; its step."""
+        fix = "delete it to retrain that generator, or rerun with --overwrite"
+        state = load_torch_safely(path, fix)
+        if not isinstance(state, dict) or state.get("config") != asdict(self.config):
+            raise UserError(f"{path} was trained with another configuration; use --overwrite to start over")
+        try:
+            gen.load_state_dict(state["generator"])
+            if opt is not None:
+                opt.load_state_dict(state["optimizer"])
+            if proxy is not None:
+                proxy.load_state_dict(state["proxy"])
+                proxy_opt.load_state_dict(state["proxy_optimizer"])
+            return int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path} does not hold a checkpoint of this generator ({type(e).__name__}); "
+                            f"{fix}") from None
 
     def _step(self, k, gen, opt, teacher, hooks, proxy, proxy_opt, z, labels, step_rng) -> dict[str, float]:
         cfg, spec = self.config, self.spec
@@ -263,6 +281,8 @@ class GeneratorEnsemble(SynthesisMethod):
             adv = masked_disagreement(proxy(spec.normalize(x)), logits)
             loss = loss - cfg.adversarial_weight * adv
             terms["adv"] = adv.item()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -282,8 +302,7 @@ class GeneratorEnsemble(SynthesisMethod):
         if proxy is not None:
             state["proxy"] = proxy.state_dict()
             state["proxy_optimizer"] = proxy_opt.state_dict()
-        with atomic_open(path, "wb") as f:
-            torch.save(state, f)
+        save_torch_atomic(path, state)
 
     @torch.no_grad()
     def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
