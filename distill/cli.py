@@ -13,7 +13,9 @@ import torch
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
 from .teacher import TeacherConfig, train_teacher
-from .train import DEFAULT_LR, DEFAULT_WD, TrainConfig, train
+from common.shards import CHECK_LEVELS
+
+from .train import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TrainConfig, train
 
 
 def default(config_class: type, name: str):
@@ -77,7 +79,16 @@ def main():
 @click.option("--data-root", default=default(TrainConfig, "data_root"), help="Where MNIST lives (or is fetched to).")
 @click.option("--seed", type=int, default=default(TrainConfig, "seed"))
 @click.option("--device", default=default(TrainConfig, "device"), help="auto, cpu, cuda or cuda:N.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint (starts it when there is none yet).")
+@click.option("--verify-shards", type=click.Choice(CHECK_LEVELS), default=default(TrainConfig, "verify_shards"),
+              help="Before the first step, check every shard file against the manifest: full (size and "
+                   "sha256), size (fast), none.")
+@click.option("--on-bad-shard", type=click.Choice(BAD_SHARD_POLICIES), default=default(TrainConfig, "on_bad_shard"),
+              help="A shard that is missing or does not match the manifest: stop with an error, or skip it "
+                   "(counted and reported).")
+@click.option("--detect-anomaly", is_flag=True,
+              help="torch.autograd anomaly detection (slow): names the operation that made a NaN.")
 @run_options
 def train_command(**options):
     """Distill a student from a shard folder, with the teacher run online on every augmented batch."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -136,24 +137,39 @@ class EpochShuffle:
         return wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
 
 
+def warn_skipped(what: str, reason: str) -> None:
+    """One line on stderr for data left out under --on-bad-shard skip (from whichever process reads it)."""
+    print(f"warning: skipping {what} (--on-bad-shard skip): {reason}", file=sys.stderr, flush=True)
+
+
 @dataclass(frozen=True)
 class Decoder:
-    """Raw sample fields -> common.shards.Sample, checked against the manifest's image size and classes."""
+    """Raw sample fields -> common.shards.Sample, checked against the manifest's image size and classes
+    (an image larger than that is refused before it is decoded). `skip_bad`: a bad sample is reported
+    and becomes None (filtered out) instead of stopping the run."""
 
     spec: InputSpec
+    skip_bad: bool = False
 
-    def __call__(self, fields: dict) -> Sample:
+    def __call__(self, fields: dict) -> Sample | None:
         where = f"{Path(fields.get('__url__', '?')).name}"
         try:
-            sample = decode_sample(fields)
+            sample = decode_sample(fields, max_pixels=self.spec.size * self.spec.size)
+            expected = (self.spec.size, self.spec.size, self.spec.channels)
+            if sample.image.shape != expected or sample.logits.shape != (self.spec.num_classes,):
+                raise ShardFormatError(f"sample {sample.key} has a {sample.image.shape} image and "
+                                       f"{sample.logits.shape[0]} logits; the manifest says {expected} and "
+                                       f"{self.spec.num_classes}")
         except ShardFormatError as e:
+            if self.skip_bad:
+                warn_skipped(f"a sample of {where}", str(e))
+                return None
             raise ShardFormatError(f"{where}: {e}") from None
-        expected = (self.spec.size, self.spec.size, self.spec.channels)
-        if sample.image.shape != expected or sample.logits.shape != (self.spec.num_classes,):
-            raise ShardFormatError(f"{where}: sample {sample.key} has a {sample.image.shape} image and "
-                                   f"{sample.logits.shape[0]} logits; the manifest says {expected} and "
-                                   f"{self.spec.num_classes}")
         return sample
+
+
+def is_sample(sample: Sample | None) -> bool:
+    return sample is not None
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -166,22 +182,35 @@ def collate(samples: list[Sample]) -> Batch:
 @dataclass(frozen=True)
 class ShardSamples:
     """{"url": path} -> raw sample dicts of that shard. A shard that cannot be read, or that holds another
-    number of samples than the manifest records, raises ShardFormatError naming it (no silent loss)."""
+    number of samples than the manifest records, raises ShardFormatError naming it (no silent loss); with
+    `skip_bad` the rest of it is skipped and reported on stderr instead, until every shard in a row fails."""
 
     expected: dict  # path -> sample count from the manifest
+    skip_bad: bool = False
 
     def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
+        failures_in_a_row = 0
         for shard in shards:
-            url, count = shard["url"], 0
             try:
-                for fields in iter_raw_samples(url):
-                    count += 1
-                    yield fields
-            except OSError as e:
-                raise ShardFormatError(f"{Path(url).name} cannot be read ({e})") from None
-            if count != self.expected[url]:
-                raise ShardFormatError(f"{Path(url).name} holds {count} samples, the manifest says "
-                                       f"{self.expected[url]} (run `synth verify`)")
+                yield from self._read(shard["url"])
+                failures_in_a_row = 0
+            except ShardFormatError as e:
+                failures_in_a_row += 1
+                if not self.skip_bad or failures_in_a_row > len(self.expected):
+                    raise
+                warn_skipped(f"the rest of {Path(shard['url']).name}", str(e))
+
+    def _read(self, url: str) -> Iterator[dict]:
+        count = 0
+        try:
+            for fields in iter_raw_samples(url):
+                count += 1
+                yield fields
+        except OSError as e:
+            raise ShardFormatError(f"{Path(url).name} cannot be read ({e})") from None
+        if count != self.expected[url]:
+            raise ShardFormatError(f"{Path(url).name} holds {count} samples, the manifest says "
+                                   f"{self.expected[url]} (run `synth verify`)")
 
 
 # --------------------------------------------------------------------------- loader
@@ -194,7 +223,7 @@ class ShardLoader:
 
     def __init__(self, folder: str | os.PathLike, manifest: Manifest, batch_size: int, workers: int = 2,
                  aug: str = "translate", seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = SHUFFLE_BUFFER):
+                 shuffle_buffer: int = SHUFFLE_BUFFER, skip_bad: bool = False):
         urls = shard_paths(folder, manifest)
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
@@ -213,9 +242,10 @@ class ShardLoader:
         spec = manifest.input_spec
         dataset = wds.DataPipeline(
             self.shard_list,
-            ShardSamples({u: r.num_samples for u, r in zip(urls, manifest.shards)}),
+            ShardSamples({u: r.num_samples for u, r in zip(urls, manifest.shards)}, skip_bad),
             EpochShuffle(self.shard_list, bufsize=shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer)),
-            wds.map(Decoder(spec)),
+            wds.map(Decoder(spec, skip_bad)),
+            wds.select(is_sample),
             wds.batched(batch_size, collation_fn=collate, partial=False),
             wds.map(Augmentation(aug, spec.size)),
         )

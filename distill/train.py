@@ -12,11 +12,21 @@ with each model fed the view normalised with its own mean/std.
 
 Files in `out`: config.json (the resolved config), checkpoint.pt (after every epoch: student,
 optimiser, scheduler, epoch, RNG state, config, metrics so far; `resume` continues from it),
-metrics.csv (one row per epoch) and student.pt (the final student, `save_model_checkpoint` format).
+metrics.csv (one row per epoch), steps.csv (loss and lr about 20 times per epoch) and student.pt (the
+final student, `save_model_checkpoint` format).
+
+Faults: before the first step the shard files are checked against the manifest (`verify_shards`) and
+damaged ones refused or skipped (`on_bad_shard`), and the teacher and student are tried on one batch of
+the shards' shape. Every file is written atomically (temp, fsync, rename), so a kill leaves the last
+complete checkpoint; a NaN/Inf loss stops the run before it is checkpointed; a full disk is a UserError
+naming the file. One `distill train` at a time per run folder (a lock file).
 """
 from __future__ import annotations
 
 import csv
+import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,10 +37,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.data import real_dataset
-from common.errors import UserError
-from common.fileio import atomic_open, write_json_atomic
+from common.errors import DiskFullError, UserError
+from common.faults import fault_point
+from common.fileio import (atomic_open, folder_lock, load_torch_safely, remove_stale_temps, save_torch_atomic,
+                           write_json_atomic)
 from common.models import create_model, save_model_checkpoint, state_dict_sha256
-from common.shards import Manifest, ShardFormatError, read_manifest
+from common.shards import CHECK_LEVELS, Manifest, ShardFormatError, check_shard_files, read_manifest
 
 from .data import AUGMENTATIONS, Batch, ShardLoader
 from .engine import OPTIMIZERS, build_optimizer, evaluate_top1, resolve_device, warmup_cosine
@@ -38,11 +50,15 @@ from .engine import OPTIMIZERS, build_optimizer, evaluate_top1, resolve_device, 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
+STEPS_FILE = "steps.csv"
 METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s")
+STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")
+LOG_POINTS_PER_EPOCH = 20
+BAD_SHARD_POLICIES = ("error", "skip")
 # Settings that may change when resuming: paths (the shards and the teacher are checked by checksum
 # instead), evaluation and how the run is executed. Everything else must match the checkpoint.
 RESUMABLE_CHANGES = ("shards", "out", "teacher_weights", "eval_data", "data_root", "workers", "device",
-                     "resume", "progress")
+                     "resume", "progress", "verify_shards", "on_bad_shard", "detect_anomaly")
 
 
 @dataclass
@@ -72,8 +88,12 @@ class TrainConfig:
     data_root: str = "data"
     seed: int = 0
     device: str = "auto"
-    resume: bool = False
+    resume: bool = False                # continue the run in `out` from its checkpoint (if it has one)
     progress: bool = True
+    # faults
+    verify_shards: str = "full"         # before the first step: full (size + sha256), size, none
+    on_bad_shard: str = "error"         # a shard that does not match the manifest: error, or skip it
+    detect_anomaly: bool = False        # torch.autograd anomaly detection (slow): names the op making NaN
 
     def resolved(self) -> "TrainConfig":
         """This config with the optimiser defaults filled in; UserError for an out-of-range value."""
@@ -92,6 +112,9 @@ class TrainConfig:
             ("mixup", config.mixup >= 0, "must not be negative (0 turns mixup off)"),
             ("workers", config.workers >= 0, "must not be negative"),
             ("aug", config.aug in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
+            ("verify_shards", config.verify_shards in CHECK_LEVELS, f"must be one of {', '.join(CHECK_LEVELS)}"),
+            ("on_bad_shard", config.on_bad_shard in BAD_SHARD_POLICIES,
+             f"must be one of {', '.join(BAD_SHARD_POLICIES)}"),
         ) if not ok]
         if problems:
             raise UserError("; ".join(problems))
@@ -165,8 +188,65 @@ def load_teacher(manifest: Manifest, weights: str | None, device: torch.device) 
 def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
     """The student, shaped for the shards' images and classes (UserError if its weights do not fit)."""
     spec = manifest.input_spec
-    return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
-                        in_chans=spec.channels, input_size=spec.size)
+    try:
+        return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
+                            in_chans=spec.channels, input_size=spec.size)
+    except UserError as e:
+        if "unknown model" in e.message:
+            raise
+        raise UserError(f"student {config.student} with weights '{config.student_weights}' does not fit the shards "
+                        f"({spec.channels} x {spec.size} x {spec.size} images, {manifest.num_classes} classes): "
+                        f"{e.message}. Pass --student-weights none, or weights made for this input and class "
+                        "count") from None
+
+
+def check_models_fit(teacher: nn.Module, student: nn.Module, manifest: Manifest, student_name: str,
+                     device: torch.device) -> None:
+    """Run teacher and student once on a batch of the shards' shape, before the first step: UserError
+    (saying what to do) for a model that cannot take the input or has another number of outputs."""
+    spec = manifest.input_spec
+    shape = f"{spec.channels} x {spec.size} x {spec.size}"
+    images = torch.full((2, spec.channels, spec.size, spec.size), 0.5, device=device)
+    for role, model, fix in (
+            ("student", student, f"choose a student that takes {spec.size} px input, or regenerate the shards "
+                                 "at a size it takes (`synth generate --resolution N`)"),
+            ("teacher", teacher, "regenerate the shards with this teacher")):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(model.input_spec.normalize(images))
+        except (RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            name = student_name if role == "student" else manifest.teacher["arch"]
+            raise UserError(f"{role} {name} cannot take the shards' {shape} images ({first}); {fix}") from None
+        finally:
+            model.train(was_training)
+        if tuple(logits.shape) != (2, manifest.num_classes):
+            raise UserError(f"{role} outputs {tuple(logits.shape)[1:]} per image, the shards have "
+                            f"{manifest.num_classes} classes; {fix}")
+
+
+# --------------------------------------------------------------------------- shards
+def select_shards(config: TrainConfig, manifest: Manifest, log) -> tuple[Manifest, dict[str, str]]:
+    """Check the shard files against the manifest before the first step (`config.verify_shards`).
+    Returns the manifest of the shards to train on and {skipped shard: why}. With on_bad_shard 'error'
+    any damaged shard is a UserError; with 'skip' it is left out, counted and reported."""
+    bad = check_shard_files(config.shards, manifest, config.verify_shards)
+    if not bad:
+        return manifest, {}
+    listing = "; ".join(f"{name}: {why}" for name, why in list(bad.items())[:3]) + ("; ..." if len(bad) > 3 else "")
+    if config.on_bad_shard == "error":
+        raise UserError(f"{len(bad)} of {len(manifest.shards)} shards in {config.shards} do not match the manifest "
+                        f"({listing}): rerun the same `synth generate` to redo them (`synth verify {config.shards}` "
+                        "lists them), or pass --on-bad-shard skip to train without them")
+    kept = [s for s in manifest.shards if s.name not in bad]
+    if not kept:
+        raise UserError(f"all {len(bad)} shards in {config.shards} are damaged ({listing}); regenerate them")
+    lost = sum(s.num_samples for s in manifest.shards if s.name in bad)
+    log(f"warning: skipping {len(bad)} of {len(manifest.shards)} shards ({lost} of {manifest.num_samples} samples) "
+        f"that do not match the manifest (--on-bad-shard skip): {listing}")
+    return replace(manifest, shards=kept, planned_samples=manifest.planned_samples - lost), bad
 
 
 # --------------------------------------------------------------------------- run folder
@@ -175,12 +255,34 @@ def prepare_out(config: TrainConfig) -> Path:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
+    if out.resolve() == Path(config.shards).resolve():
+        raise UserError(f"--out {out} is the shards folder; give the run its own folder")
     if not config.resume and (out / CHECKPOINT_FILE).exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
-    if config.resume and not (out / CHECKPOINT_FILE).is_file():
-        raise UserError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist (run without --resume)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
     return out
+
+
+def check_started_run(out: Path, config: TrainConfig) -> None:
+    """A run folder without a checkpoint but with the config.json of a run killed in its first epoch may
+    be reused only by the same settings (UserError otherwise)."""
+    path = out / CONFIG_FILE
+    if (out / CHECKPOINT_FILE).exists() or not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        saved = saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        saved = {}
+    current = asdict(config)
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed:
+        raise UserError(f"{out} holds the start of another run ({path.name} differs: {', '.join(changed[:4])}) "
+                        "without a checkpoint: choose another --out, or delete that folder to start over")
 
 
 def run_fingerprint(config: TrainConfig, manifest: Manifest, teacher_sha256: str) -> dict:
@@ -191,89 +293,144 @@ def run_fingerprint(config: TrainConfig, manifest: Manifest, teacher_sha256: str
 
 def save_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict],
-                    config: TrainConfig, fingerprint: dict) -> None:
-    """Everything needed to continue after `epoch` completed epochs, written atomically."""
+                    config: TrainConfig, fingerprint: dict, step_log: list[dict] | None = None) -> None:
+    """Everything needed to continue after `epoch` completed epochs, written atomically (temp, fsync,
+    rename: a kill or a full disk leaves the previous checkpoint in place)."""
     state = {
         "epoch": epoch, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "history": history, "config": asdict(config),
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint, "step_log": step_log or [],
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    save_torch_atomic(path, state)
 
 
 def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     """A checkpoint of this very run (same settings, shards and teacher), else UserError."""
+    fix = "delete the run folder (or choose another --out) to start again"
+    state = load_torch_safely(path, fix)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["fingerprint"]
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); delete the run folder to start "
-                        "again") from None
-    changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in fingerprint["settings"].items()
-               if saved["settings"].get(k) != v]
+        saved_settings, saved_shards, saved_teacher = saved["settings"], saved["shards"], saved["teacher_sha256"]
+        int(state["epoch"]), list(state["history"]), state["student"], state["rng"]["torch"]  # noqa: B018
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path} is not a `distill train` checkpoint; {fix}") from None
+    changed = [f"{k} {saved_settings.get(k)!r} -> {v!r}" for k, v in fingerprint["settings"].items()
+               if saved_settings.get(k) != v]
     if changed:
         raise UserError(f"{path} belongs to a run with other settings ({', '.join(changed)}): resume with the "
                         "same options or choose another --out")
-    if saved["shards"] != fingerprint["shards"] or saved["teacher_sha256"] != fingerprint["teacher_sha256"]:
-        raise UserError(f"{path} was trained on other shards (or by another teacher) than the --shards given now: "
-                        "pass the original --shards or choose another --out")
+    if saved_shards != fingerprint["shards"] or saved_teacher != fingerprint["teacher_sha256"]:
+        raise UserError(f"{path} was trained on other shards (or by another teacher) than the --shards given now "
+                        "(or another set of them was skipped): pass the original --shards, restore the shards it "
+                        "used, or choose another --out")
     return state
 
 
 def restore(state: dict, student: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-    student.load_state_dict(state["student"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
+            scheduler: torch.optim.lr_scheduler.LRScheduler, path: Path | str = CHECKPOINT_FILE) -> None:
+    try:
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not fit this student and optimiser ({type(e).__name__}); delete the run "
+                        "folder (or choose another --out) to start again") from None
+    if state["rng"].get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def write_metrics(path: Path, history: list[dict]) -> None:
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     with atomic_open(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    write_csv(path, METRICS_COLUMNS, history)
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss (or the weights) stopped being finite numbers."""
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """NonFiniteLoss if any parameter holds NaN or Inf (never checkpoint such a model)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteLoss(f"parameter {name} holds NaN/Inf after the last step")
 
 
 # --------------------------------------------------------------------------- training
 def train_one_epoch(student: nn.Module, teacher: nn.Module, loader: ShardLoader,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    config: TrainConfig, epoch: int, device: torch.device) -> dict:
-    """One pass of `len(loader)` steps. Returns train_loss (mean), lr (of the last step), seconds."""
+                    config: TrainConfig, epoch: int, device: torch.device,
+                    step_log: list[dict] | None = None) -> dict:
+    """One pass of `len(loader)` steps. Returns train_loss (mean), lr (of the last step), seconds.
+    Appends the mean loss and the lr of about LOG_POINTS_PER_EPOCH windows to `step_log`. NonFiniteLoss
+    as soon as a step's loss is NaN or Inf."""
     student.train()
     start = time.perf_counter()
     total_loss, lr = 0.0, 0.0
+    window, window_loss = max(1, len(loader) // LOG_POINTS_PER_EPOCH), 0.0
     with tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}",
               disable=not config.progress, leave=False) as bar:
-        for batch in bar:
+        for i, batch in enumerate(bar):
             loss = distill_loss(student, teacher, batch, config, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            total_loss += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"the loss is {value} at step {i + 1} of the epoch")
+            total_loss += value
+            window_loss += value
+            if step_log is not None and ((i + 1) % window == 0 or i + 1 == len(loader)):
+                count = (i % window) + 1
+                step_log.append({"epoch": epoch + 1, "step": epoch * len(loader) + i + 1, "lr": lr,
+                                 "train_loss": window_loss / count})
+                window_loss = 0.0
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            fault_point("train-step")
     return {"train_loss": total_loss / len(loader), "lr": lr, "seconds": time.perf_counter() - start}
 
 
 def train(config: TrainConfig) -> dict:
     """Distill `config.student` from the shards' teacher. Returns the final metrics: eval_top1 (None
-    without eval data), teacher_top1, epochs, steps, train_loss, images_per_s, out."""
+    without eval data), teacher_top1, epochs, steps, train_loss, images_per_s, skipped_shards, out."""
     config = config.resolved()
     manifest = read_manifest(config.shards)
     out = prepare_out(config)
+    with folder_lock(out, "distill train"):
+        remove_stale_temps(out)
+        check_started_run(out, config)
+        try:
+            return _train(config, manifest, out)
+        except DiskFullError as e:
+            raise e.with_fix("make room (free space, or raise the quota or limit) and rerun with --resume: the run "
+                             "continues from its last checkpoint") from None
+
+
+def _warn(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def _train(config: TrainConfig, manifest: Manifest, out: Path) -> dict:
+    """The run itself, once the run folder is locked and checked."""
+    manifest, skipped = select_shards(config, manifest, _warn)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
     teacher = load_teacher(manifest, config.teacher_weights, device)
     student = build_student(config, manifest).to(device)
-    loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed)
+    check_models_fit(teacher, student, manifest, config.student, device)
+    loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed,
+                         skip_bad=config.on_bad_shard == "skip")
     optimizer = build_optimizer(student, config.opt, config.lr, config.wd)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), round(config.warmup_epochs * len(loader)))
     eval_student = eval_teacher = None
@@ -283,32 +440,46 @@ def train(config: TrainConfig) -> dict:
             config.eval_data, teacher.input_spec, train=False, root=config.data_root)
 
     fingerprint = run_fingerprint(config, manifest, manifest.teacher["weights_sha256"])
-    history, start_epoch = [], 0
-    if config.resume:
-        state = load_checkpoint(out / CHECKPOINT_FILE, fingerprint)
-        restore(state, student, optimizer, scheduler)
-        history, start_epoch = state["history"], state["epoch"]
-    write_json_atomic(out / CONFIG_FILE, asdict(config))
     log = tqdm.write if config.progress else (lambda message: None)
+    history, step_log, start_epoch = [], [], 0
+    if config.resume and (out / CHECKPOINT_FILE).is_file():
+        state = load_checkpoint(out / CHECKPOINT_FILE, fingerprint)
+        restore(state, student, optimizer, scheduler, out / CHECKPOINT_FILE)
+        history, step_log, start_epoch = state["history"], list(state.get("step_log", [])), state["epoch"]
+    elif config.resume:
+        log(f"no checkpoint in {out} yet: starting at epoch 1")
+    write_json_atomic(out / CONFIG_FILE, asdict(config))
     teacher_top1 = evaluate_top1(teacher, eval_teacher, device, config.workers) if eval_teacher is not None else None
     if teacher_top1 is not None:
         log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
 
     for epoch in range(start_epoch, config.epochs):
         try:
-            stats = train_one_epoch(student, teacher, loader, optimizer, scheduler, config, epoch, device)
+            with torch.autograd.set_detect_anomaly(config.detect_anomaly):
+                stats = train_one_epoch(student, teacher, loader, optimizer, scheduler, config, epoch, device,
+                                        step_log)
+            check_finite_weights(student)
         except ShardFormatError as e:
             # from a DataLoader worker the message carries the worker's traceback: keep its last line
             reason = str(e).strip().splitlines()[-1].split("ShardFormatError: ", 1)[-1]
             raise UserError(f"bad shard data in {config.shards}: {reason}; check the folder with "
                             f"`synth verify {config.shards}`") from None
+        except NonFiniteLoss as e:
+            raise diverged(out, epoch, str(e)) from None
+        except RuntimeError as e:
+            if config.detect_anomaly and "nan" in str(e).lower():
+                raise diverged(out, epoch, str(e).strip().splitlines()[0][:200]) from None
+            raise
         top1 = evaluate_top1(student, eval_student, device, config.workers) if eval_student is not None else None
         images = len(loader) * config.batch_size
         history.append({"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": stats["lr"],
                         "train_loss": stats["train_loss"], "eval_top1": top1, "seconds": stats["seconds"],
                         "images_per_s": images / stats["seconds"]})
-        save_checkpoint(out / CHECKPOINT_FILE, student, optimizer, scheduler, epoch + 1, history, config, fingerprint)
+        save_checkpoint(out / CHECKPOINT_FILE, student, optimizer, scheduler, epoch + 1, history, config, fingerprint,
+                        step_log)
+        fault_point("epoch-saved")
         write_metrics(out / METRICS_FILE, history)
+        write_csv(out / STEPS_FILE, STEPS_COLUMNS, step_log)
         log(f"epoch {epoch + 1}/{config.epochs}: loss {stats['train_loss']:.4f}"
             + (f", top-1 {top1:.2f}%" if top1 is not None else "") + f", {images / stats['seconds']:.0f} img/s")
 
@@ -319,4 +490,13 @@ def train(config: TrainConfig) -> dict:
     seconds = sum(row["seconds"] for row in history)
     return {"eval_top1": final["eval_top1"], "teacher_top1": teacher_top1, "epochs": final["epoch"],
             "steps": final["step"], "train_loss": final["train_loss"],
-            "images_per_s": final["step"] * config.batch_size / seconds, "out": str(out)}
+            "images_per_s": final["step"] * config.batch_size / seconds, "skipped_shards": len(skipped),
+            "out": str(out)}
+
+
+def diverged(out: Path, epoch: int, reason: str) -> UserError:
+    """The error that stops a run whose loss or weights became NaN/Inf in epoch `epoch` (0-based)."""
+    kept = (f"{out / CHECKPOINT_FILE} still holds epoch {epoch}, the last good one" if epoch > 0
+            else "no checkpoint was written")
+    return UserError(f"training stopped in epoch {epoch + 1}: {reason}; {kept}. Lower --lr (or --temperature, "
+                     "--mixup) and train into a new --out, or rerun with --detect-anomaly to find the operation")
