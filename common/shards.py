@@ -143,7 +143,7 @@ def decode_image(data: bytes, image_format: str, max_pixels: int = MAX_IMAGE_PIX
     except ShardFormatError:
         raise
     except Image.DecompressionBombError as e:
-        raise ShardFormatError(f"image exceeds the pixel limit ({e})") from None
+        raise ShardFormatError(f"image exceeds the limit of {max_pixels} pixels ({e})") from None
     except Exception as e:
         raise ShardFormatError(f"undecodable {image_format} image ({type(e).__name__}: {e})") from None
     return image[:, :, None] if image.ndim == 2 else image

@@ -210,7 +210,7 @@ class ShardSamples:
             raise ShardFormatError(f"{Path(url).name} cannot be read ({e})") from None
         if count != self.expected[url]:
             raise ShardFormatError(f"{Path(url).name} holds {count} samples, the manifest says "
-                                   f"{self.expected[url]} (run `synth verify`)")
+                                   f"{self.expected[url]}")
 
 
 # --------------------------------------------------------------------------- loader

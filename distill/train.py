@@ -250,8 +250,8 @@ def select_shards(config: TrainConfig, manifest: Manifest, log) -> tuple[Manifes
 
 
 # --------------------------------------------------------------------------- run folder
-def prepare_out(config: TrainConfig) -> Path:
-    """Create the run folder; refuse to start over a previous run unless resuming it."""
+def check_out(config: TrainConfig) -> Path:
+    """The run folder, checked without touching it: refuse to start over a previous run unless resuming it."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
@@ -259,6 +259,10 @@ def prepare_out(config: TrainConfig) -> Path:
         raise UserError(f"--out {out} is the shards folder; give the run its own folder")
     if not config.resume and (out / CHECKPOINT_FILE).exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    return out
+
+
+def make_out(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -400,17 +404,50 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, loader: ShardLoader,
     return {"train_loss": total_loss / len(loader), "lr": lr, "seconds": time.perf_counter() - start}
 
 
+@dataclass
+class RunInputs:
+    """Everything a run reads, built and checked before its folder is touched."""
+
+    manifest: Manifest              # of the shards trained on (skipped ones left out)
+    skipped: dict[str, str]         # shard name -> why it was left out (--on-bad-shard skip)
+    device: torch.device
+    teacher: nn.Module
+    student: nn.Module
+    loader: ShardLoader
+    eval_student: object = None     # real evaluation data in each model's input space, or None
+    eval_teacher: object = None
+
+
+def prepare_inputs(config: TrainConfig) -> RunInputs:
+    """Read and check the shards, models and evaluation data (UserError before any file is written)."""
+    manifest, skipped = select_shards(config, read_manifest(config.shards), _warn)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    teacher = load_teacher(manifest, config.teacher_weights, device)
+    student = build_student(config, manifest).to(device)
+    check_models_fit(teacher, student, manifest, config.student, device)
+    loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed,
+                         skip_bad=config.on_bad_shard == "skip")
+    inputs = RunInputs(manifest, skipped, device, teacher, student, loader)
+    if config.eval_data:
+        inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root)
+        inputs.eval_teacher = inputs.eval_student if teacher.input_spec == student.input_spec else real_dataset(
+            config.eval_data, teacher.input_spec, train=False, root=config.data_root)
+    return inputs
+
+
 def train(config: TrainConfig) -> dict:
     """Distill `config.student` from the shards' teacher. Returns the final metrics: eval_top1 (None
-    without eval data), teacher_top1, epochs, steps, train_loss, images_per_s, skipped_shards, out."""
+    without eval data), teacher_top1, epochs, steps, train_loss, images_per_s, skipped_shards, out.
+    Everything that can be checked is checked before the run folder is created."""
     config = config.resolved()
-    manifest = read_manifest(config.shards)
-    out = prepare_out(config)
-    with folder_lock(out, "distill train"):
+    out = check_out(config)
+    inputs = prepare_inputs(config)
+    with folder_lock(make_out(out), "distill train"):
         remove_stale_temps(out)
         check_started_run(out, config)
         try:
-            return _train(config, manifest, out)
+            return _train(config, out, inputs)
         except DiskFullError as e:
             raise e.with_fix("make room (free space, or raise the quota or limit) and rerun with --resume: the run "
                              "continues from its last checkpoint") from None
@@ -420,24 +457,13 @@ def _warn(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _train(config: TrainConfig, manifest: Manifest, out: Path) -> dict:
-    """The run itself, once the run folder is locked and checked."""
-    manifest, skipped = select_shards(config, manifest, _warn)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-
-    teacher = load_teacher(manifest, config.teacher_weights, device)
-    student = build_student(config, manifest).to(device)
-    check_models_fit(teacher, student, manifest, config.student, device)
-    loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed,
-                         skip_bad=config.on_bad_shard == "skip")
+def _train(config: TrainConfig, out: Path, inputs: RunInputs) -> dict:
+    """The run itself, once the inputs are checked and the run folder is locked."""
+    manifest, device, teacher, student, loader = (inputs.manifest, inputs.device, inputs.teacher, inputs.student,
+                                                  inputs.loader)
+    eval_student, eval_teacher = inputs.eval_student, inputs.eval_teacher
     optimizer = build_optimizer(student, config.opt, config.lr, config.wd)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), round(config.warmup_epochs * len(loader)))
-    eval_student = eval_teacher = None
-    if config.eval_data:
-        eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root)
-        eval_teacher = eval_student if teacher.input_spec == student.input_spec else real_dataset(
-            config.eval_data, teacher.input_spec, train=False, root=config.data_root)
 
     fingerprint = run_fingerprint(config, manifest, manifest.teacher["weights_sha256"])
     log = tqdm.write if config.progress else (lambda message: None)
@@ -490,7 +516,7 @@ def _train(config: TrainConfig, manifest: Manifest, out: Path) -> dict:
     seconds = sum(row["seconds"] for row in history)
     return {"eval_top1": final["eval_top1"], "teacher_top1": teacher_top1, "epochs": final["epoch"],
             "steps": final["step"], "train_loss": final["train_loss"],
-            "images_per_s": final["step"] * config.batch_size / seconds, "skipped_shards": len(skipped),
+            "images_per_s": final["step"] * config.batch_size / seconds, "skipped_shards": len(inputs.skipped),
             "out": str(out)}
 
 
