@@ -4,6 +4,7 @@
     synth generate --teacher lenet5 --weights runs/teacher/lenet5.pt --out shards/mnist --set steps=800
     synth methods                      # each method's options (--set key=value) and defaults
     synth verify shards/mnist          # check shards against the manifest
+    synth inspect shards/mnist         # contact sheet, class histogram, per-class summary table
 """
 from __future__ import annotations
 
@@ -99,3 +100,33 @@ def verify_cmd(folder, no_decode, jobs):
         sys.exit(1)
     click.echo(f"OK   {len(manifest.shards)} shards, {manifest.num_samples} samples"
                + ("" if no_decode else ", all decoded"))
+
+
+@main.command("inspect")
+@click.argument("folder", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where the PNGs and summary.csv go [default: FOLDER/inspect].")
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Random samples per class on the contact sheet.")
+@click.option("--max-classes", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Rows of the contact sheet (the first classes).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Read only the first N samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which random samples the sheet shows.")
+def inspect_cmd(folder, out, per_class, max_classes, limit, seed):
+    """Look at FOLDER: a contact sheet (a row of samples per class), a class histogram and a per-class table
+    (samples, teacher agreement, confidence, entropy, duplicates)."""
+    from .inspect import inspect_dataset
+
+    report = inspect_dataset(folder, out, per_class=per_class, max_classes=max_classes, limit=limit, seed=seed)
+    for skipped in report.skipped:
+        click.echo(f"warning: skipped damaged shard {skipped}", err=True)
+    with pd_options():
+        click.echo(report.summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    for path in report.files:
+        click.echo(f"wrote {path}")
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.max_rows", 60, "display.width", 120)
