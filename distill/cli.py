@@ -1,4 +1,5 @@
-"""`distill`: the command line of stage two; thin adapters over distill.train and distill.teacher.
+"""`distill`: the command line of stage two; thin adapters over distill.train, distill.teacher and
+distill.report.
 
 Defaults live in TrainConfig / TeacherConfig; the options show them. Bad input ends in a one-line
 `Error: ...` (UserError, exit code 2).
@@ -119,3 +120,17 @@ def teacher_command(**options):
     """Train a teacher on real data and save it for `synth generate --weights`."""
     metrics = train_teacher(TeacherConfig(**apply_run_options(options)))
     click.echo(f"done: {_format(metrics)}")
+
+
+@main.command("report")
+@click.argument("run", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where the curves PNG goes [default: RUN/curves.png].")
+def report_command(run, out):
+    """Training curves of RUN (loss, top-1, learning rate) as a PNG, and its per-epoch table."""
+    from .report import format_table, report_run
+
+    report = report_run(run, out)
+    click.echo(format_table(report.table))
+    click.echo(report.summary)
+    click.echo(f"wrote {report.image}")

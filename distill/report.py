@@ -1,0 +1,128 @@
+"""`distill report RUN`: a run's training curves as a PNG, and its table.
+
+Reads `metrics.csv` (one row per epoch) and, when present, `steps.csv` (about 20 points per epoch)
+and `config.json` from a `distill train` folder; writes `curves.png` with three panels: training loss
+(per window and per epoch), top-1 on the evaluation data per epoch, and the learning rate.
+
+    report = report_run("runs/kd")
+    print(report.table)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from common.errors import UserError
+from common.plots import Panel, line_panels
+
+from .train import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
+
+CURVES_FILE = "curves.png"
+
+
+@dataclass
+class RunLog:
+    metrics: pd.DataFrame               # one row per finished epoch
+    steps: pd.DataFrame | None          # windows of steps, if the run wrote them
+    config: dict                        # the run's config.json ({} if absent)
+
+
+@dataclass
+class RunReport:
+    table: pd.DataFrame
+    summary: str
+    image: Path
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); is it a file written by `distill train`?") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path} lacks the columns {', '.join(missing)}: not a file written by `distill train`")
+    for column in columns:
+        try:
+            frame[column] = pd.to_numeric(frame[column])
+        except (ValueError, TypeError):
+            raise UserError(f"{path}: column {column} holds non-numbers; the file is damaged") from None
+    return frame
+
+
+def read_run(run: str | Path) -> RunLog:
+    """The logs of a run folder; UserError when it has none."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist; give the --out folder of a `distill train` run")
+    if not (run / METRICS_FILE).is_file():
+        raise UserError(f"{run} has no {METRICS_FILE}: no epoch has finished there yet, or it is not a "
+                        "`distill train` run folder")
+    metrics = _read_csv(run / METRICS_FILE, METRICS_COLUMNS)
+    if metrics.empty:
+        raise UserError(f"{run / METRICS_FILE} has no rows yet: wait for the first epoch to finish")
+    steps = _read_csv(run / STEPS_FILE, STEPS_COLUMNS) if (run / STEPS_FILE).is_file() else None
+    try:
+        config = json.loads((run / CONFIG_FILE).read_text())
+        config = config if isinstance(config, dict) else {}
+    except (OSError, ValueError):
+        config = {}
+    return RunLog(metrics, steps, config)
+
+
+def curve_panels(log: RunLog) -> list[Panel]:
+    """Loss, top-1 and learning rate against (fractional) epochs."""
+    m = log.metrics
+    steps_per_epoch = float(m["step"].iloc[0] / m["epoch"].iloc[0])
+    epochs = m["epoch"].astype(float).tolist()
+    loss = Panel("training loss", "epoch", markers=False)
+    lr = Panel("learning rate", "epoch")
+    if log.steps is not None and not log.steps.empty:
+        x = (log.steps["step"] / steps_per_epoch).tolist()
+        loss.series["every ~5% of an epoch"] = (x, log.steps["train_loss"].tolist())
+        lr.series["lr"] = (x, log.steps["lr"].tolist())
+    else:
+        lr.series["lr (last step of each epoch)"] = (epochs, m["lr"].tolist())
+        lr.markers = True
+    loss.series["epoch mean"] = (epochs, m["train_loss"].tolist())
+    top1 = Panel(f"top-1 on {log.config.get('eval_data') or 'evaluation data'} (%)", "epoch", markers=True)
+    values = [None if pd.isna(v) else float(v) for v in m["eval_top1"]]
+    if any(v is not None for v in values):
+        top1.series["student"] = (epochs, values)
+    return [loss, top1, lr]
+
+
+def summary_line(log: RunLog) -> str:
+    m = log.metrics
+    last = m.iloc[-1]
+    parts = [f"epoch {int(last['epoch'])}"
+             + (f" of {log.config['epochs']}" if isinstance(log.config.get("epochs"), int) else ""),
+             f"train loss {last['train_loss']:.4f}"]
+    if not m["eval_top1"].isna().all():
+        best = m.loc[m["eval_top1"].idxmax()]
+        parts.append(f"top-1 {last['eval_top1']:.2f}% (best {best['eval_top1']:.2f}% at epoch {int(best['epoch'])})")
+    minutes = m["seconds"].sum() / 60
+    parts.append(f"{minutes:.1f} min of training, {m['images_per_s'].iloc[-1]:.0f} img/s in the last epoch")
+    return "final: " + ", ".join(parts)
+
+
+def report_run(run: str | Path, out: str | Path | None = None) -> RunReport:
+    """Write the curves PNG (default: RUN/curves.png) and return the table and summary line."""
+    run = Path(run)
+    log = read_run(run)
+    title = f"{run.name}: {log.config.get('student', 'student')} from {Path(str(log.config.get('shards', '?'))).name}"
+    image = Path(out) if out is not None else run / CURVES_FILE
+    try:
+        line_panels(curve_panels(log), title=title).save(image)
+    except OSError as e:
+        raise UserError(f"cannot write {image} ({e.strerror or e}); pass --out to a writable file") from None
+    table = log.metrics.set_index("epoch")
+    return RunReport(table, summary_line(log), image)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The per-epoch table as text: 4 significant digits, '-' for no value."""
+    return table.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-")
