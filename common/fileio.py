@@ -149,8 +149,10 @@ def canonical_json_sha256(obj) -> str:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (its `.lock` file) while `command` writes there, so that a second
-    writer (a job requeued while the old one still runs) is refused. The kernel drops the lock when the
-    holder dies, however it dies. File systems without locking are used unlocked."""
+    writer (a job requeued while the old one still runs) is refused. A POSIX record lock: the kernel drops
+    it when the holder dies, however it dies, and forked children (DataLoader workers) do not inherit it,
+    so a killed run's lingering workers do not block its rerun. It also works on NFS. File systems
+    without locking are used unlocked."""
     folder = Path(folder)
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -158,13 +160,13 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
         raise UserError(f"cannot write into {folder} ({e.strerror}): choose a writable output folder") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise UserError(f"{folder} is being written by another running `{command}` (pid {holder}): wait for "
                             "it to end or stop it, or choose another output folder") from None
         except OSError:
-            pass  # no locking on this file system
+            pass  # no locking on this file system (ENOLCK)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

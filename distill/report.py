@@ -87,7 +87,7 @@ def curve_panels(log: RunLog) -> list[Panel]:
     else:
         lr.series["lr (last step of each epoch)"] = (epochs, m["lr"].tolist())
         lr.markers = True
-    loss.series["epoch mean"] = (epochs, m["train_loss"].tolist())
+    loss.series["epoch mean"] = ([e - 0.5 for e in epochs], m["train_loss"].tolist())  # at the epoch's middle
     top1 = Panel(f"top-1 on {log.config.get('eval_data') or 'evaluation data'} (%)", "epoch", markers=True)
     values = [None if pd.isna(v) else float(v) for v in m["eval_top1"]]
     if any(v is not None for v in values):

@@ -6,8 +6,10 @@ skipped with --on-bad-shard skip), and inputs that do not fit each other (caught
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import shutil
 import struct
 import tarfile
@@ -383,15 +385,38 @@ def test_unfinished_shards_folder_is_refused(dataset, tmp_path):
                           "is unfinished", "rerun the same `synth generate`")
 
 
+@contextlib.contextmanager
+def locked_by_another_process(folder: Path, command: str):
+    """A forked child holds the folder's lock (as a still-running job would) until the block ends."""
+    ready_read, ready_write = os.pipe()
+    stop_read, stop_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        with folder_lock(folder, command):
+            os.write(ready_write, b"x")
+            os.read(stop_read, 1)
+        os._exit(0)
+    os.read(ready_read, 1)
+    try:
+        yield pid
+    finally:
+        os.write(stop_write, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_read, ready_write, stop_read, stop_write):
+            os.close(fd)
+
+
 def test_second_writer_into_a_folder_is_refused(dataset, tmp_path, tiny_teacher_path):
     out = tmp_path / "out"
     out.mkdir()
-    with folder_lock(out, "synth generate"):  # a run still writing there
-        with pytest.raises(UserError, match=r"being written by another running `synth generate` \(pid \d+\)"):
-            generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), num_images=8,
-                                    shard_size=8, progress=False, method="noise"))
+    config = GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), num_images=8,
+                            shard_size=8, progress=False, method="noise")
+    with locked_by_another_process(out, "synth generate") as pid:  # a run still writing there
+        with pytest.raises(UserError, match=rf"being written by another running `synth generate` \(pid {pid}\)"):
+            generate(config)
+    assert generate(config).complete  # the holder has ended: the folder is free again
     run = tmp_path / "run"
     run.mkdir()
-    with folder_lock(run, "distill train"):
+    with locked_by_another_process(run, "distill train"):
         with pytest.raises(UserError, match="being written by another running `distill train`"):
             train(train_config(dataset, run))

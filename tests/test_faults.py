@@ -6,13 +6,11 @@ random-time kills run the real command lines in subprocesses.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
-import errno
-import json
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +24,7 @@ import torch
 import distill.train as train_module
 from common.errors import UserError
 from common.faults import FAULT_ENV
-from common.fileio import is_temp_file
+from common.fileio import folder_lock, is_temp_file
 from common.models import load_model_checkpoint
 from common.shards import read_manifest, verify_dataset
 from distill.train import TrainConfig, train
@@ -228,6 +226,36 @@ def test_distill_cli_killed_at_random_times(reference, tmp_path):
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_student(run, reference["run"])
+
+
+def test_a_killed_run_frees_its_folder_even_while_its_workers_live(tmp_path):
+    """The folder lock dies with the process that took it, not with the DataLoader workers it forked
+    (they linger a few seconds after their parent is killed): an immediate rerun is not refused."""
+    read_end, write_end = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        with folder_lock(tmp_path, "distill train"):
+            worker = os.fork()
+            if worker == 0:
+                time.sleep(20)
+                os._exit(0)
+            os.write(write_end, str(worker).encode())
+            time.sleep(60)
+        os._exit(0)
+    worker = int(os.read(read_end, 32))
+    try:
+        with pytest.raises(UserError, match="being written by another running"):
+            with folder_lock(tmp_path, "distill train"):
+                pass
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+        os.kill(worker, 0)  # the worker still runs ...
+        with folder_lock(tmp_path, "distill train"):  # ... and the folder is free
+            pass
+    finally:
+        for pid in (holder, worker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- disk full
