@@ -259,6 +259,7 @@ def check_out(config: TrainConfig) -> Path:
         raise UserError(f"--out {out} is the shards folder; give the run its own folder")
     if not config.resume and (out / CHECKPOINT_FILE).exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    check_started_run(out, config)
     return out
 
 
@@ -445,7 +446,6 @@ def train(config: TrainConfig) -> dict:
     inputs = prepare_inputs(config)
     with folder_lock(make_out(out), "distill train"):
         remove_stale_temps(out)
-        check_started_run(out, config)
         try:
             return _train(config, out, inputs)
         except DiskFullError as e:

@@ -176,9 +176,12 @@ def inspect_dataset(folder: str | Path, out: str | Path | None = None, per_class
                         f"run `synth verify {folder}`")
     summary = class_summary(scan, manifest.num_classes)
     files = [out / CONTACT_SHEET, out / HISTOGRAM, out / SUMMARY]
-    contact_sheet(scan, manifest, folder, per_class, max_classes).save(files[0])
-    histogram(summary, scan, manifest, folder).save(files[1])
-    summary.to_csv(files[2], float_format="%.4f")
+    try:
+        contact_sheet(scan, manifest, folder, per_class, max_classes).save(files[0])
+        histogram(summary, scan, manifest, folder).save(files[1])
+        summary.to_csv(files[2], float_format="%.4f")
+    except OSError as e:
+        raise UserError(f"cannot write into {out} ({e.strerror or e}); pass --out to a folder with room") from None
     return InspectReport(summary, files, scan.skipped)
 
 
