@@ -181,18 +181,39 @@ def test_distill_killed_at_a_point_resumes_from_the_last_complete_checkpoint(ref
 
 
 # --------------------------------------------------------------------------- random-time kills of the CLIs
-def kill_at_random_times(command: list[str], delays: list[float], env: dict) -> list[str]:
-    """Start `command` once per delay and SIGKILL it after that many seconds. Returns what happened."""
+def wait_for_lock(lock: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Wait until `proc` holds its output folder's lock (its pid in `lock`): the interpreter has started and
+    the command begins its work. False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if lock.read_text().strip() == str(proc.pid):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.01)
+    return False
+
+
+def kill_at_random_times(command: list[str], lock: Path, delays: list[float], env: dict,
+                         progress: Callable[[], str]) -> list[str]:
+    """Start `command` once per delay and SIGKILL it that many seconds after it took the folder's lock
+    (so the kill lands in the work, not in the interpreter's start-up). Returns what happened, with
+    `progress()` (what is on disk) after each kill."""
     outcomes = []
     for delay in delays:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
+            if not wait_for_lock(lock, proc):
+                raise subprocess.TimeoutExpired(command, 0) if proc.poll() is None else ChildProcessError
             proc.wait(timeout=delay)
-            outcomes.append(f"finished before {delay:.1f}s (exit {proc.returncode})")
+            outcomes.append(f"finished within {delay:.2f}s (exit {proc.returncode})")
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            outcomes.append(f"killed at {delay:.1f}s")
+            outcomes.append(f"killed {delay:.2f}s into the work: {progress()}")
+        except ChildProcessError:
+            outcomes.append(f"ended before taking the lock (exit {proc.returncode})")
         assert proc.returncode in (0, KILLED), proc.stderr.read().decode()
         proc.stderr.close()
     return outcomes
@@ -208,8 +229,12 @@ def test_synth_cli_killed_at_random_times(reference, tmp_path):
                str(reference["teacher"]), "--out", str(out), "--num-images", "50", "--shard-size", "20",
                "--batch-size", "16", "--quiet", "--threads", "1"] + [f"--set={k}={v}" for k, v in TINY.items()]
     rng = random.Random(RANDOM_SEED)
-    delays = [rng.uniform(4.0, 10.0) for _ in range(RANDOM_KILLS)]  # the interpreter needs ~4 s to start here
-    print(kill_at_random_times(command, delays, cli_env()))
+    delays = [rng.uniform(0.5, 6.0) for _ in range(RANDOM_KILLS)]  # the work takes about 6 s in a fresh process
+    def progress() -> str:
+        return (f"{len(list(out.glob('state/generator-*.pt')))} generator checkpoints, "
+                f"{len(list(out.glob('shard-*.tar')))} shards, {len(temp_files(out))} temp files")
+
+    print(kill_at_random_times(command, out / ".lock", delays, cli_env(), progress))
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_dataset(out, reference)
@@ -221,8 +246,13 @@ def test_distill_cli_killed_at_random_times(reference, tmp_path):
                "lenet5_half", "--out", str(run), "--epochs", "3", "--batch-size", "10", "--workers", "0",
                "--quiet", "--threads", "1", "--resume"]
     rng = random.Random(RANDOM_SEED + 1)
-    delays = [rng.uniform(4.0, 8.0) for _ in range(RANDOM_KILLS)]
-    print(kill_at_random_times(command, delays, cli_env()))
+    delays = [rng.uniform(0.5, 5.5) for _ in range(RANDOM_KILLS)]  # about 5 s in a fresh process
+    def progress() -> str:
+        if not (run / "checkpoint.pt").exists():
+            return "no checkpoint yet"
+        return f"checkpoint of epoch {torch.load(run / 'checkpoint.pt', weights_only=True)['epoch']}"
+
+    print(kill_at_random_times(command, run / ".lock", delays, cli_env(), progress))
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_student(run, reference["run"])
