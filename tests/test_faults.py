@@ -382,3 +382,8 @@ def test_generator_nan_stops_synthesis(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(generator_module, "mode_seeking_loss", lambda x, z: torch.tensor(float("inf")))
     with pytest.raises(UserError, match=r"generator 1 diverged at step 1 \(loss is inf\); no checkpoint"):
         generate(synth_config(reference["teacher"], tmp_path / "shards"))
+
+
+def test_detect_anomaly_runs_and_changes_nothing(reference, tmp_path):
+    train(train_config(reference["shards"], tmp_path / "run", detect_anomaly=True))
+    assert_same_student(tmp_path / "run", reference["run"])  # a diagnostic only: same numbers
