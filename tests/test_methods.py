@@ -12,7 +12,6 @@ from common.models import InputSpec, create_model
 from common.shards import read_shard, verify_dataset
 from synth.generate import GenerateConfig, generate
 from synth.methods import build_method
-from synth.methods.base import seeded_generator
 from synth.methods.deepinversion import jitter_flip, tv_l2
 from synth.methods.generator import masked_disagreement
 from synth.methods.muse import class_embeddings, noisy_embeddings
