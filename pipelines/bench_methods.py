@@ -39,10 +39,10 @@ CONFIGS = {
     "mnist28": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
                 "student": "lenet5_half", "images": 10_000, "distill_epochs": 5, "options": {}},
     # ResNet-8 costs ~30x LeNet-5 per image, in synthesis and as the online teacher in distillation:
-    # fewer images and epochs, smaller generator batches, DeepInversion mostly at half size, and MUSE's
+    # fewer images (more epochs: lenet5_half needs ~300 SGD steps), smaller generator batches, DeepInversion mostly at half size, and MUSE's
     # teacher sees each resolution as it is (a ResNet takes 8 and 16 px; LeNet-5 cannot)
     "mnist32rgb": {"title": "MNIST padded to 32 px RGB, cifar_resnet8 -> lenet5_half", "teacher": "cifar_resnet8",
-                   "teacher_epochs": 2, "student": "lenet5_half", "images": 5_000, "distill_epochs": 3,
+                   "teacher_epochs": 2, "student": "lenet5_half", "images": 5_000, "distill_epochs": 8,
                    "skip": ["generator ensemble + adversarial"],   # measured on mnist28 only (time)
                    "options": {"generator": {"batch_size": 100, "steps": 80},
                                "muse": {"batch_size": 100, "steps": 80, "teacher_input": "native"},
