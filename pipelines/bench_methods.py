@@ -124,7 +124,8 @@ def teacher_top1(arch: str, path: Path, data_root: str) -> float:
     return 100.0 * correct / len(images)
 
 
-def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: list[int], data_root: str) -> dict:
+def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: list[int], data_root: str,
+                  synthesis_only: bool = False) -> dict:
     """Synthesise once, distil once per seed; timings are cached so a rerun does not redo or re-time."""
     cfg = CONFIGS[config_name]
     method, options = VARIANTS[variant]
@@ -148,12 +149,13 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
     for seed in seeds:
         run_dir = base / "runs" / f"{slug(variant)}-seed{seed}"
-        if final_top1(run_dir, cfg["distill_epochs"]) is None:
+        if final_top1(run_dir, cfg["distill_epochs"]) is None and not synthesis_only:
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
             run([py, "-m", "distill", "train", "--shards", str(shards), "--student", cfg["student"], "--out",
                  str(run_dir), "--eval-data", "mnist", "--data-root", data_root, "--seed", str(seed), "--quiet",
                  *distill_args, *resume], base / "logs" / f"distill-{slug(variant)}-seed{seed}.log")
-        top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
+        if final_top1(run_dir, cfg["distill_epochs"]) is not None:
+            top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
     say(f"done: {config_name} / {variant}: {top1}")
     return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1}
 
@@ -166,6 +168,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one thread each)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--variants", default=None, help="comma-separated subset of the method rows (by slug)")
+    parser.add_argument("--synthesis-only", action="store_true",
+                        help="only synthesise (timings); the table shows the distillations already finished")
     args = parser.parse_args()
     out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
     configs = [c for c in args.configs.split(",") if c]
@@ -188,7 +192,7 @@ def main() -> None:
                                                    "--quiet", "--out", str(path)], out / name / "logs" / "teacher.log")
         for f in teachers.values():
             f.result()
-        jobs = [pool.submit(bench_variant, py, out, c, v, seeds, args.data_root)
+        jobs = [pool.submit(bench_variant, py, out, c, v, seeds, args.data_root, args.synthesis_only)
                 for c in configs for v in variants if v not in CONFIGS[c].get("skip", [])]
         rows = [j.result() for j in jobs]
     for name in configs:
@@ -205,7 +209,7 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int) -> Non
         w.writerow(["config", "method", "images", "synthesis_cpu_s", "synthesis_wall_s", "images_per_cpu_s",
                     "student_top1_mean", "student_top1_std", "student_top1_per_seed", "teacher_top1"])
         for r in rows:
-            accs = [r["top1"][s] for s in sorted(r["top1"])]
+            accs = [r["top1"][s] for s in sorted(r["top1"])] or [float("nan")]
             w.writerow([r["config"], r["method"], r["images"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}",
                         f"{r['images'] / r['cpu_s']:.1f}", f"{statistics.mean(accs):.2f}",
                         f"{statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
@@ -215,13 +219,13 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int) -> Non
         sub = [r for r in rows if r["config"] == name]
         lines += [f"### {CONFIGS[name]['title']} (teacher top-1 {sub[0]['teacher_top1']:.2f}%)", "",
                   "| method | images | synthesis CPU-s | synthesis wall-s | images / CPU-s | student top-1 (%), "
-                  f"mean +- std over {len(sub[0]['top1'])} seeds | per seed |", "|---|---|---|---|---|---|---|"]
+                  "mean +- std over seeds | per seed |", "|---|---|---|---|---|---|---|"]
         for r in sub:
             accs = [r["top1"][s] for s in sorted(r["top1"])]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            top1 = f"{statistics.mean(accs):.2f} +- {std:.2f} ({len(accs)})" if accs else "not distilled"
             lines.append(f"| {r['method']} | {r['images']:,} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
-                         f"{r['images'] / r['cpu_s']:.1f} | {statistics.mean(accs):.2f} +- {std:.2f} | "
-                         + " / ".join(f"{a:.2f}" for a in accs) + " |")
+                         f"{r['images'] / r['cpu_s']:.1f} | {top1} | " + " / ".join(f"{a:.2f}" for a in accs) + " |")
         by = {r["method"]: r for r in sub}
         low, full = by.get("muse low-resolution only (3 x 1/4)"), by.get("muse without multi-resolution (3 x full)")
         if low and full:
