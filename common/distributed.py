@@ -131,3 +131,12 @@ def all_gather_object(obj: Any) -> list:
     out = [None] * td.get_world_size()
     td.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (small, trusted: our own ranks); `obj` itself in a single process."""
+    if not td.is_initialized():
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
