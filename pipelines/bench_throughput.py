@@ -24,7 +24,6 @@ import argparse
 import csv
 import os
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -132,7 +131,7 @@ def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
     from common.shards import read_manifest
     from distill.data import ShardLoader
     from distill.engine import build_optimizer
-    from distill.throughput import ModelEma, grad_scaler, to_memory_format, wrap_student, wrap_teacher
+    from distill.throughput import grad_scaler, to_memory_format, wrap_student, wrap_teacher
     from distill.train import Models, TrainConfig, train_one_epoch
 
     threads = args.threads or case.threads or usable_cores()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.models import create_model, load_model_checkpoint
+from common.models import load_model_checkpoint
 from common.shards import read_manifest
 from distill.data import ShardLoader
 from synth.generate import GenerateConfig, generate

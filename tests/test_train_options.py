@@ -3,7 +3,6 @@ persistent workers (tiny shards, one process)."""
 from __future__ import annotations
 
 import csv
-import os
 
 import pytest
 import torch
