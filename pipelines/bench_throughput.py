@@ -5,7 +5,8 @@ what stored teacher logits save, and what decoding costs per worker.
     python pipelines/bench_throughput.py --out runs/bench_throughput [--only resnet18@112] [--workers 2]
 
 Training (student images/s; every mode runs the trainer's own step, `distill.train.train_one_epoch`,
-for one full epoch over the same shards, worker start-up included; best of --repeats):
+for one full epoch over the same shards, worker start-up included; the modes take turns, --repeats
+times, and each reports its median, which a busy machine disturbs less than a best or a mean):
   (a) memory   the step fed from batches already decoded and augmented in memory: no input cost at all
   (b) shards   the step fed by `distill.data.ShardLoader` from npy shards (read, decode, shuffle,
                augment in --workers DataLoader workers), the teacher run online on every batch
@@ -24,6 +25,7 @@ import argparse
 import csv
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -126,7 +128,7 @@ class MemoryLoader:
 
 
 def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
-    """img/s of (a) memory, (b) shards + online teacher, (c) shards + stored logits: best of args.repeats."""
+    """img/s of (a) memory, (b) shards + online teacher, (c) shards + stored logits: median of args.repeats."""
     from common.models import create_model
     from common.shards import read_manifest
     from distill.data import ShardLoader
@@ -170,14 +172,15 @@ def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
     # warm-up: allocator, kernels (and compilation with --compile), a few steps of each model set
     for m, config in ((models, online), (stored_models, stored)):
         train_one_epoch(m, MemoryLoader(memory.batches, 3), optimizer, scheduler, config, 0, device)
-    best = {name: 0.0 for name in modes}
+    rates = {name: [] for name in modes}
     images = len(shard_loader) * case.batch
     for repeat in range(args.repeats):
         for name, (m, data, config) in modes.items():
             seconds = train_one_epoch(m, data, optimizer, scheduler, config, repeat + 1, device)["seconds"]
-            best[name] = max(best[name], images / seconds)
+            rates[name].append(images / seconds)
             print(f"  {case.student} {case.size}px {name}: {images / seconds:.1f} img/s", flush=True)
-    return {"threads": threads, "amp": amp, "channels_last": channels_last, "images": images, **best}
+    return {"threads": threads, "amp": amp, "channels_last": channels_last, "images": images,
+            **{name: statistics.median(values) for name, values in rates.items()}}
 
 
 def _take(iterator, n):
@@ -197,11 +200,11 @@ def bench_decoding(fmt: str, size: int, n: int, workdir: Path) -> float:
     loader = ShardLoader(folder, read_manifest(folder), batch_size=50, workers=0, aug="crop-flip", seed=0,
                          shuffle_buffer=min(n, 2000))
     rates = []
-    for epoch in range(2):
+    for epoch in range(3):
         start = time.perf_counter()
         count = sum(batch.images.shape[0] for batch in loader.epoch(epoch))
         rates.append(count / (time.perf_counter() - start))
-    return max(rates)
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -209,7 +212,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_throughput", help="Shards (made once) and results.")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for (b) and (c).")
     parser.add_argument("--threads", type=int, default=0, help="Trainer threads [default: per case, see CASES].")
-    parser.add_argument("--repeats", type=int, default=2, help="Epochs per mode; the best counts.")
+    parser.add_argument("--repeats", type=int, default=3, help="Epochs per mode; the median counts.")
     parser.add_argument("--amp", default=None, choices=("none", "bf16"), help="[default: per case, see CASES]")
     parser.add_argument("--channels-last", default=None, choices=("on", "off"), help="[default: per case]")
     parser.add_argument("--compile", action="store_true")
