@@ -85,16 +85,30 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 _NPY_HEADER = re.compile(r"\{'descr': '(<f2|<f4|\|u1)', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
 
 
+_NPY_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (dtype, shape, count): a shard repeats a few headers
+
+
+def _npy_header(header: bytes) -> tuple | None:
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        match = _NPY_HEADER.fullmatch(header.decode("latin1"))
+        if not match:
+            return None
+        shape = tuple(int(v) for v in match.group(2).split(",") if v.strip())
+        parsed = (np.dtype(match.group(1)), shape, int(np.prod(shape)) if shape else 1)
+        if len(_NPY_HEADERS) < 256:
+            _NPY_HEADERS[header] = parsed
+    return parsed
+
+
 def _npy_load(data: bytes, what: str) -> np.ndarray:
     """Read a .npy array without pickle. The arrays this format writes (version 1.0 header, C order,
     float16/float32/uint8) take a fast path; anything else goes through np.load(allow_pickle=False)."""
     if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
         end = 10 + int.from_bytes(data[8:10], "little")
-        match = _NPY_HEADER.fullmatch(data[10:end].decode("latin1"))
-        if match:
-            dtype = np.dtype(match.group(1))
-            shape = tuple(int(v) for v in match.group(2).split(",") if v.strip())
-            count = int(np.prod(shape)) if shape else 1
+        parsed = _npy_header(data[10:end])
+        if parsed:
+            dtype, shape, count = parsed
             if len(data) - end == count * dtype.itemsize:
                 return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
     try:
@@ -162,9 +176,10 @@ def encode_sample(sample: Sample, image_format: str = "png") -> list[tuple[str, 
     ]
 
 
-def decode_sample(fields: Mapping[str, bytes], max_pixels: int = MAX_IMAGE_PIXELS) -> Sample:
+def decode_sample(fields: Mapping[str, bytes], max_pixels: int = MAX_IMAGE_PIXELS, with_meta: bool = True) -> Sample:
     """WebDataset's raw sample dict (`__key__`, `png`/`jpg`/`npy`, `cls`, `logits.npy`, `json`) -> Sample.
-    An image of more than `max_pixels` pixels is refused before it is decoded."""
+    An image of more than `max_pixels` pixels is refused before it is decoded. `with_meta=False` leaves
+    the metadata unparsed (meta {}): training does not read it."""
     key = fields.get("__key__", "?")
     known = {"__key__", "__url__", "__local_path__", "cls", "logits.npy", "json", *IMAGE_FORMATS}
     unknown = set(fields) - known
@@ -182,7 +197,7 @@ def decode_sample(fields: Mapping[str, bytes], max_pixels: int = MAX_IMAGE_PIXEL
     if logits.ndim != 1 or logits.dtype.kind != "f":
         raise ShardFormatError(f"sample {key}: logits must be a 1-d float array, got {logits.dtype} {logits.shape}")
     try:
-        meta = json.loads(fields["json"]) if "json" in fields else {}
+        meta = json.loads(fields["json"]) if with_meta and "json" in fields else {}
     except (ValueError, RecursionError):
         raise ShardFormatError(f"sample {key}: metadata is not JSON") from None
     if not isinstance(meta, dict):
@@ -254,7 +269,7 @@ def iter_tar_members(f: BinaryIO, source: str,
             raise ShardFormatError(f"{source}: truncated ({'no end-of-archive marker' if not header else 'incomplete tar header'})")
         stored = header[148:156].split(b"\0", 1)[0].strip()
         try:
-            valid = bool(stored) and int(stored, 8) == sum(header[:148]) + 256 + sum(header[156:])
+            valid = bool(stored) and int(stored, 8) == sum(header) - sum(header[148:156]) + 256
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError:
             valid = False

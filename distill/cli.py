@@ -2,7 +2,8 @@
 distill.report.
 
 Defaults live in TrainConfig / TeacherConfig; the options show them. Bad input ends in a one-line
-`Error: ...` (UserError, exit code 2).
+`Error: ...` (UserError, exit code 2). Under torchrun, `distill train` is one rank of a DDP job
+(`torchrun --nproc_per_node=N -m distill train ...`); only rank 0 prints.
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from dataclasses import fields
 import click
 import torch
 
+from common import distributed
+from common.shards import CHECK_LEVELS
+
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
 from .teacher import TeacherConfig, train_teacher
-from common.shards import CHECK_LEVELS
-
-from .train import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TrainConfig, train
+from .throughput import AMP_MODES
+from .train import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TEACHER_LOGITS, TrainConfig, train
 
 
 def default(config_class: type, name: str):
@@ -28,13 +31,16 @@ def run_options(command):
     """--threads and --quiet, shared by the commands (as in `synth generate`)."""
     command = click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")(command)
     return click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="torch CPU threads [default: torch's choice; use 1 when other jobs share the cores]"
-                        )(command)
+                        help="torch CPU threads per process [default: torch's choice; under torchrun the node's "
+                        "cores / processes per node; use 1 when other jobs share the cores]")(command)
 
 
 def apply_run_options(options: dict) -> dict:
-    """Apply --threads; turn --quiet into the configs' `progress`. Returns the remaining options."""
+    """Apply --threads (under torchrun default: cores per process); turn --quiet into the configs'
+    `progress`. Returns the remaining options."""
     threads = options.pop("threads")
+    if threads is None and distributed.info().enabled:
+        threads = distributed.default_threads()
     if threads:
         torch.set_num_threads(threads)
     return options | {"progress": not options.pop("quiet")}
@@ -90,11 +96,28 @@ def main():
                    "(counted and reported).")
 @click.option("--detect-anomaly", is_flag=True,
               help="torch.autograd anomaly detection (slow): names the operation that made a NaN.")
+@click.option("--teacher-logits", type=click.Choice(TEACHER_LOGITS), default=default(TrainConfig, "teacher_logits"),
+              help="online: the teacher labels the student's augmented view; stored: the logits in the shards "
+              "(no teacher in memory; needs --aug none --mixup 0).")
+@click.option("--label-smoothing", type=float, default=default(TrainConfig, "label_smoothing"),
+              help="Label smoothing of the CE term (needs --ce-weight > 0).")
+@click.option("--clip-grad", type=float, default=default(TrainConfig, "clip_grad"),
+              help="Clip the gradients' global norm to this; 0 = off.")
+@click.option("--ema-decay", type=float, default=default(TrainConfig, "ema_decay"),
+              help="Keep an EMA of the student's weights (per step, e.g. 0.999), evaluated and saved too; 0 = off.")
+@click.option("--amp", type=click.Choice(AMP_MODES), default=default(TrainConfig, "amp"),
+              help="Mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU).")
+@click.option("--channels-last", is_flag=True, help="NHWC memory layout for models and batches.")
+@click.option("--compile", is_flag=True, help="torch.compile the student (after DDP) and the teacher.")
+@click.option("--pin-memory", is_flag=True, help="Page-locked batches for faster host-to-GPU copies (CUDA only).")
+@click.option("--persistent-workers", is_flag=True, help="Keep DataLoader workers alive between epochs.")
 @run_options
 def train_command(**options):
-    """Distill a student from a shard folder, with the teacher run online on every augmented batch."""
+    """Distill a student from a shard folder, with the teacher run online on every augmented batch
+    (or from the logits stored in the shards). Under torchrun: DDP over all ranks, --batch-size per rank."""
     metrics = train(TrainConfig(**apply_run_options(options)))
-    click.echo(f"done: {_format(metrics)}")
+    if distributed.info().is_main:
+        click.echo(f"done: {_format(metrics)}")
 
 
 @main.command("teacher")

@@ -4,7 +4,8 @@ Stages, run inside each DataLoader worker (GUIDE section 4):
 
   EpochShardList      the manifest's shard list, shuffled with (seed, epoch, round): the same order on
                       every rank; then split by rank, then by worker; repeated round after round, so a
-                      worker never runs dry and an epoch never runs short
+                      worker never runs dry and an epoch never runs short (every rank gets the same
+                      number of batches: no rank waits at the end of an epoch for one that ran out)
   ShardSamples        the raw bytes of each sample (common.shards' strict, fast tar reader), counted
                       against the manifest
   EpochShuffle        a sample shuffle buffer on the raw (still compressed) bytes
@@ -14,10 +15,12 @@ Stages, run inside each DataLoader worker (GUIDE section 4):
   Augmentation        student-side augmentation, vectorised over the batch (each image its own draw)
 
 The loader (batch_size=None) cuts this endless stream after `steps_per_epoch` batches, counted on the
-loader: `with_epoch` on the dataset would count per worker.
+loader: `with_epoch` on the dataset would count per worker. The epoch number lives in shared memory,
+so persistent workers pick up the next epoch's shard order too.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import sys
@@ -46,6 +49,7 @@ class Batch(NamedTuple):
     images: torch.Tensor  # float (B, C, H, W), pixels in [0, 1], augmented
     labels: torch.Tensor  # int64 (B,), the class each image was synthesised for
     logits: torch.Tensor  # float32 (B, K), the teacher's logits of the stored (un-augmented) image
+    index: torch.Tensor | None = None  # int64 (B,), each sample's index from its key (-1 if not sample-N)
 
 
 # --------------------------------------------------------------------------- augmentations
@@ -55,9 +59,8 @@ def pad_random_crop(x: torch.Tensor, pad: int, mode: str = "constant") -> torch.
     padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
     top = torch.randint(0, 2 * pad + 1, (b,))
     left = torch.randint(0, 2 * pad + 1, (b,))
-    rows = (top[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (left[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    # one slice per image: far cheaper than a gather with per-pixel indices at 64 px and more
+    return torch.stack([padded[i, :, t:t + h, l:l + w] for i, (t, l) in enumerate(zip(top.tolist(), left.tolist()))])
 
 
 def random_translate(x: torch.Tensor, max_shift: int, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
@@ -69,7 +72,8 @@ def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Reflect-pad random crop plus horizontal flip with p = 0.5 (natural images) of (B, C, H, W)."""
     x = pad_random_crop(x, pad, mode="reflect")
     flip = torch.rand(x.shape[0]) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x[flip] = x[flip].flip(-1)
+    return x
 
 
 @dataclass(frozen=True)
@@ -109,13 +113,26 @@ class EpochShardList(IterableDataset):
     then takes this rank's share, then this worker's share of it.
     """
 
-    def __init__(self, urls: Sequence[str], seed: int, rank: int, world_size: int):
+    def __init__(self, urls: Sequence[str], seed: int, rank: int, world_size: int, reseed_workers: bool = False):
         super().__init__()
         self.urls, self.seed, self.rank, self.world_size = list(urls), seed, rank, world_size
-        self.epoch = 0
+        self.reseed_workers = reseed_workers
+        self._epoch = multiprocessing.RawValue("q", 0)  # shared with (persistent) worker processes
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_info()
+        if self.reseed_workers and torch.utils.data.get_worker_info() is not None:
+            # persistent workers keep their RNG across epochs: seed the augmentation draws per epoch,
+            # so that a resumed run repeats them
+            torch.manual_seed(random.Random(f"aug/{self.seed}/{self.epoch}/{self.rank}/{worker}").getrandbits(63))
         round_ = 0
         while True:
             order = list(self.urls)
@@ -152,15 +169,15 @@ class Decoder:
     skip_bad: bool = False
 
     def __call__(self, fields: dict) -> Sample | None:
-        where = f"{Path(fields.get('__url__', '?')).name}"
-        try:
-            sample = decode_sample(fields, max_pixels=self.spec.size * self.spec.size)
+        try:  # training needs no metadata: left unparsed
+            sample = decode_sample(fields, max_pixels=self.spec.size * self.spec.size, with_meta=False)
             expected = (self.spec.size, self.spec.size, self.spec.channels)
             if sample.image.shape != expected or sample.logits.shape != (self.spec.num_classes,):
                 raise ShardFormatError(f"sample {sample.key} has a {sample.image.shape} image and "
                                        f"{sample.logits.shape[0]} logits; the manifest says {expected} and "
                                        f"{self.spec.num_classes}")
         except ShardFormatError as e:
+            where = Path(fields.get("__url__", "?")).name
             if self.skip_bad:
                 warn_skipped(f"a sample of {where}", str(e))
                 return None
@@ -172,11 +189,18 @@ def is_sample(sample: Sample | None) -> bool:
     return sample is not None
 
 
+def key_index(key: str) -> int:
+    """The sample index in a `sample-00001234` key (common.shards.sample_key), -1 for other keys."""
+    head, _, digits = key.partition("-")
+    return int(digits) if head == "sample" and digits.isdigit() else -1
+
+
 def collate(samples: list[Sample]) -> Batch:
     """Stack decoded samples (uint8 H x W x C images) into a Batch of float pixels in [0, 1]."""
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div_(255)
     logits = torch.from_numpy(np.stack([s.logits for s in samples]).astype(np.float32))
-    return Batch(images.contiguous(), torch.tensor([s.label for s in samples], dtype=torch.int64), logits)
+    return Batch(images.contiguous(), torch.tensor([s.label for s in samples], dtype=torch.int64), logits,
+                 torch.tensor([key_index(s.key) for s in samples], dtype=torch.int64))
 
 
 @dataclass(frozen=True)
@@ -217,13 +241,15 @@ class ShardSamples:
 class ShardLoader:
     """Batches from a shard folder, `steps_per_epoch` of them per `epoch(e)`, the same count on every rank.
 
-    `epoch(e)` reseeds the shard order and sample shuffle with e; workers are started per epoch
-    (not persistent), so they pick the new epoch up.
+    `epoch(e)` reseeds the shard order and sample shuffle with e. Workers are started per epoch, or
+    once with `persistent_workers` (they read the epoch from shared memory and reseed their
+    augmentation per epoch). `pin_memory` puts batches in page-locked memory (for CUDA training).
     """
 
     def __init__(self, folder: str | os.PathLike, manifest: Manifest, batch_size: int, workers: int = 2,
                  aug: str = "translate", seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = SHUFFLE_BUFFER, skip_bad: bool = False):
+                 shuffle_buffer: int = SHUFFLE_BUFFER, skip_bad: bool = False, pin_memory: bool = False,
+                 persistent_workers: bool = False):
         urls = shard_paths(folder, manifest)
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
@@ -231,14 +257,17 @@ class ShardLoader:
                             f"(first: {missing[0]}); restore them or regenerate the shards (`synth verify` lists them)")
         readers = max(workers, 1) * world_size
         if len(urls) < readers:
+            fix = (f"pass --workers {len(urls) // world_size}" if len(urls) >= world_size else
+                   f"run at most {len(urls)} processes in all (torchrun --nnodes x --nproc_per_node)")
             raise UserError(f"{folder} has {len(urls)} shards but {max(workers, 1)} workers x {world_size} ranks "
-                            f"need at least {readers} (one each): pass --workers {len(urls) // world_size} "
+                            f"need at least {readers} (one shard each, every epoch): {fix}, "
                             "or regenerate with a smaller --shard-size")
         self.steps_per_epoch = manifest.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise UserError(f"{folder} holds {manifest.num_samples} samples, less than one batch of {batch_size} "
                             f"x {world_size} ranks: lower --batch-size")
-        self.shard_list = EpochShardList(urls, seed, rank, world_size)
+        persistent_workers = persistent_workers and workers > 0
+        self.shard_list = EpochShardList(urls, seed, rank, world_size, reseed_workers=persistent_workers)
         spec = manifest.input_spec
         dataset = wds.DataPipeline(
             self.shard_list,
@@ -250,7 +279,8 @@ class ShardLoader:
             wds.map(Augmentation(aug, spec.size)),
         )
         self.loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                    persistent_workers=False).with_epoch(self.steps_per_epoch)
+                                    pin_memory=pin_memory, persistent_workers=persistent_workers
+                                    ).with_epoch(self.steps_per_epoch)
 
     def __len__(self) -> int:
         return self.steps_per_epoch

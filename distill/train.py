@@ -8,12 +8,19 @@ the student, optionally mixes pairs of them (mixup), lets the teacher label exac
 
     loss = KL(softmax(t/T) || softmax(s/T)) * T^2  +  ce_weight * CE(s, stored label)
 
-with each model fed the view normalised with its own mean/std.
+with each model fed the view normalised with its own mean/std. With `teacher_logits="stored"` no
+teacher is built: t is the logits stage one stored for the un-augmented image, so the student must
+see that very view (aug "none", no mixup).
+
+Under torchrun (WORLD_SIZE > 1) every rank runs `train`: the student is wrapped in DDP (gloo on the
+CPU, nccl on GPUs), the shards are split across ranks per epoch, `batch_size` is per rank; rank 0
+alone checks the shard files (and shares the verdict), evaluates, holds the folder lock and writes.
 
 Files in `out`: config.json (the resolved config), checkpoint.pt (after every epoch: student,
-optimiser, scheduler, epoch, RNG state, config, metrics so far; `resume` continues from it),
-metrics.csv (one row per epoch), steps.csv (loss and lr about 20 times per epoch) and student.pt (the
-final student, `save_model_checkpoint` format).
+optimiser, scheduler, EMA, grad scaler, epoch, RNG state of every rank, config, metrics so far;
+`resume` continues from it), metrics.csv (one row per epoch), steps.csv (loss and lr about 20 times
+per epoch) and student.pt (the final student, `save_model_checkpoint` format; student_ema.pt too with
+an EMA).
 
 Faults: before the first step the shard files are checked against the manifest (`verify_shards`) and
 damaged ones refused or skipped (`on_bad_shard`), and the teacher and student are tried on one batch of
@@ -28,7 +35,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.data import real_dataset
 from common.errors import DiskFullError, UserError
 from common.faults import fault_point
@@ -46,19 +54,24 @@ from common.shards import CHECK_LEVELS, Manifest, ShardFormatError, check_shard_
 
 from .data import AUGMENTATIONS, Batch, ShardLoader
 from .engine import OPTIMIZERS, build_optimizer, evaluate_top1, resolve_device, warmup_cosine
+from .throughput import (AMP_MODES, ModelEma, autocast, batch_to, check_amp, grad_scaler, to_memory_format,
+                         wrap_student, wrap_teacher)
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
-STEPS_FILE = "steps.csv"
+STEPS_FILE, EMA_FILE = "steps.csv", "student_ema.pt"
 METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s")
+EMA_COLUMN = "ema_top1"  # appended with ema_decay > 0
+TEACHER_LOGITS = ("online", "stored")
 STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")
 LOG_POINTS_PER_EPOCH = 20
 BAD_SHARD_POLICIES = ("error", "skip")
 # Settings that may change when resuming: paths (the shards and the teacher are checked by checksum
 # instead), evaluation and how the run is executed. Everything else must match the checkpoint.
 RESUMABLE_CHANGES = ("shards", "out", "teacher_weights", "eval_data", "data_root", "workers", "device",
-                     "resume", "progress", "verify_shards", "on_bad_shard", "detect_anomaly")
+                     "resume", "progress", "verify_shards", "on_bad_shard", "detect_anomaly",
+                     "channels_last", "compile", "pin_memory", "persistent_workers")
 
 
 @dataclass
@@ -94,6 +107,17 @@ class TrainConfig:
     verify_shards: str = "full"         # before the first step: full (size + sha256), size, none
     on_bad_shard: str = "error"         # a shard that does not match the manifest: error, or skip it
     detect_anomaly: bool = False        # torch.autograd anomaly detection (slow): names the op making NaN
+    # stored teacher logits, regularisation (change results; off by default)
+    teacher_logits: str = "online"      # online: the teacher labels the student's view; stored: the shards' logits
+    label_smoothing: float = 0.0        # of the CE term (needs ce_weight > 0)
+    clip_grad: float = 0.0              # max global gradient norm; 0 = off
+    ema_decay: float = 0.0              # EMA of the student's weights, per step (e.g. 0.999); 0 = off
+    amp: str = "none"                   # none, bf16 (CPU/GPU autocast), fp16 (GPU, GradScaler)
+    # speed only
+    channels_last: bool = False
+    compile: bool = False               # torch.compile student and teacher
+    pin_memory: bool = False            # page-locked batches (CUDA only; ignored on the CPU)
+    persistent_workers: bool = False    # keep DataLoader workers alive between epochs
 
     def resolved(self) -> "TrainConfig":
         """This config with the optimiser defaults filled in; UserError for an out-of-range value."""
@@ -115,7 +139,18 @@ class TrainConfig:
             ("verify_shards", config.verify_shards in CHECK_LEVELS, f"must be one of {', '.join(CHECK_LEVELS)}"),
             ("on_bad_shard", config.on_bad_shard in BAD_SHARD_POLICIES,
              f"must be one of {', '.join(BAD_SHARD_POLICIES)}"),
+            ("teacher_logits", config.teacher_logits in TEACHER_LOGITS, f"must be one of {', '.join(TEACHER_LOGITS)}"),
+            ("amp", config.amp in AMP_MODES, f"must be one of {', '.join(AMP_MODES)}"),
+            ("label_smoothing", 0 <= config.label_smoothing < 1, "must be in [0, 1)"),
+            ("label_smoothing", config.label_smoothing == 0 or config.ce_weight > 0,
+             "smooths the CE term: also pass --ce-weight > 0"),
+            ("clip_grad", config.clip_grad >= 0, "must not be negative (0 turns clipping off)"),
+            ("ema_decay", 0 <= config.ema_decay < 1, "must be in [0, 1) (0 turns the EMA off)"),
         ) if not ok]
+        if config.teacher_logits == "stored" and (config.aug != "none" or config.mixup > 0):
+            problems.append(f"--teacher-logits stored trains on the view the logits were computed on, the stored "
+                            f"image: pass --aug none --mixup 0 (got --aug {config.aug} --mixup {config.mixup:g}), "
+                            "or use --teacher-logits online to augment")
         if problems:
             raise UserError("; ".join(problems))
         return config
@@ -142,19 +177,40 @@ def mixup(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tenso
     return w * images + (1 - w) * images[perm], perm, lam
 
 
-def distill_loss(student: nn.Module, teacher: nn.Module, batch: Batch, config: TrainConfig,
-                 device: torch.device) -> torch.Tensor:
-    """The training loss of one batch: KD against the online teacher on the same (mixed) view, plus CE."""
-    images = batch.images.to(device, non_blocking=True)
-    images, perm, lam = mixup(images, config.mixup)
-    with torch.no_grad():
-        teacher_logits = teacher(teacher.input_spec.normalize(images))
-    student_logits = student(student.input_spec.normalize(images))
+@dataclass
+class Models:
+    """What a training step runs: `model` (the student, maybe in DDP / compiled) and `student` (the plain
+    module: its parameters, spec and state_dict), `teacher` (None with stored logits), and the extras."""
+
+    model: nn.Module
+    student: nn.Module
+    teacher: nn.Module | None
+    teacher_spec: object
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None = None
+
+
+def distill_loss(models: Models, batch: Batch, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """The training loss of one batch: KD against the online teacher on the same (mixed) view, or against
+    the stored logits of the stored view, plus CE."""
+    images = batch_to(batch.images, device, config.channels_last)
+    if models.teacher is None:  # stored logits (resolved() ensures: no augmentation, no mixup)
+        n = images.shape[0]
+        perm, lam = torch.arange(n, device=device), torch.ones(n, device=device)
+        teacher_logits = batch.logits.to(device, non_blocking=True)
+    else:
+        images, perm, lam = mixup(images, config.mixup)
+        with torch.no_grad(), autocast(config.amp, device):
+            teacher_logits = models.teacher(models.teacher_spec.normalize(images))
+    with autocast(config.amp, device):
+        student_logits = models.model(models.student.input_spec.normalize(images))
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     loss = kd_loss(student_logits, teacher_logits, config.temperature)
     if config.ce_weight > 0:
-        labels = batch.labels.to(device)
-        ce = (lam * F.cross_entropy(student_logits, labels, reduction="none")
-              + (1 - lam) * F.cross_entropy(student_logits, labels[perm], reduction="none")).mean()
+        labels, smoothing = batch.labels.to(device), config.label_smoothing
+        ce = (lam * F.cross_entropy(student_logits, labels, reduction="none", label_smoothing=smoothing)
+              + (1 - lam) * F.cross_entropy(student_logits, labels[perm], reduction="none",
+                                            label_smoothing=smoothing)).mean()
         loss = loss + config.ce_weight * ce
     return loss
 
@@ -200,10 +256,11 @@ def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
                         "count") from None
 
 
-def check_models_fit(teacher: nn.Module, student: nn.Module, manifest: Manifest, student_name: str,
+def check_models_fit(teacher: nn.Module | None, student: nn.Module, manifest: Manifest, student_name: str,
                      device: torch.device) -> None:
-    """Run teacher and student once on a batch of the shards' shape, before the first step: UserError
-    (saying what to do) for a model that cannot take the input or has another number of outputs."""
+    """Run teacher (unless None: stored logits) and student once on a batch of the shards' shape, before
+    the first step: UserError (saying what to do) for a model that cannot take the input or has another
+    number of outputs."""
     spec = manifest.input_spec
     shape = f"{spec.channels} x {spec.size} x {spec.size}"
     images = torch.full((2, spec.channels, spec.size, spec.size), 0.5, device=device)
@@ -211,6 +268,8 @@ def check_models_fit(teacher: nn.Module, student: nn.Module, manifest: Manifest,
             ("student", student, f"choose a student that takes {spec.size} px input, or regenerate the shards "
                                  "at a size it takes (`synth generate --resolution N`)"),
             ("teacher", teacher, "regenerate the shards with this teacher")):
+        if model is None:
+            continue
         was_training = model.training
         model.eval()
         try:
@@ -228,11 +287,14 @@ def check_models_fit(teacher: nn.Module, student: nn.Module, manifest: Manifest,
 
 
 # --------------------------------------------------------------------------- shards
-def select_shards(config: TrainConfig, manifest: Manifest, log) -> tuple[Manifest, dict[str, str]]:
-    """Check the shard files against the manifest before the first step (`config.verify_shards`).
-    Returns the manifest of the shards to train on and {skipped shard: why}. With on_bad_shard 'error'
-    any damaged shard is a UserError; with 'skip' it is left out, counted and reported."""
-    bad = check_shard_files(config.shards, manifest, config.verify_shards)
+def select_shards(config: TrainConfig, manifest: Manifest, log,
+                  bad: dict[str, str] | None = None) -> tuple[Manifest, dict[str, str]]:
+    """Check the shard files against the manifest before the first step (`config.verify_shards`; or take
+    `bad`, the verdict of rank 0's check). Returns the manifest of the shards to train on and {skipped
+    shard: why}. With on_bad_shard 'error' any damaged shard is a UserError; with 'skip' it is left out,
+    counted and reported."""
+    if bad is None:
+        bad = check_shard_files(config.shards, manifest, config.verify_shards)
     if not bad:
         return manifest, {}
     listing = "; ".join(f"{name}: {why}" for name, why in list(bad.items())[:3]) + ("; ..." if len(bad) > 3 else "")
@@ -282,32 +344,52 @@ def check_started_run(out: Path, config: TrainConfig) -> None:
         saved = saved if isinstance(saved, dict) else {}
     except (OSError, ValueError):
         saved = {}
-    current = asdict(config)
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    current, defaults = asdict(config), setting_defaults()
+    changed = [f"{k} {saved.get(k, defaults.get(k))!r} -> {v!r}" for k, v in current.items()
+               if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v]
     if changed:
         raise UserError(f"{out} holds the start of another run ({path.name} differs: {', '.join(changed[:4])}) "
                         "without a checkpoint: choose another --out, or delete that folder to start over")
 
 
-def run_fingerprint(config: TrainConfig, manifest: Manifest, teacher_sha256: str) -> dict:
-    """What a checkpoint must agree on to be resumed: run settings, shard checksums, teacher weights."""
+def setting_defaults() -> dict:
+    """TrainConfig's defaults: the value of a setting added after a checkpoint or config.json was written."""
+    return {f.name: f.default for f in fields(TrainConfig)}
+
+
+def run_fingerprint(config: TrainConfig, manifest: Manifest, teacher_sha256: str, world_size: int = 1) -> dict:
+    """What a checkpoint must agree on to be resumed: run settings, shard checksums, teacher weights and
+    the number of processes (it sets the data split and the steps per epoch)."""
     settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
-    return {"settings": settings, "shards": [s.sha256 for s in manifest.shards], "teacher_sha256": teacher_sha256}
+    return {"settings": settings, "shards": [s.sha256 for s in manifest.shards], "teacher_sha256": teacher_sha256,
+            "world_size": world_size}
 
 
-def save_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
+def rng_states() -> dict:
+    """This process's RNG states (CPU, and its CUDA device's)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(path: Path, models: Models, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict],
-                    config: TrainConfig, fingerprint: dict, step_log: list[dict] | None = None) -> None:
+                    config: TrainConfig, fingerprint: dict, step_log: list[dict] | None = None,
+                    rank_rngs: list[dict] | None = None) -> None:
     """Everything needed to continue after `epoch` completed epochs, written atomically (temp, fsync,
-    rename: a kill or a full disk leaves the previous checkpoint in place)."""
+    rename: a kill or a full disk leaves the previous checkpoint in place). `rank_rngs`: every rank's
+    `rng_states()` (in a distributed run)."""
     state = {
-        "epoch": epoch, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+        "epoch": epoch, "student": models.student.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "history": history, "config": asdict(config),
         "fingerprint": fingerprint, "step_log": step_log or [],
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
+    if rank_rngs is not None:
+        state["rng"]["ranks"] = rank_rngs
+    if models.ema is not None:
+        state["ema"] = models.ema.state_dict()
+    if models.scaler.is_enabled():
+        state["scaler"] = models.scaler.state_dict()
     save_torch_atomic(path, state)
 
 
@@ -321,8 +403,9 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         int(state["epoch"]), list(state["history"]), state["student"], state["rng"]["torch"]  # noqa: B018
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path} is not a `distill train` checkpoint; {fix}") from None
-    changed = [f"{k} {saved_settings.get(k)!r} -> {v!r}" for k, v in fingerprint["settings"].items()
-               if saved_settings.get(k) != v]
+    defaults = setting_defaults()  # settings added since the checkpoint was written
+    changed = [f"{k} {saved_settings.get(k, defaults.get(k))!r} -> {v!r}" for k, v in fingerprint["settings"].items()
+               if saved_settings.get(k, defaults.get(k)) != v]
     if changed:
         raise UserError(f"{path} belongs to a run with other settings ({', '.join(changed)}): resume with the "
                         "same options or choose another --out")
@@ -330,20 +413,33 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         raise UserError(f"{path} was trained on other shards (or by another teacher) than the --shards given now "
                         "(or another set of them was skipped): pass the original --shards, restore the shards it "
                         "used, or choose another --out")
+    saved_world, world = saved.get("world_size", 1), fingerprint["world_size"]
+    if saved_world != world:
+        raise UserError(f"{path} belongs to a run of {saved_world} process(es), this is {world}: resume with "
+                        f"{saved_world} in all (torchrun --nnodes x --nproc_per_node), or choose another --out")
     return state
 
 
-def restore(state: dict, student: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, path: Path | str = CHECKPOINT_FILE) -> None:
+def restore(state: dict, models: Models, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, path: Path | str = CHECKPOINT_FILE,
+            rank: int = 0) -> None:
     try:
-        student.load_state_dict(state["student"])
+        models.student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if models.ema is not None:
+            models.ema.load_state_dict(state["ema"])
+        if "scaler" in state:
+            models.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]["ranks"][rank] if "ranks" in state["rng"] else {"torch": state["rng"]["torch"]}
+        torch.set_rng_state(rng["torch"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} does not fit this student and optimiser ({type(e).__name__}); delete the run "
                         "folder (or choose another --out) to start again") from None
-    if state["rng"].get("cuda") and torch.cuda.is_available():
+    if "ranks" in state["rng"]:
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif state["rng"].get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
@@ -355,7 +451,7 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    write_csv(path, METRICS_COLUMNS, history)
+    write_csv(path, METRICS_COLUMNS + ((EMA_COLUMN,) if history and EMA_COLUMN in history[0] else ()), history)
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -370,24 +466,30 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- training
-def train_one_epoch(student: nn.Module, teacher: nn.Module, loader: ShardLoader,
-                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    config: TrainConfig, epoch: int, device: torch.device,
-                    step_log: list[dict] | None = None) -> dict:
-    """One pass of `len(loader)` steps. Returns train_loss (mean), lr (of the last step), seconds.
-    Appends the mean loss and the lr of about LOG_POINTS_PER_EPOCH windows to `step_log`. NonFiniteLoss
-    as soon as a step's loss is NaN or Inf."""
-    student.train()
+def train_one_epoch(models: Models, loader: ShardLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, epoch: int,
+                    device: torch.device, step_log: list[dict] | None = None, show: bool = True) -> dict:
+    """One pass of `len(loader)` steps. Returns train_loss (this rank's mean), lr (of the last step),
+    seconds. Appends the mean loss and the lr of about LOG_POINTS_PER_EPOCH windows to `step_log`.
+    NonFiniteLoss as soon as a step's loss is NaN or Inf."""
+    models.model.train()
     start = time.perf_counter()
     total_loss, lr = 0.0, 0.0
     window, window_loss = max(1, len(loader) // LOG_POINTS_PER_EPOCH), 0.0
+    parameters = list(models.student.parameters())
     with tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}",
-              disable=not config.progress, leave=False) as bar:
+              disable=not (config.progress and show), leave=False) as bar:
         for i, batch in enumerate(bar):
-            loss = distill_loss(student, teacher, batch, config, device)
+            loss = distill_loss(models, batch, config, device)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            models.scaler.scale(loss).backward()
+            if config.clip_grad > 0:
+                models.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad)
+            models.scaler.step(optimizer)
+            models.scaler.update()
+            if models.ema is not None:
+                models.ema.update(models.student)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             value = loss.item()
@@ -412,78 +514,112 @@ class RunInputs:
     manifest: Manifest              # of the shards trained on (skipped ones left out)
     skipped: dict[str, str]         # shard name -> why it was left out (--on-bad-shard skip)
     device: torch.device
-    teacher: nn.Module
+    teacher: nn.Module | None       # None: stored logits
     student: nn.Module
     loader: ShardLoader
-    eval_student: object = None     # real evaluation data in each model's input space, or None
+    eval_student: object = None     # real evaluation data in each model's input space, or None (and on ranks > 0)
     eval_teacher: object = None
 
 
-def prepare_inputs(config: TrainConfig) -> RunInputs:
-    """Read and check the shards, models and evaluation data (UserError before any file is written)."""
-    manifest, skipped = select_shards(config, read_manifest(config.shards), _warn)
-    device = resolve_device(config.device)
+def prepare_inputs(config: TrainConfig, device: torch.device,
+                   dist: distributed.DistInfo = distributed.DistInfo()) -> RunInputs:
+    """Read and check the shards, models and evaluation data (UserError before any file is written).
+    In a distributed run rank 0 checks the shard files and the others take its verdict."""
+    manifest = read_manifest(config.shards)
+    bad = None
+    if dist.enabled:
+        bad = check_shard_files(config.shards, manifest, config.verify_shards) if dist.is_main else None
+        bad = distributed.broadcast_object(bad)
+    manifest, skipped = select_shards(config, manifest, _warn if dist.is_main else (lambda message: None), bad)
     torch.manual_seed(config.seed)
-    teacher = load_teacher(manifest, config.teacher_weights, device)
-    student = build_student(config, manifest).to(device)
+    teacher = None if config.teacher_logits == "stored" else load_teacher(manifest, config.teacher_weights, device)
+    student = to_memory_format(build_student(config, manifest).to(device), config.channels_last)
     check_models_fit(teacher, student, manifest, config.student, device)
+    if dist.enabled:  # the same initial weights everywhere (DDP also broadcasts rank 0's); then own draws
+        torch.manual_seed(config.seed + dist.rank)
     loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed,
-                         skip_bad=config.on_bad_shard == "skip")
+                         rank=dist.rank, world_size=dist.world_size, skip_bad=config.on_bad_shard == "skip",
+                         pin_memory=config.pin_memory and device.type == "cuda",
+                         persistent_workers=config.persistent_workers)
     inputs = RunInputs(manifest, skipped, device, teacher, student, loader)
-    if config.eval_data:
+    if config.eval_data and dist.is_main:
         inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root)
-        inputs.eval_teacher = inputs.eval_student if teacher.input_spec == student.input_spec else real_dataset(
-            config.eval_data, teacher.input_spec, train=False, root=config.data_root)
+        if teacher is not None:
+            inputs.eval_teacher = inputs.eval_student if teacher.input_spec == student.input_spec else real_dataset(
+                config.eval_data, teacher.input_spec, train=False, root=config.data_root)
     return inputs
 
 
 def train(config: TrainConfig) -> dict:
     """Distill `config.student` from the shards' teacher. Returns the final metrics: eval_top1 (None
-    without eval data), teacher_top1, epochs, steps, train_loss, images_per_s, skipped_shards, out.
-    Everything that can be checked is checked before the run folder is created."""
+    without eval data, and on ranks other than 0), teacher_top1, epochs, steps, train_loss (mean over
+    ranks), images_per_s (all ranks together), skipped_shards, out. Everything that can be checked is
+    checked before the run folder is created. Under torchrun every rank calls this."""
     config = config.resolved()
     out = check_out(config)
-    inputs = prepare_inputs(config)
-    with folder_lock(make_out(out), "distill train"):
-        remove_stale_temps(out)
-        try:
-            return _train(config, out, inputs)
-        except DiskFullError as e:
-            raise e.with_fix("make room (free space, or raise the quota or limit) and rerun with --resume: the run "
-                             "continues from its last checkpoint") from None
+    device = distributed.device_for(resolve_device(config.device))
+    check_amp(config.amp, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with distributed.process_group(distributed.backend_for(device)) as dist:
+        inputs = prepare_inputs(config, device, dist)
+        if not dist.is_main:  # rank 0 makes, locks and cleans the run folder; the others wait for it
+            distributed.barrier()
+            return _train(config, out, inputs, dist)
+        with folder_lock(make_out(out), "distill train"):
+            remove_stale_temps(out)
+            distributed.barrier()
+            try:
+                return _train(config, out, inputs, dist)
+            except DiskFullError as e:
+                raise e.with_fix("make room (free space, or raise the quota or limit) and rerun with --resume: "
+                                 "the run continues from its last checkpoint") from None
 
 
 def _warn(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _train(config: TrainConfig, out: Path, inputs: RunInputs) -> dict:
-    """The run itself, once the inputs are checked and the run folder is locked."""
+def _train(config: TrainConfig, out: Path, inputs: RunInputs,
+           dist: distributed.DistInfo = distributed.DistInfo()) -> dict:
+    """The run itself, once the inputs are checked and the run folder is locked (by rank 0)."""
     manifest, device, teacher, student, loader = (inputs.manifest, inputs.device, inputs.teacher, inputs.student,
                                                   inputs.loader)
     eval_student, eval_teacher = inputs.eval_student, inputs.eval_teacher
+    main = dist.is_main
     optimizer = build_optimizer(student, config.opt, config.lr, config.wd)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), round(config.warmup_epochs * len(loader)))
+    models = Models(model=student, student=student, teacher=teacher,
+                    teacher_spec=teacher.input_spec if teacher is not None else None,
+                    scaler=grad_scaler(config.amp, device),
+                    ema=ModelEma(student, config.ema_decay) if config.ema_decay > 0 else None)
 
-    fingerprint = run_fingerprint(config, manifest, manifest.teacher["weights_sha256"])
-    log = tqdm.write if config.progress else (lambda message: None)
+    fingerprint = run_fingerprint(config, manifest, manifest.teacher["weights_sha256"], dist.world_size)
+    log = tqdm.write if config.progress and main else (lambda message: None)
     history, step_log, start_epoch = [], [], 0
     if config.resume and (out / CHECKPOINT_FILE).is_file():
         state = load_checkpoint(out / CHECKPOINT_FILE, fingerprint)
-        restore(state, student, optimizer, scheduler, out / CHECKPOINT_FILE)
+        restore(state, models, optimizer, scheduler, out / CHECKPOINT_FILE, dist.rank)
         history, step_log, start_epoch = state["history"], list(state.get("step_log", [])), state["epoch"]
     elif config.resume:
         log(f"no checkpoint in {out} yet: starting at epoch 1")
-    write_json_atomic(out / CONFIG_FILE, asdict(config))
+    models.model = wrap_student(student, device, dist.enabled, config.compile)
+    if teacher is not None:
+        models.teacher = wrap_teacher(to_memory_format(teacher, config.channels_last), config.compile)
+    if main:
+        write_json_atomic(out / CONFIG_FILE, asdict(config) | {"world_size": dist.world_size})
     teacher_top1 = evaluate_top1(teacher, eval_teacher, device, config.workers) if eval_teacher is not None else None
     if teacher_top1 is not None:
         log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
+    if dist.enabled:
+        log(f"{dist.world_size} processes ({distributed.backend_for(device)}), {len(loader)} steps of "
+            f"{dist.world_size} x {config.batch_size} images per epoch")
 
     for epoch in range(start_epoch, config.epochs):
         try:
             with torch.autograd.set_detect_anomaly(config.detect_anomaly):
-                stats = train_one_epoch(student, teacher, loader, optimizer, scheduler, config, epoch, device,
-                                        step_log)
+                stats = train_one_epoch(models, loader, optimizer, scheduler, config, epoch, device, step_log,
+                                        show=main)
             check_finite_weights(student)
         except ShardFormatError as e:
             # from a DataLoader worker the message carries the worker's traceback: keep its last line
@@ -496,28 +632,41 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs) -> dict:
             if config.detect_anomaly and "nan" in str(e).lower():
                 raise diverged(out, epoch, str(e).strip().splitlines()[0][:200]) from None
             raise
+        train_loss = distributed.all_reduce_mean(stats["train_loss"], device)
+        rank_rngs = distributed.all_gather_object(rng_states()) if dist.enabled else None
         top1 = evaluate_top1(student, eval_student, device, config.workers) if eval_student is not None else None
-        images = len(loader) * config.batch_size
-        history.append({"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": stats["lr"],
-                        "train_loss": stats["train_loss"], "eval_top1": top1, "seconds": stats["seconds"],
-                        "images_per_s": images / stats["seconds"]})
-        save_checkpoint(out / CHECKPOINT_FILE, student, optimizer, scheduler, epoch + 1, history, config, fingerprint,
-                        step_log)
+        images = len(loader) * config.batch_size * dist.world_size
+        row = {"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": stats["lr"], "train_loss": train_loss,
+               "eval_top1": top1, "seconds": stats["seconds"], "images_per_s": images / stats["seconds"]}
+        if models.ema is not None:
+            row[EMA_COLUMN] = (evaluate_top1(models.ema.module, eval_student, device, config.workers)
+                               if eval_student is not None else None)
+        history.append(row)
+        if not main:
+            continue
+        save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, epoch + 1, history, config, fingerprint,
+                        step_log, rank_rngs)
         fault_point("epoch-saved")
         write_metrics(out / METRICS_FILE, history)
         write_csv(out / STEPS_FILE, STEPS_COLUMNS, step_log)
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {stats['train_loss']:.4f}"
-            + (f", top-1 {top1:.2f}%" if top1 is not None else "") + f", {images / stats['seconds']:.0f} img/s")
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}"
+            + (f", top-1 {top1:.2f}%" if top1 is not None else "")
+            + (f", EMA top-1 {row[EMA_COLUMN]:.2f}%" if row.get(EMA_COLUMN) is not None else "")
+            + f", {images / stats['seconds']:.0f} img/s")
 
     final = history[-1]
-    save_model_checkpoint(out / STUDENT_FILE, student, extra={
-        "teacher_sha256": fingerprint["teacher_sha256"], "shards": str(Path(config.shards).resolve()),
-        "epochs": final["epoch"], "eval_top1": final["eval_top1"]})
+    if main:
+        extra = {"teacher_sha256": fingerprint["teacher_sha256"], "shards": str(Path(config.shards).resolve()),
+                 "epochs": final["epoch"], "eval_top1": final["eval_top1"]}
+        save_model_checkpoint(out / STUDENT_FILE, student, extra=extra)
+        if models.ema is not None:
+            save_model_checkpoint(out / EMA_FILE, models.ema.module, extra=extra | {"eval_top1": final.get(EMA_COLUMN)})
+    distributed.barrier()  # rank 0 has written everything
     seconds = sum(row["seconds"] for row in history)
     return {"eval_top1": final["eval_top1"], "teacher_top1": teacher_top1, "epochs": final["epoch"],
             "steps": final["step"], "train_loss": final["train_loss"],
-            "images_per_s": final["step"] * config.batch_size / seconds, "skipped_shards": len(inputs.skipped),
-            "out": str(out)}
+            "images_per_s": final["step"] * config.batch_size * dist.world_size / seconds,
+            "skipped_shards": len(inputs.skipped), "out": str(out)}
 
 
 def diverged(out: Path, epoch: int, reason: str) -> UserError:

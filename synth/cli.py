@@ -5,6 +5,7 @@
     synth methods                      # each method's options (--set key=value) and defaults
     synth verify shards/mnist          # check shards against the manifest
     synth inspect shards/mnist         # contact sheet, class histogram, per-class summary table
+    torchrun --nproc_per_node=4 -m synth generate ...   # 4 processes, each writes every 4th shard
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 
 import click
 
+from common import distributed
 from common.errors import UserError
 from common.shards import IMAGE_FORMATS, dataset_warnings, read_manifest, verify_dataset
 
@@ -52,7 +54,8 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=500, show_default=True, type=int, help="Images per batch when writing shards.")
 @click.option("--overwrite", is_flag=True, help="Delete earlier output in --out and start over.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads per process (default: torch's choice; under torchrun cores / processes).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, image_format, resolution,
                  num_classes, seed, batch_size, overwrite, threads, quiet):
@@ -60,6 +63,8 @@ def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, im
 
     Rerun the same command after an interruption to continue: finished shards are kept.
     """
+    if threads is None and distributed.info().enabled:
+        threads = distributed.default_threads()  # torch's default would give every rank all the cores
     if threads:
         import torch
 
@@ -68,7 +73,8 @@ def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, im
         teacher=teacher, weights=weights, out=out, method=method, method_options=_parse_sets(sets),
         num_images=num_images, shard_size=shard_size, image_format=image_format, resolution=resolution,
         num_classes=num_classes, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=not quiet))
-    click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
+    if distributed.info().is_main:
+        click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
 
 
 @main.command("methods")

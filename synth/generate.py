@@ -10,30 +10,43 @@ Restartable and deterministic:
   - one writer per folder (a lock file; a second `synth generate` into it is refused), temp files of
     killed writes are removed on start, and a full disk ends in a DiskFullError that names the file.
 
+Under torchrun (WORLD_SIZE > 1) the same call is one rank of a job: the method is fitted once
+(`SynthesisMethod.fit_parallel`: by default rank 0 fits and the others load its checkpoints; the
+generator ensemble splits its generators across ranks), rank r writes shards r, r + N, r + 2N, ...
+and records each finished one in `state/shards/<shard>.json`; rank 0 keeps the manifest and marks it
+complete once every rank is done. As shard i depends only on (seed, i), the union is what one process
+writes; a rerun (with any number of ranks) keeps every finished shard.
+
     from synth.generate import GenerateConfig, generate
     generate(GenerateConfig(teacher="lenet5", weights="teacher.pt", out="shards/mnist", num_images=50000))
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from common import distributed
 from common.errors import DiskFullError, UserError
 from common.faults import fault_point
 from common.fileio import (LOCK_NAME, canonical_json_sha256, folder_lock, is_temp_file, remove_stale_temps,
-                           sha256_file)
+                           sha256_file, write_json_atomic)
 from common.models import create_model, state_dict_sha256
-from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sample, read_manifest,
+from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sample, ShardRecord, read_manifest,
                            sample_key, shard_name, write_manifest, write_shard)
 
 from .methods import METHODS, build_method
 from .methods.base import seeded_generator
 
 STATE_DIR = "state"
+SHARD_RECORDS_DIR = "shards"  # inside STATE_DIR: one JSON record per finished shard (written by its rank)
+# Ranks wait at barriers while rank 0 (or another rank) fits the method: allow hours.
+DIST_TIMEOUT_MIN = 24 * 60
 
 
 @dataclass
@@ -55,8 +68,14 @@ class GenerateConfig:
 
 
 def generate(cfg: GenerateConfig) -> Manifest:
-    """Run stage one to completion (or continue an interrupted run). Returns the final manifest."""
+    """Run stage one to completion (or continue an interrupted run). Returns the final manifest.
+    Under torchrun, every rank calls this and writes its share of the shards."""
     _check_options(cfg)
+    with distributed.process_group("gloo", timeout_min=DIST_TIMEOUT_MIN) as dist:
+        return _generate(cfg, dist)
+
+
+def _generate(cfg: GenerateConfig, dist: distributed.DistInfo) -> Manifest:
     torch.manual_seed(cfg.seed)
     teacher = create_model(cfg.teacher, num_classes=cfg.num_classes, weights=cfg.weights,
                            input_size=cfg.resolution).eval()
@@ -73,27 +92,39 @@ def generate(cfg: GenerateConfig) -> Manifest:
               "num_images": cfg.num_images, "shard_size": cfg.shard_size, "image_format": cfg.image_format,
               "seed": cfg.seed}
     out = Path(cfg.out)
-    _make_folder(out)
-    with folder_lock(out, "synth generate"):
+    if dist.is_main:
+        _make_folder(out)
+    # one writer per folder: rank 0 holds the lock for the whole job, the other ranks are part of it
+    with folder_lock(out, "synth generate") if dist.is_main else contextlib.nullcontext():
         try:
-            return _write_dataset(cfg, out, method, teacher, config, teacher_record)
+            return _write_dataset(cfg, out, method, teacher, config, teacher_record, dist)
         except DiskFullError as e:
             raise e.with_fix("make room (free space, or raise the quota or limit) and rerun the same `synth generate`: "
                              "finished shards are kept") from None
 
 
-def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: dict) -> Manifest:
-    """Train the method and write every shard not yet finished (the caller holds the folder's lock)."""
-    manifest = _open_output(out, cfg, config, teacher_record, teacher.input_spec.num_classes)
-    for folder in (out, out / STATE_DIR):
-        if folder.is_dir():
-            remove_stale_temps(folder)
+def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: dict,
+                   dist: distributed.DistInfo) -> Manifest:
+    """Train the method and write every shard of this rank not yet finished (rank 0 holds the folder's lock)."""
+    num_classes = teacher.input_spec.num_classes
+    if dist.is_main:  # creates, checks or clears the folder; the other ranks then check what it wrote
+        manifest = _open_output(out, cfg, config, teacher_record, num_classes)
+        for folder in (out, out / STATE_DIR, out / STATE_DIR / SHARD_RECORDS_DIR):
+            if folder.is_dir():
+                remove_stale_temps(folder)
+    distributed.barrier()
+    if not dist.is_main:
+        manifest = _open_output(out, replace(cfg, overwrite=False), config, teacher_record, num_classes)
+    progress = cfg.progress and dist.is_main
 
-    method.fit(teacher, out / STATE_DIR, progress=cfg.progress, seed=cfg.seed)
+    method.fit_parallel(teacher, out / STATE_DIR, progress=progress, seed=cfg.seed, rank=dist.rank,
+                        world_size=dist.world_size, barrier=distributed.barrier)
 
     num_shards = -(-cfg.num_images // cfg.shard_size)
-    done = _finished_shards(out, manifest)
-    bar = tqdm(range(num_shards), desc="shards", disable=not cfg.progress, unit="shard")
+    mine = range(dist.rank, num_shards, dist.world_size)  # disjoint; their union is every shard
+    done = _finished_shards(out, manifest, mine)
+    bar = tqdm(mine, desc="shards" + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
+               disable=not progress, unit="shard")
     for index in bar:
         if index in done:
             continue
@@ -102,13 +133,22 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
         record = write_shard(out / shard_name(index), _shard_samples(cfg, method, teacher, index, indices),
                              cfg.image_format)
         fault_point("shard-done")
-        manifest.shards = sorted([r for r in manifest.shards if r.name != record.name] + [record],
-                                 key=lambda r: r.name)
-        write_manifest(out, manifest)
+        _write_shard_record(out, record)
+        if dist.is_main:  # the manifest has one writer; it lists every rank's shards finished so far
+            manifest.shards = _collect_records(out, manifest)
+            write_manifest(out, manifest)
         fault_point("shard-listed")
-    manifest.complete = True
-    write_manifest(out, manifest)
-    return manifest
+    distributed.barrier()  # every rank's shards are written
+    if dist.is_main:
+        manifest.shards = _collect_records(out, manifest)
+        missing = sorted(set(shard_name(i) for i in range(num_shards)) - {r.name for r in manifest.shards})
+        if missing:
+            raise UserError(f"{len(missing)} shards have no record after all ranks finished (first: {missing[0]}); "
+                            "rerun the same command to write them")
+        manifest.complete = True
+        write_manifest(out, manifest)
+    distributed.barrier()  # the manifest is complete
+    return manifest if dist.is_main else read_manifest(out)
 
 
 def _make_folder(out: Path) -> None:
@@ -165,13 +205,41 @@ def _clear_output(out: Path) -> None:
             shutil.rmtree(p)
 
 
-def _finished_shards(out: Path, manifest: Manifest) -> set[int]:
-    """Shards listed in the manifest whose file is present and intact (others are redone)."""
+def _record_path(out: Path, name: str) -> Path:
+    return out / STATE_DIR / SHARD_RECORDS_DIR / f"{name}.json"
+
+
+def _write_shard_record(out: Path, record: ShardRecord) -> None:
+    """Mark one shard finished (its rank's note for rank 0, which owns the manifest)."""
+    path = _record_path(out, record.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, asdict(record))
+
+
+def _collect_records(out: Path, manifest: Manifest) -> list[ShardRecord]:
+    """The manifest's shard records updated with every per-shard record present, sorted by name."""
+    records = {r.name: r for r in manifest.shards}
+    folder = out / STATE_DIR / SHARD_RECORDS_DIR
+    for path in sorted(folder.glob("shard-*.tar.json")) if folder.is_dir() else []:
+        try:
+            d = json.loads(path.read_text())
+            size = d.get("size")
+            records[d["name"]] = ShardRecord(str(d["name"]), int(d["num_samples"]), str(d["sha256"]),
+                                             None if size is None else int(size))
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged note: that shard is redone by a rerun
+    return sorted(records.values(), key=lambda r: r.name)
+
+
+def _finished_shards(out: Path, manifest: Manifest, indices: range) -> set[int]:
+    """Those of `indices` whose shard is recorded (manifest or per-shard note) and present and intact
+    (others are redone)."""
+    records = {r.name: r for r in _collect_records(out, manifest)}
     done = set()
-    for record in manifest.shards:
-        path = out / record.name
-        if path.is_file() and sha256_file(path) == record.sha256:
-            done.add(int(record.name[len("shard-"):-len(".tar")]))
+    for index in indices:
+        record, path = records.get(shard_name(index)), out / shard_name(index)
+        if record is not None and path.is_file() and sha256_file(path) == record.sha256:
+            done.add(index)
     return done
 
 

@@ -193,7 +193,7 @@ def test_resume_continues_where_it_stopped(data, tmp_path, monkeypatch):
     real_epoch, calls = train_module.train_one_epoch, []
 
     def interrupted_after_one_epoch(*args, **kwargs):
-        calls.append(kwargs.get("epoch", args[6]))
+        calls.append(kwargs.get("epoch", args[5]))
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)

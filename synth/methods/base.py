@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,17 @@ class SynthesisMethod:
 
     def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    def fit_parallel(self, teacher: nn.Module, state_dir: Path, progress: bool, seed: int, rank: int,
+                     world_size: int, barrier: Callable[[], None]) -> None:
+        """`fit` as rank `rank` of `world_size` processes that share `state_dir`; every rank returns
+        ready to `synthesize`. Default: rank 0 fits, then the others run `fit`, which (being
+        restartable) loads the finished checkpoints. Methods whose work splits override this."""
+        if rank == 0:
+            self.fit(teacher, state_dir, progress=progress, seed=seed)
+        barrier()
+        if rank != 0:
+            self.fit(teacher, state_dir, progress=False, seed=seed)
 
 
 def parse_config(config_cls: type, options: dict[str, Any]):

@@ -199,6 +199,21 @@ class GeneratorEnsemble(SynthesisMethod):
         """Loss terms a subclass adds (none here)."""
         return 0.0, {}
 
+    def fit_parallel(self, teacher, state_dir, progress, seed, rank, world_size, barrier) -> None:
+        """Rank r trains generators r, r + N, ... (each is seeded by its index alone, so the ensemble is
+        the one a single process trains); after a barrier every rank loads the others' checkpoints.
+        A subclass that overrides `fit` (e.g. with checks first) gets the default: rank 0 fits."""
+        if world_size == 1 or type(self).fit is not GeneratorEnsemble.fit:
+            return super().fit_parallel(teacher, state_dir, progress, seed, rank, world_size, barrier)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        paths = [state_dir / f"generator-{k:03d}.pt" for k in range(self.num_streams)]
+        for k in range(rank, self.num_streams, world_size):
+            self._fit_one(k, teacher, paths[k], progress, seed)
+        barrier()
+        for k in range(self.num_streams):
+            if k % world_size != rank:
+                self._fit_one(k, teacher, paths[k], False, seed)
+
     def _fit_one(self, k: int, teacher: nn.Module, path: Path, progress: bool, seed: int) -> None:
         cfg, spec = self.config, self.spec
         torch.manual_seed(seeded_generator(seed, k).initial_seed())

@@ -1,0 +1,86 @@
+"""Speed switches of the KD trainer and the pieces DDP needs; all off by default where they could
+change results.
+
+  amp            none | bf16 (autocast, CPU or GPU) | fp16 (autocast + GradScaler, GPU only)
+  channels_last  NHWC memory layout for student, teacher and input batches
+  compile        torch.compile of the student (after DDP wrapping) and of the teacher
+  ema_decay      an exponential moving average of the student's weights, updated every step
+
+Only the student is wrapped in DistributedDataParallel; the teacher is frozen and runs as is.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from common.errors import UserError
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    if amp not in AMP_MODES:
+        raise UserError(f"unknown --amp '{amp}'; use one of {', '.join(AMP_MODES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA GPU (its GradScaler is CUDA-only); use --amp bf16 on the CPU")
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context of one forward pass (a no-op for amp 'none')."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler that is active for fp16 only (disabled, it passes calls straight through)."""
+    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=amp == "fp16")
+
+
+def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def wrap_student(student: nn.Module, device: torch.device, distributed: bool, compile_: bool) -> nn.Module:
+    """The module the training step calls: the student, in DDP when distributed, compiled on request.
+    Parameters are shared with `student`, whose state_dict stays the one to save."""
+    model = student
+    if distributed:
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile_ else model
+
+
+def wrap_teacher(teacher: nn.Module, compile_: bool) -> nn.Module:
+    return torch.compile(teacher) if compile_ else teacher
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters: ema = decay * ema + (1 - decay) * param after
+    every optimiser step; buffers (BatchNorm statistics) are copied. `module` is evaluated and saved."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)

@@ -1,0 +1,114 @@
+"""The trainer's issue-4 switches: stored teacher logits, EMA, gradient clipping, label smoothing, bf16,
+persistent workers (tiny shards, one process)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from common.errors import UserError
+from common.models import create_model, load_model_checkpoint
+from common.shards import read_manifest
+from distill.data import Batch, ShardLoader
+from distill.throughput import ModelEma, grad_scaler
+from distill.train import Models, TrainConfig, distill_loss, kd_loss, train, train_one_epoch
+
+from test_distill import PER_SHARD, SHARDS, write_shard_folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_teacher_path):
+    teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
+    return write_shard_folder(tmp_path_factory.mktemp("options") / "shards", teacher, tiny_teacher_path, shards=4)
+
+
+def config(shards, out, **overrides) -> TrainConfig:
+    return TrainConfig(**dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=2, batch_size=16,
+                              workers=0, progress=False) | overrides)
+
+
+def test_stored_logits_need_the_stored_view(shards, tmp_path):
+    with pytest.raises(UserError, match="--aug none --mixup 0"):
+        train(config(shards, tmp_path / "a", teacher_logits="stored"))  # default aug translate
+    with pytest.raises(UserError, match="--aug none --mixup 0"):
+        train(config(shards, tmp_path / "b", teacher_logits="stored", aug="none", mixup=0.5))
+
+
+def test_stored_logits_are_the_targets_and_no_teacher_is_built(shards, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    student = create_model("lenet5_half")
+    batch = Batch(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.int64), torch.randn(8, 10))
+    cfg = config(shards, tmp_path, teacher_logits="stored", aug="none").resolved()
+    models = Models(student, student, None, None, grad_scaler("none", torch.device("cpu")))
+    expected = kd_loss(student(student.input_spec.normalize(batch.images)), batch.logits, cfg.temperature)
+    assert distill_loss(models, batch, cfg, torch.device("cpu")).item() == pytest.approx(expected.item(), rel=1e-6)
+
+    import distill.train as train_module
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("stored logits must not build the teacher")
+
+    monkeypatch.setattr(train_module, "load_teacher", no_teacher)
+    metrics = train(config(shards, tmp_path / "run", teacher_logits="stored", aug="none"))
+    assert metrics["epochs"] == 2 and metrics["teacher_top1"] is None
+    with pytest.raises(AssertionError, match="must not build"):
+        train(config(shards, tmp_path / "online"))
+
+
+def test_ema_is_the_running_average_and_is_saved(shards, tmp_path):
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEma(model, decay=0.75)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, 0.75 * before["weight"] + 0.25 * model.weight)
+
+    train(config(shards, tmp_path / "run", ema_decay=0.9, ce_weight=0.5, label_smoothing=0.1))
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert list(next(csv.reader(f)))[-1] == "ema_top1"
+    saved = load_model_checkpoint(tmp_path / "run" / "student_ema.pt")["state_dict"]
+    plain = load_model_checkpoint(tmp_path / "run" / "student.pt")["state_dict"]
+    assert saved.keys() == plain.keys() and not torch.equal(saved["head.2.weight"], plain["head.2.weight"])
+    with pytest.raises(UserError, match="also pass --ce-weight"):
+        train(config(shards, tmp_path / "ls", label_smoothing=0.1))
+
+
+def _last_grad_norm(shards, tmp_path, clip: float) -> float:
+    cfg = config(shards, tmp_path, clip_grad=clip).resolved()
+    torch.manual_seed(0)
+    teacher, student = create_model("lenet5").eval(), create_model("lenet5_half")
+    models = Models(student, student, teacher, teacher.input_spec, grad_scaler("none", torch.device("cpu")))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loader = ShardLoader(shards, read_manifest(shards), 16, workers=0, aug="none")
+    train_one_epoch(models, loader, optimizer, scheduler, cfg, 0, torch.device("cpu"))
+    return torch.cat([p.grad.flatten() for p in student.parameters()]).norm().item()
+
+
+def test_gradient_clipping_bounds_the_gradient_norm(shards, tmp_path):
+    assert _last_grad_norm(shards, tmp_path, 0.0) > 1e-3
+    assert _last_grad_norm(shards, tmp_path, 1e-3) <= 1e-3 * 1.0001
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_fp16_needs_a_gpu(shards, tmp_path):
+    metrics = train(config(shards, tmp_path / "bf16", amp="bf16", channels_last=True, epochs=1))
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+            train(config(shards, tmp_path / "fp16", amp="fp16"))
+
+
+def test_persistent_workers_follow_the_epochs(shards):
+    manifest = read_manifest(shards)
+
+    def orders(persistent: bool) -> list[list[int]]:
+        loader = ShardLoader(shards, manifest, batch_size=8, workers=2, aug="none", seed=3,
+                             persistent_workers=persistent)
+        return [torch.cat([b.index for b in loader.epoch(e)]).tolist() for e in (0, 1, 0)]
+
+    persistent, fresh = orders(True), orders(False)
+    assert persistent == fresh  # the same sample order per epoch as workers started per epoch
+    assert persistent[0] != persistent[1] and persistent[0] == persistent[2]
+    assert len(persistent[0]) == SHARDS * 2 * PER_SHARD // 8 * 8
