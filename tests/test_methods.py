@@ -202,3 +202,19 @@ def test_method_writes_valid_deterministic_shards(method, tiny_teacher_path, tmp
     if method == "muse":   # images 0-9 come from stream 0 (7 px), 10-19 stream 1 (14 px), 20-23 stream 2
         samples += list(read_shard(tmp_path / "a" / "shard-000001.tar"))
         assert [s.meta["resolution"] for s in samples[::10]] == [7, 14, 28]
+
+
+def test_muse_killed_during_generator_training_resumes_to_identical_bytes(tiny_teacher_path, tmp_path):
+    """MUSE's checkpoints (tuple-valued config, fixed embeddings) resume like the generator ensemble's."""
+    from test_faults import KILLED, run_forked
+
+    def config(out):
+        return GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), method="muse",
+                              method_options=dict(TINY_OPTIONS["muse"], steps="4"), num_images=24,
+                              shard_size=12, batch_size=12, image_format="npy", progress=False)
+
+    reference = generate(config(tmp_path / "ref"))
+    code, message = run_forked(lambda: generate(config(tmp_path / "out")), fault="generator-step:7")
+    assert code == KILLED, message              # killed in the second stream, after its step-2 checkpoint
+    resumed = generate(config(tmp_path / "out"))
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in reference.shards]
