@@ -86,6 +86,15 @@ def parse_config(config_cls: type, options: dict[str, Any]):
     return config
 
 
+def require_input_size(teacher: nn.Module, channels: int, size: int, fix: str) -> None:
+    """UserError (with `fix`) unless `teacher` runs on a (2, channels, size, size) batch."""
+    try:
+        with torch.no_grad():
+            teacher(torch.zeros(2, channels, size, size))
+    except RuntimeError:
+        raise UserError(f"the teacher cannot take {size} px inputs: {fix}") from None
+
+
 def seeded_generator(*parts: int) -> torch.Generator:
     """A CPU RNG whose seed is a fixed mix of integers (seed, shard, step, ...)."""
     seed = 0x9E3779B97F4A7C15

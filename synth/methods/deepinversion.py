@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from common.bn_stats import BNStatsLoss
 from common.errors import UserError
 
-from .base import SynthesisMethod
+from .base import SynthesisMethod, require_input_size
 
 
 @dataclass
@@ -83,13 +83,9 @@ class DeepInversion(SynthesisMethod):
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
         self.teacher = teacher
         if self.config.low_res_iterations:
-            half = self.spec.size // 2
-            try:
-                with torch.no_grad():
-                    teacher(torch.zeros(2, self.spec.channels, half, half))
-            except RuntimeError:
-                raise UserError(f"the teacher cannot take {half} px inputs: set low_res_iterations=0 "
-                                "(the half-resolution phase needs a teacher that accepts half-size images)") from None
+            require_input_size(teacher, self.spec.channels, self.spec.size // 2,
+                               "set low_res_iterations=0 (the half-resolution phase needs a teacher that "
+                               "accepts half-size images)")
 
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised values of pixel 0 and pixel 1, per channel."""

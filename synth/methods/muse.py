@@ -40,6 +40,7 @@ from common.cam import ClassActivationMaps, cam_coverage
 from common.errors import UserError
 from common.models import InputSpec
 
+from .base import require_input_size
 from .generator import ConditionalGenerator, GeneratorEnsemble, GeneratorEnsembleConfig
 
 UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
@@ -155,20 +156,9 @@ class Muse(GeneratorEnsemble):
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
         if self.config.teacher_input == "native":
             for size in sorted(set(self.resolutions)):
-                try:
-                    with torch.no_grad():
-                        teacher(torch.zeros(2, self.spec.channels, size, size))
-                except RuntimeError:
-                    raise UserError(f"the teacher cannot take {size} px inputs (teacher_input=native); use "
-                                    "teacher_input=upsampled or larger scales") from None
+                require_input_size(teacher, self.spec.channels, size,
+                                   "use teacher_input=upsampled or larger scales (teacher_input=native)")
         super().fit(teacher, state_dir, progress, seed)
 
-    @torch.no_grad()
-    def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(labels.shape[0], self.config.latent_dim, generator=generator) * self.config.sample_noise_scale
-        out = torch.empty(labels.shape[0], self.spec.channels, self.spec.size, self.spec.size)
-        for k in streams.unique().tolist():
-            idx = (streams == k).nonzero().squeeze(1)
-            out[idx] = self._upsample(self._render(k, self.generators[k], z[idx], labels[idx], generator)[0])
-        return out
-
+    def _stored_view(self, native: torch.Tensor, teacher_view: torch.Tensor) -> torch.Tensor:
+        return self._upsample(native)   # shards hold the teacher's size, whatever the teacher saw
