@@ -46,7 +46,10 @@ def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
 
 
 def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch's images on `device` as float pixels in [0, 1] (uint8 travels, and is converted there)."""
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 

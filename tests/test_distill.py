@@ -16,10 +16,11 @@ from PIL import Image
 import distill.train as train_module
 from common.errors import UserError
 from common.models import create_model, load_model_checkpoint, save_model_checkpoint, state_dict_sha256
-from common.shards import Manifest, Sample, read_manifest, write_manifest, write_shard
+from common.shards import Manifest, Sample, read_manifest, read_shard, write_manifest, write_shard
 from distill.cli import main
 from distill.data import Augmentation, Batch, EpochShardList, ShardLoader, random_crop_flip, random_translate
 from distill.engine import warmup_cosine
+from distill.throughput import batch_to
 from distill.teacher import TeacherConfig, train_teacher
 from distill.train import TrainConfig, kd_loss, train
 
@@ -118,6 +119,15 @@ def test_augmentations_shift_content_and_keep_shape():
     batch = Batch(x, torch.zeros(64, dtype=torch.int64), torch.zeros(64, 10))
     assert torch.equal(Augmentation("none", 16)(batch).images, x)
     assert Augmentation("crop-flip", 16)(batch).images.shape == x.shape
+    # the pipeline augments uint8 pixels: the same draws give the same images as on floats
+    pixels = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    for name in ("translate", "crop-flip"):
+        torch.manual_seed(1)
+        on_uint8 = Augmentation(name, 12)(batch._replace(images=pixels)).images
+        torch.manual_seed(1)
+        on_float = Augmentation(name, 12)(batch._replace(images=pixels.float() / 255)).images
+        assert on_uint8.dtype == torch.uint8 and not torch.equal(on_uint8, pixels)
+        assert torch.allclose(on_uint8.float() / 255, on_float)
     with pytest.raises(UserError, match="unknown augmentation"):
         Augmentation("rotate", 16)
 
@@ -146,8 +156,12 @@ def test_loader_epochs_have_fixed_length_and_are_reproducible(data, workers):
     epoch0 = list(loader.epoch(0))
     assert len(epoch0) == len(loader)
     batch = epoch0[0]
-    assert batch.images.shape == (10, 1, 28, 28) and batch.images.dtype == torch.float32
-    assert 0 <= batch.images.min() and batch.images.max() <= 1
+    assert batch.images.shape == (10, 1, 28, 28) and batch.images.dtype == torch.uint8
+    stored = {s.key: s.image for path in sorted(data["shards"].glob("shard-*.tar")) for s in read_shard(path)}
+    for image, index in zip(batch.images, batch.index.tolist()):  # the stored pixels, unchanged (aug none)
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), stored[f"sample-{index:08d}"])
+    pixels = batch_to(batch.images, torch.device("cpu"), channels_last=False)
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, batch.images.float() / 255)
     assert batch.labels.dtype == torch.int64 and batch.logits.shape == (10, 10)
     assert torch.equal(batch.labels, batch.logits.argmax(1))  # labels/logits stay paired through the shuffle
     assert all(torch.equal(a.images, b.images) for a, b in zip(epoch0, loader.epoch(0)))

@@ -42,7 +42,7 @@ def test_generate_writes_valid_balanced_shards(tiny_teacher_path, tmp_path):
     x = torch.from_numpy(samples[3].image.copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         expected = teacher(teacher.input_spec.normalize(x))[0].half()
-    assert torch.allclose(torch.from_numpy(samples[3].logits).float(), expected.float(), atol=1e-2)
+    assert torch.allclose(torch.tensor(samples[3].logits).float(), expected.float(), atol=1e-2)
     assert json.loads((tmp_path / "out" / "_info.json").read_text())["num_samples"] == 50
 
 
