@@ -12,7 +12,7 @@ Restartable and deterministic:
 
 Under torchrun (WORLD_SIZE > 1) the same call is one rank of a job: the method is fitted once
 (`SynthesisMethod.fit_parallel`: by default rank 0 fits and the others load its checkpoints; the
-generator ensemble splits its generators across ranks), rank r writes shards r, r + N, r + 2N, ...
+generator ensemble and MUSE split their generators across ranks), rank r writes shards r, r + N, r + 2N, ...
 and records each finished one in `state/shards/<shard>.json`; rank 0 keeps the manifest and marks it
 complete once every rank is done. As shard i depends only on (seed, i), the union is what one process
 writes; a rerun (with any number of ranks) keeps every finished shard.

@@ -110,6 +110,24 @@ def test_muse_generates_low_resolution_and_upsamples_for_the_teacher_and_the_sha
         _muse(spec, scales="0,1")
 
 
+def test_muse_splits_its_generators_across_ranks_like_the_ensemble(tiny_teacher_path, tmp_path):
+    """Under torchrun rank r trains streams r, r + N, ... before the barrier, then loads the others; the
+    ensemble equals the one a single process trains."""
+    teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval().requires_grad_(False)
+    spec = teacher.input_spec
+    single = _muse(spec, steps="2")
+    single.fit(teacher, tmp_path / "single", progress=False)
+    trained_before_barrier = []
+    rank1 = _muse(spec, steps="2")
+    rank1.fit_parallel(teacher, tmp_path / "split", False, 0, rank=1, world_size=2,
+                       barrier=lambda: trained_before_barrier.extend(sorted(p.name for p in (tmp_path / "split").iterdir())))
+    assert trained_before_barrier == ["generator-001.pt"]   # streams 0 and 2 are rank 0's
+    for a, b in zip(single.generators, rank1.generators):   # after the barrier it fills in the rest
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(UserError, match="cannot take 7 px"):   # the input check runs on every rank
+        _muse(spec, teacher_input="native").fit_parallel(teacher, tmp_path / "n", False, 0, 1, 2, lambda: None)
+
+
 def test_muse_native_input_refused_for_a_teacher_that_cannot_take_it(tiny_teacher_path, tmp_path):
     cfg = GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "o"), method="muse",
                          method_options={"steps": "1", "batch_size": "8", "width": "4", "latent_dim": "8",

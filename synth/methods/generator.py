@@ -172,7 +172,11 @@ class GeneratorEnsemble(SynthesisMethod):
     def num_streams(self) -> int:
         return self.config.num_generators
 
+    def check_teacher(self, teacher: nn.Module) -> None:
+        """UserError for a teacher this method cannot train against, before any training (none here)."""
+
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
+        self.check_teacher(teacher)
         state_dir.mkdir(parents=True, exist_ok=True)
         for k in range(self.num_streams):
             self._fit_one(k, teacher, state_dir / f"generator-{k:03d}.pt", progress, seed)
@@ -202,9 +206,10 @@ class GeneratorEnsemble(SynthesisMethod):
     def fit_parallel(self, teacher, state_dir, progress, seed, rank, world_size, barrier) -> None:
         """Rank r trains generators r, r + N, ... (each is seeded by its index alone, so the ensemble is
         the one a single process trains); after a barrier every rank loads the others' checkpoints.
-        A subclass that overrides `fit` (e.g. with checks first) gets the default: rank 0 fits."""
+        Subclasses put checks in `check_teacher`; one that overrides `fit` gets the default: rank 0 fits."""
         if world_size == 1 or type(self).fit is not GeneratorEnsemble.fit:
             return super().fit_parallel(teacher, state_dir, progress, seed, rank, world_size, barrier)
+        self.check_teacher(teacher)
         state_dir.mkdir(parents=True, exist_ok=True)
         paths = [state_dir / f"generator-{k:03d}.pt" for k in range(self.num_streams)]
         for k in range(rank, self.num_streams, world_size):

@@ -153,12 +153,11 @@ class Muse(GeneratorEnsemble):
         coverage = cam_coverage(hooks["cam"].maps(logits, labels)).mean()
         return self.config.cam_weight * (1 - coverage), {"cam": coverage.item()}
 
-    def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
+    def check_teacher(self, teacher: nn.Module) -> None:
         if self.config.teacher_input == "native":
             for size in sorted(set(self.resolutions)):
                 require_input_size(teacher, self.spec.channels, size,
                                    "use teacher_input=upsampled or larger scales (teacher_input=native)")
-        super().fit(teacher, state_dir, progress, seed)
 
     def _stored_view(self, native: torch.Tensor, teacher_view: torch.Tensor) -> torch.Tensor:
         return self._upsample(native)   # shards hold the teacher's size, whatever the teacher saw
