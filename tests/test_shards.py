@@ -141,3 +141,19 @@ def test_truncation_at_any_block_is_detected(tmp_path):
         (tmp_path / "t.tar").write_bytes(data[:cut])
         with pytest.raises(ShardFormatError, match="truncated"):
             list(read_shard(tmp_path / "t.tar"))
+
+
+def test_tar_header_checksum_is_exact_and_a_flipped_header_byte_is_refused(tmp_path):
+    from common.shards import _byte_sum
+    rng = np.random.default_rng(0)
+    for block in [bytes(512), b"\xff" * 512, *(rng.integers(0, 256, 512, dtype=np.uint8).tobytes() for _ in range(200))]:
+        assert _byte_sum(block) == sum(block)   # the Adler-32 shortcut never wraps on 512 bytes
+    write_shard(tmp_path / "s.tar", _samples(3))
+    data = bytearray((tmp_path / "s.tar").read_bytes())
+    assert len(list(read_shard(tmp_path / "s.tar"))) == 3
+    for offset in (0, 100, 124, 300, 511):       # name, mode, size, unused, last byte of the first header
+        bad = bytearray(data)
+        bad[offset] ^= 0x01
+        (tmp_path / "t.tar").write_bytes(bytes(bad))
+        with pytest.raises(ShardFormatError, match="checksum mismatch"):
+            list(read_shard(tmp_path / "t.tar"))
