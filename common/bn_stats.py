@@ -4,6 +4,10 @@ batch statistics of its *input* with the running statistics the teacher stored d
     with BNStatsLoss(teacher) as bn:
         logits = teacher(x)
         loss = bn.loss()          # sum over layers of ||mu - running_mean||_2 + ||var - running_var||_2
+
+Several generators can share one teacher pass: with `bn.chunks = K` the batch is K equal chunks (one
+per generator) and `loss()` returns the K per-chunk losses, each over its own images only, computed
+exactly as a pass of that chunk alone would.
 """
 from __future__ import annotations
 
@@ -25,19 +29,28 @@ class BNStatsLoss:
             raise ValueError(f"{type(model).__name__} has no BatchNorm layers to match statistics against")
         self.first_layer_weight = first_layer_weight
         self.per_layer: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.chunks = 1   # > 1: the batch is this many equal chunks, each matched on its own
         self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.layers)]
 
     def _make_hook(self, index: int):
-        def hook(module, inputs, output):
-            x = inputs[0]
+        def distance(module, x):
+            x = x.float()   # statistics in float32 under autocast (a no-op for float32 inputs)
             dims = [0] + list(range(2, x.dim()))
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, unbiased=False)
-            self.per_layer[index] = (torch.linalg.vector_norm(mean - module.running_mean)
-                                     + torch.linalg.vector_norm(var - module.running_var))
+            return (torch.linalg.vector_norm(mean - module.running_mean)
+                    + torch.linalg.vector_norm(var - module.running_var))
+
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if self.chunks == 1:
+                self.per_layer[index] = distance(module, x)
+            else:
+                self.per_layer[index] = torch.stack([distance(module, c) for c in x.chunk(self.chunks)])
         return hook
 
     def loss(self) -> torch.Tensor:
+        """The weighted sum over layers: a scalar, or (chunks,) per-chunk losses when chunks > 1."""
         if any(v is None for v in self.per_layer):
             raise RuntimeError("BNStatsLoss.loss() called before a forward pass of the hooked model")
         total = self.per_layer[0] * self.first_layer_weight

@@ -18,16 +18,18 @@ samples always give the same shard bytes and the same sha256.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
+import sys
 import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -36,13 +38,16 @@ from . import schema
 from .errors import UserError
 from .faults import fault_point
 from .fileio import atomic_open, is_temp_file, sha256_file, write_json_atomic
-from .models import InputSpec
+
+if TYPE_CHECKING:  # the models import torch; writer processes load this module without it
+    from .models import InputSpec
 
 FORMAT = "dfkd-webdataset"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "_info.json"
 IMAGE_FORMATS = ("png", "jpg", "npy")
+LOSSY_FORMATS = ("jpg",)       # the stored logits are for the decoded image, not the pixels before encoding
 MAX_IMAGE_PIXELS = 4096 * 4096  # refuse decompression bombs
 MAX_MEMBER_BYTES = 64 << 20     # no legitimate sample field is this large
 MAX_MANIFEST_BYTES = 64 << 20
@@ -164,13 +169,16 @@ def decode_image(data: bytes, image_format: str, max_pixels: int = MAX_IMAGE_PIX
     return image[:, :, None] if image.ndim == 2 else image
 
 
-def encode_sample(sample: Sample, image_format: str = "png") -> list[tuple[str, bytes]]:
-    """A sample -> its tar members as (name, bytes), in a fixed order."""
+def encode_sample(sample: Sample, image_format: str = "png", encoded_image: bytes | None = None
+                  ) -> list[tuple[str, bytes]]:
+    """A sample -> its tar members as (name, bytes), in a fixed order (`encoded_image`: the image's bytes
+    when already encoded, e.g. by `encode_images`)."""
     if "." in sample.key or "/" in sample.key:
         raise ValueError(f"sample keys must not contain dots or slashes: {sample.key!r}")
     logits = np.asarray(sample.logits, dtype=np.float16)
+    image = encode_image(sample.image, image_format) if encoded_image is None else encoded_image
     return [
-        (f"{sample.key}.{image_format}", encode_image(sample.image, image_format)),
+        (f"{sample.key}.{image_format}", image),
         (f"{sample.key}.cls", str(int(sample.label)).encode()),
         (f"{sample.key}.logits.npy", _npy_bytes(logits)),
         (f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True, separators=(",", ":")).encode()),
@@ -221,22 +229,92 @@ class ShardRecord:
     size: int | None = None    # bytes; absent in manifests written before it was recorded
 
 
+def tar_member(name: str, data: bytes) -> bytes:
+    """One tar member as `tarfile` writes it for this format: a USTAR header (mtime 0, mode 0444, uid/gid 0,
+    no user names), the data, NUL padding to a 512-byte block."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + bytes(-len(data) % 512)
+
+
+def encode_images(images: np.ndarray, image_format: str) -> tuple[list[bytes], np.ndarray | None]:
+    """Encode a batch of uint8 (B, H, W, C) images. For a lossy format (JPEG) also return the pixels a
+    reader decodes from those bytes, (B, H, W, C), which is what the teacher's stored logits must be for;
+    None for the lossless ones (the decoded image is the image)."""
+    encoded = [encode_image(image, image_format) for image in images]
+    if image_format not in LOSSY_FORMATS:
+        return encoded, None
+    return encoded, np.stack([decode_image(data, image_format) for data in encoded])
+
+
+def encode_segment(keys: list[str], images: np.ndarray | list[bytes], labels: list[int], logits: np.ndarray,
+                   metas: list[dict], image_format: str) -> bytes:
+    """The tar members of consecutive samples, concatenated (a shard is segments + `end_of_archive`).
+    `images`: uint8 (B, H, W, C) pixels to encode, or their encoded bytes (from `encode_images`).
+    Runs in `synth generate`'s writer processes: needs numpy and Pillow only."""
+    if not isinstance(images, list):
+        images = encode_images(images, image_format)[0]
+    parts = []
+    for key, image, label, row, meta in zip(keys, images, labels, logits, metas):
+        for name, data in encode_sample(Sample(key, None, label, row, meta), image_format, image):
+            parts.append(tar_member(name, data))
+    return b"".join(parts)
+
+
+def end_of_archive(size: int) -> bytes:
+    """What `tarfile` writes on close after `size` bytes of members: two zero blocks, then zeros up to a
+    multiple of its 10240-byte record."""
+    size += 2 * 512
+    return bytes(2 * 512 + (-size % tarfile.RECORDSIZE))
+
+
+class ShardFile:
+    """A shard being written from segments: atomic (temp name, fsync, rename on a clean exit), hashed while
+    written (no second read), closed as `tarfile` closes an archive. `record` is set after the block."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.count = self.size = 0
+        self.record: ShardRecord | None = None
+        self._hash = hashlib.sha256()
+
+    def __enter__(self) -> "ShardFile":
+        self._atomic = atomic_open(self.path, "wb")
+        self._file = self._atomic.__enter__()
+        return self
+
+    def write(self, segment: bytes, num_samples: int) -> None:
+        self._put(segment)
+        for _ in range(num_samples):
+            self.count += 1
+            fault_point("shard-sample")
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None:
+            try:
+                self._put(end_of_archive(self.size))
+            except BaseException:
+                self._atomic.__exit__(*sys.exc_info())
+                raise
+        suppressed = self._atomic.__exit__(*exc)
+        if exc[0] is None:
+            self.record = ShardRecord(self.path.name, self.count, self._hash.hexdigest(), self.size)
+        return bool(suppressed)
+
+
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample], image_format: str = "png") -> ShardRecord:
     """Write a complete shard atomically (temp name, fsync, rename). Same samples -> same bytes."""
-    path = Path(path)
-    count = 0
-    with atomic_open(path, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                for name, data in encode_sample(sample, image_format):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
-                count += 1
-                fault_point("shard-sample")
-    return ShardRecord(path.name, count, sha256_file(path), path.stat().st_size)
+    with ShardFile(path) as shard:
+        for sample in samples:
+            shard.write(b"".join(tar_member(name, data) for name, data in encode_sample(sample, image_format)), 1)
+    return shard.record
 
 
 def check_member(name: str, size: int) -> None:
@@ -351,7 +429,9 @@ class Manifest:
         return sum(s.num_samples for s in self.shards)
 
     @property
-    def input_spec(self) -> InputSpec:
+    def input_spec(self) -> "InputSpec":
+        from .models import InputSpec
+
         return InputSpec.from_dict(self.teacher["input_spec"])
 
     def to_dict(self) -> dict:

@@ -7,25 +7,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from common.accel import resolve_device  # noqa: F401 (re-exported)
 from common.errors import UserError
 
 from .data import real_batches
 
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_BATCH_SIZE = 512
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but no CUDA GPU is available; use --device cpu")
-    return device
 
 
 def build_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

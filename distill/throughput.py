@@ -1,5 +1,6 @@
 """Speed switches of the KD trainer and the pieces DDP needs; all off by default where they could
-change results.
+change results. The switches shared with `synth generate` (amp, channels_last, compile, the device) are
+defined in `common/accel.py`.
 
   amp            none | bf16 (autocast, CPU or GPU) | fp16 (autocast + GradScaler, GPU only)
   channels_last  NHWC memory layout for student, teacher and input batches
@@ -10,39 +11,14 @@ Only the student is wrapped in DistributedDataParallel; the teacher is frozen an
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from common.errors import UserError
-
-AMP_MODES = ("none", "bf16", "fp16")
-
-
-def check_amp(amp: str, device: torch.device) -> None:
-    if amp not in AMP_MODES:
-        raise UserError(f"unknown --amp '{amp}'; use one of {', '.join(AMP_MODES)}")
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA GPU (its GradScaler is CUDA-only); use --amp bf16 on the CPU")
-
-
-def autocast(amp: str, device: torch.device):
-    """The autocast context of one forward pass (a no-op for amp 'none')."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
-    """A GradScaler that is active for fp16 only (disabled, it passes calls straight through)."""
-    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=amp == "fp16")
-
-
-def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+from common.accel import (AMP_MODES, autocast, check_amp, compile_module, grad_scaler,  # noqa: F401 (re-exported)
+                          to_memory_format)
 
 
 def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -59,11 +35,11 @@ def wrap_student(student: nn.Module, device: torch.device, distributed: bool, co
     model = student
     if distributed:
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if compile_ else model
+    return compile_module(model, compile_)
 
 
 def wrap_teacher(teacher: nn.Module, compile_: bool) -> nn.Module:
-    return torch.compile(teacher) if compile_ else teacher
+    return compile_module(teacher, compile_)
 
 
 class ModelEma:

@@ -27,21 +27,24 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from common import distributed
+from common.accel import Compute, check_amp, compile_module, resolve_device
 from common.errors import DiskFullError, UserError
 from common.faults import fault_point
 from common.fileio import (LOCK_NAME, canonical_json_sha256, folder_lock, is_temp_file, remove_stale_temps,
                            sha256_file, write_json_atomic)
 from common.models import create_model, state_dict_sha256
-from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sample, ShardRecord, read_manifest,
-                           sample_key, shard_name, write_manifest, write_shard)
+from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, ShardRecord, read_manifest, sample_key,
+                           shard_name, write_manifest)
 
 from .methods import METHODS, build_method
 from .methods.base import seeded_generator
+from .writer import PixelBatch, WriterPool, default_workers, pixels_to_uint8, write_shard
 
 STATE_DIR = "state"
 SHARD_RECORDS_DIR = "shards"  # inside STATE_DIR: one JSON record per finished shard (written by its rank)
@@ -65,24 +68,36 @@ class GenerateConfig:
     batch_size: int = 500             # images per synthesis/teacher batch when writing shards
     overwrite: bool = False
     progress: bool = True
+    # where and how to compute (common/accel.py); amp, channels_last and compile may change the images
+    device: str = "auto"              # auto | cpu | cuda | cuda:N (under torchrun: each rank its LOCAL_RANK GPU)
+    amp: str = "none"                 # none | bf16 | fp16 (CUDA only)
+    channels_last: bool = False
+    compile: bool = False             # torch.compile teacher and generators
+    write_workers: int | None = None  # processes encoding the shards; None: cores - 1 (at most 16); 0: none
 
 
 def generate(cfg: GenerateConfig) -> Manifest:
     """Run stage one to completion (or continue an interrupted run). Returns the final manifest.
     Under torchrun, every rank calls this and writes its share of the shards."""
     _check_options(cfg)
-    with distributed.process_group("gloo", timeout_min=DIST_TIMEOUT_MIN) as dist:
-        return _generate(cfg, dist)
+    device = distributed.device_for(resolve_device(cfg.device))
+    check_amp(cfg.amp, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    compute = Compute(device, cfg.amp, cfg.channels_last, cfg.compile)
+    with distributed.process_group(distributed.backend_for(device), timeout_min=DIST_TIMEOUT_MIN) as dist:
+        return _generate(cfg, dist, compute)
 
 
-def _generate(cfg: GenerateConfig, dist: distributed.DistInfo) -> Manifest:
+def _generate(cfg: GenerateConfig, dist: distributed.DistInfo, compute: Compute) -> Manifest:
     torch.manual_seed(cfg.seed)
     teacher = create_model(cfg.teacher, num_classes=cfg.num_classes, weights=cfg.weights,
                            input_size=cfg.resolution).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     spec = teacher.input_spec
-    method = build_method(cfg.method, cfg.method_options, spec, cfg.num_images)
+    teacher = compute.model(teacher)
+    method = build_method(cfg.method, cfg.method_options, spec, cfg.num_images, compute)
     teacher_record = {
         "arch": cfg.teacher, "weights": cfg.weights,
         "weights_path": str(Path(cfg.weights).resolve()) if Path(cfg.weights).is_file() else None,
@@ -90,21 +105,21 @@ def _generate(cfg: GenerateConfig, dist: distributed.DistInfo) -> Manifest:
     config = {"method": cfg.method, "method_config": asdict(method.config), "teacher_arch": cfg.teacher,
               "teacher_sha256": teacher_record["weights_sha256"], "input_spec": spec.to_dict(),
               "num_images": cfg.num_images, "shard_size": cfg.shard_size, "image_format": cfg.image_format,
-              "seed": cfg.seed}
+              "seed": cfg.seed, "batch_size": cfg.batch_size, "compute": compute.hashed()}
     out = Path(cfg.out)
     if dist.is_main:
         _make_folder(out)
     # one writer per folder: rank 0 holds the lock for the whole job, the other ranks are part of it
     with folder_lock(out, "synth generate") if dist.is_main else contextlib.nullcontext():
         try:
-            return _write_dataset(cfg, out, method, teacher, config, teacher_record, dist)
+            return _write_dataset(cfg, out, method, teacher, config, teacher_record, dist, compute)
         except DiskFullError as e:
             raise e.with_fix("make room (free space, or raise the quota or limit) and rerun the same `synth generate`: "
                              "finished shards are kept") from None
 
 
 def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: dict,
-                   dist: distributed.DistInfo) -> Manifest:
+                   dist: distributed.DistInfo, compute: Compute) -> Manifest:
     """Train the method and write every shard of this rank not yet finished (rank 0 holds the folder's lock)."""
     num_classes = teacher.input_spec.num_classes
     if dist.is_main:  # creates, checks or clears the folder; the other ranks then check what it wrote
@@ -125,19 +140,22 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
     done = _finished_shards(out, manifest, mine)
     bar = tqdm(mine, desc="shards" + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
                disable=not progress, unit="shard")
-    for index in bar:
-        if index in done:
-            continue
-        first = index * cfg.shard_size
-        indices = range(first, min(first + cfg.shard_size, cfg.num_images))
-        record = write_shard(out / shard_name(index), _shard_samples(cfg, method, teacher, index, indices),
-                             cfg.image_format)
-        fault_point("shard-done")
-        _write_shard_record(out, record)
-        if dist.is_main:  # the manifest has one writer; it lists every rank's shards finished so far
-            manifest.shards = _collect_records(out, manifest)
-            write_manifest(out, manifest)
-        fault_point("shard-listed")
+    logits_of = _teacher_logits(teacher, compute)
+    workers = cfg.write_workers if cfg.write_workers is not None else default_workers(distributed.default_threads())
+    with WriterPool(workers if len(done) < len(mine) else 0) as pool:
+        for index in bar:
+            if index in done:
+                continue
+            first = index * cfg.shard_size
+            indices = range(first, min(first + cfg.shard_size, cfg.num_images))
+            record = write_shard(out / shard_name(index), _shard_batches(cfg, method, index, indices), logits_of,
+                                 method.labels_from_teacher, cfg.image_format, pool)
+            fault_point("shard-done")
+            _write_shard_record(out, record)
+            if dist.is_main:  # the manifest has one writer; it lists every rank's shards finished so far
+                manifest.shards = _collect_records(out, manifest)
+                write_manifest(out, manifest)
+            fault_point("shard-listed")
     distributed.barrier()  # every rank's shards are written
     if dist.is_main:
         manifest.shards = _collect_records(out, manifest)
@@ -168,6 +186,8 @@ def _check_options(cfg: GenerateConfig) -> None:
     for name in ("num_images", "shard_size", "batch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.write_workers is not None and cfg.write_workers < 0:
+        raise UserError("--write-workers must be at least 0 (0: encode in the main process)")
     if cfg.resolution is not None and cfg.resolution < 8:
         raise UserError("--resolution must be at least 8 pixels")
 
@@ -243,26 +263,30 @@ def _finished_shards(out: Path, manifest: Manifest, indices: range) -> set[int]:
     return done
 
 
-def _shard_samples(cfg: GenerateConfig, method, teacher, index: int, indices: range):
-    """Yield the samples of one shard: class-balanced labels, round-robin ensemble members, teacher logits
-    computed on the 8-bit image exactly as stored."""
+def _teacher_logits(teacher, compute: Compute):
+    """The teacher's logits (float32, on the device) for 8-bit (B, C, H, W) pixels, as a reader would feed
+    them: /255, then the teacher's mean and std."""
+    net = compile_module(teacher, compute.compile)
     spec = teacher.input_spec
+
+    @torch.no_grad()
+    def logits_of(pixels: torch.Tensor) -> torch.Tensor:
+        with compute.autocast():
+            return net(compute.batch(spec.normalize(pixels.float() / 255))).float()
+    return logits_of
+
+
+def _shard_batches(cfg: GenerateConfig, method, index: int, indices: range) -> Iterator[PixelBatch]:
+    """The batches of one shard: class-balanced labels, round-robin ensemble members, images from the
+    shard's own RNG (so a shard depends only on (seed, index)), as 8-bit pixels on the device."""
+    spec = method.spec
     rng = seeded_generator(cfg.seed, index)
     all_idx = torch.tensor(list(indices))
     for start in range(0, len(all_idx), cfg.batch_size):
         idx = all_idx[start:start + cfg.batch_size]
         labels = idx % spec.num_classes
         streams = (idx // spec.num_classes) % method.num_streams
-        images = method.synthesize(labels, streams, rng)
-        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-        with torch.no_grad():
-            logits = teacher(spec.normalize(pixels.float() / 255))
-        if method.labels_from_teacher:
-            labels = logits.argmax(1)
-        logits = logits.to(torch.float16).numpy()
-        pixels = pixels.permute(0, 2, 3, 1).contiguous().numpy()
-        for i in range(len(idx)):
-            j = int(idx[i])
-            yield Sample(key=sample_key(j), image=pixels[i], label=int(labels[i]), logits=logits[i],
-                         meta={"stream": int(streams[i]), "shard_seed": int(rng.initial_seed()),
-                               "resolution": method.stream_resolution(int(streams[i])), "method": cfg.method})
+        pixels = pixels_to_uint8(method.synthesize(labels, streams, rng))
+        metas = [{"stream": int(k), "shard_seed": int(rng.initial_seed()),
+                  "resolution": method.stream_resolution(int(k)), "method": cfg.method} for k in streams.tolist()]
+        yield PixelBatch([sample_key(int(j)) for j in idx], pixels, labels.to(pixels.device), metas)

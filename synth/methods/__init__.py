@@ -1,6 +1,7 @@
 """Synthesis methods, one file each. `METHODS` maps the CLI name to the class."""
 from __future__ import annotations
 
+from common.accel import Compute
 from common.models import InputSpec
 
 from .base import SynthesisMethod, parse_config
@@ -17,10 +18,15 @@ METHODS: dict[str, type[SynthesisMethod]] = {
 }
 
 
-def build_method(name: str, options: dict, spec: InputSpec, num_images: int) -> SynthesisMethod:
-    """The method `name` with its config parsed from `options` and sized for `num_images` images."""
+def build_method(name: str, options: dict, spec: InputSpec, num_images: int,
+                 compute: Compute | None = None) -> SynthesisMethod:
+    """The method `name` with its config parsed from `options` and sized for `num_images` images, computing
+    as `compute` says (default: the CPU, no speed switches)."""
     cls = METHODS[name]
     config = parse_config(cls.Config, options)
     if hasattr(config, "for_images"):
         config = config.for_images(num_images)
-    return cls(config, spec)
+    method = cls(config, spec)
+    if compute is not None:
+        method.compute = compute
+    return method

@@ -4,7 +4,7 @@ A method is one file in `synth/methods/` with a config dataclass and a class tha
   - `fit(teacher, state_dir, progress, seed)`: trains whatever it needs against the frozen teacher, restartably
     (checkpoints in `state_dir`; calling it again after a kill continues where it stopped);
   - `synthesize(labels, streams, generator)`: returns images in [0, 1], (B, C, H, W), at the
-    teacher's input size, for the given target classes. `streams` says which ensemble member
+    teacher's input size, for the given target classes, on `self.compute.device`. `streams` says which ensemble member
     (or other sub-source) makes each image; `generator` is the torch RNG to draw noise from, so
     that a shard's content depends only on its seed.
 """
@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from common.accel import Compute
 from common.errors import UserError
 
 
@@ -24,6 +25,7 @@ class SynthesisMethod:
     name: str = ""
     Config: type = object
     labels_from_teacher = False   # True: a sample's class is the teacher's argmax, not the requested one
+    compute = Compute()           # device and speed switches (set by `build_method`); noise is drawn on the CPU
 
     def __init__(self, config, spec):
         self.config = config
@@ -88,9 +90,10 @@ def parse_config(config_cls: type, options: dict[str, Any]):
 
 def require_input_size(teacher: nn.Module, channels: int, size: int, fix: str) -> None:
     """UserError (with `fix`) unless `teacher` runs on a (2, channels, size, size) batch."""
+    device = next(teacher.parameters(), torch.empty(0)).device
     try:
         with torch.no_grad():
-            teacher(torch.zeros(2, channels, size, size))
+            teacher(torch.zeros(2, channels, size, size, device=device))
     except RuntimeError:
         raise UserError(f"the teacher cannot take {size} px inputs: {fix}") from None
 

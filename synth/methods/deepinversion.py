@@ -22,6 +22,7 @@ bytes depend only on its seed.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.accel import compile_module, grad_scaler
 from common.bn_stats import BNStatsLoss
 from common.errors import UserError
 
@@ -79,23 +81,38 @@ class DeepInversion(SynthesisMethod):
     def __init__(self, config: DeepInversionConfig, spec):
         super().__init__(config, spec)
         self.teacher: nn.Module | None = None
+        self.net: nn.Module | None = None   # the teacher as the optimisation calls it (compiled with --compile)
+        self._bn: BNStatsLoss | None = None
 
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
         self.teacher = teacher
+        self.net = teacher  # compiled lazily by synthesize, after its hooks are in place
         if self.config.low_res_iterations:
             require_input_size(teacher, self.spec.channels, self.spec.size // 2,
                                "set low_res_iterations=0 (the half-resolution phase needs a teacher that "
                                "accepts half-size images)")
 
+    def _bn_hooks(self):
+        """The BN-statistics hooks for one batch's optimisation. With --compile they are installed once
+        and kept (the compiled teacher traces them on its first call and must keep seeing the same ones)."""
+        if not self.compute.compile:
+            return BNStatsLoss(self.teacher, self.config.first_bn_weight)
+        if self._bn is None:
+            self._bn = BNStatsLoss(self.teacher, self.config.first_bn_weight)
+            self.net = compile_module(self.teacher, True)
+        return contextlib.nullcontext(self._bn)
+
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised values of pixel 0 and pixel 1, per channel."""
-        zero = self.spec.normalize(torch.zeros(1, self.spec.channels, 1, 1))
-        one = self.spec.normalize(torch.ones(1, self.spec.channels, 1, 1))
+        """The normalised values of pixel 0 and pixel 1, per channel (on the device)."""
+        device = self.compute.device
+        zero = self.spec.normalize(torch.zeros(1, self.spec.channels, 1, 1, device=device))
+        one = self.spec.normalize(torch.ones(1, self.spec.channels, 1, 1, device=device))
         return zero, one
 
     def loss_terms(self, x: torch.Tensor, labels: torch.Tensor, bn: BNStatsLoss) -> dict[str, torch.Tensor]:
         """Every term of the loss for the teacher's view x (normalised space), after a teacher forward."""
-        logits = self.teacher(x)
+        with self.compute.autocast():
+            logits = self.net(x).float()
         cfg = self.config
         terms = {"ce": F.cross_entropy(logits, labels), "bn": bn.loss(), "tv": tv_l2(x),
                  "l2": torch.linalg.vector_norm(x)}
@@ -106,14 +123,16 @@ class DeepInversion(SynthesisMethod):
     def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.teacher is None:
             raise RuntimeError("DeepInversion.synthesize called before fit()")
-        cfg, spec = self.config, self.spec
+        cfg, spec, compute = self.config, self.spec, self.compute
         lo, hi = self._bounds()
-        x = torch.randn(labels.shape[0], spec.channels, spec.size, spec.size, generator=generator)
+        x = compute.batch(torch.randn(labels.shape[0], spec.channels, spec.size, spec.size, generator=generator))
+        labels = labels.to(compute.device)
         x = torch.max(torch.min(x, hi), lo).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+        scaler = grad_scaler(compute.amp, compute.device)
         best, best_loss = x.detach().clone(), float("inf")
         schedule = [(True, cfg.low_res_iterations), (False, cfg.iterations)]
-        with torch.enable_grad(), BNStatsLoss(self.teacher, cfg.first_bn_weight) as bn:
+        with torch.enable_grad(), self._bn_hooks() as bn:
             for low_res, iterations in schedule:
                 for _ in range(iterations):
                     view = jitter_flip(x, cfg.jitter // 2 if low_res else cfg.jitter, cfg.flip, generator)
@@ -123,10 +142,11 @@ class DeepInversion(SynthesisMethod):
                     if not low_res and loss.item() < best_loss:   # the loss belongs to x before this step
                         best_loss, best = loss.item(), x.detach().clone()
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                     with torch.no_grad():
                         x.copy_(torch.max(torch.min(x, hi), lo))
-        std = torch.tensor(spec.std).view(1, -1, 1, 1)
-        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std, device=compute.device).view(1, -1, 1, 1)
+        mean = torch.tensor(spec.mean, device=compute.device).view(1, -1, 1, 1)
         return (best * std + mean).clamp(0, 1)

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.accel import compile_module, grad_scaler
 from common.bn_stats import BNStatsLoss
 from common.errors import UserError
 from common.faults import fault_point
@@ -63,12 +64,16 @@ class GeneratorEnsembleConfig:
     proxy_student: str = "lenet5_half"   # used only when adversarial_weight > 0
     proxy_lr: float = 1e-3
     checkpoint_every: int = 50
+    concurrent_generators: int = 0    # generators sharing each teacher pass in training; 0 = all (fewer
+                                      # while a GPU runs out of memory); each keeps its own loss
     sample_noise_scale: float = 1.0   # std of z when writing shards (> 1 reaches further from the modes)
 
     def validate(self) -> None:
         for name in ("num_generators", "batch_size", "latent_dim", "width", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"generator option {name} must be >= 1")
+        if self.concurrent_generators < 0:
+            raise UserError("generator option concurrent_generators must be >= 0 (0 = all at once)")
         if self.steps < 0:
             raise UserError("generator option steps must be >= 0 (0 = auto)")
 
@@ -158,6 +163,23 @@ def class_balance_loss(logits: torch.Tensor) -> torch.Tensor:
     return (p * torch.log(p + 1e-8)).sum()
 
 
+@dataclass
+class _Member:
+    """A generator being trained: its index, checkpoint, modules, optimisers and the step it starts at."""
+
+    k: int
+    path: Path
+    gen: nn.Module
+    opt: torch.optim.Optimizer
+    proxy: nn.Module | None
+    proxy_opt: torch.optim.Optimizer | None
+    start: int
+    net: nn.Module | None = None   # what the training step calls: gen, or gen compiled
+
+    def __post_init__(self):
+        self.net = self.net or self.gen
+
+
 class GeneratorEnsemble(SynthesisMethod):
     """Luo et al. 2020: an ensemble of class-conditional generators trained on teacher BN statistics."""
 
@@ -167,6 +189,7 @@ class GeneratorEnsemble(SynthesisMethod):
     def __init__(self, config: GeneratorEnsembleConfig, spec: InputSpec):
         super().__init__(config, spec)
         self.generators: list[nn.Module | None] = [None] * self.num_streams   # filled by fit()
+        self._compiled: dict[int, nn.Module] = {}
 
     @property
     def num_streams(self) -> int:
@@ -176,10 +199,7 @@ class GeneratorEnsemble(SynthesisMethod):
         """UserError for a teacher this method cannot train against, before any training (none here)."""
 
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
-        self.check_teacher(teacher)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        for k in range(self.num_streams):
-            self._fit_one(k, teacher, state_dir / f"generator-{k:03d}.pt", progress, seed)
+        self._fit_generators(list(range(self.num_streams)), teacher, state_dir, progress, seed)
 
     def _new_generator(self, k: int) -> nn.Module:
         """Ensemble member k, freshly initialised (the caller seeds torch)."""
@@ -191,6 +211,10 @@ class GeneratorEnsemble(SynthesisMethod):
         x = gen(z, labels)
         return x, x
 
+    def _view_size(self, k: int) -> int:
+        """The size of the images the teacher sees from generator k (generators of one size share passes)."""
+        return self.spec.size
+
     def _hooks(self, teacher: nn.Module, stack: contextlib.ExitStack) -> dict:
         """Teacher hooks for the loss terms: BN statistics, and penultimate features if used."""
         hooks = {"bn": stack.enter_context(BNStatsLoss(teacher, self.config.first_bn_weight))}
@@ -199,63 +223,173 @@ class GeneratorEnsemble(SynthesisMethod):
         return hooks
 
     def _extra_loss(self, hooks: dict, logits: torch.Tensor, labels: torch.Tensor,
-                    x: torch.Tensor) -> tuple[torch.Tensor | float, dict[str, float]]:
-        """Loss terms a subclass adds (none here)."""
-        return 0.0, {}
+                    chunks: int) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Loss terms a subclass adds, per chunk of the batch ((chunks,) tensors; none here)."""
+        return None, {}
 
     def fit_parallel(self, teacher, state_dir, progress, seed, rank, world_size, barrier) -> None:
         """Rank r trains generators r, r + N, ... (each is seeded by its index alone, so the ensemble is
-        the one a single process trains); after a barrier every rank loads the others' checkpoints.
-        Subclasses put checks in `check_teacher`; one that overrides `fit` gets the default: rank 0 fits."""
-        if world_size == 1 or type(self).fit is not GeneratorEnsemble.fit:
-            return super().fit_parallel(teacher, state_dir, progress, seed, rank, world_size, barrier)
+        the one a single process trains); after a barrier every rank loads the others' checkpoints."""
+        if world_size == 1:
+            return self.fit(teacher, state_dir, progress=progress, seed=seed)
+        mine = list(range(rank, self.num_streams, world_size))
+        self._fit_generators(mine, teacher, state_dir, progress, seed)
+        barrier()
+        others = [k for k in range(self.num_streams) if k not in mine]
+        self._fit_generators(others, teacher, state_dir, False, seed)
+
+    def _fit_generators(self, ks: list[int], teacher: nn.Module, state_dir: Path, progress: bool, seed: int) -> None:
+        """Train generators `ks` (restartably: each continues from its checkpoint) concurrently, then load them."""
         self.check_teacher(teacher)
         state_dir.mkdir(parents=True, exist_ok=True)
-        paths = [state_dir / f"generator-{k:03d}.pt" for k in range(self.num_streams)]
-        for k in range(rank, self.num_streams, world_size):
-            self._fit_one(k, teacher, paths[k], progress, seed)
-        barrier()
-        for k in range(self.num_streams):
-            if k % world_size != rank:
-                self._fit_one(k, teacher, paths[k], False, seed)
+        members = [self._member(k, state_dir / f"generator-{k:03d}.pt", seed) for k in ks]
+        pending = [m for m in members if m.start < self.config.steps]
+        if pending:
+            self._train(pending, teacher, progress, seed)
+        for m in members:
+            self._restore(m.path, m.gen)
+            self.generators[m.k] = m.gen.eval()
 
-    def _fit_one(self, k: int, teacher: nn.Module, path: Path, progress: bool, seed: int) -> None:
-        cfg, spec = self.config, self.spec
+    def _member(self, k: int, path: Path, seed: int) -> "_Member":
+        """Generator k with its optimiser (and proxy student), initialised from its seed alone on the CPU,
+        moved to the device, restored from its checkpoint when there is one."""
+        cfg, spec, compute = self.config, self.spec, self.compute
         torch.manual_seed(seeded_generator(seed, k).initial_seed())
-        gen = self._new_generator(k)
+        gen = compute.model(self._new_generator(k))
         opt = torch.optim.Adam(gen.parameters(), cfg.lr, betas=(0.5, 0.999))
         proxy = proxy_opt = None
         if cfg.adversarial_weight > 0:
-            proxy = create_model(cfg.proxy_student, num_classes=spec.num_classes, in_chans=spec.channels,
-                                 input_size=spec.size)
+            proxy = compute.model(create_model(cfg.proxy_student, num_classes=spec.num_classes,
+                                               in_chans=spec.channels, input_size=spec.size))
             proxy_opt = torch.optim.Adam(proxy.parameters(), cfg.proxy_lr)
-        start = 0
-        if path.exists():
-            start = self._restore(path, gen, opt, proxy, proxy_opt)
-        if start < cfg.steps:
-            half = max(1, cfg.batch_size // 2)  # image i and i + half share a label (mode-seeking pairs)
-            labels = torch.arange(cfg.batch_size) % half % spec.num_classes
-            gen.train()
-            bar = tqdm(range(start, cfg.steps), desc=f"{self.name} {k + 1}/{self.num_streams}",
-                       initial=start, total=cfg.steps, disable=not progress, leave=False)
-            with contextlib.ExitStack() as stack:
-                hooks = self._hooks(teacher, stack)
-                for step in bar:
-                    z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=seeded_generator(seed, k, step))
+        start = self._restore(path, gen, opt, proxy, proxy_opt) if path.exists() else 0
+        return _Member(k, path, gen, opt, proxy, proxy_opt, start, compile_module(gen, compute.compile))
+
+    def _train(self, members: list["_Member"], teacher: nn.Module, progress: bool, seed: int) -> None:
+        """The training loop of several generators at once. Each step, the generators of one view size
+        share one teacher pass (up to `concurrent_generators` of them; 0 = all, halved while a GPU runs out
+        of memory); each one's loss is computed over its own images only, so its training is the one it
+        would have alone (bit-identical on the CPU, tested)."""
+        cfg, compute = self.config, self.compute
+        for m in members:
+            m.gen.train()
+        group = cfg.concurrent_generators or len(members)
+        scaler = grad_scaler(compute.amp, compute.device)
+        names = f"{members[0].k + 1}" if len(members) == 1 else f"{members[0].k + 1}-{members[-1].k + 1}"
+        first = min(m.start for m in members)
+        bar = tqdm(range(first, cfg.steps), desc=f"{self.name} {names}/{self.num_streams}", initial=first,
+                   total=cfg.steps, disable=not progress, leave=False)
+        with contextlib.ExitStack() as stack:
+            hooks = self._hooks(teacher, stack)
+            net = compile_module(teacher, compute.compile and "cam" not in hooks)  # CAM needs eager (see README)
+            for step in bar:
+                active = [m for m in members if m.start <= step]
+                while True:
                     try:
-                        terms = self._step(k, gen, opt, teacher, hooks, proxy, proxy_opt, z, labels,
-                                           seeded_generator(seed, k, step, 1))
-                    except FloatingPointError as e:
-                        kept = f"its last checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
-                        raise UserError(f"{self.name} {k + 1} diverged at step {step + 1} ({e}); {kept}. Lower "
-                                        "--set lr=... (or the loss weights) and rerun with --overwrite or another "
-                                        "--out") from None
+                        outputs = [out for part in self._parts(active, group)
+                                   for out in self._forward_backward(part, net, hooks, scaler, seed, step)]
+                        break
+                    except torch.OutOfMemoryError:
+                        if group == 1 or cfg.concurrent_generators:
+                            raise UserError(f"out of GPU memory training {len(active) if group > 1 else 1} "
+                                            f"generator(s) at once with batch {cfg.batch_size}: lower --set "
+                                            "concurrent_generators=... or --set batch_size=...") from None
+                        group = max(1, group // 2)
+                        torch.cuda.empty_cache()
+                for m, (terms, x, logits) in zip(active, outputs):
+                    scaler.step(m.opt)
+                    if m.proxy is not None:
+                        self._train_proxy(m, x, logits)
+                scaler.update()
+                for m, (terms, _, _) in zip(active, outputs):
                     fault_point("generator-step")
                     if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                        self._save(path, gen, opt, proxy, proxy_opt, step + 1)
-                    bar.set_postfix({k_: f"{v:.3f}" for k_, v in terms.items()})
-        self._restore(path, gen)
-        self.generators[k] = gen.eval()
+                        self._save(m, step + 1)
+                if progress and (step % 10 == 0 or step + 1 == cfg.steps):
+                    bar.set_postfix({name: f"{v.item():.3f}" for name, v in outputs[0][0].items()})
+        if compute.compile:  # the traced hooks must not outlive them: the writing path compiles afresh
+            torch._dynamo.reset()
+
+    def _parts(self, active: list["_Member"], group: int) -> list[list["_Member"]]:
+        """`active` in teacher passes: same view size, at most `group` generators each, in order."""
+        by_size: dict[int, list] = {}
+        for m in active:
+            by_size.setdefault(self._view_size(m.k), []).append(m)
+        return [ms[i:i + group] for ms in by_size.values() for i in range(0, len(ms), group)]
+
+    def _forward_backward(self, part: list["_Member"], teacher: nn.Module, hooks: dict, scaler, seed: int,
+                          step: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """One teacher pass over the images of the generators in `part`; each generator's loss over its own
+        chunk, backpropagated (grads accumulate in each generator). Per generator: (terms, images, logits)."""
+        cfg, spec, compute = self.config, self.spec, self.compute
+        n, b = len(part), cfg.batch_size
+        half = max(1, b // 2)  # image i and i + half share a label (mode-seeking pairs)
+        labels = (torch.arange(b) % half % spec.num_classes).to(compute.device)
+        zs, natives, views = [], [], []
+        for m in part:
+            m.opt.zero_grad(set_to_none=True)
+            z = compute.batch(torch.randn(b, cfg.latent_dim, generator=seeded_generator(seed, m.k, step)))
+            with compute.autocast():
+                x_native, x = self._render(m.k, m.net, z, labels, seeded_generator(seed, m.k, step, 1))
+            zs.append(z)
+            natives.append(x_native.float())
+            views.append(x.float())
+        x_all = views[0] if n == 1 else torch.cat(views)
+        hooks["bn"].chunks = n
+        with compute.autocast():
+            logits_all = teacher(compute.batch(spec.normalize(x_all))).float()
+        bn = hooks["bn"].loss().reshape(n)
+        extra, extra_terms = self._extra_loss(hooks, logits_all, labels.repeat(n), n)
+        features = hooks["features"].value.float().chunk(n) if cfg.feature_diversity_weight else None
+        logits_chunks = logits_all.chunk(n) if n > 1 else [logits_all]
+        losses, outputs = [], []
+        for i, m in enumerate(part):
+            logits = logits_chunks[i]
+            ce = F.cross_entropy(logits, labels)
+            loss = cfg.bn_weight * bn[i] + cfg.ce_weight * ce
+            terms = {"bn": bn[i].detach(), "ce": ce.detach()}
+            if cfg.balance_weight:
+                loss = loss + cfg.balance_weight * class_balance_loss(logits)
+            if cfg.diversity_weight:
+                div = mode_seeking_loss(natives[i], zs[i])
+                loss = loss + cfg.diversity_weight * div
+                terms["div"] = div.detach()
+            if cfg.feature_diversity_weight:
+                fdiv = feature_mode_seeking_loss(features[i], zs[i])
+                loss = loss + cfg.feature_diversity_weight * fdiv
+                terms["fdiv"] = fdiv.detach()
+            if extra is not None:
+                loss = loss + extra[i]
+                terms.update({name: v[i].detach() for name, v in extra_terms.items()})
+            if m.proxy is not None:
+                m.proxy.eval()
+                with compute.autocast():
+                    student = m.proxy(compute.batch(spec.normalize(views[i]))).float()
+                adv = masked_disagreement(student, logits)
+                loss = loss - cfg.adversarial_weight * adv
+                terms["adv"] = adv.detach()
+            losses.append(loss)
+            outputs.append((terms, views[i].detach(), logits.detach()))
+        total = losses[0] if n == 1 else torch.stack(losses).sum()
+        if not torch.isfinite(total):
+            bad = next(i for i, v in enumerate(losses) if not torch.isfinite(v))
+            m = part[bad]
+            kept = f"its last checkpoint {m.path} is kept" if m.path.exists() else "no checkpoint was written"
+            raise UserError(f"{self.name} {m.k + 1} diverged at step {step + 1} (loss is {losses[bad].item()}); "
+                            f"{kept}. Lower --set lr=... (or the loss weights) and rerun with --overwrite or "
+                            "another --out")
+        scaler.scale(total).backward()
+        return outputs
+
+    def _train_proxy(self, m: "_Member", x: torch.Tensor, logits: torch.Tensor) -> None:
+        """The proxy student learns the teacher on the generator's new images (KD)."""
+        m.proxy.train()
+        with self.compute.autocast():
+            student = m.proxy(self.compute.batch(self.spec.normalize(x))).float()
+        kd = F.kl_div(F.log_softmax(student, 1), F.log_softmax(logits, 1), reduction="batchmean", log_target=True)
+        m.proxy_opt.zero_grad(set_to_none=True)
+        kd.backward()
+        m.proxy_opt.step()
 
     def _restore(self, path: Path, gen, opt=None, proxy=None, proxy_opt=None) -> int:
         """Load a training checkpoint (tensors only, weights_only=True) into the given objects; its step."""
@@ -275,63 +409,33 @@ class GeneratorEnsemble(SynthesisMethod):
             raise UserError(f"{path} does not hold a checkpoint of this generator ({type(e).__name__}); "
                             f"{fix}") from None
 
-    def _step(self, k, gen, opt, teacher, hooks, proxy, proxy_opt, z, labels, step_rng) -> dict[str, float]:
-        cfg, spec = self.config, self.spec
-        x_native, x = self._render(k, gen, z, labels, step_rng)
-        logits = teacher(spec.normalize(x))
-        bn = hooks["bn"].loss()
-        ce = F.cross_entropy(logits, labels)
-        loss = cfg.bn_weight * bn + cfg.ce_weight * ce
-        terms = {"bn": bn.item(), "ce": ce.item()}
-        if cfg.balance_weight:
-            loss = loss + cfg.balance_weight * class_balance_loss(logits)
-        if cfg.diversity_weight:
-            div = mode_seeking_loss(x_native, z)
-            loss = loss + cfg.diversity_weight * div
-            terms["div"] = div.item()
-        if cfg.feature_diversity_weight:
-            fdiv = feature_mode_seeking_loss(hooks["features"].value, z)
-            loss = loss + cfg.feature_diversity_weight * fdiv
-            terms["fdiv"] = fdiv.item()
-        extra, extra_terms = self._extra_loss(hooks, logits, labels, x)
-        loss = loss + extra
-        terms.update(extra_terms)
-        if proxy is not None:
-            proxy.eval()
-            adv = masked_disagreement(proxy(spec.normalize(x)), logits)
-            loss = loss - cfg.adversarial_weight * adv
-            terms["adv"] = adv.item()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if proxy is not None:  # the proxy student learns the teacher on the new images
-            proxy.train()
-            xd = x.detach()
-            kd = F.kl_div(F.log_softmax(proxy(spec.normalize(xd)), 1), F.log_softmax(logits.detach(), 1),
-                          reduction="batchmean", log_target=True)
-            proxy_opt.zero_grad(set_to_none=True)
-            kd.backward()
-            proxy_opt.step()
-        return terms
-
-    def _save(self, path, gen, opt, proxy, proxy_opt, step) -> None:
-        state = {"config": asdict(self.config), "step": step, "generator": gen.state_dict(),
-                 "optimizer": opt.state_dict()}
-        if proxy is not None:
-            state["proxy"] = proxy.state_dict()
-            state["proxy_optimizer"] = proxy_opt.state_dict()
-        save_torch_atomic(path, state)
+    def _save(self, m: "_Member", step: int) -> None:
+        state = {"config": asdict(self.config), "step": step, "generator": m.gen.state_dict(),
+                 "optimizer": m.opt.state_dict()}
+        if m.proxy is not None:
+            state["proxy"] = m.proxy.state_dict()
+            state["proxy_optimizer"] = m.proxy_opt.state_dict()
+        save_torch_atomic(m.path, state)
 
     @torch.no_grad()
     def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        compute = self.compute
         z = torch.randn(labels.shape[0], self.config.latent_dim, generator=generator) * self.config.sample_noise_scale
-        out = torch.empty(labels.shape[0], self.spec.channels, self.spec.size, self.spec.size)
+        z, labels = compute.batch(z), labels.to(compute.device)
+        out = torch.empty(labels.shape[0], self.spec.channels, self.spec.size, self.spec.size, device=compute.device)
         for k in streams.unique().tolist():
-            idx = (streams == k).nonzero().squeeze(1)
-            out[idx] = self._stored_view(*self._render(k, self.generators[k], z[idx], labels[idx], generator))
+            idx = (streams == k).nonzero().squeeze(1).to(compute.device)
+            gen = self._sampler(k)
+            with compute.autocast():
+                views = self._render(k, gen, z[idx], labels[idx], generator)
+            out[idx] = self._stored_view(*(v.float() for v in views))
         return out
+
+    def _sampler(self, k: int) -> nn.Module:
+        """Generator k as it samples (compiled once with --compile)."""
+        if self.compute.compile and k not in self._compiled:
+            self._compiled[k] = compile_module(self.generators[k], True)
+        return self._compiled.get(k, self.generators[k])
 
     def _stored_view(self, native: torch.Tensor, teacher_view: torch.Tensor) -> torch.Tensor:
         """The image written to the shards, from the two outputs of `_render` (here: the teacher's view)."""

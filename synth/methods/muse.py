@@ -97,7 +97,7 @@ def noisy_embeddings(e: torch.Tensor, strength: float, generator: torch.Generato
     if strength == 0:
         return e
     b, d = e.shape
-    r = torch.randn(b, d, d, generator=generator) / d ** 0.5
+    r = (torch.randn(b, d, d, generator=generator) / d ** 0.5).to(e.device)   # drawn on the CPU: seeded bytes
     return e + strength * torch.bmm(r, e.unsqueeze(2)).squeeze(2)
 
 
@@ -147,11 +147,15 @@ class Muse(GeneratorEnsemble):
             hooks["cam"] = stack.enter_context(ClassActivationMaps(teacher))
         return hooks
 
-    def _extra_loss(self, hooks, logits, labels, x):
+    def _extra_loss(self, hooks, logits, labels, chunks):
         if not self.config.cam_weight:
-            return 0.0, {}
-        coverage = cam_coverage(hooks["cam"].maps(logits, labels)).mean()
-        return self.config.cam_weight * (1 - coverage), {"cam": coverage.item()}
+            return None, {}
+        coverage = cam_coverage(hooks["cam"].maps(logits, labels))
+        coverage = coverage.mean().reshape(1) if chunks == 1 else torch.stack([c.mean() for c in coverage.chunk(chunks)])
+        return self.config.cam_weight * (1 - coverage), {"cam": coverage}
+
+    def _view_size(self, k: int) -> int:
+        return self.stream_resolution(k) if self.config.teacher_input == "native" else self.spec.size
 
     def check_teacher(self, teacher: nn.Module) -> None:
         if self.config.teacher_input == "native":

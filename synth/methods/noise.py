@@ -32,6 +32,7 @@ class GaussianNoise(SynthesisMethod):
     def synthesize(self, labels: torch.Tensor, streams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         spec = self.spec
         z = torch.randn(labels.shape[0], spec.channels, spec.size, spec.size, generator=generator)
-        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std).view(1, -1, 1, 1)
+        z = z.to(self.compute.device)
+        mean = torch.tensor(spec.mean, device=z.device).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std, device=z.device).view(1, -1, 1, 1)
         return (mean + self.config.scale * std * z).clamp(0, 1)
