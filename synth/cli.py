@@ -15,6 +15,7 @@ import sys
 import click
 
 from common import distributed
+from common.accel import AMP_MODES
 from common.errors import UserError
 from common.shards import IMAGE_FORMATS, dataset_warnings, read_manifest, verify_dataset
 
@@ -52,16 +53,35 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--resolution", type=int, default=None, help="Teacher input size (default: the model's own).")
 @click.option("--num-classes", type=int, default=None, help="Classes of a teacher built with --weights none.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=500, show_default=True, type=int, help="Images per batch when writing shards.")
+@click.option("--batch-size", default=500, show_default=True, type=int,
+              help="Images per batch when writing shards (changes MUSE's and DeepInversion's images: part of "
+                   "the config a rerun must match).")
 @click.option("--overwrite", is_flag=True, help="Delete earlier output in --out and start over.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes its "
+                   "LOCAL_RANK GPU.")
+@click.option("--amp", type=click.Choice(AMP_MODES), default="none", show_default=True,
+              help="Autocast teacher and generators to bfloat16 (CPU or GPU) or float16 (GPU, GradScaler). "
+                   "Changes the images.")
+@click.option("--channels-last", is_flag=True,
+              help="NHWC memory layout for teacher and generators (faster convolutions on GPUs). Can change "
+                   "the images in the last bits.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile teacher and generators (compiles in the first steps). Can change the images "
+                   "in the last bits.")
+@click.option("--write-workers", type=click.IntRange(min=0), default=None,
+              help="Processes that encode and tar the images while the device works [default: cores per "
+                   "process - 1, at most 16; 0: none]. Never changes the bytes.")
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads per process (default: torch's choice; under torchrun cores / processes).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, image_format, resolution,
-                 num_classes, seed, batch_size, overwrite, threads, quiet):
+                 num_classes, seed, batch_size, overwrite, device, amp, channels_last, compile_, write_workers,
+                 threads, quiet):
     """Train the synthesis method against the teacher and write the synthetic dataset.
 
-    Rerun the same command after an interruption to continue: finished shards are kept.
+    Rerun the same command after an interruption to continue: finished shards are kept. The settings
+    that change the images (all but --write-workers, --threads, --quiet, --overwrite) must match.
     """
     if threads is None and distributed.info().enabled:
         threads = distributed.default_threads()  # torch's default would give every rank all the cores
@@ -72,7 +92,8 @@ def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, im
     manifest = generate(GenerateConfig(
         teacher=teacher, weights=weights, out=out, method=method, method_options=_parse_sets(sets),
         num_images=num_images, shard_size=shard_size, image_format=image_format, resolution=resolution,
-        num_classes=num_classes, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=not quiet))
+        num_classes=num_classes, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=not quiet,
+        device=device, amp=amp, channels_last=channels_last, compile=compile_, write_workers=write_workers))
     if distributed.info().is_main:
         click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
 

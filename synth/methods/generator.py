@@ -177,7 +177,8 @@ class _Member:
     net: nn.Module | None = None   # what the training step calls: gen, or gen compiled
 
     def __post_init__(self):
-        self.net = self.net or self.gen
+        if self.net is None:
+            self.net = self.gen
 
 
 class GeneratorEnsemble(SynthesisMethod):
