@@ -14,7 +14,13 @@ themselves, so their logits are computed on those at once; for JPEG the teacher 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -48,7 +54,8 @@ class WriterPool:
             # script that calls `generate` needs no `if __name__ == "__main__"` guard (spawn would rerun it)
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self._pool = ProcessPoolExecutor(workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent,
+                                             initargs=(os.getpid(),))
 
     def submit(self, fn: Callable, *args) -> Future:
         if self._pool is not None:
@@ -72,6 +79,21 @@ class WriterPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a writer process: exit as soon as the process that started it is gone (a killed `synth generate`
+    must not leave writers behind, waiting on its queue forever)."""
+    with contextlib.suppress(OSError, AttributeError):  # Linux: the kernel sends SIGKILL when the parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:   # elsewhere: poll
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def write_shard(path: Path, batches: Iterable[PixelBatch], logits_of: Callable[[torch.Tensor], torch.Tensor],
