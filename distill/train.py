@@ -49,7 +49,7 @@ from common.errors import DiskFullError, UserError
 from common.faults import fault_point
 from common.fileio import (atomic_open, folder_lock, load_torch_safely, remove_stale_temps, save_torch_atomic,
                            write_json_atomic)
-from common.models import create_model, save_model_checkpoint, state_dict_sha256
+from common.models import CheckpointError, create_model, save_model_checkpoint, state_dict_sha256
 from common.shards import CHECK_LEVELS, Manifest, ShardFormatError, check_shard_files, read_manifest
 
 from .data import AUGMENTATIONS, Batch, ShardLoader
@@ -247,6 +247,8 @@ def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
     try:
         return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
                             in_chans=spec.channels, input_size=spec.size)
+    except CheckpointError:
+        raise  # a damaged or malformed file: its own message names it and the fix
     except UserError as e:
         if "unknown model" in e.message:
             raise

@@ -367,6 +367,25 @@ def test_student_weights_for_other_classes_say_what_to_do(dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("recorded", [{"foo": 1}, {"channels": 1, "size": 28, "mean": [0.1], "std": [0.3]},
+                                      ["not", "a", "dict"], {"channels": "x", "size": 28, "mean": [0.1],
+                                                             "std": [0.3], "num_classes": 10}])
+def test_checkpoint_with_a_malformed_input_spec_is_a_one_line_error(dataset, tmp_path, recorded):
+    """As teacher (`synth generate --weights`) and as student (`distill train --student-weights`)."""
+    model = create_model("lenet5_half")
+    torch.save({"arch": "lenet5_half", "input_spec": recorded, "state_dict": model.state_dict()},
+               tmp_path / "odd.pt")
+    result = CliRunner().invoke(synth_cli, ["generate", "--teacher", "lenet5_half", "--weights",
+                                            str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"),
+                                            "--num-images", "4", "--quiet"])
+    line = assert_one_line_error(result, f"checkpoint {tmp_path / 'odd.pt'} has an input_spec", "save the model again")
+    assert "KeyError" not in line and not (tmp_path / "s").exists()
+    result = CliRunner().invoke(distill_cli, distill_args(dataset, tmp_path / "run", "--student-weights",
+                                                          str(tmp_path / "odd.pt")))
+    assert_one_line_error(result, f"checkpoint {tmp_path / 'odd.pt'} has an input_spec", "bare state_dict")
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_folder_of_another_config_or_the_shards_folder_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
