@@ -118,9 +118,12 @@ def verify_cmd(folder, no_decode, jobs):
               help="Rows of the contact sheet (the first classes).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Read only the first N samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which random samples the sheet shows.")
-def inspect_cmd(folder, out, per_class, max_classes, limit, seed):
+@click.option("--skip-bad-shards", is_flag=True,
+              help="Summarise the readable shards and exit 0 even if some are damaged (default: exit code 1).")
+def inspect_cmd(folder, out, per_class, max_classes, limit, seed, skip_bad_shards):
     """Look at FOLDER: a contact sheet (a row of samples per class), a class histogram and a per-class table
-    (samples, teacher agreement, confidence, entropy, duplicates)."""
+    (samples, teacher agreement, confidence, entropy, duplicates). Damaged shards are left out and listed;
+    the exit code is then 1 (as for `synth verify`) unless --skip-bad-shards."""
     from .inspect import inspect_dataset
 
     report = inspect_dataset(folder, out, per_class=per_class, max_classes=max_classes, limit=limit, seed=seed)
@@ -130,6 +133,15 @@ def inspect_cmd(folder, out, per_class, max_classes, limit, seed):
         click.echo(report.summary.to_string(float_format=lambda v: f"{v:.3f}"))
     for path in report.files:
         click.echo(f"wrote {path}")
+    if report.skipped:
+        total = read_manifest(folder, require_complete=False).num_samples
+        what = f"skipped {report.skipped_line(total)} that are damaged: the summary covers only the rest"
+        if skip_bad_shards:
+            click.echo(f"warning: {what} (--skip-bad-shards)", err=True)
+            return
+        click.echo(f"{what}; `synth verify {folder}` lists the problems, rerun the same `synth generate` to redo "
+                   "those shards, or pass --skip-bad-shards to accept a summary without them", err=True)
+        sys.exit(1)
 
 
 def pd_options():
