@@ -16,7 +16,7 @@ import click
 
 from common import distributed
 from common.errors import UserError
-from common.shards import IMAGE_FORMATS, dataset_warnings, read_manifest, verify_dataset
+from common.shards import IMAGE_FORMATS, TIMM_READABLE_FORMATS, dataset_warnings, read_manifest, verify_dataset
 
 from .generate import GenerateConfig, generate
 from .methods import METHODS
@@ -75,6 +75,10 @@ def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, im
         num_classes=num_classes, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=not quiet))
     if distributed.info().is_main:
         click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
+        if image_format not in TIMM_READABLE_FORMATS:
+            click.echo(f"note: {image_format} shards are read by `distill train` and plain webdataset, not by timm's "
+                       f"wds/ dataset (it decodes {', '.join(TIMM_READABLE_FORMATS)} images); use --image-format png "
+                       "for timm", err=True)
 
 
 @main.command("methods")
