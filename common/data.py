@@ -129,8 +129,62 @@ def pad_mnist(images_u8: torch.Tensor, size: int) -> torch.Tensor:
     return images_u8
 
 
-def imagefolder_dataset(path: str | Path, spec: InputSpec) -> Dataset:
-    """An ImageFolder tree resized/cropped to the model's input, normalised with its statistics."""
+class UnreadableImage(OSError):
+    """An image file of a real dataset folder that cannot be decoded; the message starts with its path."""
+
+
+def load_image(path: str) -> "Image.Image":
+    """ImageFolder's loader (PIL, converted to RGB), decoding at once, so that a damaged file fails here
+    with an UnreadableImage that names it (also from a DataLoader worker, whose traceback hides the path)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            return image.convert("RGB")
+    except Exception as e:  # truncated data, not an image, gone, decompression bomb, ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UnreadableImage(f"{path}: {type(e).__name__}: {reason}") from None
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """`path: why` of an UnreadableImage, also one re-raised by a DataLoader worker (message = its traceback)."""
+    text = str(error).strip().splitlines()
+    return text[-1].split("UnreadableImage: ", 1)[-1] if text else type(error).__name__
+
+
+class _ImageCheck(Dataset):
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str:
+        try:
+            load_image(self.paths[index])
+        except UnreadableImage as e:
+            return str(e)
+        return ""
+
+
+def check_images(dataset, where: str | Path, workers: int = 0) -> None:
+    """Decode every image of an ImageFolder dataset once (in `workers` processes); UserError naming the
+    files that cannot be read, so that a damaged one stops a run before it starts, not in its evaluation."""
+    from torch.utils.data import DataLoader
+
+    paths = [path for path, _ in dataset.samples]
+    loader = DataLoader(_ImageCheck(paths), batch_size=32, num_workers=workers, collate_fn=list,
+                        generator=torch.Generator())  # its worker seed: not drawn from the training RNG
+    bad = [problem for batch in loader for problem in batch if problem]
+    if bad:
+        listing = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        raise UserError(f"{len(bad)} of {len(paths)} images in {where} cannot be read ({listing}): replace or "
+                        "remove them, then rerun")
+
+
+def imagefolder_dataset(path: str | Path, spec: InputSpec, check: bool = True, workers: int = 0) -> Dataset:
+    """An ImageFolder tree resized/cropped to the model's input, normalised with its statistics.
+    `check`: decode every image once first (`check_images`)."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -141,16 +195,20 @@ def imagefolder_dataset(path: str | Path, spec: InputSpec) -> Dataset:
     tf = T.Compose([T.Lambda(lambda im: im.convert(mode)), T.Resize(int(round(spec.size * 256 / 224))),
                     T.CenterCrop(spec.size), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
     try:
-        ds = ImageFolder(str(path), transform=tf)
+        ds = ImageFolder(str(path), transform=tf, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{path} is not an ImageFolder tree (one sub-folder of images per class): {e}") from None
     if len(ds.classes) != spec.num_classes:
         raise UserError(f"{path} has {len(ds.classes)} classes but the model has {spec.num_classes}")
+    if check:
+        check_images(ds, path, workers)
     return ds
 
 
-def real_dataset(name: str, spec: InputSpec, train: bool = False, root: str | Path = "data") -> Dataset:
-    """`mnist` (from `root`) or a path to an ImageFolder tree."""
+def real_dataset(name: str, spec: InputSpec, train: bool = False, root: str | Path = "data", check: bool = True,
+                 workers: int = 0) -> Dataset:
+    """`mnist` (from `root`) or a path to an ImageFolder tree (every image decoded once first unless not
+    `check`; in `workers` processes)."""
     if name.lower() == "mnist":
         return mnist_dataset(root, train, spec)
-    return imagefolder_dataset(name, spec)
+    return imagefolder_dataset(name, spec, check, workers)

@@ -140,10 +140,15 @@ def load_torch_safely(path: str | os.PathLike, fix: str):
                         f"({type(e).__name__}: {first}); {fix}") from None
 
 
+def canonical_json(obj) -> str:
+    """A JSON-able object as text that does not depend on key order, whitespace or tuple vs list (what
+    a JSON round trip changes), so two values compare equal exactly when they are stored equal."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
 def canonical_json_sha256(obj) -> str:
     """Checksum of a JSON-able object that does not depend on key order or whitespace."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
 @contextlib.contextmanager

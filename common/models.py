@@ -28,6 +28,9 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
+INPUT_SPEC_FIELDS = ("channels", "size", "mean", "std", "num_classes")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What a model expects: `channels` x `size` x `size` images normalised with mean/std."""
@@ -183,13 +186,14 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         if checkpoint.get("arch") not in (None, name):
             raise UserError(f"checkpoint {weights} holds a '{checkpoint['arch']}', not a '{name}': "
                             f"use the model '{checkpoint['arch']}' with it, or another checkpoint")
-        spec = checkpoint.get("input_spec")
-        if spec:
-            if num_classes is not None and num_classes != spec["num_classes"]:
-                raise UserError(f"checkpoint {weights} has {spec['num_classes']} classes, not {num_classes}")
-            num_classes = spec["num_classes"]
-            in_chans = in_chans or spec["channels"]
-            input_size = input_size or spec["size"]
+        recorded = checkpoint.get("input_spec")
+        if recorded is not None:
+            recorded = checkpoint_input_spec(recorded, weights)
+            if num_classes is not None and num_classes != recorded.num_classes:
+                raise UserError(f"checkpoint {weights} has {recorded.num_classes} classes, not {num_classes}")
+            num_classes = recorded.num_classes
+            in_chans = in_chans or recorded.channels
+            input_size = input_size or recorded.size
 
     if name in SMALL_MODELS:
         entry = SMALL_MODELS[name]
@@ -218,6 +222,36 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
     model.input_spec = spec
     model.arch = name
     return model
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used as it is (whatever model it is given to)."""
+
+
+def checkpoint_input_spec(recorded, path) -> InputSpec:
+    """The `input_spec` a checkpoint records, checked: every field present, of its type and range
+    (CheckpointError naming the file and the fix otherwise)."""
+    fix = ("save the model again with this project (`save_model_checkpoint`), or give its bare state_dict "
+           "(a file of tensors only), which takes the model's own input spec")
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"checkpoint {path} has an input_spec of type {type(recorded).__name__}, not a "
+                              f"dict of {', '.join(INPUT_SPEC_FIELDS)}; {fix}")
+    missing = [k for k in INPUT_SPEC_FIELDS if k not in recorded]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has an input_spec without {', '.join(missing)} (it holds "
+                              f"{', '.join(map(str, recorded)) or 'nothing'}); {fix}")
+    try:
+        spec = InputSpec(int(recorded["channels"]), int(recorded["size"]),
+                         tuple(float(v) for v in recorded["mean"]), tuple(float(v) for v in recorded["std"]),
+                         int(recorded["num_classes"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has an input_spec with a value of the wrong type ({e}); "
+                              f"{fix}") from None
+    if (min(spec.channels, spec.size, spec.num_classes) < 1 or len(spec.mean) != spec.channels
+            or len(spec.std) != spec.channels or min(spec.std, default=0) <= 0):
+        raise CheckpointError(f"checkpoint {path} has an input_spec out of range ({recorded!r}: channels, size and "
+                              "num_classes must be >= 1, mean and std one value per channel, std > 0); " + fix)
+    return spec
 
 
 def _stats_for_channels(mean, std, channels):

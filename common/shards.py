@@ -3,7 +3,9 @@
 A dataset folder holds
   shard-000000.tar, shard-000001.tar, ...   WebDataset tar shards
   manifest.json                             what made them and what they hold (below)
-  _info.json                                timm's WebDataset split info (num_samples, filenames, shard_lengths)
+  _info.json                                timm's WebDataset split info (num_samples, filenames, shard_lengths);
+                                            timm reads png and jpg shards, not npy ones (timm_readable in
+                                            manifest.json and _info.json; no splits there for npy)
 
 Each sample in a shard is a group of tar members sharing a key (no dots in keys):
   sample-00001234.png | .jpg | .npy   the image, uint8 (H, W, C); PNG by default (lossless),
@@ -48,6 +50,9 @@ MANIFEST_NAME = "manifest.json"
 INFO_NAME = "_info.json"
 IMAGE_FORMATS = ("png", "jpg", "npy")
 LOSSY_FORMATS = ("jpg",)       # the stored logits are for the decoded image, not the pixels before encoding
+# the image formats timm's `wds/` dataset reads: it decodes the jpg/png/webp member with PIL, and drops a
+# sample without one (a raw .npy image) with a logged warning, so npy shards would read as empty there
+TIMM_READABLE_FORMATS = ("png", "jpg")
 MAX_IMAGE_PIXELS = 4096 * 4096  # refuse decompression bombs
 MAX_MEMBER_BYTES = 64 << 20     # no legitimate sample field is this large
 MAX_MANIFEST_BYTES = 64 << 20
@@ -437,6 +442,7 @@ class Manifest:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["num_samples"] = self.num_samples
+        d["timm_readable"] = self.image_format in TIMM_READABLE_FORMATS  # informative; not read back
         d["shards"] = [{k: v for k, v in s.items() if v is not None} for s in d["shards"]]
         return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
 
@@ -533,15 +539,24 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
     folder = Path(folder)
     write_json_atomic(manifest_path(folder), manifest.to_dict())
     if manifest.complete:
-        write_json_atomic(folder / INFO_NAME, {
-            "name": folder.name,
-            "splits": {"train": {"name": "train", "num_samples": manifest.num_samples,
-                                 "filenames": [s.name for s in manifest.shards],
-                                 "shard_lengths": [s.num_samples for s in manifest.shards]}},
-            "num_samples": manifest.num_samples,
-            "filenames": [s.name for s in manifest.shards],
-            "shard_lengths": [s.num_samples for s in manifest.shards],
-        })
+        write_json_atomic(folder / INFO_NAME, info_json(folder.name, manifest))
+
+
+def info_json(name: str, manifest: Manifest) -> dict:
+    """timm's WebDataset split info for a complete dataset. For a format timm cannot decode (npy) it has no
+    `splits`, so that timm stops with "split train not found" instead of reading 0 of N samples; its
+    `timm_readable` and `note` say why."""
+    names, lengths = [s.name for s in manifest.shards], [s.num_samples for s in manifest.shards]
+    info = {"name": name, "image_format": manifest.image_format,
+            "timm_readable": manifest.image_format in TIMM_READABLE_FORMATS}
+    if info["timm_readable"]:
+        info["splits"] = {"train": {"name": "train", "num_samples": manifest.num_samples, "filenames": names,
+                                    "shard_lengths": lengths}}
+    else:
+        info["note"] = (f"images are .{manifest.image_format} members, which timm's wds/ dataset cannot decode "
+                        f"(it reads {', '.join(TIMM_READABLE_FORMATS)} and webp with PIL); regenerate with "
+                        "`synth generate --image-format png` (or jpg) to train with timm")
+    return info | {"num_samples": manifest.num_samples, "filenames": names, "shard_lengths": lengths}
 
 
 def shard_paths(folder: str | os.PathLike, manifest: Manifest) -> list[str]:

@@ -45,7 +45,8 @@ def evaluate_top1(model: nn.Module, dataset: Dataset, device: torch.device, work
     was_training = model.training
     model.eval()
     correct = total = 0
-    for inputs, labels in real_batches(dataset, EVAL_BATCH_SIZE, workers=workers):
+    # a private generator for the loader's worker seed: evaluating never moves the training RNG
+    for inputs, labels in real_batches(dataset, EVAL_BATCH_SIZE, workers=workers, generator=torch.Generator()):
         predictions = model(inputs.to(device, non_blocking=True)).argmax(1)
         correct += (predictions.cpu() == labels).sum().item()
         total += labels.numel()

@@ -73,9 +73,10 @@ def train_teacher(config: TeacherConfig) -> dict:
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=num_classes_of(config.data))
     spec = model.input_spec
-    train_set = real_dataset(config.data, spec, train=True, root=config.data_root)
+    train_set = real_dataset(config.data, spec, train=True, root=config.data_root, workers=config.workers)
     eval_name = config.eval_data or ("mnist" if config.data.lower() == "mnist" else None)
-    test_set = real_dataset(eval_name, spec, train=False, root=config.data_root) if eval_name else None
+    test_set = (real_dataset(eval_name, spec, train=False, root=config.data_root, workers=config.workers)
+                if eval_name else None)
     steps_per_epoch = len(train_set) // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{config.data} has {len(train_set)} images, less than one batch: lower --batch-size")

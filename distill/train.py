@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed
-from common.data import real_dataset
+from common.data import real_dataset, unreadable_reason
 from common.errors import DiskFullError, UserError
 from common.faults import fault_point
 from common.fileio import (atomic_open, folder_lock, load_torch_safely, remove_stale_temps, save_torch_atomic,
                            write_json_atomic)
-from common.models import create_model, save_model_checkpoint, state_dict_sha256
+from common.models import CheckpointError, create_model, save_model_checkpoint, state_dict_sha256
 from common.shards import CHECK_LEVELS, Manifest, ShardFormatError, check_shard_files, read_manifest
 
 from .data import AUGMENTATIONS, Batch, ShardLoader
@@ -247,6 +247,8 @@ def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
     try:
         return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
                             in_chans=spec.channels, input_size=spec.size)
+    except CheckpointError:
+        raise  # a damaged or malformed file: its own message names it and the fix
     except UserError as e:
         if "unknown model" in e.message:
             raise
@@ -542,11 +544,12 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
                          pin_memory=config.pin_memory and device.type == "cuda",
                          persistent_workers=config.persistent_workers)
     inputs = RunInputs(manifest, skipped, device, teacher, student, loader)
-    if config.eval_data and dist.is_main:
-        inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root)
+    if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now
+        inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root,
+                                           workers=config.workers)
         if teacher is not None:
             inputs.eval_teacher = inputs.eval_student if teacher.input_spec == student.input_spec else real_dataset(
-                config.eval_data, teacher.input_spec, train=False, root=config.data_root)
+                config.eval_data, teacher.input_spec, train=False, root=config.data_root, check=False)
     return inputs
 
 
@@ -608,7 +611,21 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
         models.teacher = wrap_teacher(to_memory_format(teacher, config.channels_last), config.compile)
     if main:
         write_json_atomic(out / CONFIG_FILE, asdict(config) | {"world_size": dist.world_size})
-    teacher_top1 = evaluate_top1(teacher, eval_teacher, device, config.workers) if eval_teacher is not None else None
+    try:
+        teacher_top1 = None if eval_teacher is None else evaluate_top1(teacher, eval_teacher, device, config.workers)
+    except OSError as e:  # an evaluation image damaged since the check (nothing trained yet)
+        raise UserError(f"evaluating the teacher on {config.eval_data} failed ({unreadable_reason(e)}): replace or "
+                        "remove that file, then rerun") from None
+    if history and history[-1]["eval_top1"] is None and eval_student is not None:
+        # the last finished epoch was not evaluated (its evaluation failed, or --eval-data is new): do it now
+        history[-1]["eval_top1"] = evaluate_student(student, eval_student, device, config, out)
+        if models.ema is not None:
+            history[-1][EMA_COLUMN] = evaluate_student(models.ema.module, eval_student, device, config, out)
+        if main:
+            save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, start_epoch, history, config,
+                            fingerprint, step_log, state["rng"].get("ranks"))
+            write_metrics(out / METRICS_FILE, history)
+            log(f"epoch {start_epoch}: top-1 {history[-1]['eval_top1']:.2f}% (evaluated on resuming)")
     if teacher_top1 is not None:
         log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
     if dist.enabled:
@@ -634,13 +651,20 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
             raise
         train_loss = distributed.all_reduce_mean(stats["train_loss"], device)
         rank_rngs = distributed.all_gather_object(rng_states()) if dist.enabled else None
-        top1 = evaluate_top1(student, eval_student, device, config.workers) if eval_student is not None else None
+        top1 = ema_top1 = eval_failed = None
+        try:  # a failed evaluation must not lose the epoch: it is checkpointed first, then reported
+            if eval_student is not None:
+                top1 = evaluate_top1(student, eval_student, device, config.workers)
+                if models.ema is not None:
+                    ema_top1 = evaluate_top1(models.ema.module, eval_student, device, config.workers)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the checkpoint)
+            top1 = ema_top1 = None
+            eval_failed = e
         images = len(loader) * config.batch_size * dist.world_size
         row = {"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": stats["lr"], "train_loss": train_loss,
                "eval_top1": top1, "seconds": stats["seconds"], "images_per_s": images / stats["seconds"]}
         if models.ema is not None:
-            row[EMA_COLUMN] = (evaluate_top1(models.ema.module, eval_student, device, config.workers)
-                               if eval_student is not None else None)
+            row[EMA_COLUMN] = ema_top1
         history.append(row)
         if not main:
             continue
@@ -649,6 +673,13 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
         fault_point("epoch-saved")
         write_metrics(out / METRICS_FILE, history)
         write_csv(out / STEPS_FILE, STEPS_COLUMNS, step_log)
+        if eval_failed is not None:
+            if not isinstance(eval_failed, OSError):
+                raise eval_failed
+            reason = unreadable_reason(eval_failed)
+            raise UserError(f"evaluating epoch {epoch + 1} on {config.eval_data} failed ({reason}); the epoch "
+                            f"is saved in {out / CHECKPOINT_FILE} with its top-1 left empty: replace or "
+                            "remove that file and rerun with --resume, which evaluates it first") from None
         log(f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}"
             + (f", top-1 {top1:.2f}%" if top1 is not None else "")
             + (f", EMA top-1 {row[EMA_COLUMN]:.2f}%" if row.get(EMA_COLUMN) is not None else "")
@@ -667,6 +698,15 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
             "steps": final["step"], "train_loss": final["train_loss"],
             "images_per_s": final["step"] * config.batch_size * dist.world_size / seconds,
             "skipped_shards": len(inputs.skipped), "out": str(out)}
+
+
+def evaluate_student(model: nn.Module, dataset, device: torch.device, config: TrainConfig, out: Path) -> float:
+    """Top-1 of a restored student (resuming an epoch whose evaluation is missing); UserError if it fails."""
+    try:
+        return evaluate_top1(model, dataset, device, config.workers)
+    except OSError as e:
+        raise UserError(f"evaluating the last epoch in {out / CHECKPOINT_FILE} on {config.eval_data} failed "
+                        f"({unreadable_reason(e)}): replace or remove that file and rerun with --resume") from None
 
 
 def diverged(out: Path, epoch: int, reason: str) -> UserError:

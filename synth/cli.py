@@ -17,7 +17,7 @@ import click
 from common import distributed
 from common.accel import AMP_MODES
 from common.errors import UserError
-from common.shards import IMAGE_FORMATS, dataset_warnings, read_manifest, verify_dataset
+from common.shards import IMAGE_FORMATS, TIMM_READABLE_FORMATS, dataset_warnings, read_manifest, verify_dataset
 
 from .generate import GenerateConfig, generate
 from .methods import METHODS
@@ -96,6 +96,10 @@ def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, im
         device=device, amp=amp, channels_last=channels_last, compile=compile_, write_workers=write_workers))
     if distributed.info().is_main:
         click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
+        if image_format not in TIMM_READABLE_FORMATS:
+            click.echo(f"note: {image_format} shards are read by `distill train` and plain webdataset, not by timm's "
+                       f"wds/ dataset (it decodes {', '.join(TIMM_READABLE_FORMATS)} images); use --image-format png "
+                       "for timm", err=True)
 
 
 @main.command("methods")
@@ -139,9 +143,12 @@ def verify_cmd(folder, no_decode, jobs):
               help="Rows of the contact sheet (the first classes).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Read only the first N samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which random samples the sheet shows.")
-def inspect_cmd(folder, out, per_class, max_classes, limit, seed):
+@click.option("--skip-bad-shards", is_flag=True,
+              help="Summarise the readable shards and exit 0 even if some are damaged (default: exit code 1).")
+def inspect_cmd(folder, out, per_class, max_classes, limit, seed, skip_bad_shards):
     """Look at FOLDER: a contact sheet (a row of samples per class), a class histogram and a per-class table
-    (samples, teacher agreement, confidence, entropy, duplicates)."""
+    (samples, teacher agreement, confidence, entropy, duplicates). Damaged shards are left out and listed;
+    the exit code is then 1 (as for `synth verify`) unless --skip-bad-shards."""
     from .inspect import inspect_dataset
 
     report = inspect_dataset(folder, out, per_class=per_class, max_classes=max_classes, limit=limit, seed=seed)
@@ -151,6 +158,15 @@ def inspect_cmd(folder, out, per_class, max_classes, limit, seed):
         click.echo(report.summary.to_string(float_format=lambda v: f"{v:.3f}"))
     for path in report.files:
         click.echo(f"wrote {path}")
+    if report.skipped:
+        total = read_manifest(folder, require_complete=False).num_samples
+        what = f"skipped {report.skipped_line(total)} that are damaged: the summary covers only the rest"
+        if skip_bad_shards:
+            click.echo(f"warning: {what} (--skip-bad-shards)", err=True)
+            return
+        click.echo(f"{what}; `synth verify {folder}` lists the problems, rerun the same `synth generate` to redo "
+                   "those shards, or pass --skip-bad-shards to accept a summary without them", err=True)
+        sys.exit(1)
 
 
 def pd_options():

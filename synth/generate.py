@@ -36,8 +36,8 @@ from common import distributed
 from common.accel import Compute, check_amp, compile_module, resolve_device
 from common.errors import DiskFullError, UserError
 from common.faults import fault_point
-from common.fileio import (LOCK_NAME, canonical_json_sha256, folder_lock, is_temp_file, remove_stale_temps,
-                           sha256_file, write_json_atomic)
+from common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, folder_lock, is_temp_file,
+                           remove_stale_temps, sha256_file, write_json_atomic)
 from common.models import create_model, state_dict_sha256
 from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, ShardRecord, read_manifest, sample_key,
                            shard_name, write_manifest)
@@ -200,7 +200,9 @@ def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: d
     if out.exists() and (out / MANIFEST_NAME).exists():
         manifest = read_manifest(out, require_complete=False)
         if manifest.config_sha256 != config_sha:
-            changed = sorted(k for k in config if manifest.config.get(k) != config[k])
+            # the manifest's config went through JSON (tuples came back as lists): compare stored forms
+            changed = sorted(k for k in config.keys() | manifest.config.keys()
+                             if canonical_json(manifest.config.get(k)) != canonical_json(config.get(k)))
             raise UserError(f"{out} holds shards of another run (differs in: {', '.join(changed) or 'config'}); "
                             "use another --out, or --overwrite to delete them and start over")
         return manifest

@@ -45,13 +45,22 @@ class Scan:
     examples: dict[int, list[np.ndarray]] = field(default_factory=dict)     # for the contact sheet
     thumbnails: dict[int, list[np.ndarray]] = field(default_factory=dict)   # for the pair distance
     skipped: list[str] = field(default_factory=list)              # damaged shards: "name: why"
+    skipped_samples: int = 0                                      # what the manifest lists in those
+    shards_read: int = 0                                          # shards opened (damaged ones included)
 
 
 @dataclass
 class InspectReport:
     summary: pd.DataFrame
     files: list[Path]
-    skipped: list[str]
+    skipped: list[str]           # damaged shards left out: "name: why"
+    skipped_samples: int = 0     # samples the manifest lists in them
+    shards_read: int = 0         # shards opened, the damaged ones included
+
+    def skipped_line(self, total_samples: int) -> str:
+        """How much was left out, e.g. '1 of 2 shards (9 of 18 samples)'."""
+        return (f"{len(self.skipped)} of {self.shards_read} shards ({self.skipped_samples} of {total_samples} "
+                "samples)")
 
 
 def softmax_stats(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,10 +98,12 @@ def scan_dataset(folder: str | Path, manifest: Manifest, per_class: int, limit: 
     for path, record in zip(shard_paths(folder, manifest), manifest.shards):
         if limit is not None and total >= limit:
             break
+        scan.shards_read += 1
         try:
             samples = _read_some(path, spec.size * spec.size, None if limit is None else limit - total)
         except (ShardFormatError, OSError) as e:
             scan.skipped.append(f"{record.name}: {e}")
+            scan.skipped_samples += record.num_samples
             continue
         if not samples:
             continue
@@ -182,7 +193,7 @@ def inspect_dataset(folder: str | Path, out: str | Path | None = None, per_class
         summary.to_csv(files[2], float_format="%.4f")
     except OSError as e:
         raise UserError(f"cannot write into {out} ({e.strerror or e}); pass --out to a folder with room") from None
-    return InspectReport(summary, files, scan.skipped)
+    return InspectReport(summary, files, scan.skipped, scan.skipped_samples, scan.shards_read)
 
 
 def contact_sheet(scan: Scan, manifest: Manifest, folder: Path, per_class: int, max_classes: int) -> Image.Image:

@@ -367,6 +367,79 @@ def test_student_weights_for_other_classes_say_what_to_do(dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("recorded", [{"foo": 1}, {"channels": 1, "size": 28, "mean": [0.1], "std": [0.3]},
+                                      ["not", "a", "dict"], {"channels": "x", "size": 28, "mean": [0.1],
+                                                             "std": [0.3], "num_classes": 10}])
+def test_checkpoint_with_a_malformed_input_spec_is_a_one_line_error(dataset, tmp_path, recorded):
+    """As teacher (`synth generate --weights`) and as student (`distill train --student-weights`)."""
+    model = create_model("lenet5_half")
+    torch.save({"arch": "lenet5_half", "input_spec": recorded, "state_dict": model.state_dict()},
+               tmp_path / "odd.pt")
+    result = CliRunner().invoke(synth_cli, ["generate", "--teacher", "lenet5_half", "--weights",
+                                            str(tmp_path / "odd.pt"), "--out", str(tmp_path / "s"),
+                                            "--num-images", "4", "--quiet"])
+    line = assert_one_line_error(result, f"checkpoint {tmp_path / 'odd.pt'} has an input_spec", "save the model again")
+    assert "KeyError" not in line and not (tmp_path / "s").exists()
+    result = CliRunner().invoke(distill_cli, distill_args(dataset, tmp_path / "run", "--student-weights",
+                                                          str(tmp_path / "odd.pt")))
+    assert_one_line_error(result, f"checkpoint {tmp_path / 'odd.pt'} has an input_spec", "bare state_dict")
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- evaluation data
+def write_image_folder(folder: Path) -> Path:
+    """An ImageFolder tree of 10 classes x 2 grey 28 px PNGs."""
+    rng = np.random.default_rng(1)
+    for c in range(10):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"c{c}" / f"{i}.png")
+    return folder
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_damaged_evaluation_image_is_refused_before_the_first_step(dataset, tmp_path, stored):
+    images = write_image_folder(tmp_path / "eval")
+    truncate(images / "c3" / "1.png")
+    extra = ["--teacher-logits", "stored", "--aug", "none"] if stored else []
+    result = CliRunner().invoke(distill_cli, distill_args(dataset, tmp_path / "run", "--eval-data", str(images),
+                                                          *extra))
+    assert_one_line_error(result, f"1 of 20 images in {images} cannot be read", str(images / "c3" / "1.png"),
+                          "replace or remove them")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluation_failing_mid_run_keeps_the_trained_epoch(dataset, tmp_path, monkeypatch, workers):
+    """An image damaged after the start-up check (here: the check is skipped): the epoch is checkpointed
+    before the error, and --resume evaluates it and ends bit-identical to an uninterrupted run."""
+    images = write_image_folder(tmp_path / "eval")
+    options = dict(eval_data=str(images), teacher_logits="stored", aug="none", epochs=2, workers=workers)
+    reference = train(train_config(dataset, tmp_path / "ref", **options))
+    good = (images / "c3" / "1.png").read_bytes()
+    truncate(images / "c3" / "1.png")
+    monkeypatch.setattr("common.data.check_images", lambda *args, **kwargs: None)
+    with pytest.raises(UserError, match=r"evaluating epoch 1 on .* failed \(.*c3/1.png: .*\); the epoch is saved"):
+        train(train_config(dataset, tmp_path / "run", **options))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["history"][0]["eval_top1"] is None
+    with pytest.raises(UserError, match=r"evaluating the teacher on .* failed \(.*c3/1.png: "):  # online: at start
+        train(train_config(dataset, tmp_path / "online", **(options | dict(teacher_logits="online"))))
+    (images / "c3" / "1.png").write_bytes(good)
+    resumed = train(train_config(dataset, tmp_path / "run", resume=True, **options))
+    assert resumed["eval_top1"] == reference["eval_top1"]
+    ref, run = (torch.load(p / "student.pt", weights_only=True)["state_dict"] for p in (tmp_path / "ref",
+                                                                                        tmp_path / "run"))
+    assert all(torch.equal(ref[k], run[k]) for k in ref)
+    columns = ["epoch", "train_loss", "eval_top1"]
+    assert (np.genfromtxt(tmp_path / "run" / "metrics.csv", delimiter=",", names=True)[columns].tolist()
+            == np.genfromtxt(tmp_path / "ref" / "metrics.csv", delimiter=",", names=True)[columns].tolist())
+
+
 def test_run_folder_of_another_config_or_the_shards_folder_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

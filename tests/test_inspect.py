@@ -92,12 +92,17 @@ def test_inspect_cli_prints_the_table_and_limit_reads_less(tmp_path):
     assert table.loc["all", "samples"] == 9  # the first shard only
 
 
-def test_inspect_skips_a_damaged_shard_and_says_so(tmp_path):
+def test_inspect_skips_a_damaged_shard_says_how_much_and_exits_1_unless_told(tmp_path):
     folder = write_dataset(tmp_path / "shards")
     shard = folder / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     result = CliRunner().invoke(synth_cli, ["inspect", str(folder)])
-    assert result.exit_code == 0 and "warning: skipped damaged shard shard-000001.tar" in result.output
+    assert result.exit_code == 1 and "warning: skipped damaged shard shard-000001.tar" in result.stderr
+    assert "skipped 1 of 2 shards (9 of 18 samples) that are damaged" in result.stderr
+    assert "--skip-bad-shards" in result.stderr and (folder / "inspect" / "summary.csv").is_file()
+    result = CliRunner().invoke(synth_cli, ["inspect", str(folder), "--skip-bad-shards"])
+    assert result.exit_code == 0 and "skipped 1 of 2 shards (9 of 18 samples)" in result.stderr
+    assert pd.read_csv(folder / "inspect" / "summary.csv", index_col=0).loc["all", "samples"] == 9
     result = CliRunner().invoke(synth_cli, ["inspect", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "does not exist" in result.output
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from common.cam import ClassActivationMaps, cam_coverage
 from common.errors import UserError
 from common.models import InputSpec, create_model
-from common.shards import read_shard, verify_dataset
+from common.shards import read_manifest, read_shard, verify_dataset
 from synth.generate import GenerateConfig, generate
 from synth.methods import build_method
 from synth.methods.deepinversion import jitter_flip, tv_l2
@@ -193,6 +193,33 @@ def test_masked_disagreement_counts_only_agreeing_images():
     assert masked_disagreement(s_disagree, t).item() == 0.0
     mixed = torch.stack([s_agree[0], s_disagree[1]])
     torch.testing.assert_close(masked_disagreement(mixed, t), kl[0] / 2)
+
+
+@pytest.mark.parametrize("method", ["generator", "muse"])
+def test_proxy_student_defaults_to_a_small_model_for_the_teachers_input(method):
+    """`auto` resolves before the config is recorded: a LeNet teacher keeps lenet5_half (the MNIST recipe's
+    config, so its shards are unchanged), a 32 px RGB ResNet gets cifar_resnet8, an ImageNet-size one resnet18;
+    a proxy given by name is kept."""
+    def proxy(model, **options):
+        spec = create_model(model, weights="none").input_spec
+        return build_method(method, {"adversarial_weight": "1", **options}, spec, 100).config.proxy_student
+
+    assert proxy("lenet5") == "lenet5_half"
+    assert proxy("cifar_resnet20") == "cifar_resnet8"
+    assert proxy("resnet50") == "resnet18"
+    assert proxy("cifar_resnet20", proxy_student="cifar_resnet14") == "cifar_resnet14"
+
+
+def test_adversarial_proxy_of_an_rgb_resnet_teacher_is_not_a_lenet(tmp_path):
+    """What `synth generate --set adversarial_weight=1` trains next to a 3-channel 32 px ResNet teacher."""
+    generate(GenerateConfig(teacher="cifar_resnet8", weights="none", out=str(tmp_path / "s"), num_images=4,
+                            shard_size=4, batch_size=4, progress=False,
+                            method_options={"num_generators": "1", "steps": "1", "batch_size": "4", "width": "4",
+                                            "latent_dim": "8", "adversarial_weight": "1"}))
+    manifest = read_manifest(tmp_path / "s")
+    assert manifest.config["method_config"]["proxy_student"] == "cifar_resnet8"
+    state = torch.load(next((tmp_path / "s" / "state").glob("*.pt")), weights_only=True)
+    assert state["proxy"]["conv1.weight"].shape == (16, 3, 3, 3)   # CifarResNet's stem, on RGB input
 
 
 TINY_OPTIONS = {

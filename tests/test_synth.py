@@ -79,6 +79,15 @@ def test_refuses_to_mix_configs_and_overwrite_starts_over(tiny_teacher_path, tmp
     assert m.config["seed"] == 1 and verify_dataset(tmp_path / "o") == []
 
 
+def test_refusal_lists_only_the_settings_that_differ(tiny_teacher_path, tmp_path):
+    """The manifest's config went through JSON (tuples are lists there): input_spec must not show up as
+    differing when only the seed does."""
+    generate(_config(tiny_teacher_path, tmp_path / "o"))
+    with pytest.raises(UserError, match=r"differs in: seed\)") as refused:
+        generate(_config(tiny_teacher_path, tmp_path / "o", seed=1))
+    assert "input_spec" not in refused.value.message
+
+
 def test_random_weight_torchvision_teacher_smoke(tmp_path):
     m = generate(GenerateConfig(teacher="resnet18", weights="none", out=str(tmp_path / "r"), num_images=4,
                                 shard_size=4, resolution=32, batch_size=4, progress=False,

@@ -24,6 +24,8 @@ def build_method(name: str, options: dict, spec: InputSpec, num_images: int,
     as `compute` says (default: the CPU, no speed switches)."""
     cls = METHODS[name]
     config = parse_config(cls.Config, options)
+    if hasattr(config, "for_input"):  # defaults that depend on the teacher's input ("auto")
+        config = config.for_input(spec)
     if hasattr(config, "for_images"):
         config = config.for_images(num_images)
     method = cls(config, spec)

@@ -61,7 +61,8 @@ class GeneratorEnsembleConfig:
     diversity_weight: float = 1.0
     feature_diversity_weight: float = 0.0   # mode seeking on the teacher's penultimate features (cosine)
     adversarial_weight: float = 0.0
-    proxy_student: str = "lenet5_half"   # used only when adversarial_weight > 0
+    proxy_student: str = "auto"   # used only when adversarial_weight > 0; auto: from the teacher's input
+                                  # (`auto_proxy_student`: lenet5_half for 1-channel <= 32 px, ...)
     proxy_lr: float = 1e-3
     checkpoint_every: int = 50
     concurrent_generators: int = 0    # generators sharing each teacher pass in training; 0 = all (fewer
@@ -77,11 +78,28 @@ class GeneratorEnsembleConfig:
         if self.steps < 0:
             raise UserError("generator option steps must be >= 0 (0 = auto)")
 
+    def for_input(self, spec: InputSpec) -> "GeneratorEnsembleConfig":
+        """This config with an `auto` proxy student resolved for a teacher that takes `spec`'s input."""
+        if self.proxy_student != "auto":
+            return self
+        return replace(self, proxy_student=auto_proxy_student(spec))
+
     def for_images(self, num_images: int) -> "GeneratorEnsembleConfig":
         """This config with `steps` resolved for a dataset of `num_images` images."""
         if self.steps:
             return self
         return replace(self, steps=min(2000, max(20, 2 * num_images // self.batch_size)))
+
+
+def auto_proxy_student(spec: InputSpec) -> str:
+    """A small registry model for the teacher's kind of input (the adversarial term's proxy student):
+    lenet5_half for 1-channel images up to 32 px (MNIST-like; the LeNet-5 recipe), cifar_resnet8 for
+    other images up to 64 px (CIFAR-like), resnet18 for larger (ImageNet-like) ones."""
+    if spec.channels == 1 and spec.size <= 32:
+        return "lenet5_half"
+    if spec.size <= 64:
+        return "cifar_resnet8"
+    return "resnet18"
 
 
 class ConditionalGenerator(nn.Module):
