@@ -278,7 +278,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     cases = args.only or list(CPU_CASES)
     workers = ([int(w) for w in args.workers.split(",")] if args.workers
-               else sorted({0, default_workers(usable_cores())}))
+               else sorted({0, 1, default_workers(usable_cores(), resolve_device(args.device or "cpu"))}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -70,8 +70,9 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
               help="torch.compile teacher and generators (compiles in the first steps). Can change the images "
                    "in the last bits.")
 @click.option("--write-workers", type=click.IntRange(min=0), default=None,
-              help="Processes that encode and tar the images while the device works [default: cores per "
-                   "process - 1, at most 16; 0: none]. Never changes the bytes.")
+              help="Processes that encode and tar the images while the device works [default, at most 16: on "
+                   "a GPU the process's cores - 1, on the CPU the cores its torch threads leave free; 0: none]. "
+                   "Never changes the bytes.")
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads per process (default: torch's choice; under torchrun cores / processes).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

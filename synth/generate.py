@@ -141,7 +141,9 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
     bar = tqdm(mine, desc="shards" + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
                disable=not progress, unit="shard")
     logits_of = _teacher_logits(teacher, compute)
-    workers = cfg.write_workers if cfg.write_workers is not None else default_workers(distributed.default_threads())
+    workers = cfg.write_workers
+    if workers is None:
+        workers = default_workers(distributed.default_threads(), compute.device)
     with WriterPool(workers if len(done) < len(mine) else 0) as pool:
         for index in bar:
             if index in done:

@@ -136,10 +136,14 @@ def write_shard(path: Path, batches: Iterable[PixelBatch], logits_of: Callable[[
     return shard.record
 
 
-def default_workers(cores: int) -> int:
-    """Writer processes when not given: the cores this process may use, less one for the main process
-    (which drives the device), at most 16; none on a single core."""
-    return max(0, min(16, cores - 1))
+def default_workers(cores: int, device: torch.device) -> int:
+    """Writer processes when not given, at most 16: on a GPU, the cores this process may use less one for
+    the main process (which drives the device); on the CPU, the cores torch's threads leave free (none on
+    this 2-core machine at 2 threads: measured, a writer there slows the teacher's threads more than it
+    saves; see README, "Synthesis speed")."""
+    if device.type == "cuda":
+        return max(0, min(16, cores - 1))
+    return max(0, min(16, cores - torch.get_num_threads()))
 
 
 def pixels_to_uint8(images: torch.Tensor) -> torch.Tensor:
