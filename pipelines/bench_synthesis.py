@@ -19,6 +19,8 @@ on the same batch shape (the two take turns, --repeats times; each reports its m
              (synthesis, 8-bit pixels, teacher logits, PNG encoding, tar, sha256, a real file), with
              `--write-workers` encoder processes; limit: synthesis + teacher forward alone on the same
              batches (encoding, hashing and I/O are what the pool must hide).
+  where the time goes: the cost of the BN-statistics terms alone (the limit's step with the per-generator
+             BN hooks and their gradient, over the limit), and PNG encoding + tar members in one process.
 
 Teachers have random weights (cost does not depend on the weights). On a GPU the table adds the
 projected GPU-hours to synthesise 1.28M images with the README's ImageNet command lines.
@@ -40,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from common.bn_stats import BNStatsLoss  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -128,27 +132,30 @@ def time_training(case, method_name, compute, steps: int, state: Path) -> float:
     return steps * method.num_streams * case.gen_batch / seconds
 
 
-def time_training_limit(case, method_name, compute, steps: int) -> tuple[float, float]:
-    """(images/s of generator fwd + bwd and teacher fwd + bwd-to-input alone, the teacher's share of it)."""
+def time_training_limit(case, method_name, compute, steps: int) -> tuple[float, float, float]:
+    """(images/s of generator fwd + bwd and teacher fwd + bwd-to-input alone, the teacher's share of it,
+    the extra time of the same step with the BN-statistics terms as a fraction of it)."""
     teacher, method = build(case, method_name, 1, compute)
     spec, b = method.spec, case.gen_batch
     if method_name == "deepinversion":
         x = torch.randn(b, spec.channels, case.size, case.size, device=compute.device)
         per = _time(lambda: _teacher_pass(teacher, x.requires_grad_(True), compute), steps, compute)
-        return b / per, 1.0
+        with BNStatsLoss(teacher) as bn:
+            per_bn = _time(lambda: _teacher_pass(teacher, x, compute, bn), steps, compute)
+        return b / per, 1.0, per_bn / per - 1
     gens = [method._member(k, Path(tempfile.gettempdir()) / "unused.pt", 0).gen.train()
             for k in range(method.num_streams)]
     labels = (torch.arange(b) % spec.num_classes).to(compute.device)
     zs = [torch.randn(b, method.config.latent_dim, device=compute.device) for _ in gens]
     sizes = [method._view_size(k) for k in range(len(gens))]
 
-    def step():
+    def step(bn=None):
         views = {}
         for k, gen in enumerate(gens):
             with compute.autocast():
                 views.setdefault(sizes[k], []).append(method._render(k, gen, zs[k], labels, None)[1].float())
         for group in views.values():
-            _teacher_pass(teacher, torch.cat(group), compute)
+            _teacher_pass(teacher, torch.cat(group), compute, bn)
         for gen in gens:
             gen.zero_grad(set_to_none=True)
 
@@ -156,7 +163,10 @@ def time_training_limit(case, method_name, compute, steps: int) -> tuple[float, 
     leaves = [torch.rand(len(group) * b, spec.channels, s, s, device=compute.device, requires_grad=True)
               for s, group in _groups(sizes).items()]
     per_teacher = _time(lambda: [_teacher_pass(teacher, x, compute) for x in leaves], steps, compute)
-    return len(gens) * b / per_step, per_teacher / per_step
+    with BNStatsLoss(teacher) as bn:   # the same step with the BN-statistics term (per generator): its cost
+        bn.chunks = len(gens) if len(set(sizes)) == 1 else 1
+        per_step_bn = _time(lambda: step(bn), steps, compute)
+    return len(gens) * b / per_step, per_teacher / per_step, per_step_bn / per_step - 1
 
 
 def _groups(sizes):
@@ -166,11 +176,11 @@ def _groups(sizes):
     return out
 
 
-def _teacher_pass(teacher, x, compute):
+def _teacher_pass(teacher, x, compute, bn=None):
     with compute.autocast():
-        logits = teacher(compute.batch(teacher.input_spec.normalize(x)) if hasattr(teacher, "input_spec")
-                         else compute.batch(x))
-    logits.float().square().mean().backward()
+        logits = teacher(compute.batch(teacher.input_spec.normalize(x)))
+    loss = logits.float().square().mean()
+    (loss if bn is None else loss + bn.loss().sum()).backward()
 
 
 def _time(fn, repeats: int, compute) -> float:
@@ -295,9 +305,10 @@ def main() -> None:
                 for r in range(args.repeats):   # actual and limit take turns
                     samples.setdefault("train", []).append(
                         time_training(case, method_name, compute, args.steps, Path(tmp) / f"t{r}"))
-                    limit, share = time_training_limit(case, method_name, compute, args.steps)
+                    limit, share, bn_cost = time_training_limit(case, method_name, compute, args.steps)
                     samples.setdefault("train_limit", []).append(limit)
                     samples.setdefault("teacher_share", []).append(share)
+                    samples.setdefault("bn_hooks_cost", []).append(bn_cost)
                     for w in workers:
                         samples.setdefault(f"write_{w}", []).append(
                             time_writing(setup, w, Path(tmp) / "shard.tar", compute))
@@ -329,12 +340,14 @@ def write_results(out, rows, workers, args, threads, load_before, load_after, se
              f"{args.steps} timed steps, median of {args.repeats}; load average before {load_before[0]:.2f}, "
              f"after {load_after[0]:.2f}; {seconds / 60:.1f} min.", "",
              f"| case | method | train img/s | train limit img/s | train / limit | teacher share of limit | "
+             f"BN-statistics terms, cost over the limit | "
              f"{wcols} | write limit img/s | PNG encode img/s (1 process) |",
-             "|---|---|---|---|---|---|" + "---|---|" * len(workers) + "---|---|"]
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(workers) + "---|---|"]
     for r in rows:
         w = " | ".join(f"{r[f'write_{n}']:.0f} | {r[f'write_{n}'] / r['write_limit']:.2f}" for n in workers)
         lines.append(f"| {r['case']} ({r['device']}) | {r['method']} | {r['train']:.0f} | {r['train_limit']:.0f} | "
-                     f"**{r['train'] / r['train_limit']:.2f}** | {r['teacher_share']:.2f} | {w} | "
+                     f"**{r['train'] / r['train_limit']:.2f}** | {r['teacher_share']:.2f} | "
+                     f"+{100 * r['bn_hooks_cost']:.0f}% | {w} | "
                      f"{r['write_limit']:.0f} | {r['encode']:.0f} |")
     projections = [(r, projected_hours(r, workers)) for r in rows]
     if any(p for _, p in projections):

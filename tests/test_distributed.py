@@ -50,12 +50,13 @@ def test_two_rank_synthesis_equals_one_process(shards, tiny_teacher_path, tmp_pa
     one, two = read_manifest(shards), read_manifest(out)
     assert two.complete and two.shards == one.shards  # names, sample counts, sha256: the same bytes
     assert sorted(p.name for p in out.glob("shard-*.tar")) == sorted(p.name for p in shards.glob("shard-*.tar"))
-    # resume per rank: a lost shard of rank 1 is rewritten, identical; the others are kept
+    # resume per rank: a lost shard of rank 1 is rewritten, identical (here by a writer process of that
+    # rank, on the explicit CPU device); the others are kept
     (out / "shard-000003.tar").unlink()
     kept = (out / "shard-000002.tar").stat().st_mtime_ns
     proc = torchrun("-m", "synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
                     "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
-                    "--batch-size", "20", "--quiet", *sets)
+                    "--batch-size", "20", "--quiet", "--device", "cpu", "--write-workers", "1", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "shard-000003.tar").read_bytes() == (shards / "shard-000003.tar").read_bytes()
     assert (out / "shard-000002.tar").stat().st_mtime_ns == kept

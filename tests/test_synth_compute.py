@@ -47,21 +47,23 @@ def _cifar_teacher():
 
 
 # --------------------------------------------------------------------------- concurrent generator training
-@pytest.mark.parametrize("case", ["ensemble", "adversarial", "muse-native"])
+@pytest.mark.parametrize("case", ["ensemble", "adversarial", "muse-native", "muse-native-adversarial"])
 def test_concurrent_generators_train_exactly_as_one_at_a_time(case, tiny_teacher_path, tmp_path):
-    """One teacher pass for all generators (concurrent_generators=0) against one pass each (=1): every
-    generator's per-step loss terms and final weights are bit-identical on the CPU."""
-    if case == "muse-native":
+    """All generators sharing each teacher pass against each generator trained alone, one after the other:
+    every generator's per-step loss terms and final weights are bit-identical on the CPU."""
+    if case.startswith("muse-native"):  # streams 16, 32, 16, 32 px: passes [0, 2] and [1, 3]
         name, teacher, options = "muse", _cifar_teacher(), {"steps": "3", "batch_size": "8", "width": "4",
                                                             "latent_dim": "8", "num_generators": "2",
                                                             "teacher_input": "native", "scales": "0.5,1"}
+        if case.endswith("adversarial"):
+            options["adversarial_weight"] = "1"
     else:
         name, teacher, options = "generator", _teacher(tiny_teacher_path), dict(TINY)
         if case == "adversarial":
             options.update(adversarial_weight="1", steps="3")
     runs = {}
-    for concurrent in (0, 1):
-        method = build_method(name, {**options, "concurrent_generators": str(concurrent)}, teacher.input_spec, 100)
+    for mode in ("together", "alone"):
+        method = build_method(name, options, teacher.input_spec, 100)
         terms = []
         original = method._forward_backward
 
@@ -70,9 +72,14 @@ def test_concurrent_generators_train_exactly_as_one_at_a_time(case, tiny_teacher
             terms.extend((m.k, {n: v.item() for n, v in out[0].items()}) for m, out in zip(part, outputs))
             return outputs
         method._forward_backward = recording
-        method.fit(teacher, tmp_path / f"{case}-{concurrent}", progress=False)
-        runs[concurrent] = (sorted(terms, key=lambda t: t[0]), [g.state_dict() for g in method.generators])
-    (terms_together, weights_together), (terms_alone, weights_alone) = runs[0], runs[1]
+        state = tmp_path / f"{case}-{mode}"
+        if mode == "together":
+            method.fit(teacher, state, progress=False)
+        else:  # each generator trained on its own, one after the other (the previous version's loop)
+            for k in range(method.num_streams):
+                method._fit_generators([k], teacher, state, False, 0)
+        runs[mode] = (sorted(terms, key=lambda t: t[0]), [g.state_dict() for g in method.generators])
+    (terms_together, weights_together), (terms_alone, weights_alone) = runs["together"], runs["alone"]
     assert len(terms_together) == len(terms_alone) > 0
     assert terms_together == terms_alone
     for a, b in zip(weights_together, weights_alone):
@@ -102,6 +109,36 @@ def test_concurrent_training_resumes_generators_at_different_steps(tiny_teacher_
     resumed.fit(teacher, state, progress=False)
     for a, b in zip(resumed.generators, reference.generators):
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_out_of_memory_halves_the_group_and_keeps_the_result(tiny_teacher_path, tmp_path):
+    """A GPU that cannot hold every generator's batch at once: the step is redone in smaller groups (the
+    result does not depend on the grouping); with an explicit group size it is a one-line error."""
+    teacher = _teacher(tiny_teacher_path)
+    reference = build_method("generator", TINY, teacher.input_spec, 100)
+    reference.fit(teacher, tmp_path / "ref", progress=False)
+
+    def small_memory(method):
+        original, sizes = method._forward_backward, []
+
+        def forward_backward(part, *args):
+            sizes.append(len(part))
+            if len(part) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return original(part, *args)
+        method._forward_backward = forward_backward
+        return sizes
+
+    auto = build_method("generator", TINY, teacher.input_spec, 100)
+    sizes = small_memory(auto)
+    auto.fit(teacher, tmp_path / "auto", progress=False)
+    assert sizes[:3] == [3, 1, 1] and set(sizes[3:]) == {1}   # 3 -> 1 after one refusal, and it stays
+    for a, b in zip(auto.generators, reference.generators):
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    fixed = build_method("generator", {**TINY, "concurrent_generators": "2"}, teacher.input_spec, 100)
+    small_memory(fixed)
+    with pytest.raises(UserError, match="out of GPU memory training 2 generator.*concurrent_generators"):
+        fixed.fit(teacher, tmp_path / "fixed", progress=False)
 
 
 # --------------------------------------------------------------------------- the writer pool

@@ -305,27 +305,27 @@ class GeneratorEnsemble(SynthesisMethod):
                 active = [m for m in members if m.start <= step]
                 while True:
                     try:
-                        outputs = [out for part in self._parts(active, group)
-                                   for out in self._forward_backward(part, net, hooks, scaler, seed, step)]
+                        done = [(m, out) for part in self._parts(active, group)
+                                for m, out in zip(part, self._forward_backward(part, net, hooks, scaler, seed, step))]
                         break
                     except torch.OutOfMemoryError:
                         if group == 1 or cfg.concurrent_generators:
-                            raise UserError(f"out of GPU memory training {len(active) if group > 1 else 1} "
-                                            f"generator(s) at once with batch {cfg.batch_size}: lower --set "
+                            raise UserError(f"out of GPU memory training {group} generator(s) at once with "
+                                            f"batch {cfg.batch_size}: lower --set "
                                             "concurrent_generators=... or --set batch_size=...") from None
                         group = max(1, group // 2)
                         torch.cuda.empty_cache()
-                for m, (terms, x, logits) in zip(active, outputs):
+                for m, (terms, x, logits) in done:   # in pass order (MUSE groups its streams by view size)
                     scaler.step(m.opt)
                     if m.proxy is not None:
                         self._train_proxy(m, x, logits)
                 scaler.update()
-                for m, (terms, _, _) in zip(active, outputs):
+                for m in active:
                     fault_point("generator-step")
                     if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                         self._save(m, step + 1)
                 if progress and (step % 10 == 0 or step + 1 == cfg.steps):
-                    bar.set_postfix({name: f"{v.item():.3f}" for name, v in outputs[0][0].items()})
+                    bar.set_postfix({name: f"{v.item():.3f}" for name, v in done[0][1][0].items()})
         if compute.compile:  # the traced hooks must not outlive them: the writing path compiles afresh
             torch._dynamo.reset()
 
