@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from common.data import ImageArrays
 from common.errors import UserError
 from common.models import InputSpec
 from common.shards import Manifest, Sample, ShardFormatError, decode_sample, iter_raw_samples, shard_paths
@@ -84,6 +85,17 @@ def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
     flip = torch.rand(x.shape[0]) < 0.5
     x[flip] = x[flip].flip(-1)
     return x
+
+
+def train_augmentation(name: str, size: int, translate: int = 2):
+    """A real-data training augmentation of a uint8 batch (B, C, H, W) by name, or None: translate (random
+    shift by up to `translate` px, black fill), crop-flip (reflect-pad random crop by up to size/8 px +
+    horizontal flip), none."""
+    if name == "translate" and translate > 0:
+        return lambda x: random_translate(x, translate)
+    if name == "crop-flip":
+        return lambda x: random_crop_flip(x, max(1, size // 8))
+    return None
 
 
 @dataclass(frozen=True)
@@ -320,7 +332,15 @@ class ShardLoader:
 def real_batches(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
                  generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) batches of a real dataset; in-memory TensorDatasets are sliced directly (fast).
-    Training order (shuffle=True) drops the last partial batch."""
+    Training order (shuffle=True) drops the last partial batch; ImageArrays' uint8 training batches get
+    the dataset's `augment` before they are normalised."""
+    if isinstance(dataset, ImageArrays):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if shuffle else n
+        for start in range(0, stop, batch_size):
+            yield dataset.batch(order[start:start + batch_size], augment=shuffle)
+        return
     if isinstance(dataset, TensorDataset):
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
