@@ -56,7 +56,9 @@ def main():
 
 
 @main.command("train")
-@click.option("--shards", required=True, help="Folder written by `synth generate` (shards + manifest.json).")
+@click.option("--shards", required=True,
+              help="Folder written by `synth generate` (shards + manifest.json): a path, an http(s):// URL, or a "
+              "pipe: command with {name} for the file name (e.g. 'pipe:aws s3 cp s3://b/shards/{name} -').")
 @click.option("--student", required=True, help="Student model name from the registry (e.g. lenet5_half, resnet18).")
 @click.option("--out", required=True, help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
 @click.option("--teacher-weights", default=None,
