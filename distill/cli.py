@@ -161,6 +161,27 @@ def teacher_command(**options):
     click.echo(f"done: {_format(metrics)}")
 
 
+@main.command("export")
+@click.argument("run", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: RUN/export].")
+@click.option("--format", "formats", multiple=True, type=click.Choice(("export", "torchscript", "onnx")),
+              help="Formats to write (repeatable) [default: export (torch.export .pt2) and torchscript, plus onnx "
+              "where the onnx package is installed]")
+@click.option("--ema", is_flag=True, help="Export the EMA of the student's weights (student_ema.pt).")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Largest allowed logit difference (plus 1e-4 x |logit|) between an export and the trained model.")
+def export_command(run, out, formats, ema, atol):
+    """Write RUN's student in formats that deploy without this code, check each one's logits against the
+    trained model on a batch, and record the input spec in student.json beside them."""
+    from .export import export_run
+
+    result = export_run(run, out, formats or None, ema=ema, atol=atol)
+    for name, path in result.files.items():
+        diff = result.max_abs_diff.get(name)
+        click.echo(f"wrote {path}" + (f" (max logit difference {diff:.2g})" if diff is not None else " (not run)"))
+    click.echo(f"wrote {result.spec_file}")
+
+
 @main.command("report")
 @click.argument("run", type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), default=None,

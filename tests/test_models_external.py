@@ -1,5 +1,6 @@
 """Models from timm (`timm/<name>`) and from the user's own code (`module:callable`): input specs from their
 metadata or from options, checkpoints that round-trip, and both ends of the pipeline (synth -> distill)."""
+import json
 import os
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def test_teacher_without_batchnorm_is_refused_by_bn_methods(user_module, tmp_pat
 
 def test_timm_teacher_to_user_student_end_to_end(user_module, tmp_path):
     """synth generate with a tiny timm teacher (random weights) -> distill train of a student from the user's
-    module -> its checkpoint rebuilds the same model."""
+    module and of a timm student -> their checkpoints rebuild the same models -> distill export of both."""
+    from distill.export import export_run
     from distill.train import TrainConfig, train
     from synth.generate import GenerateConfig, generate
 
@@ -139,3 +141,10 @@ def test_timm_teacher_to_user_student_end_to_end(user_module, tmp_path):
     assert student["arch"] == "my_nets:build" and student["input_spec"]["channels"] == 3
     rebuilt = create_model("my_nets:build", weights=str(tmp_path / "run" / "student.pt"))
     assert rebuilt.input_spec.num_classes == 4 and rebuilt.input_spec.size == 16
+    exported = export_run(tmp_path / "run", formats=("export", "torchscript"))
+    assert set(exported.max_abs_diff) == {"export", "torchscript"}
+    train(TrainConfig(shards=str(tmp_path / "s"), student="timm/test_resnet", out=str(tmp_path / "timm-run"),
+                      epochs=1, batch_size=10, workers=0, progress=False))
+    exported = export_run(tmp_path / "timm-run", formats=("export",))
+    spec = json.loads(exported.spec_file.read_text())
+    assert spec["arch"] == "timm/test_resnet" and spec["input_spec"]["mean"] == [0.5, 0.5, 0.5]
