@@ -295,9 +295,12 @@ def named_dataset(name: str, spec: InputSpec, train: bool, root: str | Path) -> 
         except Exception as e:  # no internet, mirror down, ...
             reason = (str(e).strip().splitlines() or [""])[0][:120]
             if not all((base / f).is_file() for f in files):
+                every = list(dict.fromkeys(entry.files[0] + entry.files[1]))
+                archive = (f", or torchvision's archive {cls.filename} into {root}"
+                           if hasattr(cls, "tgz_md5") else "")
                 raise UserError(f"{name} is not under {base} and torchvision could not download it "
-                                f"({type(e).__name__}: {reason}). Put {', '.join(files)} into {base} (torchvision's "
-                                f"{entry.cls} layout; --data-root sets the folder above it)") from None
+                                f"({type(e).__name__}: {reason}). Put {', '.join(every)} into {base} (torchvision's "
+                                f"{entry.cls} layout; --data-root sets the folder above it){archive}") from None
     if spec.num_classes != entry.num_classes:
         raise UserError(f"{name} has {entry.num_classes} classes but the model has {spec.num_classes}")
     try:

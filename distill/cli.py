@@ -59,7 +59,8 @@ def main():
 @click.option("--shards", required=True,
               help="Folder written by `synth generate` (shards + manifest.json): a path, an http(s):// URL, or a "
               "pipe: command with {name} for the file name (e.g. 'pipe:aws s3 cp s3://b/shards/{name} -').")
-@click.option("--student", required=True, help="Student model name from the registry (e.g. lenet5_half, resnet18).")
+@click.option("--student", required=True,
+              help="Student model name (e.g. lenet5_half, resnet18, timm/resnet18, my_pkg.nets:build).")
 @click.option("--out", required=True, help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
 @click.option("--teacher-weights", default=None,
               help="Teacher checkpoint; default: the weights recorded in the manifest (checked by sha256).")
