@@ -18,6 +18,7 @@ The input spec comes from the model's own metadata where it has one (timm's pret
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -334,15 +335,15 @@ def _create_timm(name, num_classes, weights, in_chans, input_size):
 
 
 def _timm_pretrained(timm, arch: str, kwargs: dict) -> nn.Module:
-    import contextlib
     import io
     import logging
 
     quiet = logging.getLogger("huggingface_hub")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its retry messages; the error below says what happened
+    offline = _hub_unreachable()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), _hub_offline(offline):
             return timm.create_model(arch, pretrained=True, **kwargs)
     except Exception as e:  # LocalEntryNotFoundError, connection and SSL errors when offline
         try:
@@ -356,6 +357,36 @@ def _timm_pretrained(timm, arch: str, kwargs: dict) -> nn.Module:
                         "online), or give the path of a local checkpoint as the weights") from None
     finally:
         quiet.setLevel(level)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub cannot be reached directly (checked only without a proxy or a custom
+    endpoint): then only its cache is read, instead of a minute of retries before the same error."""
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return False
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's offline mode (cache only) while the block runs, when `offline`."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def _create_from_module(name, num_classes, in_chans, input_size, checkpoint_spec=None):
