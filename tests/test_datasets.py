@@ -152,6 +152,18 @@ def test_teacher_trains_on_cifar10_stand_in(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="Put data_batch_1"):
         train_teacher(TeacherConfig(model="cifar_resnet8", out=str(tmp_path / "u.pt"), data="cifar10",
                                     data_root=str(tmp_path / "empty"), progress=False))
+    from click.testing import CliRunner
+
+    from distill.cli import main
+
+    result = CliRunner().invoke(main, ["teacher", "--model", "cifar_resnet8", "--data", "cifar10", "--data-root",
+                                       str(tmp_path / "empty"), "--out", str(tmp_path / "v.pt")])
+    assert result.exit_code == 2 and "Error: cifar10 is not under" in result.output
+    assert "cifar-10-python.tar.gz" in result.output
+    result = CliRunner().invoke(main, ["teacher", "--model", "cifar_resnet8", "--data", "cifar10", "--data-root",
+                                       str(tmp_path), "--out", str(tmp_path / "w.pt"), "--epochs", "1",
+                                       "--batch-size", "16", "--workers", "0", "--threads", "1", "--quiet"])
+    assert result.exit_code == 0 and result.output.startswith("done: test_top1"), result.output
 
 
 def test_crop_flip_augments_uint8_batches():

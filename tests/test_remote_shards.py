@@ -65,6 +65,14 @@ def test_train_from_http_and_pipe(shard_folder, server, tmp_path):
     assert metrics["steps"] == 6 and metrics["skipped_shards"] == 0
     metrics = train(_config(f"pipe:cat {shard_folder}/{{name}}", tmp_path / "pipe", workers=1))
     assert metrics["steps"] == 6
+    from click.testing import CliRunner
+
+    from distill.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--shards", f"{url}/shards/", "--student", "lenet5_half", "--out",
+                                       str(tmp_path / "cli"), "--epochs", "1", "--batch-size", "10", "--workers", "2",
+                                       "--threads", "1", "--quiet"])
+    assert result.exit_code == 0 and result.output.startswith("done: "), result.output
 
 
 def test_flipped_byte_in_a_streamed_shard_is_caught(shard_folder, server, tmp_path):
