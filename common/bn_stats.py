@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .errors import UserError
+
 
 class BNStatsLoss:
     """Forward hooks on every BatchNorm of `model`; `loss()` reads what the last forward recorded.
@@ -26,7 +28,11 @@ class BNStatsLoss:
     def __init__(self, model: nn.Module, first_layer_weight: float = 1.0):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not self.layers:
-            raise ValueError(f"{type(model).__name__} has no BatchNorm layers to match statistics against")
+            name = getattr(model, "arch", type(model).__name__)
+            raise UserError(f"teacher {name} has no BatchNorm layers: the generator, muse and deepinversion methods "
+                            "match the batch statistics its BatchNorm layers stored during training, so they need "
+                            "a teacher with BatchNorm (most CNNs: ResNet, MobileNet, EfficientNet, ...; not "
+                            "LayerNorm/GroupNorm models such as ViTs, ConvNeXt); use --method noise or another teacher")
         self.first_layer_weight = first_layer_weight
         self.per_layer: list[torch.Tensor | None] = [None] * len(self.layers)
         self.chunks = 1   # > 1: the batch is this many equal chunks, each matched on its own

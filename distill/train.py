@@ -50,6 +50,7 @@ from common.faults import fault_point
 from common.fileio import (atomic_open, folder_lock, load_torch_safely, remove_stale_temps, save_torch_atomic,
                            write_json_atomic)
 from common.models import CheckpointError, create_model, save_model_checkpoint, state_dict_sha256
+from common.remote import is_remote
 from common.shards import CHECK_LEVELS, Manifest, ShardFormatError, check_shard_files, read_manifest
 
 from .data import AUGMENTATIONS, Batch, ShardLoader
@@ -319,7 +320,7 @@ def check_out(config: TrainConfig) -> Path:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
-    if out.resolve() == Path(config.shards).resolve():
+    if not is_remote(config.shards) and out.resolve() == Path(config.shards).resolve():
         raise UserError(f"--out {out} is the shards folder; give the run its own folder")
     if not config.resume and (out / CHECKPOINT_FILE).exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
@@ -542,14 +543,15 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
     loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed,
                          rank=dist.rank, world_size=dist.world_size, skip_bad=config.on_bad_shard == "skip",
                          pin_memory=config.pin_memory and device.type == "cuda",
-                         persistent_workers=config.persistent_workers)
+                         persistent_workers=config.persistent_workers, verify=config.verify_shards)
     inputs = RunInputs(manifest, skipped, device, teacher, student, loader)
     if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now
         inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root,
                                            workers=config.workers)
         if teacher is not None:
             inputs.eval_teacher = inputs.eval_student if teacher.input_spec == student.input_spec else real_dataset(
-                config.eval_data, teacher.input_spec, train=False, root=config.data_root, check=False)
+                config.eval_data, teacher.input_spec, train=False, root=config.data_root, check=False,
+                workers=config.workers)  # streamed: checked above; cached at the teacher's size: decoded here
     return inputs
 
 
@@ -687,7 +689,8 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
 
     final = history[-1]
     if main:
-        extra = {"teacher_sha256": fingerprint["teacher_sha256"], "shards": str(Path(config.shards).resolve()),
+        shards = config.shards if is_remote(config.shards) else str(Path(config.shards).resolve())
+        extra = {"teacher_sha256": fingerprint["teacher_sha256"], "shards": shards,
                  "epochs": final["epoch"], "eval_top1": final["eval_top1"]}
         save_model_checkpoint(out / STUDENT_FILE, student, extra=extra)
         if models.ema is not None:

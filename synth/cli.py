@@ -39,9 +39,11 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command("generate")
-@click.option("--teacher", required=True, help="Teacher architecture: lenet5, cifar_resnet20, resnet50, ...")
+@click.option("--teacher", required=True,
+              help="Teacher architecture: lenet5, cifar_resnet20, resnet50, ..., timm/<name>, or module.path:callable.")
 @click.option("--weights", default="DEFAULT", show_default=True,
-              help="Teacher weights: DEFAULT / a torchvision weights name (download), a checkpoint path, or none.")
+              help="Teacher weights: DEFAULT / a torchvision weights name (download; timm's pretrained weights for "
+              "timm/<name>), a checkpoint path, or none.")
 @click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
               help="Output folder for shards and manifest.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="generator", show_default=True)

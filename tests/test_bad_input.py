@@ -413,10 +413,28 @@ def test_damaged_evaluation_image_is_refused_before_the_first_step(dataset, tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_damaged_teacher_training_image_is_a_one_line_error(tmp_path, monkeypatch, cached):
+    """distill teacher --data FOLDER: decoded into the uint8 cache (small images) or checked (streamed);
+    either way the damaged file is named before training, and no cache or checkpoint is written."""
+    if not cached:
+        monkeypatch.setattr("common.data.CACHE_MAX_SIZE", 0)
+    images = write_image_folder(tmp_path / "train")
+    truncate(images / "c5" / "0.png")
+    result = CliRunner().invoke(distill_cli, ["teacher", "--model", "lenet5", "--data", str(images), "--data-root",
+                                              str(tmp_path / "root"), "--out", str(tmp_path / "t.pt"), "--epochs",
+                                              "1", "--batch-size", "4", "--workers", "0", "--quiet"])
+    assert_one_line_error(result, f"1 of 20 images in {images} cannot be read", str(images / "c5" / "0.png"),
+                          "replace or remove them")
+    assert not (tmp_path / "t.pt").exists() and not list(tmp_path.glob("root/cache/*.npy"))
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_evaluation_failing_mid_run_keeps_the_trained_epoch(dataset, tmp_path, monkeypatch, workers):
     """An image damaged after the start-up check (here: the check is skipped): the epoch is checkpointed
     before the error, and --resume evaluates it and ends bit-identical to an uninterrupted run."""
+    # streamed, not decoded into the uint8 cache (which is the check: a cached folder cannot fail mid-run)
+    monkeypatch.setattr("common.data.CACHE_MAX_SIZE", 0)
     images = write_image_folder(tmp_path / "eval")
     options = dict(eval_data=str(images), teacher_logits="stored", aug="none", epochs=2, workers=workers)
     reference = train(train_config(dataset, tmp_path / "ref", **options))

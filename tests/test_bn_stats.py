@@ -32,7 +32,9 @@ def test_bn_loss_matches_hand_computation():
 def test_bn_loss_needs_a_forward_and_bn_layers():
     import pytest
 
-    with pytest.raises(ValueError, match="no BatchNorm"):
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="no BatchNorm layers.*--method noise"):
         BNStatsLoss(nn.Linear(2, 2))
     hook = BNStatsLoss(nn.Sequential(nn.BatchNorm1d(2)))
     with pytest.raises(RuntimeError, match="before a forward"):
