@@ -279,13 +279,15 @@ def end_of_archive(size: int) -> bytes:
 
 class ShardFile:
     """A shard being written from segments: atomic (temp name, fsync, rename on a clean exit), hashed while
-    written (no second read), closed as `tarfile` closes an archive. `record` is set after the block."""
+    written (no second read), closed as `tarfile` closes an archive. `record` is set after the block. A
+    failed write removes the temp file at once (a full disk is a DiskFullError naming the shard)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.count = self.size = 0
         self.record: ShardRecord | None = None
         self._hash = hashlib.sha256()
+        self._atomic = None
 
     def __enter__(self) -> "ShardFile":
         self._atomic = atomic_open(self.path, "wb")
@@ -299,21 +301,31 @@ class ShardFile:
             fault_point("shard-sample")
 
     def _put(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except BaseException:
+            self._abort(*sys.exc_info())
+            raise
         self._hash.update(data)
         self.size += len(data)
 
+    def _abort(self, *exc) -> None:
+        """Remove the temp file; re-raises an OSError as what atomic_open makes of it (DiskFullError)."""
+        atomic, self._atomic = self._atomic, None
+        if atomic is not None:
+            atomic.__exit__(*exc)
+
     def __exit__(self, *exc) -> bool:
-        if exc[0] is None:
-            try:
-                self._put(end_of_archive(self.size))
-            except BaseException:
-                self._atomic.__exit__(*sys.exc_info())
-                raise
-        suppressed = self._atomic.__exit__(*exc)
-        if exc[0] is None:
-            self.record = ShardRecord(self.path.name, self.count, self._hash.hexdigest(), self.size)
-        return bool(suppressed)
+        if self._atomic is None:   # already aborted by a failed write
+            return False
+        if exc[0] is not None:
+            self._abort(*exc)
+            return False
+        self._put(end_of_archive(self.size))
+        atomic, self._atomic = self._atomic, None
+        atomic.__exit__(None, None, None)
+        self.record = ShardRecord(self.path.name, self.count, self._hash.hexdigest(), self.size)
+        return False
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample], image_format: str = "png") -> ShardRecord:

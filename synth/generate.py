@@ -44,7 +44,7 @@ from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, Sh
 
 from .methods import METHODS, build_method
 from .methods.base import seeded_generator
-from .writer import PixelBatch, WriterPool, default_workers, pixels_to_uint8, write_shard
+from .writer import PixelBatch, ShardJob, WriterPool, default_workers, pixels_to_uint8, write_shards
 
 STATE_DIR = "state"
 SHARD_RECORDS_DIR = "shards"  # inside STATE_DIR: one JSON record per finished shard (written by its rank)
@@ -138,20 +138,18 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
     num_shards = -(-cfg.num_images // cfg.shard_size)
     mine = range(dist.rank, num_shards, dist.world_size)  # disjoint; their union is every shard
     done = _finished_shards(out, manifest, mine)
-    bar = tqdm(mine, desc="shards" + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
+    bar = tqdm(total=len(mine), desc="shards" + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
                disable=not progress, unit="shard")
     logits_of = _teacher_logits(teacher, compute)
     workers = cfg.write_workers
     if workers is None:
         workers = default_workers(distributed.default_threads(), compute.device)
-    with WriterPool(workers if len(done) < len(mine) else 0) as pool:
-        for index in bar:
-            if index in done:
-                continue
-            first = index * cfg.shard_size
-            indices = range(first, min(first + cfg.shard_size, cfg.num_images))
-            record = write_shard(out / shard_name(index), _shard_batches(cfg, method, index, indices), logits_of,
-                                 method.labels_from_teacher, cfg.image_format, pool)
+    todo = [index for index in mine if index not in done]
+    jobs = (ShardJob(out / shard_name(i), _shard_batches(cfg, method, i, _shard_indices(cfg, i))) for i in todo)
+    bar.update(len(mine) - len(todo))
+    with WriterPool(workers if todo else 0) as pool:
+        for record in write_shards(jobs, logits_of, method.labels_from_teacher, cfg.image_format, pool):
+            bar.update(1)
             fault_point("shard-done")
             _write_shard_record(out, record)
             if dist.is_main:  # the manifest has one writer; it lists every rank's shards finished so far
@@ -265,6 +263,12 @@ def _finished_shards(out: Path, manifest: Manifest, indices: range) -> set[int]:
         if record is not None and path.is_file() and sha256_file(path) == record.sha256:
             done.add(index)
     return done
+
+
+def _shard_indices(cfg: GenerateConfig, index: int) -> range:
+    """The sample indices of shard `index`."""
+    first = index * cfg.shard_size
+    return range(first, min(first + cfg.shard_size, cfg.num_images))
 
 
 def _teacher_logits(teacher, compute: Compute):

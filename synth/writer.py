@@ -25,8 +25,9 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from common.shards import LOSSY_FORMATS, ShardFile, ShardRecord, encode_images, encode_segment
@@ -66,7 +67,7 @@ class WriterPool:
 
     @property
     def depth(self) -> int:
-        """Batches in flight per stage: enough to keep every worker busy while the device works."""
+        """Chunks in flight: two per writer, so every writer has the next one queued while the device works."""
         return max(1, 2 * self.workers)
 
     def close(self) -> None:
@@ -96,44 +97,84 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+@dataclass
+class ShardJob:
+    """One shard to write: its final path and its batches (in sample order)."""
+
+    path: Path
+    batches: Iterable[PixelBatch]
+
+
+def write_shards(jobs: Iterable[ShardJob], logits_of: Callable[[torch.Tensor], torch.Tensor], relabel: bool,
+                 image_format: str, pool: WriterPool) -> Iterator[ShardRecord]:
+    """Write the shards of `jobs` in order, each atomically and hashed while written, yielding each one's
+    record once it has its final name. The pipeline runs across shard boundaries (the device starts on the
+    next shard while the writers finish the last batches of this one), and each batch is split into one
+    chunk per writer. `logits_of(pixels)` runs the teacher on 8-bit (B, C, H, W) pixels (a whole batch at
+    a time, so the logits do not depend on the pool); `relabel`: a sample's class is the teacher's argmax."""
+    lossy = image_format in LOSSY_FORMATS
+    encoding: deque = deque()   # lossy formats: (job, batch, futures of (image bytes, decoded pixels) per chunk)
+    segments: deque = deque()   # (job, future of a chunk's tar bytes, its samples) or (job, None, 0): job done
+    open_shard: list[ShardFile] = []   # the shard being written (at most one)
+
+    def chunks(n: int) -> list[slice]:
+        size = -(-n // max(1, min(pool.workers, n)))
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def finish(job: ShardJob, batch: PixelBatch, pixels: torch.Tensor, images) -> None:
+        logits = logits_of(pixels)
+        labels = (logits.argmax(1) if relabel else batch.labels).tolist()
+        logits = logits.to(torch.float16).cpu().numpy()
+        for c in chunks(len(batch.keys)):
+            segments.append((job, pool.submit(encode_segment, batch.keys[c], images[c], labels[c], logits[c],
+                                              batch.metas[c], image_format), c.stop - c.start))
+
+    def decoded(job: ShardJob, batch: PixelBatch, futures: list[Future]) -> None:
+        parts = [f.result() for f in futures]
+        pixels = torch.from_numpy(np.concatenate([p for _, p in parts]))
+        pixels = pixels.permute(0, 3, 1, 2).contiguous().to(batch.pixels.device)
+        finish(job, batch, pixels, [data for images, _ in parts for data in images])
+
+    def write_one() -> Iterator[ShardRecord]:
+        job, future, count = segments.popleft()
+        if future is None:   # the job's last chunk is written: fsync, rename, report
+            shard = open_shard.pop()
+            shard.__exit__(None, None, None)
+            yield shard.record
+            return
+        if not open_shard:
+            open_shard.append(ShardFile(job.path).__enter__())
+        open_shard[0].write(future.result(), count)
+
+    try:
+        for job in jobs:
+            for batch in job.batches:
+                host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+                if lossy:
+                    encoding.append((job, batch, [pool.submit(encode_images, host[c], image_format)
+                                                  for c in chunks(len(host))]))
+                    while len(encoding) > 2:
+                        decoded(*encoding.popleft())
+                else:
+                    finish(job, batch, batch.pixels, host)
+                while len(segments) > pool.depth:
+                    yield from write_one()
+            while encoding:
+                decoded(*encoding.popleft())
+            segments.append((job, None, 0))
+        while segments:
+            yield from write_one()
+    finally:
+        if open_shard:   # stopped (an error, or the caller stopped reading): the unfinished shard's temp goes
+            stopped = RuntimeError("shard not finished")
+            open_shard.pop().__exit__(RuntimeError, stopped, None)
+
+
 def write_shard(path: Path, batches: Iterable[PixelBatch], logits_of: Callable[[torch.Tensor], torch.Tensor],
                 relabel: bool, image_format: str, pool: WriterPool) -> ShardRecord:
-    """Write one shard from `batches` (atomically, hashed while written). `logits_of(pixels)` runs the
-    teacher on 8-bit (B, C, H, W) pixels; `relabel`: a sample's class is the teacher's argmax."""
-    lossy = image_format in LOSSY_FORMATS
-    encoding: deque = deque()   # lossy formats: (batch, future of (image bytes, decoded pixels))
-    segments: deque = deque()   # (future of segment bytes, samples)
-
-    def finish(batch: PixelBatch, pixels: torch.Tensor, images) -> None:
-        logits = logits_of(pixels)
-        labels = logits.argmax(1) if relabel else batch.labels
-        segments.append((pool.submit(encode_segment, batch.keys, images, labels.tolist(),
-                                     logits.to(torch.float16).cpu().numpy(), batch.metas, image_format),
-                         len(batch.keys)))
-
-    def decoded(batch: PixelBatch, future: Future) -> None:
-        images, pixels = future.result()
-        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(batch.pixels.device)
-        finish(batch, pixels, images)
-
-    with ShardFile(path) as shard:
-        for batch in batches:
-            host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-            if lossy:
-                encoding.append((batch, pool.submit(encode_images, host, image_format)))
-                while len(encoding) > pool.depth:
-                    decoded(*encoding.popleft())
-            else:
-                finish(batch, batch.pixels, host)
-            while len(segments) > pool.depth:
-                future, count = segments.popleft()
-                shard.write(future.result(), count)
-        while encoding:
-            decoded(*encoding.popleft())
-        while segments:
-            future, count = segments.popleft()
-            shard.write(future.result(), count)
-    return shard.record
+    """Write one shard (see `write_shards`)."""
+    (record,) = write_shards([ShardJob(path, batches)], logits_of, relabel, image_format, pool)
+    return record
 
 
 def default_workers(cores: int, device: torch.device) -> int:
