@@ -10,7 +10,11 @@ Restartable and deterministic:
   - one writer per folder (a lock file; a second `synth generate` into it is refused), temp files of
     killed writes are removed on start, and a full disk ends in a DiskFullError that names the file.
 
-Under torchrun (WORLD_SIZE > 1) the same call is one rank of a job: the method is fitted once
+Computing (`device`, `amp`, `channels_last`, `compile`; common/accel.py): the teacher, the method and the
+teacher's logits run on the device, noise is drawn from seeded CPU generators, and `synth/writer.py`
+encodes and writes the shards in a pool of processes while the device works.
+
+Under torchrun (WORLD_SIZE > 1) the same call is one rank of a job (each on its LOCAL_RANK GPU, nccl): the method is fitted once
 (`SynthesisMethod.fit_parallel`: by default rank 0 fits and the others load its checkpoints; the
 generator ensemble and MUSE split their generators across ranks), rank r writes shards r, r + N, r + 2N, ...
 and records each finished one in `state/shards/<shard>.json`; rank 0 keeps the manifest and marks it
@@ -73,7 +77,7 @@ class GenerateConfig:
     amp: str = "none"                 # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
     compile: bool = False             # torch.compile teacher and generators
-    write_workers: int | None = None  # processes encoding the shards; None: cores - 1 (at most 16); 0: none
+    write_workers: int | None = None  # processes encoding the shards; None: synth.writer.default_workers; 0: none
 
 
 def generate(cfg: GenerateConfig) -> Manifest:
