@@ -396,24 +396,28 @@ def iter_tar_members(f: BinaryIO, source: str,
         yield name, data[:size] if padded != size else data
 
 
-def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict]:
-    """Raw sample dicts ({"__key__", "__url__", field: bytes}) of one shard, as WebDataset groups them.
-    Members of one sample must be adjacent; names and sizes must pass `check_member`."""
-    source = Path(path).name
+def group_samples(f: BinaryIO, source: str, url: str) -> Iterator[dict]:
+    """Raw sample dicts ({"__key__", "__url__", field: bytes}) of a shard's tar stream, as WebDataset groups
+    them. Members of one sample must be adjacent; names and sizes must pass `check_member`."""
     group: dict = {}
-    with open(path, "rb", buffering=1 << 20) as f:
-        for name, data in iter_tar_members(f, source, check_member):
-            key, _, field_name = name.partition(".")
-            if group and key != group["__key__"]:
-                yield group
-                group = {}
-            if field_name in group:
-                raise ShardFormatError(f"{source}: duplicate member {name!r}")
-            group.setdefault("__key__", key)
-            group.setdefault("__url__", str(path))
-            group[field_name] = data
+    for name, data in iter_tar_members(f, source, check_member):
+        key, _, field_name = name.partition(".")
+        if group and key != group["__key__"]:
+            yield group
+            group = {}
+        if field_name in group:
+            raise ShardFormatError(f"{source}: duplicate member {name!r}")
+        group.setdefault("__key__", key)
+        group.setdefault("__url__", url)
+        group[field_name] = data
     if group:
         yield group
+
+
+def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict]:
+    """Raw sample dicts of one shard file (`group_samples`)."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        yield from group_samples(f, Path(path).name, str(path))
 
 
 def read_shard(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Sample]:

@@ -46,8 +46,8 @@ from common.data import ImageArrays
 from common.errors import UserError
 from common.models import InputSpec
 from common.remote import StreamError, fetch_verified, is_remote
-from common.shards import (Manifest, Sample, ShardFormatError, check_member, decode_sample, iter_raw_samples,
-                           iter_tar_members, shard_paths)
+from common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
+                           shard_paths)
 
 AUGMENTATIONS = ("none", "translate", "crop-flip")
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
@@ -281,19 +281,7 @@ class ShardSamples:
         except StreamError as e:
             raise ShardFormatError(f"{record.name} {e}") from None
         with spool:
-            group: dict = {}
-            for name, data in iter_tar_members(spool, record.name, check_member):
-                key, _, field_name = name.partition(".")
-                if group and key != group["__key__"]:
-                    yield group
-                    group = {}
-                if field_name in group:
-                    raise ShardFormatError(f"{record.name}: duplicate member {name!r}")
-                group.setdefault("__key__", key)
-                group.setdefault("__url__", url)
-                group[field_name] = data
-            if group:
-                yield group
+            yield from group_samples(spool, record.name, url)
 
 
 # --------------------------------------------------------------------------- loader
