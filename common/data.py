@@ -261,6 +261,145 @@ def fit_arrays(images_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return x.contiguous()
 
 
+# --------------------------------------------------------------------------- MNIST-M (built offline)
+MNISTM_SIZE = 32
+MNISTM_VERSION = 1           # part of the cache key: bump when the construction below changes
+MNISTM_SEED = 0
+MNISTM_PHOTO_SIDE = 320      # photos are shrunk so their shorter side is at most this (BSDS500's scale: 481 x 321)
+# real colour photographs shipped inside the scikit-image wheel (skimage/data, not the pooch-downloaded
+# ones); licences from skimage/data/_fetchers.py. Train and test use disjoint photographs.
+MNISTM_PHOTOS = {
+    True: ("astronaut.png",            # NASA, public domain
+           "coffee.png",               # Rachel Michetti, CC0
+           "rocket.jpg",               # SpaceX, public domain
+           "hubble_deep_field.jpg"),   # NASA / ESA, public domain
+    False: ("chelsea.png",             # Stefan van der Walt, CC0
+            "retina.jpg"),             # Häggström, CC0 1.0
+}
+MNISTM_SKIMAGE = "scikit-image==0.26.0"
+
+
+def _skimage_data_dir() -> Path | None:
+    """scikit-image's bundled data folder, found without importing the package (only its files are used)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("skimage")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return folder if folder.is_dir() else None
+
+
+def mnistm_photo_paths(root: str | Path, train: bool) -> list[Path]:
+    """The photographs behind MNIST-M's train or test split: `<root>/mnistm/photos/{train,test}/` when that
+    folder exists (any RGB images; the two folders must not share a file), else scikit-image's bundled ones."""
+    own = Path(root) / "mnistm" / "photos" / ("train" if train else "test")
+    if own.is_dir():
+        paths = sorted(p for p in own.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif",
+                                                                          ".tiff", ".webp"))
+        if not paths:
+            raise UserError(f"{own} holds no images (.png, .jpg, ...): add photographs or remove the folder")
+        other = own.parent / ("test" if train else "train")
+        shared = {p.name for p in paths} & ({p.name for p in other.iterdir()} if other.is_dir() else set())
+        if shared:
+            raise UserError(f"MNIST-M's train and test photographs must be disjoint, but {own.parent} has "
+                            f"{sorted(shared)[:3]} in both: remove them from one side")
+        return paths
+    folder = _skimage_data_dir()
+    if folder is None:
+        raise UserError(f"MNIST-M needs colour photographs: pip install --no-deps '{MNISTM_SKIMAGE}' (only its "
+                        f"bundled images are read), or put your own into {own.parent}/train/ and {own.parent}/test/")
+    paths = [folder / name for name in MNISTM_PHOTOS[train]]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"scikit-image's data folder {folder} lacks {', '.join(missing)}: pip install --no-deps "
+                        f"'{MNISTM_SKIMAGE}'")
+    return paths
+
+
+def _load_photo(path: Path) -> np.ndarray:
+    """A photograph as uint8 (H, W, 3), shrunk to a shorter side of at most MNISTM_PHOTO_SIDE px."""
+    from PIL import Image
+
+    im = load_image(str(path), "RGB")
+    w, h = im.size
+    scale = MNISTM_PHOTO_SIDE / min(w, h)
+    if scale < 1:
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    pixels = np.asarray(im, dtype=np.uint8)
+    if min(pixels.shape[:2]) < MNISTM_SIZE:
+        raise UserError(f"{path} is {pixels.shape[1]} x {pixels.shape[0]} px, smaller than MNIST-M's "
+                        f"{MNISTM_SIZE} x {MNISTM_SIZE} patches: use larger photographs")
+    return pixels
+
+
+def blend_mnistm(digits_u8: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Ganin & Lempitsky's MNIST-M rule: digit d in [0, 1] (N, S, S) blended into a random S x S patch p of a
+    random photograph, per channel |p - d|. Returns uint8 (N, 3, S, S)."""
+    n, size = digits_u8.shape[0], digits_u8.shape[-1]
+    which = rng.integers(0, len(photos), n)
+    tops = np.array([rng.integers(0, photos[k].shape[0] - size + 1) for k in which], dtype=np.int64)
+    lefts = np.array([rng.integers(0, photos[k].shape[1] - size + 1) for k in which], dtype=np.int64)
+    out = np.empty((n, 3, size, size), dtype=np.uint8)
+    ar = np.arange(size)
+    for k, photo in enumerate(photos):
+        idx = np.flatnonzero(which == k)
+        for start in range(0, len(idx), 8192):
+            part = idx[start:start + 8192]
+            patches = photo[(tops[part, None] + ar)[:, :, None], (lefts[part, None] + ar)[:, None, :]]  # (m, S, S, 3)
+            blended = np.abs(patches.astype(np.int16) - digits_u8[part, :, :, None].astype(np.int16))
+            out[part] = blended.astype(np.uint8).transpose(0, 3, 1, 2)
+    return out
+
+
+def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED) -> tuple[np.ndarray, torch.Tensor]:
+    """MNIST-M's train (60,000) or test (10,000) split: (uint8 (N, 3, 32, 32), labels int64 N), from MNIST's
+    own split (digits zero-padded 28 -> 32 px) and that split's photographs (`mnistm_photo_paths`).
+    Deterministic from `seed`; cached as `<root>/cache/mnistm-<split>-<key>.npy` (memory-mapped later), the key
+    covering the seed, the construction version and the MNIST and photo files (names, sizes, contents)."""
+    from .fileio import atomic_open
+
+    images, labels = load_mnist(root, train)
+    paths = mnistm_photo_paths(root, train)
+    h = hashlib.sha256(f"mnistm/v{MNISTM_VERSION}/{seed}/{int(train)}/{images.shape[0]}".encode())
+    for p in paths:
+        h.update(f"{p.name}\0".encode() + hashlib.sha256(p.read_bytes()).digest())
+    h.update(hashlib.sha256(images.numpy().tobytes()).digest())
+    split = "train" if train else "test"
+    cache = Path(root) / "cache" / f"mnistm-{split}-{h.hexdigest()[:24]}.npy"
+    shape = (images.shape[0], 3, MNISTM_SIZE, MNISTM_SIZE)
+    if cache.is_file():
+        try:
+            arr = np.load(cache, mmap_mode="r", allow_pickle=False)
+            if arr.shape == shape and arr.dtype == np.uint8:
+                return arr, labels
+        except (OSError, ValueError):
+            pass  # damaged: build again
+    photos = [_load_photo(p) for p in paths]
+    rng = np.random.default_rng([seed, int(train)])
+    arr = blend_mnistm(pad_mnist(images, MNISTM_SIZE).numpy(), photos, rng)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cache, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+    except OSError:
+        pass  # a read-only data folder: keep it in memory only
+    return arr, labels
+
+
+def mnistm_dataset(root: str | Path, train: bool, spec: InputSpec) -> "ImageArrays":
+    """MNIST-M as ImageArrays in the model's input space (32 px RGB as built; other sizes / grey via fit_arrays)."""
+    if spec.num_classes != 10:
+        raise UserError(f"MNIST-M has 10 classes but the model has {spec.num_classes}")
+    images, labels = build_mnistm(root, train)
+    if spec.channels != 3 or spec.size != MNISTM_SIZE:
+        images = fit_arrays(torch.from_numpy(np.array(images)), spec)  # a copy: the cache is read-only
+    return ImageArrays(images, labels, spec)
+
+
 # --------------------------------------------------------------------------- torchvision datasets by name
 @dataclass(frozen=True)
 class _Named:
@@ -283,13 +422,13 @@ IMAGENET_CLASSES = 1000
 
 
 def dataset_names() -> list[str]:
-    return ["mnist", *NAMED_DATASETS, "imagenet"]
+    return ["mnist", "mnistm", *NAMED_DATASETS, "imagenet"]
 
 
 def is_natural(name: str, spec: InputSpec) -> bool:
     """Whether the default train-time augmentation may flip (photographs, not digits)."""
     key = name.lower()
-    if key == "mnist":
+    if key in ("mnist", "mnistm"):
         return False
     if key in NAMED_DATASETS:
         return NAMED_DATASETS[key].natural
@@ -299,7 +438,7 @@ def is_natural(name: str, spec: InputSpec) -> bool:
 def num_classes_of(name: str, root: str | Path = "data") -> int:
     """Class count of a dataset by name, an ImageNet-layout folder or an ImageFolder tree."""
     key = name.lower()
-    if key == "mnist":
+    if key in ("mnist", "mnistm"):
         return 10
     if key in NAMED_DATASETS:
         return NAMED_DATASETS[key].num_classes
@@ -536,6 +675,8 @@ def real_dataset(name: str, spec: InputSpec, train: bool = False, root: str | Pa
     key = name.lower()
     if key == "mnist":
         return mnist_dataset(root, train, spec)
+    if key == "mnistm":
+        return mnistm_dataset(root, train, spec)
     if key in NAMED_DATASETS:
         return named_dataset(key, spec, train, root)
     cache_dir = Path(root) / "cache"

@@ -82,7 +82,8 @@ def main():
 @click.option("--mixup", type=float, default=default(TrainConfig, "mixup"),
               help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online teacher; 0 = off.")
 @click.option("--aug", type=click.Choice(AUGMENTATIONS), default=default(TrainConfig, "aug"),
-              help="Student-side augmentation: translate (shift up to size/8 px), crop-flip (natural images).")
+              help="Student-side augmentation: translate (shift up to size/8 px), crop (reflect-pad crop by size/8 px, "
+              "no flip: MNIST-M), crop-flip (natural images).")
 @click.option("--workers", type=click.IntRange(min=0), default=default(TrainConfig, "workers"),
               help="DataLoader workers reading shards (needs at least as many shards).")
 @click.option("--eval-data", default=None,
@@ -130,8 +131,8 @@ def train_command(**options):
               help="Model name (e.g. lenet5, cifar_resnet20, resnet18, timm/resnet18, my_pkg.nets:build).")
 @click.option("--out", required=True, help="Checkpoint file to write (e.g. runs/teacher/lenet5.pt).")
 @click.option("--data", default=default(TeacherConfig, "data"),
-              help="Training set: mnist, cifar10, cifar100, svhn, stl10 (under --data-root, downloaded when "
-              "missing), imagenet (--data-root/imagenet/train), a folder with train/ and val/ trees, or an "
+              help="Training set: mnist, mnistm (built offline from MNIST and photographs), cifar10, cifar100, svhn, "
+              "stl10 (under --data-root, downloaded when missing), imagenet (--data-root/imagenet/train), a folder with train/ and val/ trees, or an "
               "ImageFolder path.")
 @click.option("--data-root", default=default(TeacherConfig, "data_root"),
               help="Where the datasets by name live (or are downloaded to); decoded image caches go to its cache/.")
@@ -147,7 +148,8 @@ def train_command(**options):
               help="Random shift of up to this many px (--aug translate); 0 = off.")
 @click.option("--aug", type=click.Choice(TEACHER_AUGMENTATIONS), default=default(TeacherConfig, "aug"),
               help="Train-time augmentation. auto: crop-flip for natural images (pad-crop by size/8 + flip; "
-              "random-resized crop + flip above 64 px), translate for digits (mnist, svhn, 1-channel folders).")
+              "random-resized crop + flip above 64 px), crop without flip for mnistm, translate for digits (mnist, svhn, "
+              "1-channel folders).")
 @click.option("--resolution", type=click.IntRange(min=1), default=None,
               help="Model input size [default: the model's own; required for a module:callable model without "
               "an input_spec]")

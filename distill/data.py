@@ -49,7 +49,7 @@ from common.remote import StreamError, fetch_verified, is_remote
 from common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
                            shard_paths)
 
-AUGMENTATIONS = ("none", "translate", "crop-flip")
+AUGMENTATIONS = ("none", "translate", "crop", "crop-flip")
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
 SHUFFLE_INITIAL = 500  # samples gathered before the first one leaves the buffer
 
@@ -81,6 +81,11 @@ def random_translate(x: torch.Tensor, max_shift: int, fill: float | torch.Tensor
     return pad_random_crop(x - fill, max_shift) + fill
 
 
+def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Reflect-pad random crop of (B, C, H, W), no flip (digits on photographs: MNIST-M)."""
+    return pad_random_crop(x, pad, mode="reflect")
+
+
 def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Reflect-pad random crop plus horizontal flip with p = 0.5 (natural images) of (B, C, H, W)."""
     x = pad_random_crop(x, pad, mode="reflect")
@@ -91,10 +96,12 @@ def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 def train_augmentation(name: str, size: int, translate: int = 2):
     """A real-data training augmentation of a uint8 batch (B, C, H, W) by name, or None: translate (random
-    shift by up to `translate` px, black fill), crop-flip (reflect-pad random crop by up to size/8 px +
-    horizontal flip), none."""
+    shift by up to `translate` px, black fill), crop (reflect-pad random crop by up to size/8 px, no flip),
+    crop-flip (the same crop + horizontal flip), none."""
     if name == "translate" and translate > 0:
         return lambda x: random_translate(x, translate)
+    if name == "crop":
+        return lambda x: random_crop(x, max(1, size // 8))
     if name == "crop-flip":
         return lambda x: random_crop_flip(x, max(1, size // 8))
     return None
@@ -104,8 +111,9 @@ def train_augmentation(name: str, size: int, translate: int = 2):
 class Augmentation:
     """Student-side augmentation of a batch's images (B, C, H, W) in [0, 1], by name (see AUGMENTATIONS).
 
-    translate: random shift by up to size/8 px, zero (black) fill; crop-flip: reflect-pad random
-    crop by up to size/8 px and horizontal flip, for natural images; none: the stored image.
+    translate: random shift by up to size/8 px, zero (black) fill; crop: reflect-pad random crop by up
+    to size/8 px (digits on photographs); crop-flip: the same crop and a horizontal flip, for natural
+    images; none: the stored image.
     Works on uint8 pixels (the pipeline's) and on floats.
     """
 
@@ -120,6 +128,8 @@ class Augmentation:
         shift = max(1, self.size // 8)
         if self.name == "translate":
             return batch._replace(images=random_translate(batch.images, shift))
+        if self.name == "crop":
+            return batch._replace(images=random_crop(batch.images, shift))
         if self.name == "crop-flip":
             return batch._replace(images=random_crop_flip(batch.images, shift))
         return batch

@@ -4,8 +4,9 @@
 
 SGD (Nesterov) with linear warmup + cosine decay per step, test accuracy after every epoch. Train-time
 augmentation (`aug`): auto is crop-flip for natural images (reflect-pad crop by size/8 px + flip at
-small sizes, random-resized crop + flip for streamed large images) and translate (+-`translate` px)
-for digits (MNIST, SVHN, 1-channel folders). MNIST stays in memory as tensors; the named datasets and
+small sizes, random-resized crop + flip for streamed large images), crop (the same crop, no flip) for
+MNIST-M's digits on photographs, and translate (+-`translate` px) for digits (MNIST, SVHN, 1-channel
+folders). MNIST stays in memory as tensors; the named datasets and
 small ImageFolder images as uint8 arrays (decoded once); large images stream through a DataLoader.
 The result is a `save_model_checkpoint` file for `synth generate --weights`.
 """
@@ -24,11 +25,11 @@ from common.data import num_classes_of as dataset_classes
 from common.errors import UserError
 from common.models import create_model, save_model_checkpoint
 
-from .data import random_crop_flip, random_translate, real_batches, train_augmentation
+from .data import random_crop, random_crop_flip, random_translate, real_batches, train_augmentation
 from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
 
 MNIST_CLASSES = 10
-TEACHER_AUGMENTATIONS = ("auto", "none", "translate", "crop-flip")
+TEACHER_AUGMENTATIONS = ("auto", "none", "translate", "crop", "crop-flip")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class TeacherConfig:
     wd: float = 5e-4
     warmup_epochs: float = 1.0
     translate: int = 2              # max random shift in px of the translate augmentation; 0 = off
-    aug: str = "auto"               # auto, none, translate, crop-flip (TEACHER_AUGMENTATIONS)
+    aug: str = "auto"               # auto, none, translate, crop, crop-flip (TEACHER_AUGMENTATIONS)
     resolution: int | None = None   # model input size; None: the model's own
     workers: int = 2                # DataLoader workers for ImageFolder data
     seed: int = 0
@@ -63,9 +64,16 @@ def num_classes_of(data: str, root: str = "data") -> int:
 def default_eval_data(data: str) -> str | None:
     """The held-out split that goes with `data`: the same name (its test split) or train/val folder."""
     path = Path(data)
-    if data.lower() in ("mnist", "imagenet", *NAMED_DATASETS) or ((path / "train").is_dir() and (path / "val").is_dir()):
+    if data.lower() in ("mnist", "mnistm", "imagenet", *NAMED_DATASETS) or ((path / "train").is_dir() and (path / "val").is_dir()):
         return data
     return None
+
+
+def auto_augmentation(data: str, spec) -> str:
+    """--aug auto: crop (no flip) for MNIST-M, crop-flip for other natural images, translate for digits."""
+    if data.lower() == "mnistm":
+        return "crop"
+    return "crop-flip" if is_natural(data, spec) else "translate"
 
 
 def train_teacher(config: TeacherConfig) -> dict:
@@ -84,7 +92,7 @@ def train_teacher(config: TeacherConfig) -> dict:
     model = create_model(config.model, num_classes=num_classes_of(config.data, config.data_root),
                          input_size=config.resolution)
     spec = model.input_spec
-    aug = config.aug if config.aug != "auto" else ("crop-flip" if is_natural(config.data, spec) else "translate")
+    aug = config.aug if config.aug != "auto" else auto_augmentation(config.data, spec)
     # an ImageFolder's images are all decoded once here (cache or check): a damaged one stops the run now
     train_set = real_dataset(config.data, spec, train=True, root=config.data_root, augment=aug,
                              workers=config.workers)
@@ -117,6 +125,8 @@ def train_teacher(config: TeacherConfig) -> dict:
                     inputs = random_translate(inputs, config.translate, black)
                 elif aug == "crop-flip" and not hasattr(train_set, "transform"):
                     inputs = random_crop_flip(inputs, max(1, spec.size // 8))
+                elif aug == "crop" and not hasattr(train_set, "transform"):
+                    inputs = random_crop(inputs, max(1, spec.size // 8))
                 loss = F.cross_entropy(model(inputs.to(device, non_blocking=True)), labels.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

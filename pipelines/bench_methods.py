@@ -3,11 +3,13 @@
     bash pipelines/bench_methods.sh                         # sets up .venv, then runs this file
     python pipelines/bench_methods.py --out runs/bench_methods [--seeds 3] [--jobs 2] [--configs mnist28]
 
-Two configurations (CONFIGS): MNIST at 28 px with lenet5 -> lenet5_half, and MNIST zero-padded to 32 px
-and replicated to RGB with a CIFAR ResNet-8 teacher (so MUSE's 8 / 16 / 32 px path really runs). Per
-configuration each method (VARIANTS) synthesises once (seed 0) with `synth generate`; the student is then
-distilled from those shards once per seed (the seeds vary distillation only) and evaluated on the real
-MNIST test split, final epoch. Each command is the product's own command line, run as a child process
+Three configurations (CONFIGS): MNIST at 28 px with lenet5 -> lenet5_half; MNIST zero-padded to 32 px
+and replicated to RGB with a CIFAR ResNet-8 teacher (so MUSE's 8 / 16 / 32 px path really runs); MNIST-M
+(digits blended into real colour photographs, built offline by common/data.py) with a CIFAR ResNet-20
+teacher and a ResNet-8 student, which adds the real-data KD ceiling as a row. Per configuration each
+method (VARIANTS) synthesises once (seed 0) with `synth generate`; the student is then distilled from
+those shards once per seed (the seeds vary distillation only) and evaluated on the real test split of
+the configuration's dataset, final epoch. Each command is the product's own command line, run as a child process
 (`--jobs` at a time, one thread each); its CPU seconds come from the child's rusage, so a busy machine
 slows the wall clock but barely moves the CPU column.
 
@@ -50,6 +52,18 @@ CONFIGS = {
                                "muse": {"batch_size": 100, "steps": 80, "teacher_input": "native",
                                         "sample_noise_scale": 1.0},
                                "deepinversion": {"iterations": 4, "low_res_iterations": 16}}},
+    # MNIST-M (digits blended into real colour photographs, common/data.py: built offline, cached under
+    # --data-root): a ResNet pair on natural colour statistics. ResNet-20 is the deepest CIFAR ResNet whose
+    # teacher trains in about 10 min on one thread here (4 epochs of 60k images, ~150 s each); the online
+    # ResNet-20 teacher makes a distillation step ~1.8x a ResNet-8 training step. "ceiling": the real-data KD
+    # row (as many real training images as synthetic ones, a seeded subset, with the teacher's logits)
+    "mnistm32": {"title": "MNIST-M 32 px RGB, cifar_resnet20 -> cifar_resnet8", "data": "mnistm",
+                 "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8", "images": 10_000,
+                 "distill_epochs": 5, "ceiling": True, "distill": {"aug": "crop"},
+                 "options": {"generator": {"batch_size": 100, "steps": 80, "sample_noise_scale": 1.0},
+                             "muse": {"batch_size": 100, "steps": 80, "teacher_input": "native",
+                                      "sample_noise_scale": 1.0},
+                             "deepinversion": {"iterations": 4, "low_res_iterations": 16}}},
 }
 SHARD_SIZE, IMAGE_FORMAT = 2_000, "npy"
 GEN = {"batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
@@ -66,7 +80,10 @@ VARIANTS = {
     "muse without multi-resolution (3 x full)": ("muse", {**GEN, "scales": "1", "num_generators": 3}),
     "muse without embedding diversity": ("muse", {**GEN, "embedding_noise": 0.0}),
     "muse low-resolution only (3 x 1/4)": ("muse", {**GEN, "scales": "0.25", "num_generators": 3}),
+    # not a synthesis method: real training images with the teacher's logits (configurations with "ceiling")
+    "real training images (ceiling)": ("real", {}),
 }
+CEILING = "real training images (ceiling)"
 DISTILL = {"batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 1, "threads": 1}
 
@@ -111,20 +128,60 @@ def final_top1(run_dir: Path, epochs: int) -> float | None:
     return float(rows[-1]["eval_top1"])
 
 
-def teacher_top1(arch: str, path: Path, data_root: str) -> float:
+def teacher_top1(arch: str, path: Path, data_root: str, data: str = "mnist") -> float:
     import torch
 
-    from common.data import mnist_dataset
+    from common.data import ImageArrays, real_dataset
     from common.models import create_model
 
     torch.set_num_threads(1)
     teacher = create_model(arch, weights=str(path)).eval()
-    images, labels = mnist_dataset(data_root, False, teacher.input_spec).tensors
+    test = real_dataset(data, teacher.input_spec, train=False, root=data_root)
     correct = 0
     with torch.no_grad():
-        for i in range(0, len(images), 1000):
-            correct += (teacher(images[i:i + 1000]).argmax(1) == labels[i:i + 1000]).sum().item()
-    return 100.0 * correct / len(images)
+        for i in range(0, len(test), 1000):
+            index = torch.arange(i, min(i + 1000, len(test)))
+            images, labels = test.batch(index) if isinstance(test, ImageArrays) else test[i:i + 1000]
+            correct += (teacher(images).argmax(1) == labels).sum().item()
+    return 100.0 * correct / len(test)
+
+
+def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, num_images: int, out: Path) -> None:
+    """`num_images` of the dataset's real training images (a seeded subset, in order) with the teacher's logits,
+    in the shard format: the real-data KD ceiling at the benchmark's image budget."""
+    import numpy as np
+    import torch
+
+    from common.data import ImageArrays, real_dataset
+    from common.fileio import canonical_json_sha256
+    from common.models import create_model, state_dict_sha256
+    from common.shards import Manifest, Sample, sample_key, shard_name, write_manifest, write_shard
+
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = create_model(arch, weights=str(teacher_path)).eval()
+    spec = teacher.input_spec
+    train = real_dataset(data, spec, train=True, root=data_root)
+    if not isinstance(train, ImageArrays):
+        raise SystemExit(f"the ceiling row needs a dataset held as uint8 arrays, not {data}")
+    chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:num_images])
+    config = {"method": f"real-{data}-train", "num_images": num_images, "teacher_sha256": state_dict_sha256(teacher)}
+    manifest = Manifest(teacher={"arch": arch, "weights": str(teacher_path), "weights_path": str(teacher_path),
+                                 "weights_sha256": config["teacher_sha256"], "input_spec": spec.to_dict()},
+                        num_classes=spec.num_classes, image_format=IMAGE_FORMAT, method=config["method"],
+                        config=config, config_sha256=canonical_json_sha256(config), planned_samples=len(chosen),
+                        shard_size=SHARD_SIZE)
+    for index, first in enumerate(range(0, len(chosen), SHARD_SIZE)):
+        rows = torch.from_numpy(chosen[first:first + SHARD_SIZE])
+        pixels = torch.from_numpy(np.take(train.images, rows.numpy(), axis=0))   # uint8 (B, C, H, W)
+        inputs, labels = train.batch(rows)
+        with torch.no_grad():
+            logits = teacher(inputs).half().numpy()
+        samples = (Sample(sample_key(first + i), pixels[i].permute(1, 2, 0).numpy(), int(labels[i]), logits[i], {})
+                   for i in range(len(rows)))
+        manifest.shards.append(write_shard(out / shard_name(index), samples, IMAGE_FORMAT))
+    manifest.complete = True
+    write_manifest(out, manifest)
 
 
 def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: list[int], data_root: str,
@@ -141,21 +198,26 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
         timing = json.loads(timing_file.read_text())
     else:
         sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
-        wall, cpu = run([py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(teacher_path),
-                         "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size",
-                         str(SHARD_SIZE), "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", "1",
-                         "--quiet", "--out", str(shards)], base / "logs" / f"synth-{slug(variant)}.log")
+        if method == "real":
+            cmd = [py, str(Path(__file__).resolve()), "--write-real", cfg["teacher"], str(teacher_path),
+                   cfg.get("data", "mnist"), data_root, str(cfg["images"]), str(shards)]
+            wall, cpu = run(cmd, base / "logs" / f"synth-{slug(variant)}.log")
+        else:
+            cmd = [py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(teacher_path),
+                   "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size", str(SHARD_SIZE),
+                   "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", "1", "--quiet", "--out", str(shards)]
+            wall, cpu = run(cmd, base / "logs" / f"synth-{slug(variant)}.log")
         timing = {"wall_s": wall, "cpu_s": cpu}
         timing_file.write_text(json.dumps(timing))
     top1 = {}
-    distill = {**DISTILL, "epochs": cfg["distill_epochs"]}
+    distill = {**DISTILL, **cfg.get("distill", {}), "epochs": cfg["distill_epochs"]}
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
     for seed in seeds:
         run_dir = base / "runs" / f"{slug(variant)}-seed{seed}"
         if final_top1(run_dir, cfg["distill_epochs"]) is None and not synthesis_only:
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
             run([py, "-m", "distill", "train", "--shards", str(shards), "--student", cfg["student"], "--out",
-                 str(run_dir), "--eval-data", "mnist", "--data-root", data_root, "--seed", str(seed), "--quiet",
+                 str(run_dir), "--eval-data", cfg.get("data", "mnist"), "--data-root", data_root, "--seed", str(seed), "--quiet",
                  *distill_args, *resume], base / "logs" / f"distill-{slug(variant)}-seed{seed}.log")
         if final_top1(run_dir, cfg["distill_epochs"]) is not None:
             top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
@@ -173,7 +235,13 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated subset of the method rows (by slug)")
     parser.add_argument("--synthesis-only", action="store_true",
                         help="only synthesise (timings); the table shows the distillations already finished")
+    parser.add_argument("--write-real", nargs=6, metavar=("ARCH", "TEACHER", "DATA", "DATA_ROOT", "N", "OUT"),
+                        help=argparse.SUPPRESS)  # the ceiling row's shards, run as a child (for its rusage)
     args = parser.parse_args()
+    if args.write_real:
+        arch, weights, data, data_root, n, shards = args.write_real
+        write_real_shards(arch, Path(weights), data, data_root, int(n), Path(shards))
+        return
     out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
@@ -190,17 +258,20 @@ def main() -> None:
             if not path.exists():
                 cfg = CONFIGS[name]
                 teachers[name] = pool.submit(run, [py, "-m", "distill", "teacher", "--model", cfg["teacher"],
-                                                   "--data", "mnist", "--data-root", args.data_root, "--epochs",
+                                                   "--data", cfg.get("data", "mnist"), "--data-root",
+                                                   args.data_root, "--epochs",
                                                    str(cfg["teacher_epochs"]), "--seed", "0", "--threads", "1",
                                                    "--quiet", "--out", str(path)], out / name / "logs" / "teacher.log")
         for f in teachers.values():
             f.result()
         # the last (slowest) configuration first, so that the job slots run out of work together
         jobs = [pool.submit(bench_variant, py, out, c, v, seeds, args.data_root, args.synthesis_only)
-                for c in reversed(configs) for v in variants if v not in CONFIGS[c].get("skip", [])]
+                for c in reversed(configs) for v in variants if v not in CONFIGS[c].get("skip", [])
+                and (v != CEILING or CONFIGS[c].get("ceiling"))]
         rows = sorted((j.result() for j in jobs), key=lambda r: configs.index(r["config"]))  # stable: variant order
     for name in configs:
-        acc = teacher_top1(CONFIGS[name]["teacher"], out / name / "teacher.pt", args.data_root)
+        acc = teacher_top1(CONFIGS[name]["teacher"], out / name / "teacher.pt", args.data_root,
+                           CONFIGS[name].get("data", "mnist"))
         for r in rows:
             if r["config"] == name:
                 r["teacher_top1"] = acc

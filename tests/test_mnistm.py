@@ -1,0 +1,121 @@
+"""MNIST-M built offline (common/data.py): the |patch - digit| rule, disjoint photographs, determinism and the
+cache, the errors, `distill teacher --data mnistm` with its crop-without-flip augmentation. Tiny stand-in MNIST
+and photographs written by the test: no network, no scikit-image needed."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common.data as data
+from common.errors import UserError
+from common.models import create_model
+from distill.teacher import TeacherConfig, train_teacher
+
+TRAIN_COLOUR, TEST_COLOUR = (200, 100, 50), (10, 240, 120)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _stand_ins(root, n=20, photos="flat"):
+    """A tiny MNIST (random digits) and photographs: one flat colour per split, or random noise."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "t10k"):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    for split, colour in (("train", TRAIN_COLOUR), ("test", TEST_COLOUR)):
+        folder = root / "mnistm" / "photos" / split
+        folder.mkdir(parents=True)
+        for i in range(2):
+            pixels = (np.broadcast_to(np.array(colour, np.uint8), (40 + 10 * i, 60, 3)) if photos == "flat"
+                      else rng.integers(0, 256, (40 + 10 * i, 60, 3)))
+            Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(folder / f"{split}{i}.png")
+    return raw
+
+
+def test_mnistm_blends_each_digit_into_its_own_splits_photographs(tmp_path):
+    _stand_ins(tmp_path)
+    spec = create_model("cifar_resnet8").input_spec
+    train = data.real_dataset("mnistm", spec, train=True, root=tmp_path)
+    test = data.real_dataset("mnistm", spec, train=False, root=tmp_path)
+    assert isinstance(train, data.ImageArrays) and train.images.shape == (20, 3, 32, 32)
+    assert train.images.dtype == np.uint8 and train.labels.tolist() == [i % 10 for i in range(20)]
+    digits, _ = data.load_mnist(tmp_path, train=True)
+    d = F.pad(digits, (2, 2, 2, 2)).numpy().astype(np.int16)   # 28 -> 32 px, zero-padded
+    for images, colour in ((train.images, TRAIN_COLOUR), (test.images, TEST_COLOUR)):
+        if colour == TEST_COLOUR:
+            d = F.pad(data.load_mnist(tmp_path, train=False)[0], (2, 2, 2, 2)).numpy().astype(np.int16)
+        expected = np.abs(np.array(colour, np.int16)[None, :, None, None] - d[:, None])   # |p - d| per channel
+        assert np.array_equal(np.asarray(images), expected)   # and only this split's photographs
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and int(y) == 0
+    assert data.num_classes_of("mnistm") == 10 and "mnistm" in data.dataset_names()
+    assert not data.is_natural("mnistm", spec)
+
+
+def test_mnistm_is_deterministic_cached_and_seeded(tmp_path):
+    _stand_ins(tmp_path, photos="noise")
+    first, labels = data.build_mnistm(tmp_path, train=True)
+    cached = sorted((tmp_path / "cache").glob("mnistm-train-*.npy"))
+    assert len(cached) == 1
+    again, _ = data.build_mnistm(tmp_path, train=True)
+    assert isinstance(again, np.memmap) and np.array_equal(first, again)   # read back from the cache
+    cached[0].unlink()
+    rebuilt, _ = data.build_mnistm(tmp_path, train=True)
+    assert np.array_equal(first, rebuilt)                                  # same seed, same bytes
+    other, _ = data.build_mnistm(tmp_path, train=True, seed=1)
+    assert not np.array_equal(first, other)                                # other patches
+    grey = data.mnistm_dataset(tmp_path, True, create_model("lenet5").input_spec)   # 1 x 28: fitted
+    assert grey.images.shape == (20, 1, 28, 28)
+
+
+def test_mnistm_errors_name_the_fix(tmp_path, monkeypatch):
+    _stand_ins(tmp_path)
+    photos = tmp_path / "mnistm" / "photos"
+    (photos / "test" / "train0.png").write_bytes((photos / "train" / "train0.png").read_bytes())
+    with pytest.raises(UserError, match="disjoint.*train0.png"):
+        data.build_mnistm(tmp_path, train=False)
+    (photos / "test" / "train0.png").unlink()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(photos / "test" / "tiny.png")
+    with pytest.raises(UserError, match="smaller than MNIST-M's 32 x 32"):
+        data.build_mnistm(tmp_path, train=False)
+    empty = tmp_path / "empty"
+    _stand_ins(empty)
+    for split in ("train", "test"):
+        for p in (empty / "mnistm" / "photos" / split).iterdir():
+            p.unlink()
+        (empty / "mnistm" / "photos" / split).rmdir()
+    monkeypatch.setattr(data, "_skimage_data_dir", lambda: None)
+    with pytest.raises(UserError, match="pip install --no-deps 'scikit-image"):
+        data.build_mnistm(empty, train=True)
+    with pytest.raises(UserError, match="MNIST-M has 10 classes"):
+        data.mnistm_dataset(tmp_path, True, create_model("cifar_resnet8", num_classes=5).input_spec)
+
+
+def test_teacher_trains_on_mnistm_with_crop_and_no_flip(tmp_path):
+    _stand_ins(tmp_path, n=32, photos="noise")
+    cfg = TeacherConfig(model="cifar_resnet8", out=str(tmp_path / "t.pt"), data="mnistm", data_root=str(tmp_path),
+                        epochs=1, batch_size=16, workers=0, progress=False)
+    metrics = train_teacher(cfg)
+    assert metrics["epochs"] == 1 and 0 <= metrics["test_top1"] <= 100   # evaluated on MNIST-M's test split
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["extra"]["aug"] == "crop"
+
+
+def test_crop_is_a_shifted_window_never_a_flip():
+    from distill.data import Augmentation, Batch, train_augmentation
+
+    x = torch.arange(4 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(4, 3, 32, 32)
+    torch.manual_seed(0)
+    out = train_augmentation("crop", 32)(x.clone())
+    padded = F.pad(x.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)
+    for i in range(4):
+        windows = [(t, l) for t in range(9) for l in range(9)
+                   if torch.equal(out[i], padded[i, :, t:t + 32, l:l + 32])]
+        assert windows, "not a window of the reflect-padded image"
+    batch = Batch(x.clone(), torch.zeros(4, dtype=torch.int64), torch.zeros(4, 10))
+    assert Augmentation("crop", 32)(batch).images.shape == x.shape
