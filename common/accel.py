@@ -77,14 +77,6 @@ def compile_module(model: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(model, backend=os.environ.get("DFKD_COMPILE_BACKEND", "inductor"))
 
 
-def describe(device: torch.device) -> str:
-    """The device in words, for manifests and logs (GPU model and count on CUDA)."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return "cpu"
-
-
 @dataclass(frozen=True)
 class Compute:
     """How a stage computes: the device and the speed switches (see the module docstring)."""
