@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from common.accel import (AMP_MODES, autocast, check_amp, compile_module, grad_scaler,  # noqa: F401 (re-exported)
-                          to_memory_format)
+                          to_layout, to_memory_format)
 
 
 def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -26,7 +26,7 @@ def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool) ->
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    return to_layout(images, channels_last)
 
 
 def wrap_student(student: nn.Module, device: torch.device, distributed: bool, compile_: bool) -> nn.Module:
