@@ -519,3 +519,12 @@ def state_dict_sha256(model: nn.Module) -> str:
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
+
+
+def teacher_record(arch: str, weights: str, model: nn.Module) -> "TeacherRecord":
+    """The manifest's record of a teacher built by `create_model(arch, weights=weights)`."""
+    from .shards import TeacherRecord
+
+    path = Path(weights)
+    return TeacherRecord(arch=arch, weights=str(weights), weights_path=str(path.resolve()) if path.is_file() else None,
+                         weights_sha256=state_dict_sha256(model), input_spec=model.input_spec.to_dict())

@@ -39,7 +39,7 @@ from PIL import Image
 from . import schema
 from .errors import UserError
 from .faults import fault_point
-from .fileio import atomic_open, is_temp_file, sha256_file, write_json_atomic
+from .fileio import atomic_open, canonical_json_sha256, is_temp_file, sha256_file, write_json_atomic
 from .remote import is_remote, read_bytes
 from .remote import join as remote_join
 
@@ -444,12 +444,18 @@ class Manifest:
     shard_size: int
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
+    recipe: dict | None = None     # the recipe applied: name, path, sha256, reason, measured_on (not hashed)
+    options: dict | None = None    # every option as resolved (stage one's config and method config)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     @property
     def num_samples(self) -> int:
         return sum(s.num_samples for s in self.shards)
+
+    @property
+    def teacher_record(self) -> "TeacherRecord":
+        return TeacherRecord.from_dict(self.teacher)
 
     @property
     def input_spec(self) -> "InputSpec":
@@ -477,6 +483,36 @@ class Manifest:
             return validate_manifest(d)
         except schema.SchemaError as e:
             raise UserError(f"{source} does not follow the manifest schema: {e}; {fix}") from None
+
+
+@dataclass
+class TeacherRecord:
+    """The teacher a dataset was made with, as `manifest.json` records it (`Manifest.teacher`)."""
+
+    arch: str
+    weights: str                     # what was asked for: DEFAULT, a weights name, a path, or none
+    weights_path: str | None         # the resolved checkpoint file, when `weights` is one
+    weights_sha256: str              # sha256 of the state dict (common.models.state_dict_sha256)
+    input_spec: dict                 # InputSpec.to_dict()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherRecord":
+        return cls(str(d["arch"]), str(d["weights"]), d.get("weights_path"), str(d["weights_sha256"]),
+                   dict(d["input_spec"]))
+
+
+def build_manifest(teacher: TeacherRecord, *, method: str, config: dict, image_format: str, planned_samples: int,
+                   shard_size: int, shards: Iterable[ShardRecord] = (), complete: bool = False,
+                   recipe: dict | None = None, options: dict | None = None) -> Manifest:
+    """The one way to make a manifest (`synth generate`, the pipelines' real-data shards, tests): the
+    class count comes from the teacher's input spec, `config_sha256` from `config` (canonical JSON)."""
+    return Manifest(teacher=teacher.to_dict(), num_classes=int(teacher.input_spec["num_classes"]),
+                    image_format=image_format, method=method, config=config,
+                    config_sha256=canonical_json_sha256(config), planned_samples=planned_samples,
+                    shard_size=shard_size, shards=list(shards), complete=complete, recipe=recipe, options=options)
 
 
 def validate_manifest(d: dict) -> Manifest:
@@ -507,7 +543,9 @@ def validate_manifest(d: dict) -> Manifest:
                         config_sha256=schema.sha256(d, "config_sha256"),
                         planned_samples=schema.integer(d, "planned_samples"),
                         shard_size=schema.integer(d, "shard_size", minimum=1), shards=shards,
-                        complete=schema.boolean(d, "complete"))
+                        complete=schema.boolean(d, "complete"),
+                        recipe=schema.obj(d, "recipe") if d.get("recipe") is not None else None,
+                        options=schema.obj(d, "options") if d.get("options") is not None else None)
     if manifest.complete and manifest.num_samples != manifest.planned_samples:
         raise schema.SchemaError(f"it is marked complete but its shards hold {manifest.num_samples} samples, "
                                  f"not the planned {manifest.planned_samples}")

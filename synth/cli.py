@@ -1,23 +1,25 @@
 """`synth`: stage one on the command line (thin adapters over `synth.generate` and `common.shards`).
 
-    synth generate --teacher resnet50 --weights DEFAULT --out shards/ --num-images 100000
+    synth generate --teacher resnet50 --out shards/ --num-images 100000   # pretrained weights, the imagenet recipe
+    synth generate --teacher lenet5 --weights runs/teacher/lenet5.pt --out shards/mnist   # the small-grey recipe
+    synth generate --teacher lenet5 --weights T.pt --recipe my.toml --num-images 1000     # a recipe file, one override
     synth generate --teacher lenet5 --weights runs/teacher/lenet5.pt --out shards/mnist --set steps=800
-    synth methods                      # each method's options (--set key=value) and defaults
+    synth methods                      # each method's options (--set key=value), their meaning and defaults
     synth verify shards/mnist          # check shards against the manifest
     synth inspect shards/mnist         # contact sheet, class histogram, per-class summary table
     torchrun --nproc_per_node=4 -m synth generate ...   # 4 processes, each writes every 4th shard
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import click
 
 from common import distributed
-from common.accel import AMP_MODES
 from common.errors import UserError
-from common.shards import IMAGE_FORMATS, TIMM_READABLE_FORMATS, dataset_warnings, read_manifest, verify_dataset
+from common.options import click_options, describe, explicit_values, options_of
+from common.recipes import recipe_keys, shipped_names
+from common.shards import TIMM_READABLE_FORMATS, dataset_warnings, read_manifest, verify_dataset
 
 from .generate import GenerateConfig, generate
 from .methods import METHODS
@@ -39,52 +41,19 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command("generate")
-@click.option("--teacher", required=True,
-              help="Teacher architecture: lenet5, cifar_resnet20, resnet50, ..., timm/<name>, or module.path:callable.")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="Teacher weights: DEFAULT / a torchvision weights name (download; timm's pretrained weights for "
-              "timm/<name>), a checkpoint path, or none.")
-@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
-              help="Output folder for shards and manifest.")
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="generator", show_default=True)
+@click_options(GenerateConfig, recipe_keys=recipe_keys("synth"))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="A method option (repeatable); `synth methods` lists them.")
-@click.option("--num-images", default=50_000, show_default=True, type=int)
-@click.option("--shard-size", default=5_000, show_default=True, type=int, help="Images per shard.")
-@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="png", show_default=True)
-@click.option("--resolution", type=int, default=None, help="Teacher input size (default: the model's own).")
-@click.option("--num-classes", type=int, default=None, help="Classes of a teacher built with --weights none.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=500, show_default=True, type=int,
-              help="Images per batch when writing shards (changes MUSE's and DeepInversion's images: part of "
-                   "the config a rerun must match).")
-@click.option("--overwrite", is_flag=True, help="Delete earlier output in --out and start over.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes its "
-                   "LOCAL_RANK GPU.")
-@click.option("--amp", type=click.Choice(AMP_MODES), default="none", show_default=True,
-              help="Autocast teacher and generators to bfloat16 (CPU or GPU) or float16 (GPU, GradScaler). "
-                   "Changes the images.")
-@click.option("--channels-last", is_flag=True,
-              help="NHWC memory layout for teacher and generators (faster convolutions on GPUs). Can change "
-                   "the images in the last bits.")
-@click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile teacher and generators (compiles in the first steps). Can change the images "
-                   "in the last bits.")
-@click.option("--write-workers", type=click.IntRange(min=0), default=None,
-              help="Processes that encode and tar the images while the device works [default, at most 16: on "
-                   "a GPU the process's cores - 1, on the CPU the cores its torch threads leave free; 0: none]. "
-                   "Never changes the bytes.")
+              help="A method option (repeatable; over the recipe's method table); `synth methods` lists them.")
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads per process (default: torch's choice; under torchrun cores / processes).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, image_format, resolution,
-                 num_classes, seed, batch_size, overwrite, device, amp, channels_last, compile_, write_workers,
-                 threads, quiet):
+def generate_cmd(sets, threads, quiet, **flags):
     """Train the synthesis method against the teacher and write the synthetic dataset.
 
-    Rerun the same command after an interruption to continue: finished shards are kept. The settings
-    that change the images (all but --write-workers, --threads, --quiet, --overwrite) must match.
+    Options not given come from the recipe (--recipe; by default chosen from the teacher's input: the
+    line `recipe: ...` on stderr says which), else from the defaults shown. Rerun the same command after
+    an interruption to continue: finished shards are kept. The settings that change the images (all but
+    --write-workers, --threads, --quiet, --overwrite, --out, --weights' path) must match.
     """
     if threads is None and distributed.info().enabled:
         threads = distributed.default_threads()  # torch's default would give every rank all the cores
@@ -92,26 +61,32 @@ def generate_cmd(teacher, weights, out, method, sets, num_images, shard_size, im
         import torch
 
         torch.set_num_threads(threads)
-    manifest = generate(GenerateConfig(
-        teacher=teacher, weights=weights, out=out, method=method, method_options=_parse_sets(sets),
-        num_images=num_images, shard_size=shard_size, image_format=image_format, resolution=resolution,
-        num_classes=num_classes, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=not quiet,
-        device=device, amp=amp, channels_last=channels_last, compile=compile_, write_workers=write_workers))
+    given = explicit_values(flags)
+    if sets:
+        given["method_options"] = _parse_sets(sets)
+    if quiet:
+        given["progress"] = False
+    manifest = generate(GenerateConfig(**given))
     if distributed.info().is_main:
-        click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
-        if image_format not in TIMM_READABLE_FORMATS:
-            click.echo(f"note: {image_format} shards are read by `distill train` and plain webdataset, not by timm's "
-                       f"wds/ dataset (it decodes {', '.join(TIMM_READABLE_FORMATS)} images); use --image-format png "
-                       "for timm", err=True)
+        click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {given.get('out', 'shards')}")
+        if manifest.image_format not in TIMM_READABLE_FORMATS:
+            click.echo(f"note: {manifest.image_format} shards are read by `distill train` and plain webdataset, not by "
+                       f"timm's wds/ dataset (it decodes {', '.join(TIMM_READABLE_FORMATS)} images); use "
+                       "--image-format png for timm", err=True)
 
 
 @main.command("methods")
 def methods_cmd():
-    """List the synthesis methods and their options (set with --set key=value)."""
+    """List the synthesis methods and their options (set with --set key=value; a recipe's
+    [synth.method.<name>] table sets them too)."""
     for name, cls in METHODS.items():
+        overridden = recipe_keys("method", name)
         click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-        for f in dataclasses.fields(cls.Config):
-            click.echo(f"  {f.name} = {f.default!r}")
+        for spec, line in zip(options_of(cls.Config), describe(cls.Config)):
+            mark = "  [recipes set it]" if spec.name in overridden else ""
+            click.echo(f"  {line}{mark}")
+    click.echo(f"\nrecipes ({', '.join(shipped_names())}; `synth generate --recipe NAME|PATH`, default: chosen from "
+               "the teacher's input) set the options marked [recipes set it]; explicit --set values win.")
 
 
 @main.command("verify")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -37,14 +38,18 @@ import torch
 from tqdm import tqdm
 
 from common import distributed
-from common.accel import Compute, check_amp, compile_module, resolve_device
+from common.accel import AMP_MODES, Compute, check_amp, compile_module, resolve_device
 from common.errors import DiskFullError, UserError
 from common.faults import fault_point
 from common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, folder_lock, is_temp_file,
                            remove_stale_temps, sha256_file, write_json_atomic)
-from common.models import create_model, state_dict_sha256
-from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, ShardRecord, read_manifest, sample_key,
-                           shard_name, write_manifest)
+from common import models, options
+from common.models import create_model
+from common.options import explicit_fields, option, parse_options, track_explicit
+from common.options import validate as validate_options
+from common.recipes import AUTO, Recipe, as_dict, pick_recipe, shipped_names
+from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, ShardRecord, TeacherRecord,
+                           build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
 from .methods import METHODS, build_method
 from .methods.base import seeded_generator
@@ -56,84 +61,158 @@ SHARD_RECORDS_DIR = "shards"  # inside STATE_DIR: one JSON record per finished s
 DIST_TIMEOUT_MIN = 24 * 60
 
 
+@track_explicit
 @dataclass
 class GenerateConfig:
-    teacher: str
-    out: str = "shards"
-    weights: str = "none"
-    method: str = "generator"
-    method_options: dict = field(default_factory=dict)
-    num_images: int = 50_000
-    shard_size: int = 5_000
-    image_format: str = "png"
-    resolution: int | None = None     # teacher input size; default: the model's own
-    num_classes: int | None = None    # for teachers built with random weights
-    seed: int = 0
-    batch_size: int = 500             # images per synthesis/teacher batch when writing shards
-    overwrite: bool = False
-    progress: bool = True
-    # where and how to compute (common/accel.py); amp, channels_last and compile may change the images
-    device: str = "auto"              # auto | cpu | cuda | cuda:N (under torchrun: each rank its LOCAL_RANK GPU)
-    amp: str = "none"                 # none | bf16 | fp16 (CUDA only)
-    channels_last: bool = False
-    compile: bool = False             # torch.compile teacher and generators
-    write_workers: int | None = None  # processes encoding the shards; None: synth.writer.default_workers; 0: none
+    """Stage one's options, each declared once (common/options.py): the `synth generate` flags, their help,
+    checks, the config hash and the resume rules come from here. Fields the caller does not give come
+    from the recipe (`recipe`, default auto: chosen from the teacher's input), else from these defaults."""
+
+    teacher: str = option(help="Teacher architecture: lenet5, cifar_resnet20, resnet50, ..., timm/<name>, or "
+                          "module.path:callable.")
+    weights: str = option("DEFAULT", effect="none",
+                          help="Teacher weights: DEFAULT / a torchvision weights name (download; timm's pretrained "
+                          "weights for timm/<name>), a checkpoint path, or none (random; recorded by checksum).")
+    out: str = option("shards", effect="none", help="Output folder for shards and manifest.")
+    recipe: str = option(AUTO, effect="none",
+                         help="Settings to start from: a shipped recipe (" + ", ".join(shipped_names()) + "), a "
+                         ".toml file, auto (chosen from the teacher's input: channels and size) or none (the "
+                         "declared defaults). Explicit flags override it.")
+    method: str = option("generator", choices=tuple(METHODS), help="Synthesis method (`synth methods` lists them).")
+    method_options: dict = option(default_factory=dict, cli=False,
+                                  help="Options of the method (`--set key=value`), over the recipe's method table.")
+    num_images: int = option(50_000, min=1, help="Images to synthesise.")
+    shard_size: int = option(5_000, min=1, help="Images per shard.")
+    image_format: str = option("png", choices=IMAGE_FORMATS,
+                               help="png (lossless), jpg (smaller, lossy) or npy (raw uint8, fastest to read; "
+                               "not read by timm).")
+    resolution: int | None = option(None, min=8, help="Teacher input size (none: the model's own).")
+    num_classes: int | None = option(None, min=1, help="Classes of a teacher built with --weights none.")
+    seed: int = option(0, help="Seed of the method's training and of every shard's noise.")
+    write_batch_size: int = option(500, min=1,
+                                   help="Images per batch when writing shards (changes MUSE's and "
+                                   "DeepInversion's images: part of the config a rerun must match).")
+    overwrite: bool = option(False, effect="none", help="Delete earlier output in --out and start over.")
+    progress: bool = option(True, effect="none", cli=False, help="Progress bars.")
+    device: str = option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each "
+                         "process takes its LOCAL_RANK GPU. The device type is part of the config hash.")
+    amp: str = option("none", choices=AMP_MODES,
+                      help="Autocast teacher and generators to bfloat16 (CPU or GPU) or float16 (GPU, GradScaler). "
+                      "Changes the images.")
+    channels_last: bool = option(False, help="NHWC memory layout for teacher and generators (faster convolutions "
+                                 "on GPUs). Can change the images in the last bits.")
+    compile: bool = option(False, help="torch.compile teacher and generators (compiles in the first steps). Can "
+                           "change the images in the last bits.")
+    write_workers: int | None = option(None, min=0, effect="none",
+                                       help="Processes that encode and tar the images while the device works "
+                                       "(none: at most 16, on a GPU the process's cores - 1, on the CPU the cores "
+                                       "its torch threads leave free; 0: encode in the main process). Never "
+                                       "changes the bytes.")
+
+    def validate(self) -> None:
+        validate_options(self)
+
+
+# hashed GenerateConfig options that the config hash records in another form
+_HASHED_ELSEWHERE = ("method_options", "device", "amp", "channels_last", "compile")
+
+
+@dataclass
+class Resolved:
+    """A GenerateConfig with the recipe applied, and what to record about the recipe."""
+
+    config: GenerateConfig
+    recipe: Recipe
+    reason: str
+
+
+def resolve_config(cfg: GenerateConfig, spec=None) -> Resolved:
+    """Apply `cfg.recipe` to every option `cfg`'s caller did not give: explicit > recipe > declared default.
+    The automatic recipe needs the teacher's input spec (`spec`)."""
+    recipe, reason = pick_recipe(cfg.recipe, spec)
+    given = explicit_fields(cfg)
+    explicit = {name: getattr(cfg, name) for name in given if name != "method_options"}
+    explicit["recipe"] = cfg.recipe
+    where = recipe.where
+    resolved = options.resolve(GenerateConfig, None, recipe.synth, explicit, where=f"{where} [synth]")
+    method = resolved.method
+    unknown = sorted(set(recipe.method) - set(METHODS))
+    if unknown:
+        raise UserError(f"{where}: [synth.method.{unknown[0]}] is not a method; methods: {', '.join(METHODS)}")
+    table = recipe.method.get(method, {})
+    parse_options(METHODS[method].Config, table, f"{where} [synth.method.{method}]")  # names the recipe in errors
+    method_options = {**table, **(cfg.method_options if "method_options" in given else {})}
+    return Resolved(replace(resolved, method_options=method_options), recipe, reason)
 
 
 def generate(cfg: GenerateConfig) -> Manifest:
     """Run stage one to completion (or continue an interrupted run). Returns the final manifest.
-    Under torchrun, every rank calls this and writes its share of the shards."""
-    _check_options(cfg)
+    Under torchrun, every rank calls this and writes its share of the shards. The recipe (`cfg.recipe`)
+    fills the options `cfg`'s caller did not give; the start line on stderr says which one and why."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    teacher = _build_teacher(cfg)  # on the CPU: the automatic recipe needs its input spec
+    resolved = resolve_config(cfg, teacher.input_spec)
+    if any(getattr(resolved.config, k) != getattr(cfg, k) for k in _TEACHER_FIELDS + ("seed",)):
+        torch.manual_seed(resolved.config.seed)  # the recipe says how the teacher is built
+        teacher = _build_teacher(resolved.config)
+    cfg = resolved.config
+    if distributed.info().is_main:
+        print(resolved.reason, file=sys.stderr, flush=True)
     device = distributed.device_for(resolve_device(cfg.device))
     check_amp(cfg.amp, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     compute = Compute(device, cfg.amp, cfg.channels_last, cfg.compile)
     with distributed.process_group(distributed.backend_for(device), timeout_min=DIST_TIMEOUT_MIN) as dist:
-        return _generate(cfg, dist, compute)
+        return _generate(resolved, teacher, dist, compute)
 
 
-def _generate(cfg: GenerateConfig, dist: distributed.DistInfo, compute: Compute) -> Manifest:
-    torch.manual_seed(cfg.seed)
+def _build_teacher(cfg: GenerateConfig):
     teacher = create_model(cfg.teacher, num_classes=cfg.num_classes, weights=cfg.weights,
                            input_size=cfg.resolution).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    return teacher
+
+
+_TEACHER_FIELDS = ("teacher", "weights", "resolution", "num_classes")
+
+
+def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: Compute) -> Manifest:
+    cfg = resolved.config
     spec = teacher.input_spec
+    teacher_record = models.teacher_record(cfg.teacher, cfg.weights, teacher)
     teacher = compute.model(teacher)
     method = build_method(cfg.method, cfg.method_options, spec, cfg.num_images, compute)
-    teacher_record = {
-        "arch": cfg.teacher, "weights": cfg.weights,
-        "weights_path": str(Path(cfg.weights).resolve()) if Path(cfg.weights).is_file() else None,
-        "weights_sha256": state_dict_sha256(teacher), "input_spec": spec.to_dict()}
-    config = {"method": cfg.method, "method_config": asdict(method.config), "teacher_arch": cfg.teacher,
-              "teacher_sha256": teacher_record["weights_sha256"], "input_spec": spec.to_dict(),
-              "num_images": cfg.num_images, "shard_size": cfg.shard_size, "image_format": cfg.image_format,
-              "seed": cfg.seed, "batch_size": cfg.batch_size, "compute": compute.hashed()}
+    config = {k: v for k, v in options.hashed(cfg).items() if k not in _HASHED_ELSEWHERE}
+    config |= {"method_config": options.hashed(method.config), "teacher_sha256": teacher_record.weights_sha256,
+               "input_spec": spec.to_dict(), "compute": compute.hashed()}
+    record = {"recipe": resolved.recipe.record(resolved.reason),
+              "options": {"generate": as_dict(asdict(cfg)), "method": as_dict(asdict(method.config))}}
     out = Path(cfg.out)
     if dist.is_main:
         _make_folder(out)
     # one writer per folder: rank 0 holds the lock for the whole job, the other ranks are part of it
     with folder_lock(out, "synth generate") if dist.is_main else contextlib.nullcontext():
         try:
-            return _write_dataset(cfg, out, method, teacher, config, teacher_record, dist, compute)
+            return _write_dataset(cfg, out, method, teacher, config, teacher_record, dist, compute, record)
         except DiskFullError as e:
             raise e.with_fix("make room (free space, or raise the quota or limit) and rerun the same `synth generate`: "
                              "finished shards are kept") from None
 
 
-def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: dict,
-                   dist: distributed.DistInfo, compute: Compute) -> Manifest:
+def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: TeacherRecord,
+                   dist: distributed.DistInfo, compute: Compute, record: dict) -> Manifest:
     """Train the method and write every shard of this rank not yet finished (rank 0 holds the folder's lock)."""
-    num_classes = teacher.input_spec.num_classes
     if dist.is_main:  # creates, checks or clears the folder; the other ranks then check what it wrote
-        manifest = _open_output(out, cfg, config, teacher_record, num_classes)
+        manifest = _open_output(out, cfg, config, teacher_record, record)
         for folder in (out, out / STATE_DIR, out / STATE_DIR / SHARD_RECORDS_DIR):
             if folder.is_dir():
                 remove_stale_temps(folder)
     distributed.barrier()
     if not dist.is_main:
-        manifest = _open_output(out, replace(cfg, overwrite=False), config, teacher_record, num_classes)
+        manifest = _open_output(out, replace(cfg, overwrite=False), config, teacher_record, record)
     progress = cfg.progress and dist.is_main
 
     method.fit_parallel(teacher, out / STATE_DIR, progress=progress, seed=cfg.seed, rank=dist.rank,
@@ -182,21 +261,8 @@ def _make_folder(out: Path) -> None:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
 
 
-def _check_options(cfg: GenerateConfig) -> None:
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
-    if cfg.image_format not in IMAGE_FORMATS:
-        raise UserError(f"image format must be one of {', '.join(IMAGE_FORMATS)}")
-    for name in ("num_images", "shard_size", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.write_workers is not None and cfg.write_workers < 0:
-        raise UserError("--write-workers must be at least 0 (0: encode in the main process)")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise UserError("--resolution must be at least 8 pixels")
-
-
-def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: dict, num_classes: int) -> Manifest:
+def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: TeacherRecord,
+                 record: dict) -> Manifest:
     """A fresh manifest for a new folder, or the existing one for a resumed run of the same config."""
     config_sha = canonical_json_sha256(config)
     if cfg.overwrite and out.exists():
@@ -204,21 +270,46 @@ def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: d
     if out.exists() and (out / MANIFEST_NAME).exists():
         manifest = read_manifest(out, require_complete=False)
         if manifest.config_sha256 != config_sha:
-            # the manifest's config went through JSON (tuples came back as lists): compare stored forms
-            changed = sorted(k for k in config.keys() | manifest.config.keys()
-                             if canonical_json(manifest.config.get(k)) != canonical_json(config.get(k)))
-            raise UserError(f"{out} holds shards of another run (differs in: {', '.join(changed) or 'config'}); "
-                            "use another --out, or --overwrite to delete them and start over")
+            raise UserError(f"{out} holds shards made with other settings ({_config_changes(manifest.config, config)}); "
+                            "rerun with the same flags and recipe to continue it, --overwrite to delete them and "
+                            "start over, or another --out")
         return manifest
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ("README.md", LOCK_NAME) and not is_temp_file(p))
     if foreign:
         raise UserError(f"{out} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and "
                         f"has no {MANIFEST_NAME}; use an empty or new --out folder")
-    manifest = Manifest(teacher=teacher_record, num_classes=num_classes, image_format=cfg.image_format,
-                        method=cfg.method, config=config, config_sha256=config_sha,
-                        planned_samples=cfg.num_images, shard_size=cfg.shard_size)
+    manifest = build_manifest(teacher_record, method=cfg.method, config=config, image_format=cfg.image_format,
+                              planned_samples=cfg.num_images, shard_size=cfg.shard_size, **record)
     write_manifest(out, manifest)
     return manifest
+
+
+def _config_changes(old: dict, new: dict) -> str:
+    """'--num-images: 96000 there, 50 now; ...' for the hashed settings that differ between two configs."""
+    def show(v):
+        return "unset" if v is None else canonical_json(v)
+
+    def differs(a, b):
+        return canonical_json(a) != canonical_json(b)
+
+    specs = {s.name: s for s in options.options_of(GenerateConfig)}
+    parts = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if not differs(a, b):
+            continue
+        if key in specs:
+            parts.append(f"{specs[key].flag_name} {show(a)} there, {show(b)} now")
+        elif key in ("method_config", "compute") and isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(a.keys() | b.keys()):
+                if differs(a.get(sub), b.get(sub)):
+                    what = f"method option {sub}" if key == "method_config" else f"--{sub.replace('_', '-')}"
+                    parts.append(f"{what} {show(a.get(sub))} there, {show(b.get(sub))} now")
+        elif key == "teacher_sha256":
+            parts.append("the teacher's weights differ (--weights)")
+        else:
+            parts.append(f"{key} {show(a)} there, {show(b)} now")
+    return "; ".join(parts) or "config"
 
 
 def _clear_output(out: Path) -> None:
@@ -294,8 +385,8 @@ def _shard_batches(cfg: GenerateConfig, method, index: int, indices: range) -> I
     spec = method.spec
     rng = seeded_generator(cfg.seed, index)
     all_idx = torch.tensor(list(indices))
-    for start in range(0, len(all_idx), cfg.batch_size):
-        idx = all_idx[start:start + cfg.batch_size]
+    for start in range(0, len(all_idx), cfg.write_batch_size):
+        idx = all_idx[start:start + cfg.write_batch_size]
         labels = idx % spec.num_classes
         streams = (idx // spec.num_classes) % method.num_streams
         pixels = pixels_to_uint8(method.synthesize(labels, streams, rng))

@@ -10,7 +10,6 @@ A method is one file in `synth/methods/` with a config dataclass and a class tha
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ import torch.nn as nn
 
 from common.accel import Compute
 from common.errors import UserError
+from common.options import parse_options, validate
 
 
 class SynthesisMethod:
@@ -57,34 +57,11 @@ class SynthesisMethod:
             self.fit(teacher, state_dir, progress=False, seed=seed)
 
 
-def parse_config(config_cls: type, options: dict[str, Any]):
-    """Build a method config dataclass from `key=value` strings or values, with type checks."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    values = {}
-    for key, raw in options.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise UserError(f"unknown option '{key}' for this method; options: {', '.join(sorted(fields))}")
-        default = getattr(config_cls(), name)
-        try:
-            if isinstance(raw, str):
-                if isinstance(default, bool):
-                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                        raise ValueError(raw)
-                    value = raw.lower() in ("1", "true", "yes")
-                elif isinstance(default, tuple):
-                    value = tuple(type(default[0])(v) for v in raw.split(",")) if default else tuple(raw.split(","))
-                else:
-                    value = type(default)(raw)
-            else:
-                value = raw
-        except ValueError:
-            raise UserError(f"option '{key}' expects a {type(default).__name__}, got {raw!r}") from None
-        values[name] = value
-    config = config_cls(**values)
-    validate = getattr(config, "validate", None)
-    if validate:
-        validate()
+def parse_config(config_cls: type, options: dict[str, Any], where: str = "--set"):
+    """A method config from `key=value` strings or typed values (`--set`, a recipe's method table),
+    parsed and validated as the config's option declarations say (common/options.py)."""
+    config = config_cls(**parse_options(config_cls, options, where))
+    config.validate() if hasattr(config, "validate") else validate(config)
     return config
 
 

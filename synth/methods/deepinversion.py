@@ -32,26 +32,29 @@ import torch.nn.functional as F
 
 from common.accel import compile_module, grad_scaler
 from common.bn_stats import BNStatsLoss
-from common.errors import UserError
+from common.options import option
+from common.options import validate as validate_options
 
 from .base import SynthesisMethod, require_input_size
 
 
 @dataclass
 class DeepInversionConfig:
-    iterations: int = 200           # full-resolution Adam steps per batch
-    low_res_iterations: int = 0     # optional first phase at half resolution (2x2 average pooling)
-    lr: float = 0.1
-    bn_weight: float = 0.05
-    first_bn_weight: float = 10.0
-    tv_weight: float = 1e-4
-    l2_weight: float = 1e-5
-    jitter: int = 2                 # max roll in pixels (the paper: 30 at 224 px)
-    flip: bool = True               # random horizontal flips (turn off for digits and text)
+    OPTION_LABEL = "deepinversion option"
+
+    iterations: int = option(200, min=1, help="Full-resolution Adam steps per batch.")
+    low_res_iterations: int = option(0, min=0, help="Optional first phase at half resolution (2x2 average "
+                                     "pooling); 0 = none.")
+    lr: float = option(0.1, min=0.0, help="Adam learning rate on the pixels (betas 0.5, 0.9).")
+    bn_weight: float = option(0.05, min=0.0, help="Weight of the BN-statistics term.")
+    first_bn_weight: float = option(10.0, min=0.0, help="Extra factor on the first BN layer's term.")
+    tv_weight: float = option(1e-4, min=0.0, help="Weight of the total-variation (smoothness) term.")
+    l2_weight: float = option(1e-5, min=0.0, help="Weight of the L2 norm of the image.")
+    jitter: int = option(2, min=0, help="Max random roll in pixels per iteration (the paper: 30 at 224 px).")
+    flip: bool = option(True, help="Random horizontal flips (turn off for digits and text).")
 
     def validate(self) -> None:
-        if self.iterations < 1 or self.low_res_iterations < 0 or self.jitter < 0:
-            raise UserError("deepinversion needs iterations >= 1, low_res_iterations >= 0, jitter >= 0")
+        validate_options(self)
 
 
 def tv_l2(x: torch.Tensor) -> torch.Tensor:

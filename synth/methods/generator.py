@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,42 +41,48 @@ from common.errors import UserError
 from common.faults import fault_point
 from common.fileio import load_torch_safely, save_torch_atomic
 from common.models import InputSpec, create_model
+from common.options import hashed, option
+from common.options import validate as validate_options
 
 from .base import SynthesisMethod, seeded_generator
 
 
 @dataclass
 class GeneratorEnsembleConfig:
-    num_generators: int = 4       # K: the ensemble size
-    steps: int = 0                # training steps per generator; 0 = auto: 2 x num_images / batch_size,
-                                  # clamped to [20, 2000] (a smoke run stays short, a real one trains)
-    batch_size: int = 64
-    lr: float = 0.01              # Adam(beta1=0.5)
-    latent_dim: int = 64
-    width: int = 32               # channels of the last stage (earlier stages: 2 x width)
-    bn_weight: float = 1.0
-    first_bn_weight: float = 1.0  # extra factor on the first BN layer (DeepInversion: 10 on ImageNet)
-    ce_weight: float = 1.0
-    balance_weight: float = 1.0
-    diversity_weight: float = 1.0
-    feature_diversity_weight: float = 0.0   # mode seeking on the teacher's penultimate features (cosine)
-    adversarial_weight: float = 0.0
-    proxy_student: str = "auto"   # used only when adversarial_weight > 0; auto: from the teacher's input
-                                  # (`auto_proxy_student`: lenet5_half for 1-channel <= 32 px, ...)
-    proxy_lr: float = 1e-3
-    checkpoint_every: int = 50
-    concurrent_generators: int = 0    # generators sharing each teacher pass in training; 0 = all (fewer
-                                      # while a GPU runs out of memory); each keeps its own loss
-    sample_noise_scale: float = 1.0   # std of z when writing shards (> 1 reaches further from the modes)
+    OPTION_LABEL = "generator option"
+
+    num_generators: int = option(4, help="K: the ensemble size (generators trained one after the other).", min=1)
+    steps: int = option(0, min=0, help="Training steps per generator; 0 = auto: 2 x num_images / "
+                        "train_batch_size, clamped to [20, 2000] (a smoke run stays short, a real one trains).")
+    train_batch_size: int = option(64, min=1, help="Images per generator training step (class-balanced).")
+    lr: float = option(0.01, min=0.0, help="Adam learning rate of the generators (beta1 = 0.5).")
+    latent_dim: int = option(64, min=1, help="Length of the noise vector z (and of the class embedding).")
+    width: int = option(32, min=1, help="Channels of the generator's last stage (earlier stages: 2 x width).")
+    bn_weight: float = option(1.0, min=0.0, help="Weight of the BN-statistics term (match the teacher's "
+                              "running means and variances).")
+    first_bn_weight: float = option(1.0, min=0.0, help="Extra factor on the first BN layer's term "
+                                    "(DeepInversion: 10 on ImageNet).")
+    ce_weight: float = option(1.0, min=0.0, help="Weight of the cross-entropy term (the image shows its class).")
+    balance_weight: float = option(1.0, min=0.0, help="Weight of the class-balance term (no class collapse; DAFL).")
+    diversity_weight: float = option(1.0, min=0.0, help="Weight of pixel mode seeking (no mode collapse inside a "
+                                     "class: |x_i - x_j| / |z_i - z_j|).")
+    feature_diversity_weight: float = option(0.0, min=0.0, help="Weight of mode seeking on the teacher's "
+                                             "penultimate features (cosine distance); 0 = off.")
+    adversarial_weight: float = option(0.0, min=0.0, help="Weight of the adversarial term (Fast-DFKD/CMI masked "
+                                       "disagreement with a proxy student trained alongside); 0 = off.")
+    proxy_student: str = option("auto", help="The proxy student (used only when adversarial_weight > 0); auto: "
+                                "from the teacher's input (lenet5_half for 1-channel <= 32 px, cifar_resnet8 up to "
+                                "64 px, resnet18 above).")
+    proxy_lr: float = option(1e-3, min=0.0, help="Adam learning rate of the proxy student.")
+    checkpoint_every: int = option(50, min=1, effect="none", help="Training steps between checkpoints of a "
+                                   "generator (a killed run continues from the last one).")
+    concurrent_generators: int = option(0, min=0, help="Generators sharing each teacher pass in training; 0 = all "
+                                        "(fewer while a GPU runs out of memory); each keeps its own loss.")
+    sample_noise_scale: float = option(1.0, min=0.0, help="Std of z when writing shards (> 1 reaches further "
+                                       "from the modes).")
 
     def validate(self) -> None:
-        for name in ("num_generators", "batch_size", "latent_dim", "width", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"generator option {name} must be >= 1")
-        if self.concurrent_generators < 0:
-            raise UserError("generator option concurrent_generators must be >= 0 (0 = all at once)")
-        if self.steps < 0:
-            raise UserError("generator option steps must be >= 0 (0 = auto)")
+        validate_options(self)
 
     def for_input(self, spec: InputSpec) -> "GeneratorEnsembleConfig":
         """This config with an `auto` proxy student resolved for a teacher that takes `spec`'s input."""
@@ -88,7 +94,7 @@ class GeneratorEnsembleConfig:
         """This config with `steps` resolved for a dataset of `num_images` images."""
         if self.steps:
             return self
-        return replace(self, steps=min(2000, max(20, 2 * num_images // self.batch_size)))
+        return replace(self, steps=min(2000, max(20, 2 * num_images // self.train_batch_size)))
 
 
 def auto_proxy_student(spec: InputSpec) -> str:
@@ -311,8 +317,8 @@ class GeneratorEnsemble(SynthesisMethod):
                     except torch.OutOfMemoryError:
                         if group == 1 or cfg.concurrent_generators:
                             raise UserError(f"out of GPU memory training {group} generator(s) at once with "
-                                            f"batch {cfg.batch_size}: lower --set "
-                                            "concurrent_generators=... or --set batch_size=...") from None
+                                            f"batch {cfg.train_batch_size}: lower --set "
+                                            "concurrent_generators=... or --set train_batch_size=...") from None
                         group = max(1, group // 2)
                         torch.cuda.empty_cache()
                 for m, (terms, x, logits) in done:   # in pass order (MUSE groups its streams by view size)
@@ -341,7 +347,7 @@ class GeneratorEnsemble(SynthesisMethod):
         """One teacher pass over the images of the generators in `part`; each generator's loss over its own
         chunk, backpropagated (grads accumulate in each generator). Per generator: (terms, images, logits)."""
         cfg, spec, compute = self.config, self.spec, self.compute
-        n, b = len(part), cfg.batch_size
+        n, b = len(part), cfg.train_batch_size
         half = max(1, b // 2)  # image i and i + half share a label (mode-seeking pairs)
         labels = (torch.arange(b) % half % spec.num_classes).to(compute.device)
         zs, natives, views = [], [], []
@@ -414,7 +420,7 @@ class GeneratorEnsemble(SynthesisMethod):
         """Load a training checkpoint (tensors only, weights_only=True) into the given objects; its step."""
         fix = "delete it to retrain that generator, or rerun with --overwrite"
         state = load_torch_safely(path, fix)
-        if not isinstance(state, dict) or state.get("config") != asdict(self.config):
+        if not isinstance(state, dict) or state.get("config") != hashed(self.config):
             raise UserError(f"{path} was trained with another configuration; use --overwrite to start over")
         try:
             gen.load_state_dict(state["generator"])
@@ -429,7 +435,7 @@ class GeneratorEnsemble(SynthesisMethod):
                             f"{fix}") from None
 
     def _save(self, m: "_Member", step: int) -> None:
-        state = {"config": asdict(self.config), "step": step, "generator": m.gen.state_dict(),
+        state = {"config": hashed(self.config), "step": step, "generator": m.gen.state_dict(),
                  "optimizer": m.opt.state_dict()}
         if m.proxy is not None:
             state["proxy"] = m.proxy.state_dict()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from common.cam import ClassActivationMaps, cam_coverage
 from common.errors import UserError
 from common.models import InputSpec
+from common.options import option
 
 from .base import require_input_size
 from .generator import ConditionalGenerator, GeneratorEnsemble, GeneratorEnsembleConfig
@@ -47,29 +48,41 @@ UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 TEACHER_INPUTS = ("upsampled", "native")
 
 
+def _check_scales(scales: tuple) -> str | None:
+    if not scales or any(not 0 < s <= 1 for s in scales):
+        return "must be fractions in (0, 1], e.g. scales=0.25,0.5,1"
+    return None
+
+
+def _check_embedding(source: str) -> str | None:
+    if source not in ("orthogonal", "learned") and not Path(source).is_file():
+        return f"must be orthogonal, learned or an existing .npy file, not {source!r}"
+    return None
+
+
 @dataclass
 class MuseConfig(GeneratorEnsembleConfig):
-    num_generators: int = 1            # generators per resolution (streams = scales x num_generators)
-    scales: tuple = (0.25, 0.5, 1.0)   # output resolutions as fractions of the teacher's input size
-    upsample_mode: str = "bilinear"
-    teacher_input: str = "upsampled"   # upsampled | native
-    cam_weight: float = 1.0
-    embedding: str = "orthogonal"      # orthogonal | learned | path to a (classes, dim) float .npy file
-    embedding_noise: float = 0.5       # strength of the per-image noisy layer; 0 = plain class embedding
-    diversity_weight: float = 20.0
-    feature_diversity_weight: float = 10.0
+    OPTION_LABEL = "muse option"
 
-    def validate(self) -> None:
-        super().validate()
-        if not self.scales or any(not 0 < s <= 1 for s in self.scales):
-            raise UserError("muse option scales must be fractions in (0, 1], e.g. scales=0.25,0.5,1")
-        if self.upsample_mode not in UPSAMPLE_MODES:
-            raise UserError(f"muse option upsample_mode must be one of {', '.join(UPSAMPLE_MODES)}")
-        if self.teacher_input not in TEACHER_INPUTS:
-            raise UserError(f"muse option teacher_input must be one of {', '.join(TEACHER_INPUTS)}")
-        if self.embedding not in ("orthogonal", "learned") and not Path(self.embedding).is_file():
-            raise UserError(f"muse option embedding must be orthogonal, learned or an existing .npy file, "
-                            f"not {self.embedding!r}")
+    num_generators: int = option(1, min=1, help="Generators per resolution (streams = scales x num_generators).")
+    scales: tuple[float, ...] = option((0.25, 0.5, 1.0), check=_check_scales,
+                                       help="Output resolutions as fractions of the teacher's input size.")
+    upsample_mode: str = option("bilinear", choices=UPSAMPLE_MODES,
+                                help="How low-resolution images are brought to the teacher's size.")
+    teacher_input: str = option("upsampled", choices=TEACHER_INPUTS,
+                                help="What the teacher sees in training: upsampled images, or native ones "
+                                "(cheaper; needs a teacher that takes smaller inputs, e.g. any ResNet).")
+    cam_weight: float = option(1.0, min=0.0, help="Weight of the CAM coverage term (class evidence fills "
+                               "the image).")
+    embedding: str = option("orthogonal", check=_check_embedding,
+                            help="Class embeddings: orthogonal, learned, or the path of a (classes, dim) float "
+                            ".npy file (e.g. text embeddings).")
+    embedding_noise: float = option(0.5, min=0.0, help="Strength of the per-image noisy layer on the class "
+                                    "embedding; 0 = plain class embedding.")
+    diversity_weight: float = option(20.0, min=0.0, help="Weight of pixel mode seeking (as for the generator "
+                                     "ensemble).")
+    feature_diversity_weight: float = option(10.0, min=0.0, help="Weight of feature mode seeking (as for the "
+                                             "generator ensemble).")
 
 
 def class_embeddings(source: str, num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:

@@ -11,12 +11,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.options import option
+
 from .base import SynthesisMethod
 
 
 @dataclass
 class NoiseConfig:
-    scale: float = 1.0   # noise std in units of the teacher's normalisation std
+    OPTION_LABEL = "noise option"
+
+    scale: float = option(1.0, min=0.0, help="Noise std in units of the teacher's normalisation std.")
 
 
 class GaussianNoise(SynthesisMethod):
