@@ -48,8 +48,8 @@ CONFIGS = {
     "mnist32rgb": {"title": "MNIST padded to 32 px RGB, cifar_resnet8 -> lenet5_half", "teacher": "cifar_resnet8",
                    "teacher_epochs": 2, "student": "lenet5_half", "images": 5_000, "distill_epochs": 8,
                    "skip": ["generator ensemble + adversarial"],   # measured on mnist28 only (time)
-                   "options": {"generator": {"batch_size": 100, "steps": 80, "sample_noise_scale": 1.0},
-                               "muse": {"batch_size": 100, "steps": 80, "teacher_input": "native",
+                   "options": {"generator": {"train_batch_size": 100, "steps": 80, "sample_noise_scale": 1.0},
+                               "muse": {"train_batch_size": 100, "steps": 80, "teacher_input": "native",
                                         "sample_noise_scale": 1.0},
                                "deepinversion": {"iterations": 4, "low_res_iterations": 16}}},
     # MNIST-M (digits blended into real colour photographs, common/data.py: built offline, cached under
@@ -60,13 +60,13 @@ CONFIGS = {
     "mnistm32": {"title": "MNIST-M 32 px RGB, cifar_resnet20 -> cifar_resnet8", "data": "mnistm",
                  "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8", "images": 10_000,
                  "distill_epochs": 5, "ceiling": True, "distill": {"aug": "crop"},
-                 "options": {"generator": {"batch_size": 100, "steps": 80, "sample_noise_scale": 1.0},
-                             "muse": {"batch_size": 100, "steps": 80, "teacher_input": "native",
+                 "options": {"generator": {"train_batch_size": 100, "steps": 80, "sample_noise_scale": 1.0},
+                             "muse": {"train_batch_size": 100, "steps": 80, "teacher_input": "native",
                                       "sample_noise_scale": 1.0},
                              "deepinversion": {"iterations": 4, "low_res_iterations": 16}}},
 }
 SHARD_SIZE, IMAGE_FORMAT = 2_000, "npy"
-GEN = {"batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
+GEN = {"train_batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
        "feature_diversity_weight": 10.0, "sample_noise_scale": 2.0}
 # name -> (method, options); the generator methods all train 3 generators x GEN["steps"] steps;
 # CONFIGS[...]["options"][method] overrides per configuration
@@ -153,9 +153,8 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
     import torch
 
     from common.data import ImageArrays, real_dataset
-    from common.fileio import canonical_json_sha256
-    from common.models import create_model, state_dict_sha256
-    from common.shards import Manifest, Sample, sample_key, shard_name, write_manifest, write_shard
+    from common.models import create_model, teacher_record
+    from common.shards import Sample, build_manifest, sample_key, shard_name, write_manifest, write_shard
 
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,12 +164,10 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
     if not isinstance(train, ImageArrays):
         raise SystemExit(f"the ceiling row needs a dataset held as uint8 arrays, not {data}")
     chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:num_images])
-    config = {"method": f"real-{data}-train", "num_images": num_images, "teacher_sha256": state_dict_sha256(teacher)}
-    manifest = Manifest(teacher={"arch": arch, "weights": str(teacher_path), "weights_path": str(teacher_path),
-                                 "weights_sha256": config["teacher_sha256"], "input_spec": spec.to_dict()},
-                        num_classes=spec.num_classes, image_format=IMAGE_FORMAT, method=config["method"],
-                        config=config, config_sha256=canonical_json_sha256(config), planned_samples=len(chosen),
-                        shard_size=SHARD_SIZE)
+    record = teacher_record(arch, str(teacher_path), teacher)
+    config = {"method": f"real-{data}-train", "num_images": num_images, "teacher_sha256": record.weights_sha256}
+    manifest = build_manifest(record, method=config["method"], config=config, image_format=IMAGE_FORMAT,
+                              planned_samples=len(chosen), shard_size=SHARD_SIZE)
     for index, first in enumerate(range(0, len(chosen), SHARD_SIZE)):
         rows = torch.from_numpy(chosen[first:first + SHARD_SIZE])
         pixels = torch.from_numpy(np.take(train.images, rows.numpy(), axis=0))   # uint8 (B, C, H, W)
@@ -203,8 +200,9 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
                    cfg.get("data", "mnist"), data_root, str(cfg["images"]), str(shards)]
             wall, cpu = run(cmd, base / "logs" / f"synth-{slug(variant)}.log")
         else:
+            # --recipe none: every row sets its own options (a recipe edit must not move this table)
             cmd = [py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(teacher_path),
-                   "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size", str(SHARD_SIZE),
+                   "--recipe", "none", "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size", str(SHARD_SIZE),
                    "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", "1", "--quiet", "--out", str(shards)]
             wall, cpu = run(cmd, base / "logs" / f"synth-{slug(variant)}.log")
         timing = {"wall_s": wall, "cpu_s": cpu}

@@ -53,7 +53,7 @@ class Case:
     device: str
     gen_batch: int            # images per generator per training step
     generators: int           # K: generators of the ensemble (MUSE: one per resolution, 3 streams)
-    write_batch: int          # --batch-size when writing
+    write_batch: int          # --write-batch-size when writing
     write_images: int         # images written per measurement
     di_iterations: int        # DeepInversion iterations per measured batch
     di_low_res: bool = True   # writing adds the half-resolution phase (twice as many iterations), if the teacher
@@ -102,7 +102,7 @@ def build(case: Case, method_name: str, steps: int, compute):
         options = {"iterations": str(case.di_iterations),
                    "low_res_iterations": str(2 * case.di_iterations if case.di_low_res else 0)}
     else:
-        options.update(batch_size=str(case.gen_batch), steps=str(steps), checkpoint_every="100000")
+        options.update(train_batch_size=str(case.gen_batch), steps=str(steps), checkpoint_every="100000")
         options["num_generators"] = str(case.generators) if method_name == "generator" else "1"
         if method_name == "muse":
             options.update(case.muse_options)
@@ -216,7 +216,7 @@ def writing_setup(case, method_name, compute, state: Path):
 
     teacher, method = build(case, method_name, 1, compute)
     method.fit(teacher, state, progress=False, seed=0)
-    cfg = GenerateConfig(teacher=case.teacher, method=method_name, batch_size=case.write_batch,
+    cfg = GenerateConfig(teacher=case.teacher, method=method_name, write_batch_size=case.write_batch,
                          num_images=case.write_images, shard_size=case.write_images)
     return cfg, method, _teacher_logits(teacher, compute)
 
@@ -258,7 +258,7 @@ def time_encoding(setup, compute) -> float:
     from synth.generate import _shard_batches
 
     cfg, method, logits_of = setup
-    batch = next(_shard_batches(cfg, method, 0, range(min(cfg.num_images, cfg.batch_size))))
+    batch = next(_shard_batches(cfg, method, 0, range(min(cfg.num_images, cfg.write_batch_size))))
     host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     logits = np.zeros((len(batch.keys), method.spec.num_classes), np.float16)
     start = time.perf_counter()

@@ -86,9 +86,9 @@ def smooth_images(rng: np.random.Generator, n: int, size: int, channels: int) ->
 def write_shards(folder: Path, n: int, shard_size: int, size: int, channels: int, image_format: str,
                  teacher: str, num_classes: int = 10) -> Path:
     """A complete shard folder of n smooth random images with random labels and logits."""
-    from common.fileio import canonical_json_sha256
     from common.models import InputSpec, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
-    from common.shards import Manifest, Sample, read_manifest, sample_key, shard_name, write_manifest, write_shard
+    from common.shards import (Sample, TeacherRecord, build_manifest, read_manifest, sample_key, shard_name,
+                               write_manifest, write_shard)
 
     if (folder / "manifest.json").is_file() and read_manifest(folder, require_complete=False).complete:
         return folder
@@ -98,10 +98,10 @@ def write_shards(folder: Path, n: int, shard_size: int, size: int, channels: int
     mean, std = (MNIST_MEAN, MNIST_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
     spec = InputSpec(channels, size, mean, std, num_classes)
     config = {"bench": True, "n": n, "size": size, "format": image_format}
-    manifest = Manifest(teacher={"arch": teacher, "weights": "none", "weights_path": None, "weights_sha256": "0" * 64,
-                                 "input_spec": spec.to_dict()},
-                        num_classes=num_classes, image_format=image_format, method="bench", config=config,
-                        config_sha256=canonical_json_sha256(config), planned_samples=n, shard_size=shard_size)
+    record = TeacherRecord(arch=teacher, weights="none", weights_path=None, weights_sha256="0" * 64,
+                           input_spec=spec.to_dict())
+    manifest = build_manifest(record, method="bench", config=config, image_format=image_format, planned_samples=n,
+                              shard_size=shard_size)
     for index, first in enumerate(range(0, n, shard_size)):
         count = min(shard_size, n - first)
         images = smooth_images(rng, count, size, channels)

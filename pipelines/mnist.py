@@ -6,7 +6,8 @@
 Steps (each is the product's own command line, printed before it runs; a rerun skips finished steps
 and resumes unfinished ones):
   1. `distill teacher`   lenet5 on the real MNIST training split
-  2. `synth generate`    the generator ensemble against the frozen teacher -> shards
+  2. `synth generate`    the generator ensemble against the frozen teacher -> shards, with the
+                         small-grey recipe (common/recipes/small-grey.toml: every synthesis setting)
   3. baselines' shards   Gaussian noise (`synth generate --method noise`, the floor) and the real MNIST
                          training images with teacher logits (the ceiling)
   4. `distill train`     lenet5_half on each set of shards, same schedule, evaluated on the MNIST test split
@@ -25,13 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# ---- the recipe (defaults grouped and visible) -------------------------------------------------
+# ---- the recipe: common/recipes/small-grey.toml (what `synth generate` picks for this teacher anyway) ----
+RECIPE = "small-grey"
 TEACHER, STUDENT = "lenet5", "lenet5_half"
 TEACHER_EPOCHS = 8
-NUM_IMAGES, SHARD_SIZE = 96_000, 4_000
-IMAGE_FORMAT = "npy"  # raw uint8: 28x28 PNGs save nothing and decode ~5x slower
-GENERATOR_OPTIONS = {"num_generators": 8, "steps": 200, "batch_size": 200, "width": 16, "latent_dim": 64,
-                     "diversity_weight": 20.0, "feature_diversity_weight": 10.0, "sample_noise_scale": 2.0}
+# stage two's settings are the recipe's [distill] table; until `distill train --recipe` is merged they are
+# passed as flags (the lead replaces this with `--recipe small-grey` at the merge)
 DISTILL = {"epochs": 10, "batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 2, "threads": 1}
 
@@ -54,30 +54,30 @@ def write_real_shards(teacher_path: Path, out: Path, data_root: str) -> None:
     """MNIST's training images with the teacher's logits, in the shard format (the KD-on-real ceiling)."""
     import torch
 
-    from common.fileio import canonical_json_sha256
-    from common.models import create_model, state_dict_sha256
-    from common.shards import Manifest, Sample, read_manifest, sample_key, shard_name, write_manifest, write_shard
     from common.data import load_mnist
+    from common.models import create_model, teacher_record
+    from common.recipes import load_recipe
+    from common.shards import Sample, build_manifest, read_manifest, sample_key, shard_name, write_manifest, write_shard
 
     if (out / "manifest.json").exists() and read_manifest(out, require_complete=False).complete:
         return
+    recipe = load_recipe(RECIPE).synth  # the same shard size and image format as the synthetic sets
+    shard_size, image_format = recipe["shard_size"], recipe["image_format"]
     out.mkdir(parents=True, exist_ok=True)
     teacher = create_model(TEACHER, weights=str(teacher_path)).eval()
     spec = teacher.input_spec
     images, labels = load_mnist(data_root, train=True)
-    config = {"method": "real-mnist-train", "teacher_sha256": state_dict_sha256(teacher)}
-    manifest = Manifest(teacher={"arch": TEACHER, "weights": str(teacher_path), "weights_path": str(teacher_path),
-                                 "weights_sha256": config["teacher_sha256"], "input_spec": spec.to_dict()},
-                        num_classes=10, image_format=IMAGE_FORMAT, method="real-mnist-train", config=config,
-                        config_sha256=canonical_json_sha256(config), planned_samples=len(images),
-                        shard_size=SHARD_SIZE)
-    for index, first in enumerate(range(0, len(images), SHARD_SIZE)):
-        x = images[first:first + SHARD_SIZE]
+    record = teacher_record(TEACHER, str(teacher_path), teacher)
+    config = {"method": "real-mnist-train", "teacher_sha256": record.weights_sha256}
+    manifest = build_manifest(record, method="real-mnist-train", config=config, image_format=image_format,
+                              planned_samples=len(images), shard_size=shard_size)
+    for index, first in enumerate(range(0, len(images), shard_size)):
+        x = images[first:first + shard_size]
         with torch.no_grad():
             logits = teacher(spec.normalize(x.float().div(255).unsqueeze(1))).half().numpy()
         samples = (Sample(sample_key(first + i), x[i].numpy()[:, :, None], int(labels[first + i]), logits[i], {})
                    for i in range(len(x)))
-        manifest.shards.append(write_shard(out / shard_name(index), samples, IMAGE_FORMAT))
+        manifest.shards.append(write_shard(out / shard_name(index), samples, image_format))
     manifest.complete = True
     write_manifest(out, manifest)
 
@@ -100,11 +100,9 @@ def main() -> None:
         seconds["teacher"] = run([py, "-m", "distill", "teacher", "--model", TEACHER, "--data", "mnist",
                                   "--data-root", args.data_root, "--epochs", str(TEACHER_EPOCHS),
                                   "--seed", str(args.seed), "--out", str(teacher_path)])
-    sets = [a for k, v in GENERATOR_OPTIONS.items() for a in ("--set", f"{k}={v}")]
-    common = ["--teacher", TEACHER, "--weights", str(teacher_path), "--num-images", str(NUM_IMAGES),
-              "--shard-size", str(SHARD_SIZE), "--image-format", IMAGE_FORMAT, "--seed", str(args.seed)]
+    common = ["--teacher", TEACHER, "--weights", str(teacher_path), "--recipe", RECIPE, "--seed", str(args.seed)]
     shard_sets = {"generator ensemble (data-free)": out / "shards" / "generator"}
-    seconds["synthesis"] = run([py, "-m", "synth", "generate", *common, "--method", "generator", *sets,
+    seconds["synthesis"] = run([py, "-m", "synth", "generate", *common, "--method", "generator",
                                 "--out", str(shard_sets["generator ensemble (data-free)"])])
     if not args.skip_baselines:
         start = time.perf_counter()

@@ -157,7 +157,7 @@ def test_checkpoints_with_pickled_code_are_refused_everywhere(dataset, tiny_teac
     result = runner.invoke(distill_cli, distill_args(dataset, tmp_path / "r3", "--resume"))
     assert_one_line_error(result, "r3/checkpoint.pt", "delete the run folder")
     # a generator checkpoint in synth's state folder, swapped
-    sets = ["--set", "num_generators=1", "--set", "steps=2", "--set", "batch_size=8", "--set", "width=4"]
+    sets = ["--set", "num_generators=1", "--set", "steps=2", "--set", "train_batch_size=8", "--set", "width=4"]
     args = ["generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path), "--out", str(tmp_path / "s2"),
             "--num-images", "8", "--shard-size", "8", "--quiet", *sets]
     assert runner.invoke(synth_cli, args).exit_code == 0

@@ -18,7 +18,7 @@ from distill.data import ShardLoader
 from synth.generate import GenerateConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_GENERATORS = {"num_generators": "3", "steps": "4", "batch_size": "20", "width": "4", "latent_dim": "8"}
+TINY_GENERATORS = {"num_generators": "3", "steps": "4", "train_batch_size": "20", "width": "4", "latent_dim": "8"}
 NUM_IMAGES, SHARD_SIZE = 160, 20  # 8 shards
 
 
@@ -33,7 +33,7 @@ def shards(tmp_path_factory, tiny_teacher_path):
     """8 shards from one process: the reference for the 2-rank synthesis, the data for the 2-rank training."""
     out = tmp_path_factory.mktemp("dist") / "one"
     generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), num_images=NUM_IMAGES,
-                            shard_size=SHARD_SIZE, batch_size=20, progress=False, method_options=TINY_GENERATORS))
+                            shard_size=SHARD_SIZE, write_batch_size=20, progress=False, method_options=TINY_GENERATORS))
     return out
 
 
@@ -43,7 +43,7 @@ def test_two_rank_synthesis_equals_one_process(shards, tiny_teacher_path, tmp_pa
     sets = [a for k, v in TINY_GENERATORS.items() for a in ("--set", f"{k}={v}")]
     proc = torchrun("-m", "synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
                     "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
-                    "--batch-size", "20", "--quiet", *sets)
+                    "--write-batch-size", "20", "--quiet", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("wrote 160 images in 8 shards") == 1  # rank 0 reports, once
     # each rank wrote its own shards (and trained its own generators): 0, 2, ... and 1, 3, ...
@@ -56,7 +56,7 @@ def test_two_rank_synthesis_equals_one_process(shards, tiny_teacher_path, tmp_pa
     kept = (out / "shard-000002.tar").stat().st_mtime_ns
     proc = torchrun("-m", "synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
                     "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
-                    "--batch-size", "20", "--quiet", "--device", "cpu", "--write-workers", "1", *sets)
+                    "--write-batch-size", "20", "--quiet", "--device", "cpu", "--write-workers", "1", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "shard-000003.tar").read_bytes() == (shards / "shard-000003.tar").read_bytes()
     assert (out / "shard-000002.tar").stat().st_mtime_ns == kept

@@ -9,8 +9,8 @@ from synth.generate import GenerateConfig, generate
 def test_one_set_of_shards_trains_two_students(tiny_teacher_path, tmp_path):
     shards = tmp_path / "shards"
     generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(shards), num_images=96,
-                            shard_size=24, batch_size=32, progress=False, image_format="png",
-                            method_options={"num_generators": "2", "steps": "4", "batch_size": "20",
+                            shard_size=24, write_batch_size=32, progress=False, image_format="png",
+                            method_options={"num_generators": "2", "steps": "4", "train_batch_size": "20",
                                             "width": "4", "latent_dim": "8"}))
     for student in ("lenet5_half", "cifar_resnet8"):
         out = tmp_path / student

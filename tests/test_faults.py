@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # DFKD_RANDOM_KILLS=10 DFKD_RANDOM_SEED=3 python -m pytest tests/test_faults.py -k random_times
 RANDOM_KILLS = int(os.environ.get("DFKD_RANDOM_KILLS", "1"))
 RANDOM_SEED = int(os.environ.get("DFKD_RANDOM_SEED", "0"))
-TINY = {"num_generators": "2", "steps": "6", "batch_size": "20", "width": "4", "latent_dim": "8",
+TINY = {"num_generators": "2", "steps": "6", "train_batch_size": "20", "width": "4", "latent_dim": "8",
         "feature_diversity_weight": "0.5", "sample_noise_scale": "1.5", "checkpoint_every": "2"}
 KILLED = -signal.SIGKILL
 
@@ -78,7 +78,7 @@ def temp_files(folder: Path) -> list[str]:
 
 def synth_config(teacher: Path, out: Path) -> GenerateConfig:
     return GenerateConfig(teacher="lenet5", weights=str(teacher), out=str(out), method_options=dict(TINY),
-                          num_images=50, shard_size=20, batch_size=16, progress=False)
+                          num_images=50, shard_size=20, write_batch_size=16, progress=False)
 
 
 def train_config(shards: Path, out: Path, **overrides) -> TrainConfig:
@@ -227,7 +227,7 @@ def test_synth_cli_killed_at_random_times(reference, tmp_path):
     out = tmp_path / "shards"
     command = [sys.executable, "-m", "synth", "generate", "--teacher", "lenet5", "--weights",
                str(reference["teacher"]), "--out", str(out), "--num-images", "50", "--shard-size", "20",
-               "--batch-size", "16", "--quiet", "--threads", "1"] + [f"--set={k}={v}" for k, v in TINY.items()]
+               "--write-batch-size", "16", "--quiet", "--threads", "1"] + [f"--set={k}={v}" for k, v in TINY.items()]
     rng = random.Random(RANDOM_SEED)
     delays = [rng.uniform(0.5, 6.0) for _ in range(RANDOM_KILLS)]  # the work takes about 6 s in a fresh process
     def progress() -> str:

@@ -87,7 +87,7 @@ def test_class_embeddings_and_noisy_layer(tmp_path):
 
 
 def _muse(spec, **options):
-    base = {"steps": "1", "batch_size": "8", "width": "4", "latent_dim": "8"}
+    base = {"steps": "1", "train_batch_size": "8", "width": "4", "latent_dim": "8"}
     base.update(options)
     return build_method("muse", base, spec, 100)
 
@@ -130,7 +130,7 @@ def test_muse_splits_its_generators_across_ranks_like_the_ensemble(tiny_teacher_
 
 def test_muse_native_input_refused_for_a_teacher_that_cannot_take_it(tiny_teacher_path, tmp_path):
     cfg = GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "o"), method="muse",
-                         method_options={"steps": "1", "batch_size": "8", "width": "4", "latent_dim": "8",
+                         method_options={"steps": "1", "train_batch_size": "8", "width": "4", "latent_dim": "8",
                                          "teacher_input": "native"},
                          num_images=10, shard_size=10, progress=False)
     with pytest.raises(UserError, match="cannot take 7 px"):
@@ -213,8 +213,8 @@ def test_proxy_student_defaults_to_a_small_model_for_the_teachers_input(method):
 def test_adversarial_proxy_of_an_rgb_resnet_teacher_is_not_a_lenet(tmp_path):
     """What `synth generate --set adversarial_weight=1` trains next to a 3-channel 32 px ResNet teacher."""
     generate(GenerateConfig(teacher="cifar_resnet8", weights="none", out=str(tmp_path / "s"), num_images=4,
-                            shard_size=4, batch_size=4, progress=False,
-                            method_options={"num_generators": "1", "steps": "1", "batch_size": "4", "width": "4",
+                            shard_size=4, write_batch_size=4, progress=False,
+                            method_options={"num_generators": "1", "steps": "1", "train_batch_size": "4", "width": "4",
                                             "latent_dim": "8", "adversarial_weight": "1"}))
     manifest = read_manifest(tmp_path / "s")
     assert manifest.config["method_config"]["proxy_student"] == "cifar_resnet8"
@@ -223,9 +223,9 @@ def test_adversarial_proxy_of_an_rgb_resnet_teacher_is_not_a_lenet(tmp_path):
 
 
 TINY_OPTIONS = {
-    "muse": {"steps": "3", "batch_size": "8", "width": "4", "latent_dim": "8", "checkpoint_every": "2"},
+    "muse": {"steps": "3", "train_batch_size": "8", "width": "4", "latent_dim": "8", "checkpoint_every": "2"},
     "deepinversion": {"iterations": "3", "flip": "false"},
-    "generator": {"num_generators": "1", "steps": "3", "batch_size": "8", "width": "4", "latent_dim": "8",
+    "generator": {"num_generators": "1", "steps": "3", "train_batch_size": "8", "width": "4", "latent_dim": "8",
                   "adversarial_weight": "0.5"},
 }
 
@@ -235,7 +235,7 @@ def test_method_writes_valid_deterministic_shards(method, tiny_teacher_path, tmp
     def run(out):
         return generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out),
                                        method=method, method_options=dict(TINY_OPTIONS[method]),
-                                       num_images=24, shard_size=12, batch_size=12, image_format="npy",
+                                       num_images=24, shard_size=12, write_batch_size=12, image_format="npy",
                                        progress=False))
 
     m1, m2 = run(tmp_path / "a"), run(tmp_path / "b")
@@ -256,7 +256,7 @@ def test_muse_killed_during_generator_training_resumes_to_identical_bytes(tiny_t
     def config(out):
         return GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), method="muse",
                               method_options=dict(TINY_OPTIONS["muse"], steps="4"), num_images=24,
-                              shard_size=12, batch_size=12, image_format="npy", progress=False)
+                              shard_size=12, write_batch_size=12, image_format="npy", progress=False)
 
     reference = generate(config(tmp_path / "ref"))
     code, message = run_forked(lambda: generate(config(tmp_path / "out")), fault="generator-step:7")

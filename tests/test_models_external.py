@@ -16,7 +16,7 @@ from common.models import create_model, load_model_checkpoint, save_model_checkp
 pytest.importorskip("timm")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"num_generators": "1", "steps": "2", "batch_size": "10", "width": "4", "latent_dim": "8"}
+TINY = {"num_generators": "1", "steps": "2", "train_batch_size": "10", "width": "4", "latent_dim": "8"}
 
 USER_MODULE = '''
 import torch.nn as nn
@@ -115,11 +115,11 @@ def test_teacher_without_batchnorm_is_refused_by_bn_methods(user_module, tmp_pat
     from synth.generate import GenerateConfig, generate
 
     config = GenerateConfig(teacher="my_nets:build_without_bn", weights="none", out=str(tmp_path / "s"),
-                            method_options=dict(TINY), num_images=20, shard_size=10, batch_size=10, progress=False)
+                            method_options=dict(TINY), num_images=20, shard_size=10, write_batch_size=10, progress=False)
     with pytest.raises(UserError, match="no BatchNorm layers.*--method noise"):
         generate(config)
     noise = generate(GenerateConfig(teacher="my_nets:build_without_bn", weights="none", out=str(tmp_path / "n"),
-                                    method="noise", num_images=20, shard_size=10, batch_size=10, progress=False))
+                                    method="noise", num_images=20, shard_size=10, write_batch_size=10, progress=False))
     assert noise.num_samples == 20
 
 
@@ -131,7 +131,7 @@ def test_timm_teacher_to_user_student_end_to_end(user_module, tmp_path):
     from synth.generate import GenerateConfig, generate
 
     manifest = generate(GenerateConfig(teacher="timm/test_resnet", weights="none", out=str(tmp_path / "s"),
-                                       method_options=dict(TINY), num_images=40, shard_size=20, batch_size=20,
+                                       method_options=dict(TINY), num_images=40, shard_size=20, write_batch_size=20,
                                        resolution=16, num_classes=4, progress=False))
     assert manifest.teacher["arch"] == "timm/test_resnet" and manifest.input_spec.size == 16
     metrics = train(TrainConfig(shards=str(tmp_path / "s"), student="my_nets:build", out=str(tmp_path / "run"),

@@ -18,7 +18,7 @@ from synth.generate import GenerateConfig, generate
 def shard_folder(tmp_path_factory, tiny_teacher_path):
     out = tmp_path_factory.mktemp("remote") / "shards"
     generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), method="noise",
-                            num_images=60, shard_size=20, batch_size=20, progress=False))
+                            num_images=60, shard_size=20, write_batch_size=20, progress=False))
     return out
 
 

@@ -11,14 +11,14 @@ from common.shards import read_manifest, read_shard, verify_dataset
 from synth.cli import main as synth_cli
 from synth.generate import GenerateConfig, generate
 
-TINY = {"num_generators": "2", "steps": "6", "batch_size": "20", "width": "4", "latent_dim": "8",
+TINY = {"num_generators": "2", "steps": "6", "train_batch_size": "20", "width": "4", "latent_dim": "8",
         "feature_diversity_weight": "0.5", "sample_noise_scale": "1.5",
         "checkpoint_every": "2"}
 
 
 def _config(teacher, out, **kw):
     base = dict(teacher="lenet5", weights=str(teacher), out=str(out), method_options=dict(TINY),
-                num_images=50, shard_size=20, batch_size=16, progress=False)
+                num_images=50, shard_size=20, write_batch_size=16, progress=False)
     base.update(kw)
     return GenerateConfig(**base)
 
@@ -69,7 +69,7 @@ def test_same_seed_same_bytes_and_resume_redoes_only_unfinished(tiny_teacher_pat
 
 def test_refuses_to_mix_configs_and_overwrite_starts_over(tiny_teacher_path, tmp_path):
     generate(_config(tiny_teacher_path, tmp_path / "o"))
-    with pytest.raises(UserError, match="another run.*seed"):
+    with pytest.raises(UserError, match="other settings.*--seed 0 there, 1 now"):
         generate(_config(tiny_teacher_path, tmp_path / "o", seed=1))
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
@@ -83,15 +83,15 @@ def test_refusal_lists_only_the_settings_that_differ(tiny_teacher_path, tmp_path
     """The manifest's config went through JSON (tuples are lists there): input_spec must not show up as
     differing when only the seed does."""
     generate(_config(tiny_teacher_path, tmp_path / "o"))
-    with pytest.raises(UserError, match=r"differs in: seed\)") as refused:
+    with pytest.raises(UserError, match=r"other settings \(--seed 0 there, 1 now\)") as refused:
         generate(_config(tiny_teacher_path, tmp_path / "o", seed=1))
     assert "input_spec" not in refused.value.message
 
 
 def test_random_weight_torchvision_teacher_smoke(tmp_path):
     m = generate(GenerateConfig(teacher="resnet18", weights="none", out=str(tmp_path / "r"), num_images=4,
-                                shard_size=4, resolution=32, batch_size=4, progress=False,
-                                method_options={"num_generators": "1", "steps": "1", "batch_size": "4",
+                                shard_size=4, resolution=32, write_batch_size=4, progress=False,
+                                method_options={"num_generators": "1", "steps": "1", "train_batch_size": "4",
                                                 "width": "4", "latent_dim": "4"}))
     assert m.num_samples == 4 and m.input_spec.size == 32 and m.num_classes == 1000
 
@@ -100,7 +100,7 @@ def test_random_weight_torchvision_teacher_smoke(tmp_path):
     (["--teacher", "nonet", "--weights", "none"], "unknown model 'nonet'"),
     (["--teacher", "lenet5", "--weights", "missing.pt"], "does not exist"),
     (["--teacher", "lenet5", "--weights", "none", "--set", "bogus=1"], "unknown option 'bogus'"),
-    (["--teacher", "lenet5", "--weights", "none", "--set", "steps=many"], "expects a int"),
+    (["--teacher", "lenet5", "--weights", "none", "--set", "steps=many"], "expects an integer"),
     (["--teacher", "lenet5", "--weights", "none", "--num-images", "0"], "at least 1"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
@@ -127,7 +127,7 @@ def test_cli_generate_and_verify(tiny_teacher_path, tmp_path):
 def test_generator_steps_auto_scale_with_dataset_size():
     from synth.methods.generator import GeneratorEnsembleConfig
 
-    auto = GeneratorEnsembleConfig(batch_size=100)
+    auto = GeneratorEnsembleConfig(train_batch_size=100)
     assert auto.for_images(64).steps == 20          # smoke runs stay short
     assert auto.for_images(50_000).steps == 1000
     assert auto.for_images(10_000_000).steps == 2000
