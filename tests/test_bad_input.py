@@ -25,8 +25,8 @@ from PIL import Image
 
 from common.errors import UserError
 from common.fileio import folder_lock, sha256_file
-from common.models import create_model, save_model_checkpoint, state_dict_sha256
-from common.shards import (Manifest, Sample, ShardFormatError, decode_image, encode_sample, read_manifest,
+from common.models import create_model, save_model_checkpoint, teacher_record
+from common.shards import (Sample, ShardFormatError, build_manifest, decode_image, encode_sample, read_manifest,
                            read_shard, sample_key, write_manifest, write_shard)
 from distill.cli import main as distill_cli
 from distill.data import Decoder
@@ -53,11 +53,9 @@ def clean_dataset(tmp_path_factory, tiny_teacher_path):
         samples = [Sample(sample_key(s * PER_SHARD + i), images[i], int(logits[i].argmax()), logits[i])
                    for i in range(PER_SHARD)]
         records.append(write_shard(folder / f"shard-{s:06d}.tar", samples))
-    teacher_record = {"arch": "lenet5", "weights": str(tiny_teacher_path), "input_spec": spec.to_dict(),
-                      "weights_path": str(tiny_teacher_path), "weights_sha256": state_dict_sha256(teacher)}
-    write_manifest(folder, Manifest(teacher=teacher_record, num_classes=10, image_format="png", method="test",
-                                    config={"seed": 0}, config_sha256="0" * 64, planned_samples=SHARDS * PER_SHARD,
-                                    shard_size=PER_SHARD, shards=records, complete=True))
+    write_manifest(folder, build_manifest(teacher_record("lenet5", str(tiny_teacher_path), teacher), method="test",
+                                          config={"seed": 0}, image_format="png", planned_samples=SHARDS * PER_SHARD,
+                                          shard_size=PER_SHARD, shards=records, complete=True))
     return folder
 
 
@@ -79,9 +77,10 @@ def distill_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def assert_one_line_error(result, *fragments: str) -> str:
-    """A CLI result that is one `Error: ...` line holding every fragment, exit code 2, no traceback."""
+    """A CLI result that is one `Error: ...` line holding every fragment, exit code 2, no traceback (after
+    `synth generate`'s start line naming the recipe)."""
     assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("recipe: ")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])

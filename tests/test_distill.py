@@ -15,8 +15,8 @@ from PIL import Image
 
 import distill.train as train_module
 from common.errors import UserError
-from common.models import create_model, load_model_checkpoint, save_model_checkpoint, state_dict_sha256
-from common.shards import Manifest, Sample, read_manifest, read_shard, write_manifest, write_shard
+from common.models import create_model, load_model_checkpoint, save_model_checkpoint, teacher_record
+from common.shards import Sample, build_manifest, read_manifest, read_shard, write_manifest, write_shard
 from distill.cli import main
 from distill.data import Augmentation, Batch, EpochShardList, ShardLoader, random_crop_flip, random_translate
 from distill.engine import warmup_cosine
@@ -51,13 +51,9 @@ def write_shard_folder(folder: Path, teacher: torch.nn.Module, weights: Path | s
         samples = [Sample(f"sample-{s * PER_SHARD + i:08d}", images[i], int(logits[i].argmax()), logits[i])
                    for i in range(PER_SHARD)]
         records.append(write_shard(folder / f"shard-{s:06d}.tar", samples))
-    record = {"arch": teacher.arch, "weights": str(weights), "input_spec": spec.to_dict(),
-              "weights_path": str(Path(weights).resolve()) if weights != "none" else None,
-              "weights_sha256": state_dict_sha256(teacher)}
-    write_manifest(folder, Manifest(teacher=record, num_classes=spec.num_classes, image_format="png",
-                                    method="test", config={"seed": 0}, config_sha256="0" * 64,
-                                    planned_samples=shards * PER_SHARD, shard_size=PER_SHARD,
-                                    shards=records, complete=True))
+    write_manifest(folder, build_manifest(teacher_record(teacher.arch, str(weights), teacher), method="test",
+                                          config={"seed": 0}, image_format="png", planned_samples=shards * PER_SHARD,
+                                          shard_size=PER_SHARD, shards=records, complete=True))
     return folder
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from common.errors import UserError
 from common.plots import PALETTE, nice_ticks
-from common.shards import Manifest, Sample, sample_key, write_manifest, write_shard
+from common.shards import Sample, TeacherRecord, build_manifest, sample_key, write_manifest, write_shard
 from distill.cli import main as distill_cli
 from distill.report import report_run
 from synth.cli import main as synth_cli
@@ -38,11 +38,9 @@ def write_dataset(folder: Path) -> Path:
     records = [write_shard(folder / "shard-000000.tar", samples[:9]), write_shard(folder / "shard-000001.tar",
                                                                                   samples[9:])]
     spec = {"channels": 3, "size": 8, "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 3}
-    write_manifest(folder, Manifest(teacher={"arch": "x", "weights": "none", "weights_path": None,
-                                             "weights_sha256": "a" * 64, "input_spec": spec},
-                                    num_classes=3, image_format="png", method="test", config={},
-                                    config_sha256="b" * 64, planned_samples=18, shard_size=9, shards=records,
-                                    complete=True))
+    teacher = TeacherRecord(arch="x", weights="none", weights_path=None, weights_sha256="a" * 64, input_spec=spec)
+    write_manifest(folder, build_manifest(teacher, method="test", config={}, image_format="png", planned_samples=18,
+                                          shard_size=9, shards=records, complete=True))
     return folder
 
 

@@ -7,7 +7,8 @@ import pytest
 import webdataset as wds
 
 from common.errors import UserError
-from common.shards import (IMAGE_FORMATS, Manifest, Sample, ShardFormatError, decode_sample, read_manifest,
+from common.shards import (IMAGE_FORMATS, Sample, ShardFormatError, TeacherRecord, build_manifest, decode_sample,
+                           read_manifest,
                            read_shard, sample_key, shard_paths, verify_dataset, write_manifest, write_shard)
 
 
@@ -25,11 +26,11 @@ def _samples(n, channels=1, size=28, classes=10, seed=0, first=0):
 
 def _manifest(records, complete=True):
     spec = {"channels": 1, "size": 28, "mean": [0.1307], "std": [0.3081], "num_classes": 10}
-    return Manifest(teacher={"arch": "lenet5", "weights": "t.pt", "weights_path": None, "weights_sha256": "ab" * 32,
-                             "input_spec": spec},
-                    num_classes=10, image_format="png", method="generator", config={"x": 1}, config_sha256="cd" * 32,
-                    planned_samples=sum(r.num_samples for r in records), shard_size=8, shards=records,
-                    complete=complete)
+    teacher = TeacherRecord(arch="lenet5", weights="t.pt", weights_path=None, weights_sha256="ab" * 32,
+                            input_spec=spec)
+    return build_manifest(teacher, method="generator", config={"x": 1}, image_format="png",
+                          planned_samples=sum(r.num_samples for r in records), shard_size=8, shards=records,
+                          complete=complete)
 
 
 @pytest.mark.parametrize("image_format", IMAGE_FORMATS)

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from common.models import InputSpec
-from common.shards import (IMAGE_FORMATS, TIMM_READABLE_FORMATS, Manifest, Sample, ShardFormatError, read_manifest,
-                           read_shard, sample_key, write_manifest, write_shard)
+from common.shards import (IMAGE_FORMATS, TIMM_READABLE_FORMATS, Manifest, Sample, ShardFormatError, TeacherRecord,
+                           build_manifest, read_manifest, read_shard, sample_key, write_manifest, write_shard)
 
 timm_data = pytest.importorskip("timm.data", reason="timm is a test extra: pip install -e .[test]")
 
@@ -35,10 +35,9 @@ def write_dataset(folder, image_format: str, channels: int) -> Manifest:
                    for i in range(PER_SHARD)]
         records.append(write_shard(folder / f"shard-{s:06d}.tar", samples, image_format))
     spec = {"channels": channels, "size": 12, "mean": [0.5] * channels, "std": [0.25] * channels, "num_classes": 10}
-    manifest = Manifest(teacher={"arch": "x", "weights": "none", "weights_path": None, "weights_sha256": "a" * 64,
-                                 "input_spec": spec}, num_classes=10, image_format=image_format, method="test",
-                        config={}, config_sha256="b" * 64, planned_samples=SHARDS * PER_SHARD, shard_size=PER_SHARD,
-                        shards=records, complete=True)
+    teacher = TeacherRecord(arch="x", weights="none", weights_path=None, weights_sha256="a" * 64, input_spec=spec)
+    manifest = build_manifest(teacher, method="test", config={}, image_format=image_format,
+                              planned_samples=SHARDS * PER_SHARD, shard_size=PER_SHARD, shards=records, complete=True)
     write_manifest(folder, manifest)
     return manifest
 
