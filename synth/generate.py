@@ -113,6 +113,8 @@ class GenerateConfig:
         validate_options(self)
 
 
+# GenerateConfig options that the manifest's `options` record leaves out (execution of one invocation)
+_INVOCATION_ONLY = ("out", "overwrite", "progress", "write_workers")
 # hashed GenerateConfig options that the config hash records in another form
 _HASHED_ELSEWHERE = ("method_options", "device", "amp", "channels_last", "compile")
 
@@ -188,8 +190,11 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
     config = {k: v for k, v in options.hashed(cfg).items() if k not in _HASHED_ELSEWHERE}
     config |= {"method_config": options.hashed(method.config), "teacher_sha256": teacher_record.weights_sha256,
                "input_spec": spec.to_dict(), "compute": compute.hashed()}
+    # the resolved options, without those of this invocation only (--out, --overwrite, progress, writers):
+    # the manifest stays the same when the folder moves or a rerun uses other execution settings
+    kept = {k: v for k, v in asdict(cfg).items() if k not in _INVOCATION_ONLY}
     record = {"recipe": resolved.recipe.record(resolved.reason),
-              "options": {"generate": as_dict(asdict(cfg)), "method": as_dict(asdict(method.config))}}
+              "options": {"generate": as_dict(kept), "method": as_dict(asdict(method.config))}}
     out = Path(cfg.out)
     if dist.is_main:
         _make_folder(out)
