@@ -19,7 +19,8 @@ from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
 from .teacher import TEACHER_AUGMENTATIONS, TeacherConfig, train_teacher
 from .throughput import AMP_MODES
-from .train import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TEACHER_LOGITS, TrainConfig, train
+from .config import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TEACHER_LOGITS, TrainConfig
+from .train import train
 
 
 def default(config_class: type, name: str):

@@ -134,7 +134,9 @@ def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
     from distill.data import ShardLoader
     from distill.engine import build_optimizer
     from distill.throughput import grad_scaler, to_memory_format, wrap_student, wrap_teacher
-    from distill.train import Models, TrainConfig, train_one_epoch
+    from distill.config import TrainConfig
+    from distill.loop import train_one_epoch
+    from distill.nets import Models
 
     threads = args.threads or case.threads or usable_cores()
     amp = args.amp or case.amp

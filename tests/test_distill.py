@@ -22,7 +22,8 @@ from distill.data import Augmentation, Batch, EpochShardList, ShardLoader, rando
 from distill.engine import warmup_cosine
 from distill.throughput import batch_to
 from distill.teacher import TeacherConfig, train_teacher
-from distill.train import TrainConfig, kd_loss, train
+from distill.losses import kd_loss
+from distill.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_CACHED = (REPO / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()

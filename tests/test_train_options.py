@@ -11,8 +11,11 @@ from common.errors import UserError
 from common.models import create_model, load_model_checkpoint
 from common.shards import read_manifest
 from distill.data import Batch, ShardLoader
+from distill.loop import train_one_epoch
+from distill.losses import distill_loss, kd_loss
+from distill.nets import Models
 from distill.throughput import ModelEma, grad_scaler
-from distill.train import Models, TrainConfig, distill_loss, kd_loss, train, train_one_epoch
+from distill.train import TrainConfig, train
 
 from test_distill import PER_SHARD, SHARDS, write_shard_folder
 
@@ -44,12 +47,12 @@ def test_stored_logits_are_the_targets_and_no_teacher_is_built(shards, tmp_path,
     expected = kd_loss(student(student.input_spec.normalize(batch.images)), batch.logits, cfg.temperature)
     assert distill_loss(models, batch, cfg, torch.device("cpu")).item() == pytest.approx(expected.item(), rel=1e-6)
 
-    import distill.train as train_module
+    import distill.inputs as inputs_module
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("stored logits must not build the teacher")
 
-    monkeypatch.setattr(train_module, "load_teacher", no_teacher)
+    monkeypatch.setattr(inputs_module, "load_teacher", no_teacher)
     metrics = train(config(shards, tmp_path / "run", teacher_logits="stored", aug="none"))
     assert metrics["epochs"] == 2 and metrics["teacher_top1"] is None
     with pytest.raises(AssertionError, match="must not build"):
