@@ -17,6 +17,7 @@ from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
+from .losses import LOSSES
 from .teacher import TEACHER_AUGMENTATIONS, TeacherConfig, train_teacher
 from .throughput import AMP_MODES
 from .config import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TEACHER_LOGITS, TrainConfig
@@ -77,6 +78,9 @@ def main():
               help=f"Weight decay [default: {DEFAULT_WD['sgd']} for sgd, {DEFAULT_WD['adamw']} for adamw]")
 @click.option("--warmup-epochs", type=float, default=default(TrainConfig, "warmup_epochs"),
               help="Linear warmup, then cosine decay per step.")
+@click.option("--loss", type=click.Choice(tuple(LOSSES)), default=default(TrainConfig, "loss"),
+              help="Training loss by name (distill/losses.py); each of its terms is logged as loss_<name> in "
+              "steps.csv and metrics.csv.")
 @click.option("--temperature", type=float, default=default(TrainConfig, "temperature"), help="KD temperature T.")
 @click.option("--ce-weight", type=float, default=default(TrainConfig, "ce_weight"),
               help="Weight of cross-entropy on the stored labels, added to the KD loss.")

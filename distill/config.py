@@ -8,6 +8,7 @@ from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
+from .losses import LOSSES
 from .throughput import AMP_MODES
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
@@ -38,6 +39,7 @@ class TrainConfig:
     wd: float | None = None
     warmup_epochs: float = 1.0
     # distillation
+    loss: str = "kd"                    # the training loss, by name in LOSSES (distill/losses.py)
     temperature: float = 4.0
     ce_weight: float = 0.0
     mixup: float = 0.0                  # Beta(alpha, alpha) mixing of image pairs; 0 = off
@@ -82,6 +84,7 @@ class TrainConfig:
             ("ce_weight", config.ce_weight >= 0, "must not be negative"),
             ("mixup", config.mixup >= 0, "must not be negative (0 turns mixup off)"),
             ("workers", config.workers >= 0, "must not be negative"),
+            ("loss", config.loss in LOSSES, f"must be one of {', '.join(LOSSES)}"),
             ("aug", config.aug in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
             ("verify_shards", config.verify_shards in CHECK_LEVELS, f"must be one of {', '.join(CHECK_LEVELS)}"),
             ("on_bad_shard", config.on_bad_shard in BAD_SHARD_POLICIES,

@@ -17,7 +17,8 @@ CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "check
 STEPS_FILE, EMA_FILE = "steps.csv", "student_ema.pt"
 METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s")
 EMA_COLUMN = "ema_top1"  # appended with ema_decay > 0
-STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")
+STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")  # then one loss_<name> column per term of the loss
+TERM_PREFIX = "loss_"
 
 
 def check_out(config: TrainConfig) -> Path:
@@ -69,5 +70,12 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    write_csv(path, METRICS_COLUMNS + ((EMA_COLUMN,) if history and EMA_COLUMN in history[0] else ()), history)
+    write_csv(path, with_terms(METRICS_COLUMNS + ((EMA_COLUMN,) if history and EMA_COLUMN in history[0] else ()),
+                               history), history)
+
+
+def with_terms(columns: tuple[str, ...], rows: list[dict]) -> tuple[str, ...]:
+    """`columns` and then the loss terms (loss_<name>) found in `rows`, in order of appearance."""
+    terms = dict.fromkeys(k for row in rows for k in row if k.startswith(TERM_PREFIX) and k not in columns)
+    return columns + tuple(terms)
 

@@ -59,7 +59,7 @@ from .inputs import RunInputs, prepare_inputs
 from .loop import NonFiniteLoss, check_finite_weights, train_one_epoch
 from .nets import Models
 from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, EMA_COLUMN, EMA_FILE, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE,
-                         STUDENT_FILE, check_out, make_out, write_csv, write_metrics)
+                         STUDENT_FILE, check_out, make_out, with_terms, write_csv, write_metrics)
 from .throughput import ModelEma, check_amp, grad_scaler, to_memory_format, wrap_student, wrap_teacher
 
 
@@ -172,6 +172,7 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
                "eval_top1": top1, "seconds": stats["seconds"], "images_per_s": images / stats["seconds"]}
         if models.ema is not None:
             row[EMA_COLUMN] = ema_top1
+        row |= {name: distributed.all_reduce_mean(value, device) for name, value in stats["terms"].items()}
         history.append(row)
         if not main:
             continue
@@ -179,7 +180,7 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
                         step_log, rank_rngs)
         fault_point("epoch-saved")
         write_metrics(out / METRICS_FILE, history)
-        write_csv(out / STEPS_FILE, STEPS_COLUMNS, step_log)
+        write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
         if eval_failed is not None:
             if not isinstance(eval_failed, OSError):
                 raise eval_failed

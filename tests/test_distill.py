@@ -193,7 +193,8 @@ def test_train_writes_run_folder(data, tmp_path, workers):
     metrics = train(config(data, tmp_path / "run", workers=workers, mixup=0.4, ce_weight=0.5, **eval_options))
     rows = read_metrics(tmp_path / "run")
     assert [int(r["epoch"]) for r in rows] == [1, 2] and int(rows[-1]["step"]) == 2 * (SHARDS * PER_SHARD // 16)
-    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s"]
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s", "loss_kd",
+                            "loss_ce"]
     assert metrics["epochs"] == 2 and metrics["images_per_s"] > 0 and math.isfinite(metrics["train_loss"])
     if eval_options:
         assert 0 <= metrics["eval_top1"] <= 100 and metrics["teacher_top1"] is not None

@@ -21,12 +21,12 @@ from typing import Callable
 import pytest
 import torch
 
-import distill.loop as loop_module
 from common.errors import UserError
 from common.faults import FAULT_ENV
 from common.fileio import folder_lock, is_temp_file
 from common.models import load_model_checkpoint
 from common.shards import read_manifest, verify_dataset
+from distill.losses import LOSSES
 from distill.train import TrainConfig, train
 from synth.generate import GenerateConfig, generate
 
@@ -352,21 +352,21 @@ def test_distill_real_enospc_keeps_the_last_good_checkpoint(reference, small_tmp
 
 # --------------------------------------------------------------------------- numerical faults
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
-    real_loss, calls = loop_module.distill_loss, []
+    real_loss, calls = LOSSES["kd"], []
 
     def nan_in_epoch_two(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 7 else loss  # 5 steps per epoch: step 2 of epoch 2
+        terms = real_loss(*args, **kwargs)
+        return terms | {"loss": terms["loss"] * float("nan")} if len(calls) == 7 else terms  # step 2 of epoch 2
 
-    monkeypatch.setattr(loop_module, "distill_loss", nan_in_epoch_two)
+    monkeypatch.setitem(LOSSES, "kd", nan_in_epoch_two)
     run = tmp_path / "run"
     with pytest.raises(UserError, match=r"stopped in epoch 2: the loss is nan at step 2 .*checkpoint.pt still "
                                         r"holds epoch 1, the last good one.*--detect-anomaly"):
         train(train_config(reference["shards"], run))
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["student"].values())
-    monkeypatch.setattr(loop_module, "distill_loss", real_loss)
+    monkeypatch.setitem(LOSSES, "kd", real_loss)
     train(train_config(reference["shards"], run, resume=True))  # once the cause is gone, it continues
     assert_same_student(run, reference["run"])
 
