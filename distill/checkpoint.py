@@ -11,7 +11,7 @@ from common.errors import UserError
 from common.fileio import load_torch_safely, save_torch_atomic
 from common.shards import Manifest
 
-from .config import RESUMABLE_CHANGES, TrainConfig, setting_defaults
+from .config import ORDER_CHANGES, RESUMABLE_CHANGES, TrainConfig, setting_defaults
 from .nets import Models
 from .run_folder import CHECKPOINT_FILE
 
@@ -65,8 +65,12 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     defaults = setting_defaults()  # settings added since the checkpoint was written
     changed = [f"{k} {saved_settings.get(k, defaults.get(k))!r} -> {v!r}" for k, v in fingerprint["settings"].items()
                if saved_settings.get(k, defaults.get(k)) != v]
+    order = [k for k in ORDER_CHANGES if k in fingerprint["settings"]
+             and saved_settings.get(k, defaults.get(k)) != fingerprint["settings"][k]]
     if changed:
-        raise UserError(f"{path} belongs to a run with other settings ({', '.join(changed)}): resume with the "
+        why = (f" ({', '.join('--' + k.replace('_', '-') for k in order)} changes the sample order or augmentation "
+               "draws, so the run would not continue as it started)") if order else ""
+        raise UserError(f"{path} belongs to a run with other settings ({', '.join(changed)}){why}: resume with the "
                         "same options or choose another --out")
     if saved_shards != fingerprint["shards"] or saved_teacher != fingerprint["teacher_sha256"]:
         raise UserError(f"{path} was trained on other shards (or by another teacher) than the --shards given now "

@@ -17,9 +17,13 @@ TEACHER_LOGITS = ("online", "stored")
 BAD_SHARD_POLICIES = ("error", "skip")
 # Settings that may change when resuming: paths (the shards and the teacher are checked by checksum
 # instead), evaluation and how the run is executed. Everything else must match the checkpoint.
-RESUMABLE_CHANGES = ("shards", "out", "teacher_weights", "eval_data", "data_root", "workers", "device",
+RESUMABLE_CHANGES = ("shards", "out", "teacher_weights", "eval_data", "data_root", "device",
                      "resume", "progress", "verify_shards", "on_bad_shard", "detect_anomaly",
-                     "channels_last", "compile", "pin_memory", "persistent_workers")
+                     "channels_last", "compile", "pin_memory")
+# Settings that do not change the student's recipe but the order of the samples or the augmentation draws
+# (the shards are split among the DataLoader workers; persistent workers keep their RNG across epochs):
+# they too must match on resume, and the refusal says why.
+ORDER_CHANGES = ("workers", "persistent_workers", "seed")
 
 
 @dataclass

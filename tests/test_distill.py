@@ -228,6 +228,11 @@ def test_resume_continues_where_it_stopped(data, tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="other settings .*lr 0.1 -> 0.2"):
         train(config(data, tmp_path / "resumed", resume=True, lr=0.2))
+    for change in ({"workers": 1}, {"persistent_workers": True}):  # same student recipe, other sample order
+        name = next(iter(change))
+        with pytest.raises(UserError, match=rf"other settings \({name} .* -> .*\) \(--{name.replace('_', '-')} "
+                                            r"changes the sample order or augmentation draws.*resume with the same"):
+            train(config(data, tmp_path / "resumed", resume=True, **change))
     with pytest.raises(UserError, match="already holds a run"):
         train(config(data, tmp_path / "resumed"))
     # --resume where there is nothing to resume yet starts the run (so a job script can always pass it)
