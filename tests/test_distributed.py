@@ -138,7 +138,7 @@ def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("done: ") == 1  # rank 0 reports
     rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith("ema_top1") and len(rows) == 3
+    assert rows[0].endswith("ema_top1,loss_kd") and len(rows) == 3  # then the loss terms
     assert rows[2].split(",")[1] == str(2 * NUM_IMAGES // (8 * 2))  # steps: the global batch is 2 x 8
 
     config = dict(shards=str(shards), student="lenet5_half", out=str(tmp_path / "resumed"), epochs=2,
