@@ -11,7 +11,7 @@ from common.errors import UserError
 from common.fileio import load_torch_safely, save_torch_atomic
 from common.shards import Manifest
 
-from .config import ORDER_CHANGES, RESUMABLE_CHANGES, TrainConfig, setting_defaults
+from .config import ORDER_CHANGES, RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
 from .nets import Models
 from .run_folder import CHECKPOINT_FILE
 
@@ -58,7 +58,7 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     state = load_torch_safely(path, fix)
     try:
         saved = state["fingerprint"]
-        saved_settings, saved_shards, saved_teacher = saved["settings"], saved["shards"], saved["teacher_sha256"]
+        saved_settings, saved_shards, saved_teacher = renamed(saved["settings"]), saved["shards"], saved["teacher_sha256"]
         int(state["epoch"]), list(state["history"]), state["student"], state["rng"]["torch"]  # noqa: B018
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path} is not a `distill train` checkpoint; {fix}") from None

@@ -69,7 +69,8 @@ def main():
 @click.option("--student-weights", default=default(TrainConfig, "student_weights"),
               help="Initial student weights: none, DEFAULT (torchvision) or a checkpoint path.")
 @click.option("--epochs", type=click.IntRange(min=1), default=default(TrainConfig, "epochs"))
-@click.option("--batch-size", type=click.IntRange(min=1), default=default(TrainConfig, "batch_size"))
+@click.option("--batch-size-per-rank", type=click.IntRange(min=1), default=default(TrainConfig, "batch_size_per_rank"),
+              help="Images per process per step; under torchrun the global batch is this x the number of processes.")
 @click.option("--opt", type=click.Choice(OPTIMIZERS), default=default(TrainConfig, "opt"),
               help="SGD (momentum 0.9, Nesterov) or AdamW.")
 @click.option("--lr", type=float, default=None, show_default=False,
@@ -125,7 +126,8 @@ def main():
 @run_options
 def train_command(**options):
     """Distill a student from a shard folder, with the teacher run online on every augmented batch
-    (or from the logits stored in the shards). Under torchrun: DDP over all ranks, --batch-size per rank."""
+    (or from the logits stored in the shards). Under torchrun: DDP over all ranks, --batch-size-per-rank
+    images per rank."""
     metrics = train(TrainConfig(**apply_run_options(options)))
     if distributed.info().is_main:
         click.echo(f"done: {_format(metrics)}")

@@ -37,7 +37,7 @@ class TrainConfig:
     student_weights: str = "none"       # initial student weights: none, DEFAULT or a checkpoint path
     # optimisation
     epochs: int = 10
-    batch_size: int = 128
+    batch_size_per_rank: int = 128      # images per process per step (torchrun: global batch = this x ranks)
     opt: str = "sgd"
     lr: float | None = None
     wd: float | None = None
@@ -80,7 +80,7 @@ class TrainConfig:
                          wd=DEFAULT_WD[self.opt] if self.wd is None else self.wd)
         problems = [f"--{name.replace('_', '-')} {why}" for name, ok, why in (
             ("epochs", config.epochs >= 1, "must be at least 1"),
-            ("batch_size", config.batch_size >= 1, "must be at least 1"),
+            ("batch_size_per_rank", config.batch_size_per_rank >= 1, "must be at least 1"),
             ("lr", config.lr > 0, "must be positive"),
             ("wd", config.wd >= 0, "must not be negative"),
             ("warmup_epochs", 0 <= config.warmup_epochs <= config.epochs, "must be between 0 and --epochs"),
@@ -108,6 +108,14 @@ class TrainConfig:
         if problems:
             raise UserError("; ".join(problems))
         return config
+
+
+RENAMED = {"batch_size": "batch_size_per_rank"}  # old setting name -> new, in checkpoints and config.json
+
+
+def renamed(settings: dict) -> dict:
+    """Settings recorded by an older version, under today's names."""
+    return {RENAMED.get(k, k): v for k, v in settings.items()}
 
 
 def setting_defaults() -> dict:

@@ -75,7 +75,7 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
     check_models_fit(teacher, student, manifest, config.student, device)
     if dist.enabled:  # the same initial weights everywhere (DDP also broadcasts rank 0's); then own draws
         torch.manual_seed(config.seed + dist.rank)
-    loader = ShardLoader(config.shards, manifest, config.batch_size, config.workers, config.aug, config.seed,
+    loader = ShardLoader(config.shards, manifest, config.batch_size_per_rank, config.workers, config.aug, config.seed,
                          rank=dist.rank, world_size=dist.world_size, skip_bad=config.on_bad_shard == "skip",
                          pin_memory=config.pin_memory and device.type == "cuda",
                          persistent_workers=config.persistent_workers, verify=config.verify_shards)

@@ -11,7 +11,7 @@ from common.errors import UserError
 from common.fileio import atomic_open
 from common.remote import is_remote
 
-from .config import RESUMABLE_CHANGES, TrainConfig, setting_defaults
+from .config import RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
 STEPS_FILE, EMA_FILE = "steps.csv", "student_ema.pt"
@@ -50,7 +50,7 @@ def check_started_run(out: Path, config: TrainConfig) -> None:
         return
     try:
         saved = json.loads(path.read_text())
-        saved = saved if isinstance(saved, dict) else {}
+        saved = renamed(saved) if isinstance(saved, dict) else {}
     except (OSError, ValueError):
         saved = {}
     current, defaults = asdict(config), setting_defaults()

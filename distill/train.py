@@ -13,7 +13,7 @@ teacher is built: t is the logits stage one stored for the un-augmented image, s
 see that very view (aug "none", no mixup).
 
 Under torchrun (WORLD_SIZE > 1) every rank runs `train`: the student is wrapped in DDP (gloo on the
-CPU, nccl on GPUs), the shards are split across ranks per epoch, `batch_size` is per rank; rank 0
+CPU, nccl on GPUs), the shards are split across ranks per epoch, `batch_size_per_rank` is per rank; rank 0
 alone checks the shard files (and shares the verdict), evaluates, holds the folder lock and writes.
 
 Files in `out`: config.json (the resolved config), checkpoint.pt (after every epoch: student,
@@ -137,7 +137,7 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
         log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
     if dist.enabled:
         log(f"{dist.world_size} processes ({distributed.backend_for(device)}), {len(loader)} steps of "
-            f"{dist.world_size} x {config.batch_size} images per epoch")
+            f"{dist.world_size} x {config.batch_size_per_rank} images per epoch")
 
     for epoch in range(start_epoch, config.epochs):
         try:
@@ -167,7 +167,7 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
         except Exception as e:  # noqa: BLE001 (re-raised below, after the checkpoint)
             top1 = ema_top1 = None
             eval_failed = e
-        images = len(loader) * config.batch_size * dist.world_size
+        images = len(loader) * config.batch_size_per_rank * dist.world_size
         row = {"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": stats["lr"], "train_loss": train_loss,
                "eval_top1": top1, "seconds": stats["seconds"], "images_per_s": images / stats["seconds"]}
         if models.ema is not None:
@@ -205,7 +205,7 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
     seconds = sum(row["seconds"] for row in history)
     return {"eval_top1": final["eval_top1"], "teacher_top1": teacher_top1, "epochs": final["epoch"],
             "steps": final["step"], "train_loss": final["train_loss"],
-            "images_per_s": final["step"] * config.batch_size * dist.world_size / seconds,
+            "images_per_s": final["step"] * config.batch_size_per_rank * dist.world_size / seconds,
             "skipped_shards": len(inputs.skipped), "out": str(out)}
 
 

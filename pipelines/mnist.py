@@ -32,7 +32,7 @@ NUM_IMAGES, SHARD_SIZE = 96_000, 4_000
 IMAGE_FORMAT = "npy"  # raw uint8: 28x28 PNGs save nothing and decode ~5x slower
 GENERATOR_OPTIONS = {"num_generators": 8, "steps": 200, "batch_size": 200, "width": 16, "latent_dim": 64,
                      "diversity_weight": 20.0, "feature_diversity_weight": 10.0, "sample_noise_scale": 2.0}
-DISTILL = {"epochs": 10, "batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
+DISTILL = {"epochs": 10, "batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 2, "threads": 1}
 
 

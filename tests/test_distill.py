@@ -70,7 +70,7 @@ def data(tmp_path_factory, tiny_teacher_path):
 
 
 def config(data, out: Path, **overrides) -> TrainConfig:
-    options = dict(shards=str(data["shards"]), student="lenet5_half", out=str(out), epochs=2, batch_size=16,
+    options = dict(shards=str(data["shards"]), student="lenet5_half", out=str(out), epochs=2, batch_size_per_rank=16,
                    workers=0, progress=False)
     return TrainConfig(**(options | overrides))
 
@@ -306,7 +306,7 @@ def test_cli_prints_one_line_errors(data, tmp_path):
 
 def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
     result = CliRunner().invoke(main, ["train", "--shards", str(data["shards"]), "--student", "lenet5_half",
-                                       "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "16",
+                                       "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size-per-rank", "16",
                                        "--workers", "1", "--opt", "adamw", "--aug", "crop-flip", "--threads", "1",
                                        "--quiet"])
     assert result.exit_code == 0, result.output
@@ -327,7 +327,7 @@ def test_teacher_trains_on_an_imagefolder(tmp_path):
             Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
     out = tmp_path / "teacher.pt"
     cfg = TeacherConfig(model="lenet5", out=str(out), data=str(tmp_path / "images"),
-                        eval_data=str(tmp_path / "images"), epochs=2, batch_size=4, workers=0, progress=False)
+                        eval_data=str(tmp_path / "images"), epochs=2, batch_size_per_rank=4, workers=0, progress=False)
     metrics = train_teacher(cfg)
     assert 0 <= metrics["test_top1"] <= 100 and metrics["epochs"] == 2
     teacher = create_model("lenet5", weights=str(out))

@@ -82,7 +82,7 @@ def synth_config(teacher: Path, out: Path) -> GenerateConfig:
 
 
 def train_config(shards: Path, out: Path, **overrides) -> TrainConfig:
-    options = dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=3, batch_size=10, workers=0,
+    options = dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=3, batch_size_per_rank=10, workers=0,
                    progress=False)
     return TrainConfig(**(options | overrides))
 
@@ -243,7 +243,7 @@ def test_synth_cli_killed_at_random_times(reference, tmp_path):
 def test_distill_cli_killed_at_random_times(reference, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "distill", "train", "--shards", str(reference["shards"]), "--student",
-               "lenet5_half", "--out", str(run), "--epochs", "3", "--batch-size", "10", "--workers", "0",
+               "lenet5_half", "--out", str(run), "--epochs", "3", "--batch-size-per-rank", "10", "--workers", "0",
                "--quiet", "--threads", "1", "--resume"]
     rng = random.Random(RANDOM_SEED + 1)
     delays = [rng.uniform(0.5, 5.5) for _ in range(RANDOM_KILLS)]  # about 5 s in a fresh process

@@ -27,7 +27,7 @@ def shards(tmp_path_factory, tiny_teacher_path):
 
 
 def config(shards, out, **overrides) -> TrainConfig:
-    return TrainConfig(**dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=2, batch_size=16,
+    return TrainConfig(**dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=2, batch_size_per_rank=16,
                               workers=0, progress=False) | overrides)
 
 
@@ -45,7 +45,8 @@ def test_stored_logits_are_the_targets_and_no_teacher_is_built(shards, tmp_path,
     cfg = config(shards, tmp_path, teacher_logits="stored", aug="none").resolved()
     models = Models(student, student, None, None, grad_scaler("none", torch.device("cpu")))
     expected = kd_loss(student(student.input_spec.normalize(batch.images)), batch.logits, cfg.temperature)
-    assert distill_loss(models, batch, cfg, torch.device("cpu"))["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = distill_loss(models, batch, cfg, torch.device("cpu"))["loss"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
     import distill.inputs as inputs_module
 
