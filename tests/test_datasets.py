@@ -143,7 +143,7 @@ def test_teacher_trains_on_cifar10_stand_in(tmp_path, monkeypatch):
     _offline(monkeypatch)
     write_cifar(tmp_path, 10, n=16)
     cfg = TeacherConfig(model="cifar_resnet8", out=str(tmp_path / "t.pt"), data="cifar10", data_root=str(tmp_path),
-                        epochs=1, batch_size_per_rank=16, workers=0, progress=False)
+                        epochs=1, batch_size=16, workers=0, progress=False)
     metrics = train_teacher(cfg)
     assert metrics["epochs"] == 1 and 0 <= metrics["test_top1"] <= 100  # evaluated on CIFAR's test_batch
     from common.models import load_model_checkpoint

@@ -327,7 +327,7 @@ def test_teacher_trains_on_an_imagefolder(tmp_path):
             Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
     out = tmp_path / "teacher.pt"
     cfg = TeacherConfig(model="lenet5", out=str(out), data=str(tmp_path / "images"),
-                        eval_data=str(tmp_path / "images"), epochs=2, batch_size_per_rank=4, workers=0, progress=False)
+                        eval_data=str(tmp_path / "images"), epochs=2, batch_size=4, workers=0, progress=False)
     metrics = train_teacher(cfg)
     assert 0 <= metrics["test_top1"] <= 100 and metrics["epochs"] == 2
     teacher = create_model("lenet5", weights=str(out))

@@ -100,7 +100,7 @@ def test_mnistm_errors_name_the_fix(tmp_path, monkeypatch):
 def test_teacher_trains_on_mnistm_with_crop_and_no_flip(tmp_path):
     _stand_ins(tmp_path, n=32, photos="noise")
     cfg = TeacherConfig(model="cifar_resnet8", out=str(tmp_path / "t.pt"), data="mnistm", data_root=str(tmp_path),
-                        epochs=1, batch_size_per_rank=16, workers=0, progress=False)
+                        epochs=1, batch_size=16, workers=0, progress=False)
     metrics = train_teacher(cfg)
     assert metrics["epochs"] == 1 and 0 <= metrics["test_top1"] <= 100   # evaluated on MNIST-M's test split
     assert torch.load(tmp_path / "t.pt", weights_only=True)["extra"]["aug"] == "crop"
