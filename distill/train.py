@@ -118,6 +118,9 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
         models.teacher = wrap_teacher(to_memory_format(teacher, config.channels_last), config.compile)
     if main:
         write_json_atomic(out / CONFIG_FILE, asdict(config) | {"world_size": dist.world_size})
+        if history:  # the logs as of the checkpoint (a kill after it, before the logs, left them a step behind)
+            write_metrics(out / METRICS_FILE, history)
+            write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
     try:
         teacher_top1 = None if eval_teacher is None else evaluate_top1(teacher, eval_teacher, device, config.workers)
     except OSError as e:  # an evaluation image damaged since the check (nothing trained yet)
