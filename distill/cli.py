@@ -17,9 +17,11 @@ from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
+from .losses import LOSSES
 from .teacher import TEACHER_AUGMENTATIONS, TeacherConfig, train_teacher
 from .throughput import AMP_MODES
-from .train import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TEACHER_LOGITS, TrainConfig, train
+from .config import BAD_SHARD_POLICIES, DEFAULT_LR, DEFAULT_WD, TEACHER_LOGITS, TrainConfig
+from .train import train
 
 
 def default(config_class: type, name: str):
@@ -67,7 +69,8 @@ def main():
 @click.option("--student-weights", default=default(TrainConfig, "student_weights"),
               help="Initial student weights: none, DEFAULT (torchvision) or a checkpoint path.")
 @click.option("--epochs", type=click.IntRange(min=1), default=default(TrainConfig, "epochs"))
-@click.option("--batch-size", type=click.IntRange(min=1), default=default(TrainConfig, "batch_size"))
+@click.option("--batch-size-per-rank", type=click.IntRange(min=1), default=default(TrainConfig, "batch_size_per_rank"),
+              help="Images per process per step; under torchrun the global batch is this x the number of processes.")
 @click.option("--opt", type=click.Choice(OPTIMIZERS), default=default(TrainConfig, "opt"),
               help="SGD (momentum 0.9, Nesterov) or AdamW.")
 @click.option("--lr", type=float, default=None, show_default=False,
@@ -76,6 +79,9 @@ def main():
               help=f"Weight decay [default: {DEFAULT_WD['sgd']} for sgd, {DEFAULT_WD['adamw']} for adamw]")
 @click.option("--warmup-epochs", type=float, default=default(TrainConfig, "warmup_epochs"),
               help="Linear warmup, then cosine decay per step.")
+@click.option("--loss", type=click.Choice(tuple(LOSSES)), default=default(TrainConfig, "loss"),
+              help="Training loss by name (distill/losses.py); each of its terms is logged as loss_<name> in "
+              "steps.csv and metrics.csv.")
 @click.option("--temperature", type=float, default=default(TrainConfig, "temperature"), help="KD temperature T.")
 @click.option("--ce-weight", type=float, default=default(TrainConfig, "ce_weight"),
               help="Weight of cross-entropy on the stored labels, added to the KD loss.")
@@ -120,7 +126,8 @@ def main():
 @run_options
 def train_command(**options):
     """Distill a student from a shard folder, with the teacher run online on every augmented batch
-    (or from the logits stored in the shards). Under torchrun: DDP over all ranks, --batch-size per rank."""
+    (or from the logits stored in the shards). Under torchrun: DDP over all ranks, --batch-size-per-rank
+    images per rank."""
     metrics = train(TrainConfig(**apply_run_options(options)))
     if distributed.info().is_main:
         click.echo(f"done: {_format(metrics)}")

@@ -26,7 +26,7 @@ from common.errors import UserError
 from common.fileio import write_json_atomic
 from common.models import create_model, load_model_checkpoint
 
-from .train import CONFIG_FILE, EMA_FILE, STUDENT_FILE
+from .run_folder import CONFIG_FILE, EMA_FILE, STUDENT_FILE
 
 EXPORT_FORMATS = ("export", "torchscript", "onnx")
 FILES = {"export": "student.pt2", "torchscript": "student.torchscript.pt", "onnx": "student.onnx"}

@@ -18,7 +18,7 @@ import pandas as pd
 from common.errors import UserError
 from common.plots import Panel, line_panels
 
-from .train import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
+from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
 
 CURVES_FILE = "curves.png"
 

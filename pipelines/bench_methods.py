@@ -84,7 +84,7 @@ VARIANTS = {
     "real training images (ceiling)": ("real", {}),
 }
 CEILING = "real training images (ceiling)"
-DISTILL = {"batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
+DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 1, "threads": 1}
 
 _print_lock = threading.Lock()

@@ -134,7 +134,9 @@ def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
     from distill.data import ShardLoader
     from distill.engine import build_optimizer
     from distill.throughput import grad_scaler, to_memory_format, wrap_student, wrap_teacher
-    from distill.train import Models, TrainConfig, train_one_epoch
+    from distill.config import TrainConfig
+    from distill.loop import train_one_epoch
+    from distill.nets import Models
 
     threads = args.threads or case.threads or usable_cores()
     amp = args.amp or case.amp
@@ -150,7 +152,7 @@ def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
     teacher = to_memory_format(teacher.eval().requires_grad_(False), channels_last)
     optimizer = build_optimizer(student, "sgd", 0.01, 5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    base = dict(shards=str(shards), student=case.student, out=str(workdir), batch_size=case.batch,
+    base = dict(shards=str(shards), student=case.student, out=str(workdir), batch_size_per_rank=case.batch,
                 workers=args.workers, progress=False, amp=amp, channels_last=channels_last,
                 compile=args.compile, persistent_workers=False, epochs=1)
     online = TrainConfig(**base, aug=case.aug, mixup=case.mixup).resolved()

@@ -32,7 +32,7 @@ TEACHER, STUDENT = "lenet5", "lenet5_half"
 TEACHER_EPOCHS = 8
 # stage two's settings are the recipe's [distill] table; until `distill train --recipe` is merged they are
 # passed as flags (the lead replaces this with `--recipe small-grey` at the merge)
-DISTILL = {"epochs": 10, "batch-size": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
+DISTILL = {"epochs": 10, "batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 2, "threads": 1}
 
 

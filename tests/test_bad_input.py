@@ -66,14 +66,14 @@ def dataset(clean_dataset, tmp_path):
 
 
 def train_config(shards: Path, out: Path, **overrides) -> TrainConfig:
-    options = dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=1, batch_size=8, workers=0,
+    options = dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=1, batch_size_per_rank=8, workers=0,
                    progress=False)
     return TrainConfig(**(options | overrides))
 
 
 def distill_args(shards: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--shards", str(shards), "--student", "lenet5_half", "--out", str(out), "--epochs", "1",
-            "--batch-size", "8", "--workers", "0", "--quiet", *extra]
+            "--batch-size-per-rank", "8", "--workers", "0", "--quiet", *extra]
 
 
 def assert_one_line_error(result, *fragments: str) -> str:

@@ -22,7 +22,8 @@ from distill.data import Augmentation, Batch, EpochShardList, ShardLoader, rando
 from distill.engine import warmup_cosine
 from distill.throughput import batch_to
 from distill.teacher import TeacherConfig, train_teacher
-from distill.train import TrainConfig, kd_loss, train
+from distill.losses import kd_loss
+from distill.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_CACHED = (REPO / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
@@ -65,7 +66,7 @@ def data(tmp_path_factory, tiny_teacher_path):
 
 
 def config(data, out: Path, **overrides) -> TrainConfig:
-    options = dict(shards=str(data["shards"]), student="lenet5_half", out=str(out), epochs=2, batch_size=16,
+    options = dict(shards=str(data["shards"]), student="lenet5_half", out=str(out), epochs=2, batch_size_per_rank=16,
                    workers=0, progress=False)
     return TrainConfig(**(options | overrides))
 
@@ -188,7 +189,8 @@ def test_train_writes_run_folder(data, tmp_path, workers):
     metrics = train(config(data, tmp_path / "run", workers=workers, mixup=0.4, ce_weight=0.5, **eval_options))
     rows = read_metrics(tmp_path / "run")
     assert [int(r["epoch"]) for r in rows] == [1, 2] and int(rows[-1]["step"]) == 2 * (SHARDS * PER_SHARD // 16)
-    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s"]
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s", "loss_kd",
+                            "loss_ce"]
     assert metrics["epochs"] == 2 and metrics["images_per_s"] > 0 and math.isfinite(metrics["train_loss"])
     if eval_options:
         assert 0 <= metrics["eval_top1"] <= 100 and metrics["teacher_top1"] is not None
@@ -222,6 +224,11 @@ def test_resume_continues_where_it_stopped(data, tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="other settings .*lr 0.1 -> 0.2"):
         train(config(data, tmp_path / "resumed", resume=True, lr=0.2))
+    for change in ({"workers": 1}, {"persistent_workers": True}):  # same student recipe, other sample order
+        name = next(iter(change))
+        with pytest.raises(UserError, match=rf"other settings \({name} .* -> .*\) \(--{name.replace('_', '-')} "
+                                            r"changes the sample order or augmentation draws.*resume with the same"):
+            train(config(data, tmp_path / "resumed", resume=True, **change))
     with pytest.raises(UserError, match="already holds a run"):
         train(config(data, tmp_path / "resumed"))
     # --resume where there is nothing to resume yet starts the run (so a job script can always pass it)
@@ -295,7 +302,7 @@ def test_cli_prints_one_line_errors(data, tmp_path):
 
 def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
     result = CliRunner().invoke(main, ["train", "--shards", str(data["shards"]), "--student", "lenet5_half",
-                                       "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "16",
+                                       "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size-per-rank", "16",
                                        "--workers", "1", "--opt", "adamw", "--aug", "crop-flip", "--threads", "1",
                                        "--quiet"])
     assert result.exit_code == 0, result.output

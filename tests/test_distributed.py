@@ -132,17 +132,17 @@ def spawn_two_ranks(options: dict, stop_at_epoch: int | None = None) -> dict:
 
 
 def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, tmp_path):
-    options = ["--shards", str(shards), "--student", "lenet5_half", "--epochs", "2", "--batch-size", "8",
+    options = ["--shards", str(shards), "--student", "lenet5_half", "--epochs", "2", "--batch-size-per-rank", "8",
                "--workers", "2", "--quiet", "--ema-decay", "0.9"]
     proc = torchrun("-m", "distill", "train", *options, "--out", str(tmp_path / "straight"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("done: ") == 1  # rank 0 reports
     rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith("ema_top1") and len(rows) == 3
+    assert rows[0].endswith("ema_top1,loss_kd") and len(rows) == 3  # then the loss terms
     assert rows[2].split(",")[1] == str(2 * NUM_IMAGES // (8 * 2))  # steps: the global batch is 2 x 8
 
     config = dict(shards=str(shards), student="lenet5_half", out=str(tmp_path / "resumed"), epochs=2,
-                  batch_size=8, workers=2, progress=False, ema_decay=0.9)
+                  batch_size_per_rank=8, workers=2, progress=False, ema_decay=0.9)
     assert spawn_two_ranks(config, stop_at_epoch=1) == {0: "interrupted", 1: "interrupted"}
     assert len((tmp_path / "resumed" / "metrics.csv").read_text().splitlines()) == 2  # epoch 1 was saved
     results = spawn_two_ranks(config | {"resume": True})

@@ -14,7 +14,7 @@ def test_one_set_of_shards_trains_two_students(tiny_teacher_path, tmp_path):
                                             "width": "4", "latent_dim": "8"}))
     for student in ("lenet5_half", "cifar_resnet8"):
         out = tmp_path / student
-        metrics = train(TrainConfig(shards=str(shards), student=student, out=str(out), epochs=2, batch_size=16,
+        metrics = train(TrainConfig(shards=str(shards), student=student, out=str(out), epochs=2, batch_size_per_rank=16,
                                     workers=2, progress=False, mixup=1.0))
         assert metrics["epochs"] == 2 and metrics["steps"] == 2 * (96 // 16)
         rows = list(csv.DictReader(open(out / "metrics.csv")))

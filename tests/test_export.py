@@ -20,7 +20,7 @@ def run(tmp_path_factory, tiny_teacher_path):
     generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(root / "shards"),
                             method="noise", num_images=40, shard_size=20, write_batch_size=20, progress=False))
     train(TrainConfig(shards=str(root / "shards"), student="lenet5_half", out=str(root / "run"), epochs=1,
-                      batch_size=10, workers=0, ema_decay=0.9, progress=False))
+                      batch_size_per_rank=10, workers=0, ema_decay=0.9, progress=False))
     return root / "run"
 
 

@@ -21,12 +21,12 @@ from typing import Callable
 import pytest
 import torch
 
-import distill.train as train_module
 from common.errors import UserError
 from common.faults import FAULT_ENV
 from common.fileio import folder_lock, is_temp_file
 from common.models import load_model_checkpoint
 from common.shards import read_manifest, verify_dataset
+from distill.losses import LOSSES
 from distill.train import TrainConfig, train
 from synth.generate import GenerateConfig, generate
 
@@ -82,7 +82,7 @@ def synth_config(teacher: Path, out: Path) -> GenerateConfig:
 
 
 def train_config(shards: Path, out: Path, **overrides) -> TrainConfig:
-    options = dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=3, batch_size=10, workers=0,
+    options = dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=3, batch_size_per_rank=10, workers=0,
                    progress=False)
     return TrainConfig(**(options | overrides))
 
@@ -243,7 +243,7 @@ def test_synth_cli_killed_at_random_times(reference, tmp_path):
 def test_distill_cli_killed_at_random_times(reference, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "distill", "train", "--shards", str(reference["shards"]), "--student",
-               "lenet5_half", "--out", str(run), "--epochs", "3", "--batch-size", "10", "--workers", "0",
+               "lenet5_half", "--out", str(run), "--epochs", "3", "--batch-size-per-rank", "10", "--workers", "0",
                "--quiet", "--threads", "1", "--resume"]
     rng = random.Random(RANDOM_SEED + 1)
     delays = [rng.uniform(0.5, 5.5) for _ in range(RANDOM_KILLS)]  # about 5 s in a fresh process
@@ -352,21 +352,21 @@ def test_distill_real_enospc_keeps_the_last_good_checkpoint(reference, small_tmp
 
 # --------------------------------------------------------------------------- numerical faults
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
-    real_loss, calls = train_module.distill_loss, []
+    real_loss, calls = LOSSES["kd"], []
 
     def nan_in_epoch_two(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 7 else loss  # 5 steps per epoch: step 2 of epoch 2
+        terms = real_loss(*args, **kwargs)
+        return terms | {"loss": terms["loss"] * float("nan")} if len(calls) == 7 else terms  # step 2 of epoch 2
 
-    monkeypatch.setattr(train_module, "distill_loss", nan_in_epoch_two)
+    monkeypatch.setitem(LOSSES, "kd", nan_in_epoch_two)
     run = tmp_path / "run"
     with pytest.raises(UserError, match=r"stopped in epoch 2: the loss is nan at step 2 .*checkpoint.pt still "
                                         r"holds epoch 1, the last good one.*--detect-anomaly"):
         train(train_config(reference["shards"], run))
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["student"].values())
-    monkeypatch.setattr(train_module, "distill_loss", real_loss)
+    monkeypatch.setitem(LOSSES, "kd", real_loss)
     train(train_config(reference["shards"], run, resume=True))  # once the cause is gone, it continues
     assert_same_student(run, reference["run"])
 

@@ -149,7 +149,7 @@ def test_report_of_a_real_run(tmp_path, tiny_teacher_path):
     generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "noise"),
                             method="noise", num_images=64, shard_size=32, progress=False))
     train(TrainConfig(shards=str(tmp_path / "noise"), student="lenet5_half", out=str(tmp_path / "run"), epochs=2,
-                      batch_size=8, workers=0, progress=False))
+                      batch_size_per_rank=8, workers=0, progress=False))
     steps = pd.read_csv(tmp_path / "run" / "steps.csv")
     assert list(steps["step"]) == list(range(1, 17))  # 8 steps per epoch: one point per step here
     report = report_run(tmp_path / "run")

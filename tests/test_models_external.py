@@ -135,7 +135,7 @@ def test_timm_teacher_to_user_student_end_to_end(user_module, tmp_path):
                                        resolution=16, num_classes=4, progress=False))
     assert manifest.teacher["arch"] == "timm/test_resnet" and manifest.input_spec.size == 16
     metrics = train(TrainConfig(shards=str(tmp_path / "s"), student="my_nets:build", out=str(tmp_path / "run"),
-                                epochs=1, batch_size=10, workers=0, progress=False))
+                                epochs=1, batch_size_per_rank=10, workers=0, progress=False))
     assert metrics["steps"] == 4
     student = load_model_checkpoint(tmp_path / "run" / "student.pt")
     assert student["arch"] == "my_nets:build" and student["input_spec"]["channels"] == 3
@@ -144,7 +144,7 @@ def test_timm_teacher_to_user_student_end_to_end(user_module, tmp_path):
     exported = export_run(tmp_path / "run", formats=("export", "torchscript"))
     assert set(exported.max_abs_diff) == {"export", "torchscript"}
     train(TrainConfig(shards=str(tmp_path / "s"), student="timm/test_resnet", out=str(tmp_path / "timm-run"),
-                      epochs=1, batch_size=10, workers=0, progress=False))
+                      epochs=1, batch_size_per_rank=10, workers=0, progress=False))
     exported = export_run(tmp_path / "timm-run", formats=("export",))
     spec = json.loads(exported.spec_file.read_text())
     assert spec["arch"] == "timm/test_resnet" and spec["input_spec"]["mean"] == [0.5, 0.5, 0.5]

@@ -42,7 +42,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def _config(shards, out, **kw):
-    base = dict(shards=shards, student="lenet5_half", out=str(out), epochs=1, batch_size=10, workers=0,
+    base = dict(shards=shards, student="lenet5_half", out=str(out), epochs=1, batch_size_per_rank=10, workers=0,
                 progress=False)
     base.update(kw)
     return TrainConfig(**base)
@@ -70,8 +70,8 @@ def test_train_from_http_and_pipe(shard_folder, server, tmp_path):
     from distill.cli import main
 
     result = CliRunner().invoke(main, ["train", "--shards", f"{url}/shards/", "--student", "lenet5_half", "--out",
-                                       str(tmp_path / "cli"), "--epochs", "1", "--batch-size", "10", "--workers", "2",
-                                       "--threads", "1", "--quiet"])
+                                       str(tmp_path / "cli"), "--epochs", "1", "--batch-size-per-rank", "10",
+                                       "--workers", "2", "--threads", "1", "--quiet"])
     assert result.exit_code == 0 and result.output.startswith("done: "), result.output
 
 

@@ -11,8 +11,11 @@ from common.errors import UserError
 from common.models import create_model, load_model_checkpoint
 from common.shards import read_manifest
 from distill.data import Batch, ShardLoader
+from distill.loop import train_one_epoch
+from distill.losses import LOSSES, distill_loss, kd_loss
+from distill.nets import Models
 from distill.throughput import ModelEma, grad_scaler
-from distill.train import Models, TrainConfig, distill_loss, kd_loss, train, train_one_epoch
+from distill.train import TrainConfig, train
 
 from test_distill import PER_SHARD, SHARDS, write_shard_folder
 
@@ -24,7 +27,7 @@ def shards(tmp_path_factory, tiny_teacher_path):
 
 
 def config(shards, out, **overrides) -> TrainConfig:
-    return TrainConfig(**dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=2, batch_size=16,
+    return TrainConfig(**dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=2, batch_size_per_rank=16,
                               workers=0, progress=False) | overrides)
 
 
@@ -42,14 +45,15 @@ def test_stored_logits_are_the_targets_and_no_teacher_is_built(shards, tmp_path,
     cfg = config(shards, tmp_path, teacher_logits="stored", aug="none").resolved()
     models = Models(student, student, None, None, grad_scaler("none", torch.device("cpu")))
     expected = kd_loss(student(student.input_spec.normalize(batch.images)), batch.logits, cfg.temperature)
-    assert distill_loss(models, batch, cfg, torch.device("cpu")).item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = distill_loss(models, batch, cfg, torch.device("cpu"))["loss"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
-    import distill.train as train_module
+    import distill.inputs as inputs_module
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("stored logits must not build the teacher")
 
-    monkeypatch.setattr(train_module, "load_teacher", no_teacher)
+    monkeypatch.setattr(inputs_module, "load_teacher", no_teacher)
     metrics = train(config(shards, tmp_path / "run", teacher_logits="stored", aug="none"))
     assert metrics["epochs"] == 2 and metrics["teacher_top1"] is None
     with pytest.raises(AssertionError, match="must not build"):
@@ -67,7 +71,7 @@ def test_ema_is_the_running_average_and_is_saved(shards, tmp_path):
 
     train(config(shards, tmp_path / "run", ema_decay=0.9, ce_weight=0.5, label_smoothing=0.1))
     with open(tmp_path / "run" / "metrics.csv") as f:
-        assert list(next(csv.reader(f)))[-1] == "ema_top1"
+        assert "ema_top1" in next(csv.reader(f))  # then the loss terms (loss_kd, ...)
     saved = load_model_checkpoint(tmp_path / "run" / "student_ema.pt")["state_dict"]
     plain = load_model_checkpoint(tmp_path / "run" / "student.pt")["state_dict"]
     assert saved.keys() == plain.keys() and not torch.equal(saved["head.2.weight"], plain["head.2.weight"])
@@ -112,3 +116,31 @@ def test_persistent_workers_follow_the_epochs(shards):
     assert persistent == fresh  # the same sample order per epoch as workers started per epoch
     assert persistent[0] != persistent[1] and persistent[0] == persistent[2]
     assert len(persistent[0]) == SHARDS * 2 * PER_SHARD // 8 * 8
+
+
+# --------------------------------------------------------------------------- loss registry
+def test_kd_loss_terms_add_up_to_the_loss(shards, tmp_path):
+    torch.manual_seed(0)
+    student, teacher = create_model("lenet5_half"), create_model("lenet5").eval()
+    batch = Batch(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.randn(8, 10))
+    models = Models(student, student, teacher, teacher.input_spec, grad_scaler("none", torch.device("cpu")))
+    for ce_weight, names in ((0.0, {"loss", "kd"}), (0.5, {"loss", "kd", "ce"})):
+        cfg = config(shards, tmp_path, ce_weight=ce_weight, mixup=1.0, label_smoothing=0.1 * (ce_weight > 0)).resolved()
+        terms = LOSSES[cfg.loss](models, batch, cfg, torch.device("cpu"))
+        assert set(terms) == names
+        assert terms["loss"].item() == pytest.approx(sum(v.item() for k, v in terms.items() if k != "loss"), rel=1e-6)
+    with pytest.raises(UserError, match="--loss must be one of kd"):
+        config(shards, tmp_path, loss="nope").resolved()
+
+
+def test_steps_and_metrics_log_every_loss_term(shards, tmp_path):
+    train(config(shards, tmp_path / "run", ce_weight=0.5))
+    with open(tmp_path / "run" / "steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    assert list(steps[0]) == ["epoch", "step", "lr", "train_loss", "loss_kd", "loss_ce"]
+    for row in steps:
+        assert float(row["train_loss"]) == pytest.approx(float(row["loss_kd"]) + float(row["loss_ce"]), rel=1e-5)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        epochs = list(csv.DictReader(f))
+    assert len(epochs) == 2 and all(float(r["train_loss"]) == pytest.approx(float(r["loss_kd"]) + float(r["loss_ce"]),
+                                                                          rel=1e-5) for r in epochs)

@@ -1,0 +1,84 @@
+"""One epoch of training steps (loss, backward, optional clipping, optimiser and EMA step, schedule), with
+the loss logged about LOG_POINTS_PER_EPOCH times, and the checks that stop a diverged run."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common.faults import fault_point
+
+from .config import TrainConfig
+from .data import ShardLoader
+from .losses import LOSSES
+from .nets import Models
+from .run_folder import TERM_PREFIX
+
+LOG_POINTS_PER_EPOCH = 20
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss (or the weights) stopped being finite numbers."""
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """NonFiniteLoss if any parameter holds NaN or Inf (never checkpoint such a model)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteLoss(f"parameter {name} holds NaN/Inf after the last step")
+
+
+# --------------------------------------------------------------------------- training
+def train_one_epoch(models: Models, loader: ShardLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, epoch: int,
+                    device: torch.device, step_log: list[dict] | None = None, show: bool = True) -> dict:
+    """One pass of `len(loader)` steps of the loss LOSSES[config.loss]. Returns train_loss (this rank's
+    mean), terms ({loss_<name>: this rank's mean of each term of the loss}), lr (of the last step),
+    seconds. Appends the mean loss, its terms and the lr of about LOG_POINTS_PER_EPOCH windows to
+    `step_log`. NonFiniteLoss as soon as a step's loss is NaN or Inf. The terms are summed on the device
+    (detached) and read only at the log points: no extra synchronisation per step."""
+    models.model.train()
+    start = time.perf_counter()
+    total_loss, lr = 0.0, 0.0
+    window, window_loss = max(1, len(loader) // LOG_POINTS_PER_EPOCH), 0.0
+    parameters = list(models.student.parameters())
+    loss_fn, window_terms, epoch_terms = LOSSES[config.loss], {}, {}
+    with tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}",
+              disable=not (config.progress and show), leave=False) as bar:
+        for i, batch in enumerate(bar):
+            terms = loss_fn(models, batch, config, device)
+            loss = terms.pop("loss")
+            optimizer.zero_grad(set_to_none=True)
+            models.scaler.scale(loss).backward()
+            if config.clip_grad > 0:
+                models.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad)
+            models.scaler.step(optimizer)
+            models.scaler.update()
+            if models.ema is not None:
+                models.ema.update(models.student)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"the loss is {value} at step {i + 1} of the epoch")
+            total_loss += value
+            window_loss += value
+            for name, term in terms.items():
+                term = term.detach()
+                window_terms[name] = window_terms[name] + term if name in window_terms else term
+                epoch_terms[name] = epoch_terms[name] + term if name in epoch_terms else term
+            if step_log is not None and ((i + 1) % window == 0 or i + 1 == len(loader)):
+                count = (i % window) + 1
+                step_log.append({"epoch": epoch + 1, "step": epoch * len(loader) + i + 1, "lr": lr,
+                                 "train_loss": window_loss / count}
+                                | {TERM_PREFIX + name: term.item() / count for name, term in window_terms.items()})
+                window_loss, window_terms = 0.0, {}
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            fault_point("train-step")
+    return {"train_loss": total_loss / len(loader), "lr": lr, "seconds": time.perf_counter() - start,
+            "terms": {TERM_PREFIX + name: term.item() / len(loader) for name, term in epoch_terms.items()}}
+

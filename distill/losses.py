@@ -1,0 +1,76 @@
+"""Stage two's training losses, by name in LOSSES (`distill train --loss`).
+
+A loss takes (models, batch, config, device), runs the models on the batch and returns a dict of
+tensors: "loss", the total that is trained on, and its named terms, each already weighted, so that they
+add up to "loss" (as timm's distillation task returns its loss and parts). The loop logs every term as
+`loss_<name>` in steps.csv and metrics.csv.
+
+"kd": KL(softmax(t/T) || softmax(s/T)) * T^2 against the online teacher on the same (mixed) view, or
+against the logits stored in the shards; plus ce_weight * CE on the stored labels (term "ce", only with
+ce_weight > 0), with optional label smoothing and mixup's lam-weighted pair of labels.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .throughput import autocast, batch_to
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .data import Batch
+    from .nets import Models
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (Hinton et al. 2015)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+def mixup(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blend every image with a random partner, each pair with its own lam ~ Beta(alpha, alpha):
+    lam * x + (1 - lam) * x[perm]. Returns (mixed images, perm, lam of shape (B,)); alpha = 0: unchanged."""
+    n = images.shape[0]
+    if alpha <= 0:
+        return images, torch.arange(n, device=images.device), torch.ones(n, device=images.device)
+    lam = torch.distributions.Beta(alpha, alpha).sample((n,)).to(images.device)
+    perm = torch.randperm(n).to(images.device)
+    w = lam.view(-1, *([1] * (images.dim() - 1)))
+    return w * images + (1 - w) * images[perm], perm, lam
+
+
+def distill_loss(models: Models, batch: Batch, config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """The "kd" loss of one batch: KD against the online teacher on the same (mixed) view, or against
+    the stored logits of the stored view, plus CE. Returns {"loss", "kd"[, "ce"]}."""
+    images = batch_to(batch.images, device, config.channels_last)
+    if models.teacher is None:  # stored logits (resolved() ensures: no augmentation, no mixup)
+        n = images.shape[0]
+        perm, lam = torch.arange(n, device=device), torch.ones(n, device=device)
+        teacher_logits = batch.logits.to(device, non_blocking=True)
+    else:
+        images, perm, lam = mixup(images, config.mixup)
+        with torch.no_grad(), autocast(config.amp, device):
+            teacher_logits = models.teacher(models.teacher_spec.normalize(images))
+    with autocast(config.amp, device):
+        student_logits = models.model(models.student.input_spec.normalize(images))
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    loss = kd_loss(student_logits, teacher_logits, config.temperature)
+    terms = {"kd": loss}
+    if config.ce_weight > 0:
+        labels, smoothing = batch.labels.to(device), config.label_smoothing
+        ce = (lam * F.cross_entropy(student_logits, labels, reduction="none", label_smoothing=smoothing)
+              + (1 - lam) * F.cross_entropy(student_logits, labels[perm], reduction="none",
+                                            label_smoothing=smoothing)).mean()
+        terms["ce"] = config.ce_weight * ce
+        loss = loss + terms["ce"]
+    return {"loss": loss} | terms
+
+
+LossFn = Callable[["Models", "Batch", "TrainConfig", torch.device], dict[str, torch.Tensor]]
+LOSSES: dict[str, LossFn] = {"kd": distill_loss}
+

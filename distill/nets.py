@@ -1,0 +1,103 @@
+"""The models of a run: the frozen teacher (checked against the manifest), the student shaped for the
+shards, a trial pass of both on one batch of the shards' shape, and `Models`, what a training step runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common.errors import UserError
+from common.models import CheckpointError, create_model, state_dict_sha256
+from common.shards import Manifest
+
+from .config import TrainConfig
+from .throughput import ModelEma
+
+
+@dataclass
+class Models:
+    """What a training step runs: `model` (the student, maybe in DDP / compiled) and `student` (the plain
+    module: its parameters, spec and state_dict), `teacher` (None with stored logits), and the extras."""
+
+    model: nn.Module
+    student: nn.Module
+    teacher: nn.Module | None
+    teacher_spec: object
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None = None
+
+
+
+def load_teacher(manifest: Manifest, weights: str | None, device: torch.device) -> nn.Module:
+    """The teacher that made the shards, frozen in eval mode. `weights` None: the manifest's record.
+    UserError unless the weights' checksum equals the manifest's."""
+    record, spec = manifest.teacher, manifest.input_spec
+    if weights is None:
+        weights = record.get("weights_path") or record["weights"]
+        if record.get("weights_path") and not Path(weights).is_file():
+            raise UserError(f"the teacher weights recorded in the manifest, {weights}, are gone: "
+                            "pass --teacher-weights PATH to a copy of them")
+    seed = int(manifest.config.get("seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # synth seeds before building, so a random ('none') teacher can be rebuilt
+        teacher = create_model(record["arch"], num_classes=spec.num_classes, weights=weights,
+                               in_chans=spec.channels, input_size=spec.size)
+    found = state_dict_sha256(teacher)
+    if found != record["weights_sha256"] and weights in ("none", "None", ""):
+        raise UserError(f"the shards were made by a randomly initialised {record['arch']} (weights 'none') that "
+                        f"seed {seed} does not rebuild: pass --teacher-weights PATH to a checkpoint of that teacher")
+    if found != record["weights_sha256"]:
+        raise UserError(f"the shards were made by another teacher: {record['arch']} weights '{weights}' have sha256 "
+                        f"{found[:12]}..., the manifest records {record['weights_sha256'][:12]}...; "
+                        "pass --teacher-weights PATH to the weights used by `synth generate`")
+    return teacher.eval().requires_grad_(False).to(device)
+
+
+def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
+    """The student, shaped for the shards' images and classes (UserError if its weights do not fit)."""
+    spec = manifest.input_spec
+    try:
+        return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
+                            in_chans=spec.channels, input_size=spec.size)
+    except CheckpointError:
+        raise  # a damaged or malformed file: its own message names it and the fix
+    except UserError as e:
+        if "unknown model" in e.message:
+            raise
+        raise UserError(f"student {config.student} with weights '{config.student_weights}' does not fit the shards "
+                        f"({spec.channels} x {spec.size} x {spec.size} images, {manifest.num_classes} classes): "
+                        f"{e.message}. Pass --student-weights none, or weights made for this input and class "
+                        "count") from None
+
+
+def check_models_fit(teacher: nn.Module | None, student: nn.Module, manifest: Manifest, student_name: str,
+                     device: torch.device) -> None:
+    """Run teacher (unless None: stored logits) and student once on a batch of the shards' shape, before
+    the first step: UserError (saying what to do) for a model that cannot take the input or has another
+    number of outputs."""
+    spec = manifest.input_spec
+    shape = f"{spec.channels} x {spec.size} x {spec.size}"
+    images = torch.full((2, spec.channels, spec.size, spec.size), 0.5, device=device)
+    for role, model, fix in (
+            ("student", student, f"choose a student that takes {spec.size} px input, or regenerate the shards "
+                                 "at a size it takes (`synth generate --resolution N`)"),
+            ("teacher", teacher, "regenerate the shards with this teacher")):
+        if model is None:
+            continue
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(model.input_spec.normalize(images))
+        except (RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            name = student_name if role == "student" else manifest.teacher["arch"]
+            raise UserError(f"{role} {name} cannot take the shards' {shape} images ({first}); {fix}") from None
+        finally:
+            model.train(was_training)
+        if tuple(logits.shape) != (2, manifest.num_classes):
+            raise UserError(f"{role} outputs {tuple(logits.shape)[1:]} per image, the shards have "
+                            f"{manifest.num_classes} classes; {fix}")
+

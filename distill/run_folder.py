@@ -1,0 +1,81 @@
+"""The run folder: its files, the checks before it is touched (a previous run is continued only with
+--resume, the start of another run is refused), its creation and the CSV logs written into it."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from common.errors import UserError
+from common.fileio import atomic_open
+from common.remote import is_remote
+
+from .config import RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
+
+CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
+STEPS_FILE, EMA_FILE = "steps.csv", "student_ema.pt"
+METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s")
+EMA_COLUMN = "ema_top1"  # appended with ema_decay > 0
+STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")  # then one loss_<name> column per term of the loss
+TERM_PREFIX = "loss_"
+
+
+def check_out(config: TrainConfig) -> Path:
+    """The run folder, checked without touching it: refuse to start over a previous run unless resuming it."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run")
+    if not is_remote(config.shards) and out.resolve() == Path(config.shards).resolve():
+        raise UserError(f"--out {out} is the shards folder; give the run its own folder")
+    if not config.resume and (out / CHECKPOINT_FILE).exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    check_started_run(out, config)
+    return out
+
+
+def make_out(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
+    return out
+
+
+def check_started_run(out: Path, config: TrainConfig) -> None:
+    """A run folder without a checkpoint but with the config.json of a run killed in its first epoch may
+    be reused only by the same settings (UserError otherwise)."""
+    path = out / CONFIG_FILE
+    if (out / CHECKPOINT_FILE).exists() or not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        saved = renamed(saved) if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        saved = {}
+    current, defaults = asdict(config), setting_defaults()
+    changed = [f"{k} {saved.get(k, defaults.get(k))!r} -> {v!r}" for k, v in current.items()
+               if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v]
+    if changed:
+        raise UserError(f"{out} holds the start of another run ({path.name} differs: {', '.join(changed[:4])}) "
+                        "without a checkpoint: choose another --out, or delete that folder to start over")
+
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    with atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    write_csv(path, with_terms(METRICS_COLUMNS + ((EMA_COLUMN,) if history and EMA_COLUMN in history[0] else ()),
+                               history), history)
+
+
+def with_terms(columns: tuple[str, ...], rows: list[dict]) -> tuple[str, ...]:
+    """`columns` and then the loss terms (loss_<name>) found in `rows`, in order of appearance."""
+    terms = dict.fromkeys(k for row in rows for k in row if k.startswith(TERM_PREFIX) and k not in columns)
+    return columns + tuple(terms)
+
