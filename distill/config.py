@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from common.errors import UserError
+from common.options import option, options_of, resumable
 from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
@@ -15,62 +16,59 @@ DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 TEACHER_LOGITS = ("online", "stored")
 BAD_SHARD_POLICIES = ("error", "skip")
-# Settings that may change when resuming: paths (the shards and the teacher are checked by checksum
-# instead), evaluation and how the run is executed. Everything else must match the checkpoint.
-RESUMABLE_CHANGES = ("shards", "out", "teacher_weights", "eval_data", "data_root", "device",
-                     "resume", "progress", "verify_shards", "on_bad_shard", "detect_anomaly",
-                     "channels_last", "compile", "pin_memory")
-# Settings that do not change the student's recipe but the order of the samples or the augmentation draws
-# (the shards are split among the DataLoader workers; persistent workers keep their RNG across epochs):
-# they too must match on resume, and the refusal says why.
-ORDER_CHANGES = ("workers", "persistent_workers", "seed")
-
-
 @dataclass
 class TrainConfig:
     """A distillation run. `lr`/`wd` of None take the optimiser's default (DEFAULT_LR, DEFAULT_WD)."""
 
-    shards: str                         # folder written by `synth generate`
-    student: str                        # registry model name
-    out: str                            # run folder
-    teacher_weights: str | None = None  # None: the weights recorded in the manifest
-    student_weights: str = "none"       # initial student weights: none, DEFAULT or a checkpoint path
+    shards: str = option(help="Folder written by `synth generate`.", effect="none", cli=False)
+    student: str = option(help="Student model, by registry name.", cli=False)
+    out: str = option(help="Run folder.", effect="none", cli=False)
+    teacher_weights: str | None = option(None, help="Teacher weights; none: the weights recorded in the manifest.",
+                                         effect="none")
+    student_weights: str = option("none", help="Initial student weights: none, DEFAULT or a checkpoint path.")
     # optimisation
-    epochs: int = 10
-    batch_size_per_rank: int = 128      # images per process per step (torchrun: global batch = this x ranks)
-    opt: str = "sgd"
-    lr: float | None = None
-    wd: float | None = None
-    warmup_epochs: float = 1.0
+    epochs: int = option(10, help="Training epochs.", min=1)
+    batch_size_per_rank: int = option(128, help="Images per process per step (torchrun: global batch = this x ranks).",
+                                      min=1)
+    opt: str = option("sgd", help="Optimiser.", choices=tuple(OPTIMIZERS))
+    lr: float | None = option(None, help="Learning rate; none: the optimiser's default (sgd 0.1, adamw 1e-3).")
+    wd: float | None = option(None, help="Weight decay; none: the optimiser's default (sgd 5e-4, adamw 0.05).",
+                              min=0)
+    warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs.", min=0)
     # distillation
-    loss: str = "kd"                    # the training loss, by name in LOSSES (distill/losses.py)
-    temperature: float = 4.0
-    ce_weight: float = 0.0
-    mixup: float = 0.0                  # Beta(alpha, alpha) mixing of image pairs; 0 = off
-    aug: str = "translate"
+    loss: str = option("kd", help="The training loss, by name in LOSSES (distill/losses.py).", choices=tuple(LOSSES))
+    temperature: float = option(4.0, help="Distillation temperature.")
+    ce_weight: float = option(0.0, help="Weight of the cross-entropy term on the teacher's argmax.", min=0)
+    mixup: float = option(0.0, help="Beta(alpha, alpha) mixing of image pairs; 0 = off.", min=0)
+    aug: str = option("translate", help="Augmentation of the student's view.", choices=tuple(AUGMENTATIONS))
     # execution and evaluation
-    workers: int = 2
-    eval_data: str | None = None        # "mnist" or an ImageFolder path
-    data_root: str = "data"
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False                # continue the run in `out` from its checkpoint (if it has one)
-    progress: bool = True
+    workers: int = option(2, help="DataLoader worker processes (the shards are split among them).", min=0,
+                          effect="order")
+    eval_data: str | None = option(None, help='Evaluation data: "mnist" or an ImageFolder path.', effect="none")
+    data_root: str = option("data", help="Where torchvision datasets are downloaded.", effect="none")
+    seed: int = option(0, help="Random seed (sample order, augmentation draws).", effect="order")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N.", effect="none")
+    resume: bool = option(False, help="Continue the run in `out` from its checkpoint (if it has one).", effect="none")
+    progress: bool = option(True, help="Show a progress bar.", effect="none")
     # faults
-    verify_shards: str = "full"         # before the first step: full (size + sha256), size, none
-    on_bad_shard: str = "error"         # a shard that does not match the manifest: error, or skip it
-    detect_anomaly: bool = False        # torch.autograd anomaly detection (slow): names the op making NaN
+    verify_shards: str = option("full", help="Before the first step: full (size + sha256), size, none.",
+                                choices=tuple(CHECK_LEVELS), effect="none")
+    on_bad_shard: str = option("error", help="A shard that does not match the manifest: error, or skip it.",
+                               choices=BAD_SHARD_POLICIES, effect="none")
+    detect_anomaly: bool = option(False, help="torch.autograd anomaly detection (slow): names the op making NaN.",
+                                  effect="none")
     # stored teacher logits, regularisation (change results; off by default)
-    teacher_logits: str = "online"      # online: the teacher labels the student's view; stored: the shards' logits
-    label_smoothing: float = 0.0        # of the CE term (needs ce_weight > 0)
-    clip_grad: float = 0.0              # max global gradient norm; 0 = off
-    ema_decay: float = 0.0              # EMA of the student's weights, per step (e.g. 0.999); 0 = off
-    amp: str = "none"                   # none, bf16 (CPU/GPU autocast), fp16 (GPU, GradScaler)
+    teacher_logits: str = option("online", help="online: the teacher labels the student's view; stored: the "
+                                 "shards' logits.", choices=TEACHER_LOGITS)
+    label_smoothing: float = option(0.0, help="Label smoothing of the CE term (needs --ce-weight > 0).", min=0)
+    clip_grad: float = option(0.0, help="Max global gradient norm; 0 = off.", min=0)
+    ema_decay: float = option(0.0, help="EMA of the student's weights, per step (e.g. 0.999); 0 = off.", min=0)
+    amp: str = option("none", help="none, bf16 (CPU/GPU autocast), fp16 (GPU, GradScaler).", choices=tuple(AMP_MODES))
     # speed only
-    channels_last: bool = False
-    compile: bool = False               # torch.compile student and teacher
-    pin_memory: bool = False            # page-locked batches (CUDA only; ignored on the CPU)
-    persistent_workers: bool = False    # keep DataLoader workers alive between epochs
+    channels_last: bool = option(False, help="channels_last memory format.", effect="none")
+    compile: bool = option(False, help="torch.compile student and teacher.", effect="none")
+    pin_memory: bool = option(False, help="Page-locked batches (CUDA only; ignored on the CPU).", effect="none")
+    persistent_workers: bool = option(False, help="Keep DataLoader workers alive between epochs.", effect="order")
 
     def resolved(self) -> "TrainConfig":
         """This config with the optimiser defaults filled in; UserError for an out-of-range value."""
@@ -108,6 +106,13 @@ class TrainConfig:
         if problems:
             raise UserError("; ".join(problems))
         return config
+
+
+# Settings that may change when resuming (effect "none": paths checked by checksum, evaluation, execution),
+# and those that change the order of the samples or the augmentation draws (effect "order"): refused on
+# resume with their own message. Both derived from the declarations above.
+RESUMABLE_CHANGES = tuple(sorted(resumable(TrainConfig)))
+ORDER_CHANGES = tuple(s.name for s in options_of(TrainConfig) if s.effect == "order")
 
 
 RENAMED = {"batch_size": "batch_size_per_rank"}  # old setting name -> new, in checkpoints and config.json
