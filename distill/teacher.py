@@ -23,6 +23,7 @@ from tqdm import tqdm
 from common.data import NAMED_DATASETS, ImageArrays, is_natural, real_dataset
 from common.data import num_classes_of as dataset_classes
 from common.errors import UserError
+from common.options import option
 from common.models import create_model, save_model_checkpoint
 
 from .data import random_crop, random_crop_flip, random_translate, real_batches, train_augmentation
@@ -37,23 +38,24 @@ class TeacherConfig:
     """A teacher training run on `data`: mnist, cifar10, cifar100, svhn, stl10, imagenet (under `data_root`),
     a folder with train/ and val/ trees, or an ImageFolder path."""
 
-    model: str
-    out: str                        # checkpoint file to write
-    data: str = "mnist"
-    data_root: str = "data"
-    eval_data: str | None = None    # None: the test split of a dataset by name (val/ of a train/val folder)
-    epochs: int = 8
-    batch_size: int = 128
-    lr: float = 0.1
-    wd: float = 5e-4
-    warmup_epochs: float = 1.0
-    translate: int = 2              # max random shift in px of the translate augmentation; 0 = off
-    aug: str = "auto"               # auto, none, translate, crop, crop-flip (TEACHER_AUGMENTATIONS)
-    resolution: int | None = None   # model input size; None: the model's own
-    workers: int = 2                # DataLoader workers for ImageFolder data
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
+    model: str = option(help="Teacher model, by registry name.", cli=False)
+    out: str = option(help="Checkpoint file to write.", effect="none", cli=False)
+    data: str = option("mnist", help="Training data: a dataset by name, a train/val folder or an ImageFolder path.")
+    data_root: str = option("data", help="Where torchvision datasets are downloaded.", effect="none")
+    eval_data: str | None = option(None, help="Evaluation data; none: the test split of a dataset by name "
+                                   "(val/ of a train/val folder).", effect="none")
+    epochs: int = option(8, help="Training epochs.", min=1)
+    batch_size: int = option(128, help="Images per step.", min=1)
+    lr: float = option(0.1, help="Learning rate (SGD).")
+    wd: float = option(5e-4, help="Weight decay.", min=0)
+    warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs.", min=0)
+    translate: int = option(2, help="Max random shift in px of the translate augmentation; 0 = off.", min=0)
+    aug: str = option("auto", help="Augmentation.", choices=TEACHER_AUGMENTATIONS)
+    resolution: int | None = option(None, help="Model input size; none: the model's own.", min=1)
+    workers: int = option(2, help="DataLoader workers for ImageFolder data.", min=0, effect="order")
+    seed: int = option(0, help="Random seed.", effect="order")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N.", effect="none")
+    progress: bool = option(True, help="Show a progress bar.", effect="none")
 
 
 def num_classes_of(data: str, root: str = "data") -> int:
