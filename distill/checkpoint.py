@@ -9,9 +9,10 @@ import torch
 
 from common.errors import UserError
 from common.fileio import load_torch_safely, save_torch_atomic
+from common.options import hashed
 from common.shards import Manifest
 
-from .config import ORDER_CHANGES, RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
+from .config import ORDER_CHANGES, TrainConfig, renamed, setting_defaults
 from .nets import Models
 from .run_folder import CHECKPOINT_FILE
 
@@ -19,7 +20,7 @@ from .run_folder import CHECKPOINT_FILE
 def run_fingerprint(config: TrainConfig, manifest: Manifest, teacher_sha256: str, world_size: int = 1) -> dict:
     """What a checkpoint must agree on to be resumed: run settings, shard checksums, teacher weights and
     the number of processes (it sets the data split and the steps per epoch)."""
-    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    settings = hashed(config)
     return {"settings": settings, "shards": [s.sha256 for s in manifest.shards], "teacher_sha256": teacher_sha256,
             "world_size": world_size}
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from common.errors import UserError
-from common.options import option, options_of, resumable
+from common.options import option, options_of, resumable, track_explicit
+from common.recipes import AUTO, shipped_names
 from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
@@ -16,58 +17,89 @@ DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 TEACHER_LOGITS = ("online", "stored")
 BAD_SHARD_POLICIES = ("error", "skip")
+@track_explicit
 @dataclass
 class TrainConfig:
-    """A distillation run. `lr`/`wd` of None take the optimiser's default (DEFAULT_LR, DEFAULT_WD)."""
+    """A distillation run, each option declared once (common/options.py): the `distill train` flags, their
+    help, checks, the resume rules and the checkpoint fingerprint come from here. Fields the caller does
+    not give come from the recipe (`recipe`, default auto: distill/recipe.py), else from these defaults.
+    `lr`/`wd` of None take the optimiser's default (DEFAULT_LR, DEFAULT_WD)."""
 
-    shards: str = option(help="Folder written by `synth generate`.", effect="none", cli=False)
-    student: str = option(help="Student model, by registry name.", cli=False)
-    out: str = option(help="Run folder.", effect="none", cli=False)
-    teacher_weights: str | None = option(None, help="Teacher weights; none: the weights recorded in the manifest.",
-                                         effect="none")
-    student_weights: str = option("none", help="Initial student weights: none, DEFAULT or a checkpoint path.")
+    shards: str = option(effect="none",
+                         help="Folder written by `synth generate` (shards + manifest.json): a path, an http(s):// "
+                         "URL, or a pipe: command with {name} for the file name (e.g. 'pipe:aws s3 cp "
+                         "s3://b/shards/{name} -').")
+    student: str = option(help="Student model name (e.g. lenet5_half, resnet18, timm/resnet18, my_pkg.nets:build).")
+    out: str = option(effect="none", help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
+    recipe: str = option(AUTO, effect="none",
+                         help="Settings to start from: a shipped recipe (" + ", ".join(shipped_names()) + "), a "
+                         ".toml file (its [distill] table), auto (the recipe the shards were made with, else the "
+                         "one chosen from the teacher's input) or none (the declared defaults). Explicit flags "
+                         "override it.")
+    teacher_weights: str | None = option(None, effect="none",
+                                         help="Teacher checkpoint; none: the weights recorded in the manifest "
+                                         "(checked by sha256).")
+    student_weights: str = option("none", help="Initial student weights: none, DEFAULT (torchvision) or a "
+                                  "checkpoint path.")
     # optimisation
     epochs: int = option(10, help="Training epochs.", min=1)
-    batch_size_per_rank: int = option(128, help="Images per process per step (torchrun: global batch = this x ranks).",
-                                      min=1)
-    opt: str = option("sgd", help="Optimiser.", choices=tuple(OPTIMIZERS))
-    lr: float | None = option(None, help="Learning rate; none: the optimiser's default (sgd 0.1, adamw 1e-3).")
-    wd: float | None = option(None, help="Weight decay; none: the optimiser's default (sgd 5e-4, adamw 0.05).",
-                              min=0)
-    warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs.", min=0)
+    batch_size_per_rank: int = option(128, min=1, help="Images per process per step; under torchrun the global "
+                                      "batch is this x the number of processes.")
+    opt: str = option("sgd", help="Optimiser: SGD (momentum 0.9, Nesterov) or AdamW.", choices=tuple(OPTIMIZERS))
+    lr: float | None = option(None, help=f"Peak learning rate; none: the optimiser's default ({DEFAULT_LR['sgd']} "
+                              f"for sgd, {DEFAULT_LR['adamw']} for adamw).")
+    wd: float | None = option(None, min=0, help=f"Weight decay; none: the optimiser's default ({DEFAULT_WD['sgd']} "
+                              f"for sgd, {DEFAULT_WD['adamw']} for adamw).")
+    warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs; then cosine decay "
+                                  "per step.", min=0)
     # distillation
-    loss: str = option("kd", help="The training loss, by name in LOSSES (distill/losses.py).", choices=tuple(LOSSES))
-    temperature: float = option(4.0, help="Distillation temperature.")
-    ce_weight: float = option(0.0, help="Weight of the cross-entropy term on the teacher's argmax.", min=0)
-    mixup: float = option(0.0, help="Beta(alpha, alpha) mixing of image pairs; 0 = off.", min=0)
-    aug: str = option("translate", help="Augmentation of the student's view.", choices=tuple(AUGMENTATIONS))
+    loss: str = option("kd", choices=tuple(LOSSES), help="Training loss by name (distill/losses.py); each of its "
+                       "terms is logged as loss_<name> in steps.csv and metrics.csv.")
+    temperature: float = option(4.0, help="KD temperature T.")
+    ce_weight: float = option(0.0, min=0, help="Weight of cross-entropy on the stored labels, added to the KD loss.")
+    mixup: float = option(0.0, min=0, help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online "
+                          "teacher; 0 = off.")
+    aug: str = option("translate", choices=tuple(AUGMENTATIONS),
+                      help="Student-side augmentation: translate (shift up to size/8 px), crop (reflect-pad crop by "
+                      "size/8 px, no flip: MNIST-M), crop-flip (natural images), none.")
     # execution and evaluation
-    workers: int = option(2, help="DataLoader worker processes (the shards are split among them).", min=0,
-                          effect="order")
-    eval_data: str | None = option(None, help='Evaluation data: "mnist" or an ImageFolder path.', effect="none")
-    data_root: str = option("data", help="Where torchvision datasets are downloaded.", effect="none")
+    workers: int = option(2, min=0, effect="order",
+                          help="DataLoader workers reading shards (needs at least as many shards).")
+    eval_data: str | None = option(None, effect="none",
+                                   help="Real held-out set for top-1: mnist, mnistm, cifar10, cifar100, svhn, stl10 "
+                                   "(their test split), imagenet or a train/val folder (its val/), or an ImageFolder "
+                                   "path; none: no evaluation.")
+    data_root: str = option("data", effect="none", help="Where the datasets by name live (or are fetched to).")
     seed: int = option(0, help="Random seed (sample order, augmentation draws).", effect="order")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N.", effect="none")
-    resume: bool = option(False, help="Continue the run in `out` from its checkpoint (if it has one).", effect="none")
-    progress: bool = option(True, help="Show a progress bar.", effect="none")
+    resume: bool = option(False, effect="none",
+                          help="Continue the run in --out from its last checkpoint (starts it when there is none yet).")
+    progress: bool = option(True, help="Progress bars and per-epoch lines.", effect="none", cli=False)
     # faults
-    verify_shards: str = option("full", help="Before the first step: full (size + sha256), size, none.",
-                                choices=tuple(CHECK_LEVELS), effect="none")
-    on_bad_shard: str = option("error", help="A shard that does not match the manifest: error, or skip it.",
-                               choices=BAD_SHARD_POLICIES, effect="none")
-    detect_anomaly: bool = option(False, help="torch.autograd anomaly detection (slow): names the op making NaN.",
-                                  effect="none")
+    verify_shards: str = option("full", choices=tuple(CHECK_LEVELS), effect="none",
+                                help="Before the first step, check every shard file against the manifest: full "
+                                "(size and sha256), size (fast), none.")
+    on_bad_shard: str = option("error", choices=BAD_SHARD_POLICIES, effect="none",
+                               help="A shard that is missing or does not match the manifest: stop with an error, or "
+                               "skip it (counted and reported).")
+    detect_anomaly: bool = option(False, effect="none",
+                                  help="torch.autograd anomaly detection (slow): names the operation that made a NaN.")
     # stored teacher logits, regularisation (change results; off by default)
-    teacher_logits: str = option("online", help="online: the teacher labels the student's view; stored: the "
-                                 "shards' logits.", choices=TEACHER_LOGITS)
-    label_smoothing: float = option(0.0, help="Label smoothing of the CE term (needs --ce-weight > 0).", min=0)
-    clip_grad: float = option(0.0, help="Max global gradient norm; 0 = off.", min=0)
-    ema_decay: float = option(0.0, help="EMA of the student's weights, per step (e.g. 0.999); 0 = off.", min=0)
-    amp: str = option("none", help="none, bf16 (CPU/GPU autocast), fp16 (GPU, GradScaler).", choices=tuple(AMP_MODES))
+    teacher_logits: str = option("online", choices=TEACHER_LOGITS,
+                                 help="online: the teacher labels the student's augmented view; stored: the logits "
+                                 "in the shards (no teacher in memory; needs --aug none --mixup 0, and a recipe's "
+                                 "aug and mixup are then left out).")
+    label_smoothing: float = option(0.0, min=0, help="Label smoothing of the CE term (needs --ce-weight > 0).")
+    clip_grad: float = option(0.0, min=0, help="Clip the gradients' global norm to this; 0 = off.")
+    ema_decay: float = option(0.0, min=0, help="Keep an EMA of the student's weights (per step, e.g. 0.999), "
+                              "evaluated and saved too; 0 = off.")
+    amp: str = option("none", choices=tuple(AMP_MODES),
+                      help="Mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU).")
     # speed only
-    channels_last: bool = option(False, help="channels_last memory format.", effect="none")
-    compile: bool = option(False, help="torch.compile student and teacher.", effect="none")
-    pin_memory: bool = option(False, help="Page-locked batches (CUDA only; ignored on the CPU).", effect="none")
+    channels_last: bool = option(False, help="NHWC memory layout for models and batches.", effect="none")
+    compile: bool = option(False, help="torch.compile the student (after DDP) and the teacher.", effect="none")
+    pin_memory: bool = option(False, effect="none",
+                              help="Page-locked batches for faster host-to-GPU copies (CUDA only; ignored on the CPU).")
     persistent_workers: bool = option(False, help="Keep DataLoader workers alive between epochs.", effect="order")
 
     def resolved(self) -> "TrainConfig":

@@ -60,10 +60,10 @@ class RunInputs:
 
 
 def prepare_inputs(config: TrainConfig, device: torch.device,
-                   dist: distributed.DistInfo = distributed.DistInfo()) -> RunInputs:
-    """Read and check the shards, models and evaluation data (UserError before any file is written).
-    In a distributed run rank 0 checks the shard files and the others take its verdict."""
-    manifest = read_manifest(config.shards)
+                   dist: distributed.DistInfo = distributed.DistInfo(), manifest: Manifest | None = None) -> RunInputs:
+    """Read (unless given `manifest`) and check the shards, models and evaluation data (UserError before
+    any file is written). In a distributed run rank 0 checks the shard files and the others take its verdict."""
+    manifest = read_manifest(config.shards) if manifest is None else manifest
     bad = None
     if dist.enabled:
         bad = check_shard_files(config.shards, manifest, config.verify_shards) if dist.is_main else None

@@ -34,8 +34,8 @@ nets.py (teacher, student, their fit check), losses.py (the training losses), lo
 run_folder.py (the folder and its files), checkpoint.py (fingerprint, save, load, restore).
 """
 from __future__ import annotations
-from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,7 +50,7 @@ from common.faults import fault_point
 from common.fileio import folder_lock, remove_stale_temps, write_json_atomic
 from common.models import save_model_checkpoint
 from common.remote import is_remote
-from common.shards import ShardFormatError
+from common.shards import ShardFormatError, read_manifest
 
 from .checkpoint import load_checkpoint, restore, rng_states, run_fingerprint, save_checkpoint
 from .config import TrainConfig
@@ -58,6 +58,7 @@ from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosin
 from .inputs import RunInputs, prepare_inputs
 from .loop import NonFiniteLoss, check_finite_weights, train_one_epoch
 from .nets import Models
+from .recipe import resolve_run
 from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, EMA_COLUMN, EMA_FILE, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE,
                          STUDENT_FILE, check_out, make_out, with_terms, write_csv, write_metrics)
 from .throughput import ModelEma, check_amp, grad_scaler, to_memory_format, wrap_student, wrap_teacher
@@ -67,23 +68,29 @@ def train(config: TrainConfig) -> dict:
     """Distill `config.student` from the shards' teacher. Returns the final metrics: eval_top1 (None
     without eval data, and on ranks other than 0), teacher_top1, epochs, steps, train_loss (mean over
     ranks), images_per_s (all ranks together), skipped_shards, out. Everything that can be checked is
-    checked before the run folder is created. Under torchrun every rank calls this."""
-    config = config.resolved()
+    checked before the run folder is created. Under torchrun every rank calls this. The recipe
+    (`config.recipe`, distill/recipe.py) fills the options `config`'s caller did not give; the start line
+    on stderr says which one and why, config.json records it (`recipe_used`)."""
+    manifest = read_manifest(config.shards)
+    run = resolve_run(config, manifest)  # the recipe fills what the caller did not give
+    config = run.config.resolved()
+    if distributed.info().is_main:
+        print(run.reason, file=sys.stderr, flush=True)
     out = check_out(config)
     device = distributed.device_for(resolve_device(config.device))
     check_amp(config.amp, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     with distributed.process_group(distributed.backend_for(device)) as dist:
-        inputs = prepare_inputs(config, device, dist)
+        inputs = prepare_inputs(config, device, dist, manifest)
         if not dist.is_main:  # rank 0 makes, locks and cleans the run folder; the others wait for it
             distributed.barrier()
-            return _train(config, out, inputs, dist)
+            return _train(config, out, inputs, dist, run.record())
         with folder_lock(make_out(out), "distill train"):
             remove_stale_temps(out)
             distributed.barrier()
             try:
-                return _train(config, out, inputs, dist)
+                return _train(config, out, inputs, dist, run.record())
             except DiskFullError as e:
                 raise e.with_fix("make room (free space, or raise the quota or limit) and rerun with --resume: "
                                  "the run continues from its last checkpoint") from None
@@ -91,7 +98,7 @@ def train(config: TrainConfig) -> dict:
 
 
 def _train(config: TrainConfig, out: Path, inputs: RunInputs,
-           dist: distributed.DistInfo = distributed.DistInfo()) -> dict:
+           dist: distributed.DistInfo = distributed.DistInfo(), recipe: dict | None = None) -> dict:
     """The run itself, once the inputs are checked and the run folder is locked (by rank 0)."""
     manifest, device, teacher, student, loader = (inputs.manifest, inputs.device, inputs.teacher, inputs.student,
                                                   inputs.loader)
@@ -117,7 +124,7 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
     if teacher is not None:
         models.teacher = wrap_teacher(to_memory_format(teacher, config.channels_last), config.compile)
     if main:
-        write_json_atomic(out / CONFIG_FILE, asdict(config) | {"world_size": dist.world_size})
+        write_json_atomic(out / CONFIG_FILE, asdict(config) | {"world_size": dist.world_size, "recipe_used": recipe})
         if history:  # the logs as of the checkpoint (a kill after it, before the logs, left them a step behind)
             write_metrics(out / METRICS_FILE, history)
             write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)

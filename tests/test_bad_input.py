@@ -15,6 +15,7 @@ import struct
 import tarfile
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -460,9 +461,9 @@ def test_evaluation_failing_mid_run_keeps_the_trained_epoch(dataset, tmp_path, m
 def test_run_folder_of_another_config_or_the_shards_folder_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({**train_config(dataset, run).__dict__, "lr": 0.5}))
+    (run / "config.json").write_text(json.dumps({**asdict(train_config(dataset, run, recipe="none")), "lr": 0.5}))
     with pytest.raises(UserError, match=r"start of another run \(config.json differs: lr 0.5 -> 0.1"):
-        train(train_config(dataset, run))
+        train(train_config(dataset, run, recipe="none"))
     with pytest.raises(UserError, match="is the shards folder"):
         train(train_config(dataset, dataset))
 

@@ -222,7 +222,7 @@ def test_resume_continues_where_it_stopped(data, tmp_path, monkeypatch):
     resumed = load_model_checkpoint(tmp_path / "resumed" / "student.pt")["state_dict"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bit-identical continuation
 
-    with pytest.raises(UserError, match="other settings .*lr 0.1 -> 0.2"):
+    with pytest.raises(UserError, match=r"other settings .*lr 0.05 -> 0.2"):
         train(config(data, tmp_path / "resumed", resume=True, lr=0.2))
     for change in ({"workers": 1}, {"persistent_workers": True}):  # same student recipe, other sample order
         name = next(iter(change))
@@ -295,7 +295,7 @@ def test_cli_prints_one_line_errors(data, tmp_path):
     for args in cases:
         result = runner.invoke(main, args)
         assert result.exit_code == 2, result.output
-        lines = result.output.strip().splitlines()
+        lines = [line for line in result.output.strip().splitlines() if not line.startswith("recipe: ")]
         assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert runner.invoke(main, ["train", "--help"]).exit_code == 0
 
@@ -306,7 +306,9 @@ def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
                                        "--workers", "1", "--opt", "adamw", "--aug", "crop-flip", "--threads", "1",
                                        "--quiet"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("done: eval_top1 None") and read_metrics(tmp_path / "run")[0]["lr"]
+    start, done = result.output.strip().splitlines()  # the recipe's start line (stderr), then the result
+    assert start.startswith("recipe: small-grey (auto: ") and done.startswith("done: eval_top1 None")
+    assert read_metrics(tmp_path / "run")[0]["lr"]
     proc = subprocess.run([sys.executable, "-m", "distill", "train", "--shards", str(tmp_path / "nothing"),
                            "--student", "lenet5_half", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, cwd=REPO)

@@ -1,0 +1,84 @@
+"""Stage two's recipe: which one applies to a run (`TrainConfig.recipe`) and the config it resolves to.
+
+    auto (the default)  the recipe the shards were made with (the manifest's `recipe`), when it is a
+                        shipped one or its file is still where it was; else the one chosen from the
+                        teacher's input (`common.recipes.choose_recipe`)
+    NAME | PATH         a shipped recipe or a TOML file: its [distill] table
+    none                the declared defaults only
+
+Precedence for every option: given by the caller (a flag, or a field passed to TrainConfig) > the
+recipe's [distill] table > the declared default.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import options
+from common.options import explicit_fields
+from common.recipes import AUTO, NONE, Recipe, choose_recipe, load_recipe, pick_recipe, shipped_names
+from common.shards import Manifest
+
+from .config import TrainConfig
+
+# options a recipe's values for which need the teacher online: with --teacher-logits stored the declared
+# (off) values are used instead unless the caller gave them
+_ONLINE_ONLY = ("aug", "mixup")
+
+
+@dataclass
+class ResolvedRun:
+    config: TrainConfig
+    recipe: Recipe
+    reason: str          # the start line: `recipe: NAME (why)`
+
+    def record(self) -> dict:
+        return self.recipe.record(self.reason)
+
+
+def _shards_recipe(manifest: Manifest) -> tuple[Recipe, str] | None:
+    """The recipe the shards were made with, when it can still be read here (None otherwise)."""
+    made = manifest.recipe or {}
+    name, path, sha = made.get("name"), made.get("path"), made.get("sha256")
+    if not name or name == NONE:
+        return None
+    if name in shipped_names():
+        recipe = load_recipe(name)
+        newer = "" if sha in (None, recipe.sha256) else "; the shards were made with an earlier version of it"
+        return recipe, f"recipe: {name} (auto: the recipe the shards were made with{newer})"
+    if path and Path(path).is_file() and hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha:
+        recipe = load_recipe(path)
+        return recipe, f"recipe: {recipe.name} (auto: the recipe file the shards were made with, {path})"
+    return None
+
+
+def pick_for_shards(choice: str | None, manifest: Manifest) -> tuple[Recipe, str]:
+    """The recipe for a run on `manifest`'s shards, and its start line."""
+    if choice not in (None, "", AUTO):
+        return pick_recipe(choice)
+    found = _shards_recipe(manifest)
+    if found is not None:
+        return found
+    recipe, reason = choose_recipe(manifest.input_spec)
+    made = (manifest.recipe or {}).get("name")
+    if made and made != NONE:
+        reason += f"; the shards' recipe {made!r} is not here"
+    return recipe, reason
+
+
+def resolve_run(config: TrainConfig, manifest: Manifest) -> ResolvedRun:
+    """`config` with its recipe applied to every option its caller did not give."""
+    recipe, reason = pick_for_shards(config.recipe, manifest)
+    given = explicit_fields(config)
+    explicit = {name: getattr(config, name) for name in given}
+    explicit["recipe"] = config.recipe
+    table = dict(recipe.distill)
+    teacher_logits = explicit.get("teacher_logits", table.get("teacher_logits", TrainConfig.teacher_logits))
+    dropped = [k for k in _ONLINE_ONLY if k in table and k not in given]
+    if teacher_logits == "stored" and dropped:
+        for key in dropped:
+            table.pop(key)
+        reason += f"; its {' and '.join(dropped)} left at their defaults (--teacher-logits stored)"
+    resolved = options.resolve(TrainConfig, None, table, explicit, where=f"{recipe.where} [distill]")
+    return ResolvedRun(resolved, recipe, reason)
