@@ -323,7 +323,7 @@ class ShardLoader:
         self.steps_per_epoch = manifest.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise UserError(f"{folder} holds {manifest.num_samples} samples, less than one batch of {batch_size} "
-                            f"x {world_size} ranks: lower --batch-size")
+                            f"x {world_size} ranks: lower --batch-size-per-rank")
         persistent_workers = persistent_workers and workers > 0
         self.shard_list = EpochShardList(urls, seed, rank, world_size, reseed_workers=persistent_workers)
         spec = manifest.input_spec

@@ -12,7 +12,7 @@ recipe's [distill] table > the declared default.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common import options
@@ -22,9 +22,9 @@ from common.shards import Manifest
 
 from .config import TrainConfig
 
-# options a recipe's values for which need the teacher online: with --teacher-logits stored the declared
-# (off) values are used instead unless the caller gave them
-_ONLINE_ONLY = ("aug", "mixup")
+# with --teacher-logits stored the student trains on the view the logits were computed on: these values,
+# unless the caller gave others (then TrainConfig.resolved() says why they cannot be)
+_STORED_VIEW = {"aug": "none", "mixup": 0.0}
 
 
 @dataclass
@@ -73,12 +73,10 @@ def resolve_run(config: TrainConfig, manifest: Manifest) -> ResolvedRun:
     given = explicit_fields(config)
     explicit = {name: getattr(config, name) for name in given}
     explicit["recipe"] = config.recipe
-    table = dict(recipe.distill)
-    teacher_logits = explicit.get("teacher_logits", table.get("teacher_logits", TrainConfig.teacher_logits))
-    dropped = [k for k in _ONLINE_ONLY if k in table and k not in given]
-    if teacher_logits == "stored" and dropped:
-        for key in dropped:
-            table.pop(key)
-        reason += f"; its {' and '.join(dropped)} left at their defaults (--teacher-logits stored)"
-    resolved = options.resolve(TrainConfig, None, table, explicit, where=f"{recipe.where} [distill]")
+    resolved = options.resolve(TrainConfig, None, recipe.distill, explicit, where=f"{recipe.where} [distill]")
+    if resolved.teacher_logits == "stored":  # the student must see the stored view: no augmentation, no mixup
+        off = {k: v for k, v in _STORED_VIEW.items() if k not in given and getattr(resolved, k) != v}
+        if off:
+            resolved = replace(resolved, **off)
+            reason += f"; --teacher-logits stored: {', '.join(f'{k} {v}' for k, v in off.items())}"
     return ResolvedRun(resolved, recipe, reason)

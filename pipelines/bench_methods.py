@@ -216,7 +216,7 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
             run([py, "-m", "distill", "train", "--shards", str(shards), "--student", cfg["student"], "--out",
                  str(run_dir), "--eval-data", cfg.get("data", "mnist"), "--data-root", data_root, "--seed", str(seed), "--quiet",
-                 *distill_args, *resume], base / "logs" / f"distill-{slug(variant)}-seed{seed}.log")
+                 "--recipe", "none", *distill_args, *resume], base / "logs" / f"distill-{slug(variant)}-seed{seed}.log")
         if final_top1(run_dir, cfg["distill_epochs"]) is not None:
             top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
     say(f"done: {config_name} / {variant}: {top1}")

@@ -10,7 +10,8 @@ and resumes unfinished ones):
                          small-grey recipe (common/recipes/small-grey.toml: every synthesis setting)
   3. baselines' shards   Gaussian noise (`synth generate --method noise`, the floor) and the real MNIST
                          training images with teacher logits (the ceiling)
-  4. `distill train`     lenet5_half on each set of shards, same schedule, evaluated on the MNIST test split
+  4. `distill train`     lenet5_half on each set of shards with the recipe's [distill] schedule,
+                         evaluated on the MNIST test split
   5. a results table (markdown + CSV) in --out
 """
 from __future__ import annotations
@@ -26,15 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# ---- the recipe: common/recipes/small-grey.toml (what `synth generate` picks for this teacher anyway) ----
+# ---- the recipe: common/recipes/small-grey.toml, both stages (what `synth generate` and `distill train`
+# pick for this teacher anyway; named here so that every set of shards, the baselines too, gets the same) ----
 RECIPE = "small-grey"
 TEACHER, STUDENT = "lenet5", "lenet5_half"
 TEACHER_EPOCHS = 8
-# stage two's settings are the recipe's [distill] table; until `distill train --recipe` is merged they are
-# passed as flags (the lead replaces this with `--recipe small-grey` at the merge)
-DISTILL = {"epochs": 10, "batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
-           "aug": "translate", "workers": 2, "threads": 1}
-
+THREADS = 1  # per `distill train`: its 2 DataLoader workers take the other core
 
 def run(cmd: list[str]) -> float:
     """Run one stage's command line, streaming its output; return wall seconds."""
@@ -112,15 +110,14 @@ def main() -> None:
         write_real_shards(teacher_path, out / "shards" / "real", args.data_root)
         seconds["baseline shards"] = time.perf_counter() - start
 
-    distill_args = [a for k, v in DISTILL.items() for a in (f"--{k}", str(v))]
     results = []
     for name, shards in shard_sets.items():
         run_dir = out / "runs" / shards.name
         resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
         seconds[f"distill {shards.name}"] = run(
             [py, "-m", "distill", "train", "--shards", str(shards), "--student", STUDENT, "--out", str(run_dir),
-             "--eval-data", "mnist", "--data-root", args.data_root, "--seed", str(args.seed), *distill_args,
-             *resume])
+             "--eval-data", "mnist", "--data-root", args.data_root, "--seed", str(args.seed), "--recipe", RECIPE,
+             "--threads", str(THREADS), *resume])
         results.append((name, final_top1(run_dir)))
 
     teacher_top1 = teacher_accuracy(teacher_path, args.data_root)

@@ -1,4 +1,4 @@
-"""Recipes and the option declarations (common/options.py, common/recipes.py) on the synth side."""
+"""Recipes and the option declarations (common/options.py, common/recipes.py, distill/recipe.py), both stages."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,12 @@ from common import options
 from common.errors import UserError
 from common.models import InputSpec
 from common.recipes import choose_recipe, load_recipe, shipped_names
-from common.shards import read_manifest
+from common.shards import TeacherRecord, build_manifest, read_manifest
+from distill.cli import main as distill_cli
+from distill.cli import teacher_command, train_command
+from distill.config import TrainConfig
+from distill.recipe import resolve_run
+from distill.teacher import TeacherConfig
 from synth.cli import generate_cmd
 from synth.cli import main as synth_cli
 from synth.generate import GenerateConfig, generate, resolve_config
@@ -178,3 +183,102 @@ def test_option_helpers():
     assert options.explicit_fields(cfg) == {"teacher", "write_workers"}
     assert explicit_values({"a": None, "b": 0, "c": False}) == {"b": 0, "c": False}
     json.dumps(hashed(cfg))
+
+
+# --------------------------------------------------------------------------- stage two
+def _manifest(spec: InputSpec = MNIST_SPEC, recipe: dict | None = None):
+    teacher = TeacherRecord("lenet5", "none", None, "0" * 64, spec.to_dict())
+    return build_manifest(teacher, method="test", config={}, image_format="npy", planned_samples=0, shard_size=1,
+                          recipe=recipe)
+
+
+def _run(manifest, **given):
+    return resolve_run(TrainConfig(shards="s", student="lenet5_half", out="o", **given), manifest)
+
+
+def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
+    made = load_recipe("small-rgb").record("recipe: small-rgb (--recipe small-rgb)")
+    run = _run(_manifest(recipe=made))  # a grey teacher, but the shards were made with small-rgb: that one
+    assert run.recipe.name == "small-rgb" and run.reason == "recipe: small-rgb (auto: the recipe the shards were made with)"
+    assert (run.config.epochs, run.config.aug, run.config.lr, run.config.mixup) == (5, "crop", 0.05, 1.0)
+    old = made | {"sha256": "1" * 64}
+    assert "made with an earlier version of it" in _run(_manifest(recipe=old)).reason
+    for recipe in (None, {"name": "none"}, {"name": "gone", "path": "/nowhere/gone.toml", "sha256": "2" * 64}):
+        run = _run(_manifest(recipe=recipe))  # chosen from the teacher's input
+        assert run.recipe.name == "small-grey" and run.reason.startswith("recipe: small-grey (auto: 1-channel 28 px")
+        assert ("'gone' is not here" in run.reason) == (recipe is not None and recipe["name"] == "gone")
+        assert (run.config.epochs, run.config.lr, run.config.mixup, run.config.aug) == (10, 0.05, 1.0, "translate")
+    rgb = _run(_manifest(InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)))
+    assert rgb.recipe.name == "small-rgb" and rgb.config.aug == "crop"
+
+
+def test_distill_explicit_beats_recipe_and_none_or_a_file():
+    run = _run(_manifest(), lr=0.2, mixup=0.0, epochs=3)
+    assert (run.config.lr, run.config.mixup, run.config.epochs, run.config.temperature) == (0.2, 0.0, 3, 4.0)
+    plain = _run(_manifest(), recipe="none").config
+    assert (plain.lr, plain.mixup, plain.epochs) == (None, 0.0, 10) and plain.resolved().lr == 0.1
+    assert _run(_manifest(), recipe="none").reason == "recipe: none (--recipe none: the declared defaults)"
+
+    stored = _run(_manifest(), teacher_logits="stored")  # the stored logits are of the un-augmented image
+    assert (stored.config.aug, stored.config.mixup, stored.config.lr) == ("none", 0.0, 0.05)
+    assert stored.reason.endswith("; --teacher-logits stored: aug none, mixup 0.0")
+    stored.config.resolved()
+    with pytest.raises(UserError, match="--teacher-logits stored trains on the view"):
+        _run(_manifest(), teacher_logits="stored", aug="crop").config.resolved()
+
+
+def test_distill_recipe_file_and_bad_values(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[distill]\nepochs = 2\nbatch-size-per-rank = 8\nopt = "adamw"\n')
+    run = _run(_manifest(), recipe=str(path))
+    assert (run.config.epochs, run.config.batch_size_per_rank, run.config.opt, run.config.mixup) == (2, 8, "adamw", 0.0)
+    assert run.reason == f"recipe: mine (--recipe {path}; not measured yet)"
+    path.write_text('[distill]\nepochs = "many"\n')
+    with pytest.raises(UserError, match=r"recipe mine.toml \[distill\] epochs expects an integer, got 'many'"):
+        _run(_manifest(), recipe=str(path))
+    path.write_text('[distill]\nepoch = 3\n')
+    with pytest.raises(UserError, match=r"\[distill\]: unknown option 'epoch'; valid options: .*epochs"):
+        _run(_manifest(), recipe=str(path))
+    path.write_text('[distill]\nopt = "lion"\n')
+    with pytest.raises(UserError, match="--opt must be one of sgd, adamw"):
+        _run(_manifest(), recipe=str(path))
+
+
+def test_distill_cli_without_flags_uses_the_recipe_and_records_it(tiny_teacher_path, tmp_path):
+    """The new user's two commands: the shards' recipe (small-grey) sets stage two, config.json says so."""
+    assert _generate(tiny_teacher_path, tmp_path / "s", "--shard-size", "8").exit_code == 0
+    result = CliRunner().invoke(distill_cli, ["train", "--shards", str(tmp_path / "s"), "--student", "lenet5_half",
+                                              "--out", str(tmp_path / "run"), "--epochs", "1", "--workers", "0",
+                                              "--batch-size-per-rank", "8", "--threads", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "recipe: small-grey (auto: the recipe the shards were made with)" in result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["lr"], saved["mixup"], saved["epochs"], saved["workers"], saved["recipe"]) == (0.05, 1.0, 1, 0, "auto")
+    assert saved["temperature"] == 4.0 and saved["batch_size_per_rank"] == 8
+    assert saved["recipe_used"]["name"] == "small-grey" and len(saved["recipe_used"]["sha256"]) == 64
+    # a resume resolves the same recipe: accepted; a changed option is refused by name
+    again = CliRunner().invoke(distill_cli, ["train", "--shards", str(tmp_path / "s"), "--student", "lenet5_half",
+                                             "--out", str(tmp_path / "run"), "--epochs", "1", "--workers", "0",
+                                             "--batch-size-per-rank", "8", "--resume", "--quiet", "--recipe", "none"])
+    assert again.exit_code == 2 and "other settings (" in again.output and "lr 0.05 -> 0.1" in again.output, again.output
+
+
+def test_distill_cli_options_come_from_the_declarations():
+    """Every `distill train` / `distill teacher` flag of a config option defaults to None (unset: the
+    recipe or the declaration decides) and shows the declared default; the CLI module writes no default."""
+    for cls, command in ((TrainConfig, train_command), (TeacherConfig, teacher_command)):
+        flags = {p.name: p for p in command.params}
+        for spec in options.options_of(cls):
+            if spec.cli:
+                assert flags[spec.name].default is None, spec.name
+                assert spec.help in flags[spec.name].help, spec.name
+                if not spec.required:
+                    assert f"default: {options._show(spec.default)}" in flags[spec.name].help, spec.name
+        assert set(flags) - {s.name for s in options.options_of(cls)} == {"threads", "quiet"}
+    import inspect
+
+    import distill.cli
+
+    source = inspect.getsource(distill.cli)
+    train_part = source[source.index('@main.command("train")'):source.index('@main.command("export")')]
+    assert "default=" not in train_part.replace("default=None", "")
