@@ -32,8 +32,8 @@ def config(shards, out, **overrides) -> TrainConfig:
 
 
 def test_stored_logits_need_the_stored_view(shards, tmp_path):
-    with pytest.raises(UserError, match="--aug none --mixup 0"):
-        train(config(shards, tmp_path / "a", teacher_logits="stored"))  # default aug translate
+    with pytest.raises(UserError, match="--aug none --mixup 0"):  # (without aug and mixup they are set so)
+        train(config(shards, tmp_path / "a", teacher_logits="stored", aug="translate"))
     with pytest.raises(UserError, match="--aug none --mixup 0"):
         train(config(shards, tmp_path / "b", teacher_logits="stored", aug="none", mixup=0.5))
 
