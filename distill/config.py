@@ -87,8 +87,8 @@ class TrainConfig:
     # stored teacher logits, regularisation (change results; off by default)
     teacher_logits: str = option("online", choices=TEACHER_LOGITS,
                                  help="online: the teacher labels the student's augmented view; stored: the logits "
-                                 "in the shards (no teacher in memory; needs --aug none --mixup 0, and a recipe's "
-                                 "aug and mixup are then left out).")
+                                 "in the shards (no teacher in memory; the student sees the stored view: --aug none "
+                                 "and --mixup 0 unless given, other values are refused).")
     label_smoothing: float = option(0.0, min=0, help="Label smoothing of the CE term (needs --ce-weight > 0).")
     clip_grad: float = option(0.0, min=0, help="Clip the gradients' global norm to this; 0 = off.")
     ema_decay: float = option(0.0, min=0, help="Keep an EMA of the student's weights (per step, e.g. 0.999), "
