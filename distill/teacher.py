@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common.data import NAMED_DATASETS, ImageArrays, is_natural, real_dataset
 from common.data import num_classes_of as dataset_classes
 from common.errors import UserError
-from common.options import option
+from common.options import option, validate
 from common.models import create_model, save_model_checkpoint
 
 from .data import random_crop, random_crop_flip, random_translate, real_batches, train_augmentation
@@ -91,6 +91,7 @@ def auto_augmentation(data: str, spec) -> str:
 def train_teacher(config: TeacherConfig) -> dict:
     """Train and save the teacher. Returns test_top1 (None without test data), epochs, seconds,
     images_per_s, out."""
+    validate(config)  # the declared ranges and choices (the CLI no longer checks them itself)
     out = Path(config.out)
     if out.exists():
         raise UserError(f"{out} exists: delete it or choose another --out (shards made with a teacher are bound "
