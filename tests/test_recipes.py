@@ -282,3 +282,33 @@ def test_distill_cli_options_come_from_the_declarations():
     source = inspect.getsource(distill.cli)
     train_part = source[source.index('@main.command("train")'):source.index('@main.command("export")')]
     assert "default=" not in train_part.replace("default=None", "")
+
+
+def _bench_methods():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_methods.py"
+    spec = importlib.util.spec_from_file_location("bench_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
+    """The MNIST-M rows (issue 12) run the small-rgb recipe that `synth generate` picks for a 3-channel 32 px
+    teacher: same image count and method options for each method, and `distill train` gets its schedule."""
+    bench = _bench_methods()
+    spec = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)
+    for variant in ("generator ensemble", "muse", "deepinversion"):
+        method, row = bench.variant_options("mnistm32", variant)
+        user = resolve_config(GenerateConfig(teacher="cifar_resnet20", method=method), spec)
+        assert user.recipe.name == "small-rgb"
+        assert bench.CONFIGS["mnistm32"]["images"] == user.config.num_images
+        assert parse_config(METHODS[method].Config, row) == parse_config(METHODS[method].Config,
+                                                                          user.config.method_options), variant
+    flags = bench.distill_options("mnistm32")
+    for key, value in load_recipe("small-rgb").distill.items():
+        assert flags[key.replace("_", "-")] == value, key
+    # a variant's own option survives the recipe's table
+    assert bench.variant_options("mnistm32", "generator ensemble + adversarial")[1]["adversarial_weight"] == 1.0
