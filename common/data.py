@@ -263,6 +263,9 @@ def fit_arrays(images_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- MNIST-M (built offline)
 MNISTM_SIZE = 32
+# the datasets by name: MNIST-M at 32 px (Ganin & Lempitsky's size) and at 64 px (issue 12: digits upsampled
+# 32 -> 64 px, blended into 64 x 64 patches of the same photographs, for teachers that take 64 px)
+MNISTM_SIZES = {"mnistm": 32, "mnistm64": 64}
 MNISTM_VERSION = 1           # part of the cache key: bump when the construction below changes
 MNISTM_SEED = 0
 MNISTM_PHOTO_SIDE = 320      # photos are shrunk so their shorter side is at most this (BSDS500's scale: 481 x 321)
@@ -320,7 +323,7 @@ def mnistm_photo_paths(root: str | Path, train: bool) -> list[Path]:
     return paths
 
 
-def _load_photo(path: Path) -> np.ndarray:
+def _load_photo(path: Path, size: int = MNISTM_SIZE) -> np.ndarray:
     """A photograph as uint8 (H, W, 3), shrunk to a shorter side of at most MNISTM_PHOTO_SIDE px."""
     from PIL import Image
 
@@ -330,9 +333,9 @@ def _load_photo(path: Path) -> np.ndarray:
     if scale < 1:
         im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
     pixels = np.asarray(im, dtype=np.uint8)
-    if min(pixels.shape[:2]) < MNISTM_SIZE:
+    if min(pixels.shape[:2]) < size:
         raise UserError(f"{path} is {pixels.shape[1]} x {pixels.shape[0]} px, smaller than MNIST-M's "
-                        f"{MNISTM_SIZE} x {MNISTM_SIZE} patches: use larger photographs")
+                        f"{size} x {size} patches: use larger photographs")
     return pixels
 
 
@@ -355,22 +358,39 @@ def blend_mnistm(digits_u8: np.ndarray, photos: list[np.ndarray], rng: np.random
     return out
 
 
-def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED) -> tuple[np.ndarray, torch.Tensor]:
-    """MNIST-M's train (60,000) or test (10,000) split: (uint8 (N, 3, 32, 32), labels int64 N), from MNIST's
-    own split (digits zero-padded 28 -> 32 px) and that split's photographs (`mnistm_photo_paths`).
+def mnistm_digits(images_u8: torch.Tensor, size: int) -> np.ndarray:
+    """MNIST digits as MNIST-M draws them: zero-padded 28 -> 32 px, then (size > 32) bilinearly upsampled."""
+    digits = pad_mnist(images_u8, MNISTM_SIZE)
+    if size != MNISTM_SIZE:
+        out = [F.interpolate(digits[i:i + 4096, None].float(), size=(size, size), mode="bilinear",
+                             align_corners=False).round().clamp_(0, 255).to(torch.uint8)[:, 0]
+               for i in range(0, digits.shape[0], 4096)]
+        digits = torch.cat(out)
+    return digits.numpy()
+
+
+def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED,
+                 size: int = MNISTM_SIZE) -> tuple[np.ndarray, torch.Tensor]:
+    """MNIST-M's train (60,000) or test (10,000) split: (uint8 (N, 3, size, size), labels int64 N), from MNIST's
+    own split (digits zero-padded 28 -> 32 px, upsampled to `size` when larger) and that split's photographs
+    (`mnistm_photo_paths`; `size` x `size` patches).
     Deterministic from `seed`; cached as `<root>/cache/mnistm-<split>-<key>.npy` (memory-mapped later), the key
     covering the seed, the construction version and the MNIST and photo files (names, sizes, contents)."""
     from .fileio import atomic_open
 
     images, labels = load_mnist(root, train)
     paths = mnistm_photo_paths(root, train)
-    h = hashlib.sha256(f"mnistm/v{MNISTM_VERSION}/{seed}/{int(train)}/{images.shape[0]}".encode())
+    if size < MNISTM_SIZE:
+        raise UserError(f"MNIST-M is built at {MNISTM_SIZE} px or larger, not {size}")
+    tag = "" if size == MNISTM_SIZE else f"/{size}px"   # the 32 px key as before: existing caches stay valid
+    h = hashlib.sha256(f"mnistm/v{MNISTM_VERSION}/{seed}/{int(train)}/{images.shape[0]}{tag}".encode())
     for p in paths:
         h.update(f"{p.name}\0".encode() + hashlib.sha256(p.read_bytes()).digest())
     h.update(hashlib.sha256(images.numpy().tobytes()).digest())
     split = "train" if train else "test"
-    cache = Path(root) / "cache" / f"mnistm-{split}-{h.hexdigest()[:24]}.npy"
-    shape = (images.shape[0], 3, MNISTM_SIZE, MNISTM_SIZE)
+    name = "mnistm" if size == MNISTM_SIZE else f"mnistm{size}"
+    cache = Path(root) / "cache" / f"{name}-{split}-{h.hexdigest()[:24]}.npy"
+    shape = (images.shape[0], 3, size, size)
     if cache.is_file():
         try:
             arr = np.load(cache, mmap_mode="r", allow_pickle=False)
@@ -378,9 +398,9 @@ def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED) -> tupl
                 return arr, labels
         except (OSError, ValueError):
             pass  # damaged: build again
-    photos = [_load_photo(p) for p in paths]
+    photos = [_load_photo(p, size) for p in paths]
     rng = np.random.default_rng([seed, int(train)])
-    arr = blend_mnistm(pad_mnist(images, MNISTM_SIZE).numpy(), photos, rng)
+    arr = blend_mnistm(mnistm_digits(images, size), photos, rng)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(cache, "wb") as f:
@@ -390,12 +410,13 @@ def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED) -> tupl
     return arr, labels
 
 
-def mnistm_dataset(root: str | Path, train: bool, spec: InputSpec) -> "ImageArrays":
-    """MNIST-M as ImageArrays in the model's input space (32 px RGB as built; other sizes / grey via fit_arrays)."""
+def mnistm_dataset(root: str | Path, train: bool, spec: InputSpec, size: int = MNISTM_SIZE) -> "ImageArrays":
+    """MNIST-M built at `size` px as ImageArrays in the model's input space (as built when the model takes `size`
+    px RGB; other sizes / grey via fit_arrays)."""
     if spec.num_classes != 10:
         raise UserError(f"MNIST-M has 10 classes but the model has {spec.num_classes}")
-    images, labels = build_mnistm(root, train)
-    if spec.channels != 3 or spec.size != MNISTM_SIZE:
+    images, labels = build_mnistm(root, train, size=size)
+    if spec.channels != 3 or spec.size != size:
         images = fit_arrays(torch.from_numpy(np.array(images)), spec)  # a copy: the cache is read-only
     return ImageArrays(images, labels, spec)
 
@@ -422,13 +443,13 @@ IMAGENET_CLASSES = 1000
 
 
 def dataset_names() -> list[str]:
-    return ["mnist", "mnistm", *NAMED_DATASETS, "imagenet"]
+    return ["mnist", *MNISTM_SIZES, *NAMED_DATASETS, "imagenet"]
 
 
 def is_natural(name: str, spec: InputSpec) -> bool:
     """Whether the default train-time augmentation may flip (photographs, not digits)."""
     key = name.lower()
-    if key in ("mnist", "mnistm"):
+    if key == "mnist" or key in MNISTM_SIZES:
         return False
     if key in NAMED_DATASETS:
         return NAMED_DATASETS[key].natural
@@ -438,7 +459,7 @@ def is_natural(name: str, spec: InputSpec) -> bool:
 def num_classes_of(name: str, root: str | Path = "data") -> int:
     """Class count of a dataset by name, an ImageNet-layout folder or an ImageFolder tree."""
     key = name.lower()
-    if key in ("mnist", "mnistm"):
+    if key == "mnist" or key in MNISTM_SIZES:
         return 10
     if key in NAMED_DATASETS:
         return NAMED_DATASETS[key].num_classes
@@ -675,8 +696,8 @@ def real_dataset(name: str, spec: InputSpec, train: bool = False, root: str | Pa
     key = name.lower()
     if key == "mnist":
         return mnist_dataset(root, train, spec)
-    if key == "mnistm":
-        return mnistm_dataset(root, train, spec)
+    if key in MNISTM_SIZES:
+        return mnistm_dataset(root, train, spec, MNISTM_SIZES[key])
     if key in NAMED_DATASETS:
         return named_dataset(key, spec, train, root)
     cache_dir = Path(root) / "cache"

@@ -66,7 +66,7 @@ class TrainConfig:
     workers: int = option(2, min=0, effect="order",
                           help="DataLoader workers reading shards (needs at least as many shards).")
     eval_data: str | None = option(None, effect="none",
-                                   help="Real held-out set for top-1: mnist, mnistm, cifar10, cifar100, svhn, stl10 "
+                                   help="Real held-out set for top-1: mnist, mnistm, mnistm64, cifar10, cifar100, svhn, stl10 "
                                    "(their test split), imagenet or a train/val folder (its val/), or an ImageFolder "
                                    "path; none: no evaluation.")
     data_root: str = option("data", effect="none", help="Where the datasets by name live (or are fetched to).")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import NAMED_DATASETS, ImageArrays, is_natural, real_dataset
+from common.data import MNISTM_SIZES, NAMED_DATASETS, ImageArrays, is_natural, real_dataset
 from common.data import num_classes_of as dataset_classes
 from common.errors import UserError
 from common.options import option, validate
@@ -41,7 +41,7 @@ class TeacherConfig:
     model: str = option(help="Model name (e.g. lenet5, cifar_resnet20, resnet18, timm/resnet18, "
                         "my_pkg.nets:build).")
     out: str = option(effect="none", help="Checkpoint file to write (e.g. runs/teacher/lenet5.pt).")
-    data: str = option("mnist", help="Training set: mnist, mnistm (built offline from MNIST and photographs), "
+    data: str = option("mnist", help="Training set: mnist, mnistm / mnistm64 (32 / 64 px, built offline from MNIST and photographs), "
                        "cifar10, cifar100, svhn, stl10 (under --data-root, downloaded when missing), imagenet "
                        "(--data-root/imagenet/train), a folder with train/ and val/ trees, or an ImageFolder path.")
     data_root: str = option("data", effect="none", help="Where the datasets by name live (or are downloaded to); "
@@ -57,7 +57,7 @@ class TeacherConfig:
     translate: int = option(2, min=0, help="Random shift of up to this many px (--aug translate); 0 = off.")
     aug: str = option("auto", choices=TEACHER_AUGMENTATIONS,
                       help="Train-time augmentation. auto: crop-flip for natural images (pad-crop by size/8 + flip; "
-                      "random-resized crop + flip above 64 px), crop without flip for mnistm, translate for digits "
+                      "random-resized crop + flip above 64 px), crop without flip for mnistm(64), translate for digits "
                       "(mnist, svhn, 1-channel folders).")
     resolution: int | None = option(None, min=1, help="Model input size; none: the model's own (required for a "
                                     "module:callable model without an input_spec).")
@@ -76,14 +76,14 @@ def num_classes_of(data: str, root: str = "data") -> int:
 def default_eval_data(data: str) -> str | None:
     """The held-out split that goes with `data`: the same name (its test split) or train/val folder."""
     path = Path(data)
-    if data.lower() in ("mnist", "mnistm", "imagenet", *NAMED_DATASETS) or ((path / "train").is_dir() and (path / "val").is_dir()):
+    if data.lower() in ("mnist", *MNISTM_SIZES, "imagenet", *NAMED_DATASETS) or ((path / "train").is_dir() and (path / "val").is_dir()):
         return data
     return None
 
 
 def auto_augmentation(data: str, spec) -> str:
     """--aug auto: crop (no flip) for MNIST-M, crop-flip for other natural images, translate for digits."""
-    if data.lower() == "mnistm":
+    if data.lower() in MNISTM_SIZES:
         return "crop"
     return "crop-flip" if is_natural(data, spec) else "translate"
 

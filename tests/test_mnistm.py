@@ -20,8 +20,9 @@ def _write_idx(path, array):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def _stand_ins(root, n=20, photos="flat"):
-    """A tiny MNIST (random digits) and photographs: one flat colour per split, or random noise."""
+def _stand_ins(root, n=20, photos="flat", extra=0):
+    """A tiny MNIST (random digits) and photographs: one flat colour per split, or random noise (`extra` px
+    larger on each side for 64 px patches)."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -32,8 +33,9 @@ def _stand_ins(root, n=20, photos="flat"):
         folder = root / "mnistm" / "photos" / split
         folder.mkdir(parents=True)
         for i in range(2):
-            pixels = (np.broadcast_to(np.array(colour, np.uint8), (40 + 10 * i, 60, 3)) if photos == "flat"
-                      else rng.integers(0, 256, (40 + 10 * i, 60, 3)))
+            shape = (40 + 10 * i + extra, 60 + extra, 3)
+            pixels = (np.broadcast_to(np.array(colour, np.uint8), shape) if photos == "flat"
+                      else rng.integers(0, 256, shape))
             Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(folder / f"{split}{i}.png")
     return raw
 
@@ -56,6 +58,35 @@ def test_mnistm_blends_each_digit_into_its_own_splits_photographs(tmp_path):
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and int(y) == 0
     assert data.num_classes_of("mnistm") == 10 and "mnistm" in data.dataset_names()
     assert not data.is_natural("mnistm", spec)
+
+
+def test_mnistm64_draws_the_digits_at_64_px_into_64_px_patches(tmp_path):
+    """`mnistm64` (issue 12 part 4): the 32 px digits bilinearly upsampled to 64 px, then the same |p - d| rule on
+    64 x 64 patches of the split's photographs; its own cache next to the 32 px one; a teacher trains on it."""
+    _stand_ins(tmp_path, extra=40)
+    spec = create_model("cifar_resnet8", input_size=64).input_spec
+    train = data.real_dataset("mnistm64", spec, train=True, root=tmp_path)
+    assert train.images.shape == (20, 3, 64, 64) and train.images.dtype == np.uint8
+    digits = F.pad(data.load_mnist(tmp_path, train=True)[0], (2, 2, 2, 2))[:, None].float()
+    d = F.interpolate(digits, size=(64, 64), mode="bilinear", align_corners=False).round()[:, 0].numpy()
+    expected = np.abs(np.array(TRAIN_COLOUR, np.int16)[None, :, None, None] - d.astype(np.int16)[:, None])
+    assert np.array_equal(np.asarray(train.images), expected)
+    small = data.real_dataset("mnistm", create_model("cifar_resnet8").input_spec, train=True, root=tmp_path)
+    assert small.images.shape == (20, 3, 32, 32)
+    assert len(list((tmp_path / "cache").glob("mnistm64-train-*.npy"))) == 1
+    assert len(list((tmp_path / "cache").glob("mnistm-train-*.npy"))) == 1
+    assert data.num_classes_of("mnistm64") == 10 and "mnistm64" in data.dataset_names()
+    assert not data.is_natural("mnistm64", spec)
+    cfg = TeacherConfig(model="cifar_resnet8", out=str(tmp_path / "t.pt"), data="mnistm64", resolution=64,
+                        data_root=str(tmp_path), epochs=1, batch_size=16, workers=0, progress=False)
+    metrics = train_teacher(cfg)
+    assert metrics["epochs"] == 1 and 0 <= metrics["test_top1"] <= 100
+    saved = torch.load(tmp_path / "t.pt", weights_only=True)["extra"]
+    assert saved["aug"] == "crop"
+    _, _ = data.build_mnistm(tmp_path, train=False, size=64)
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "mnistm" / "photos" / "test" / "small.png")
+    with pytest.raises(UserError, match="smaller than MNIST-M's 64 x 64"):
+        data.build_mnistm(tmp_path, train=False, size=64)
 
 
 def test_mnistm_is_deterministic_cached_and_seeded(tmp_path):
