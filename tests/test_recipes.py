@@ -310,5 +310,8 @@ def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
     flags = bench.distill_options("mnistm32")
     for key, value in load_recipe("small-rgb").distill.items():
         assert flags[key.replace("_", "-")] == value, key
+    # a configuration's own value wins over its recipe (mnistm64: MUSE's equal-cost generator count)
+    assert bench.variant_options("mnistm64", "muse")[1]["num_generators"] == 6
+    assert bench.variant_options("mnistm64", "generator ensemble")[1] == bench.variant_options("mnistm32", "generator ensemble")[1]
     # a variant's own option survives the recipe's table
     assert bench.variant_options("mnistm32", "generator ensemble + adversarial")[1]["adversarial_weight"] == 1.0
