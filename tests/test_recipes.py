@@ -200,7 +200,9 @@ def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
     made = load_recipe("small-rgb").record("recipe: small-rgb (--recipe small-rgb)")
     run = _run(_manifest(recipe=made))  # a grey teacher, but the shards were made with small-rgb: that one
     assert run.recipe.name == "small-rgb" and run.reason == "recipe: small-rgb (auto: the recipe the shards were made with)"
-    assert (run.config.epochs, run.config.aug, run.config.lr, run.config.mixup) == (5, "crop", 0.05, 1.0)
+    rgb, grey = load_recipe("small-rgb").distill, load_recipe("small-grey").distill
+    assert run.config.aug == rgb["aug"] != grey["aug"]   # the shards' recipe, not the one the grey teacher gets
+    assert (run.config.epochs, run.config.lr, run.config.mixup) == (rgb["epochs"], rgb["lr"], rgb["mixup"])
     old = made | {"sha256": "1" * 64}
     assert "made with an earlier version of it" in _run(_manifest(recipe=old)).reason
     for recipe in (None, {"name": "none"}, {"name": "gone", "path": "/nowhere/gone.toml", "sha256": "2" * 64}):
