@@ -74,7 +74,7 @@ CONFIGS = {
     # measured CPU-s). A separate, longer command: the 64 px teacher and every distillation cost ~4x mnistm32's
     "mnistm64": {"title": "MNIST-M 64 px RGB, cifar_resnet20 -> cifar_resnet8", "data": "mnistm64", "resolution": 64,
                  "teacher": "cifar_resnet20", "teacher_epochs": 2, "student": "cifar_resnet8", "ceiling": True,
-                 "recipe": "small-rgb", "options": {"muse": {"num_generators": 6}},
+                 "recipe": "small-rgb", "options": {"muse": {"num_generators": 6}}, "separate": True,
                  "only": ["noise (floor)", "generator ensemble", "muse", "real training images (ceiling)"]},
 }
 SHARD_SIZE, IMAGE_FORMAT = 2_000, "npy"
@@ -275,7 +275,9 @@ def main() -> None:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--seeds", type=int, default=3, help="distillation seeds per method (0 .. N-1)")
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one thread each)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(c for c in CONFIGS if not CONFIGS[c].get("separate")),
+                        help="comma-separated subset of " + ",".join(CONFIGS) + " (default: all but the longer "
+                        + ", ".join(c for c in CONFIGS if CONFIGS[c].get("separate")) + ")")
     parser.add_argument("--variants", default=None, help="comma-separated subset of the method rows (by slug)")
     parser.add_argument("--synthesis-only", action="store_true",
                         help="only synthesise (timings); the table shows the distillations already finished")
