@@ -217,7 +217,8 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
 
 def variant_options(config_name: str, variant: str) -> tuple[str, dict]:
     """(method, --set options) of one row: the variant's options, then the configuration's (its recipe's) table
-    for that method on top, keys the variant defines itself (adversarial_weight, scales, ...) kept."""
+    for that method on top. A key only the variant sets (adversarial_weight, scales, ...) stays; a key both set
+    takes the configuration's value, so a configuration must leave out rows whose point that key is ("only")."""
     method, options = VARIANTS[variant]
     return method, {**options, **CONFIGS[config_name]["options"].get(method, {})}
 
