@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 # ---- the benchmark (defaults grouped and visible) ----------------------------------------------
 CONFIGS = {
     "mnist28": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
-                "student": "lenet5_half", "images": 10_000, "distill_epochs": 5, "options": {}},
+                "student": "lenet5_half", "images": 10_000, "distill_epochs": 5, "options": {},
+                "skip": ["muse, full-size teacher view"]},   # = "muse": LeNet-5's MUSE sees the full-size view
     # ResNet-8 costs ~30x LeNet-5 per image, in synthesis and as the online teacher in distillation:
     # fewer images (more epochs: lenet5_half needs ~300 SGD steps), smaller generator batches, DeepInversion mostly at half size, and MUSE's
     # teacher sees each resolution as it is (a ResNet takes 8 and 16 px; LeNet-5 cannot). Shards are
@@ -51,7 +52,8 @@ CONFIGS = {
     # with the requested class on 54% of the ensemble's stored images instead of 85%
     "mnist32rgb": {"title": "MNIST padded to 32 px RGB, cifar_resnet8 -> lenet5_half", "teacher": "cifar_resnet8",
                    "teacher_epochs": 2, "student": "lenet5_half", "images": 5_000, "distill_epochs": 8,
-                   "skip": ["generator ensemble + adversarial"],   # measured on mnist28 only (time)
+                   "skip": ["generator ensemble + adversarial",    # measured on mnist28 only (time)
+                            "muse, full-size teacher view"],       # a README probe: 17.16 against native's 24.57
                    "options": {"generator": {"train_batch_size": 100, "steps": 80, "sample_noise_scale": 1.0},
                                "muse": {"train_batch_size": 100, "steps": 80, "teacher_input": "native",
                                         "sample_noise_scale": 1.0},
@@ -68,32 +70,42 @@ CONFIGS = {
                  "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8", "ceiling": True,
                  "recipe": "small-rgb"},
     # issue 12 part 4, MUSE where its claim lives: the same dataset at 64 px (digits and photo patches drawn at
-    # 64 px, common/data.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble. Equal
-    # synthesis cost by construction: a native-view MUSE step costs about 1/16 + 1/4 + 1 of a full-size one
-    # per stream triple, so 6 generators per resolution (18 streams) ~ the ensemble's 8 (the table reports the
-    # measured CPU-s). A separate, longer command: the 64 px teacher and every distillation cost ~4x mnistm32's
-    "mnistm64": {"title": "MNIST-M 64 px RGB, cifar_resnet20 -> cifar_resnet8", "data": "mnistm64", "resolution": 64,
-                 "teacher": "cifar_resnet20", "teacher_epochs": 2, "student": "cifar_resnet8", "ceiling": True,
-                 "recipe": "small-rgb", "options": {"muse": {"num_generators": 6}}, "separate": True,
-                 "only": ["noise (floor)", "generator ensemble", "muse", "real training images (ceiling)"]},
+    # 64 px, common/data.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal
+    # synthesis CPU (the table reports the measured CPU-s). The recipe's synthesis settings, but a budget that fits
+    # 2 CPU cores in about 1.5 h: at 64 px a ResNet-20 step costs ~5x its 32 px step (3.3 s per 128 images on one
+    # thread), so a ResNet-14 teacher trained 1 epoch, and 10k images distilled 5 epochs (the recipe: 20k, 10).
+    # Equal cost: a native-view MUSE stream triple costs about 1/16 + 1/4 + 1 of a full-size step, so 6 generators
+    # per resolution (18 streams x 80 steps) ~ the ensemble's 8 x 80; with the teacher on the full-size (upsampled)
+    # view every stream costs about a full step: 3 per resolution x 70 steps. A separate, longer command
+    "mnistm64": {"title": "MNIST-M 64 px RGB, cifar_resnet14 -> cifar_resnet8", "data": "mnistm64", "resolution": 64,
+                 "teacher": "cifar_resnet14", "teacher_epochs": 1, "teacher_args": ["--warmup-epochs", "0.2"],
+                 "student": "cifar_resnet8", "ceiling": True, "recipe": "small-rgb", "images": 10_000,
+                 "distill_epochs": 5, "options": {"muse": {"num_generators": 6}},
+                 "rows": {"muse, full-size teacher view": {"num_generators": 3, "steps": 70}},
+                 "separate": True,
+                 "only": ["generator ensemble", "muse", "muse, full-size teacher view", "real training images (ceiling)"]},
 }
 SHARD_SIZE, IMAGE_FORMAT = 2_000, "npy"
 GEN = {"train_batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
        "feature_diversity_weight": 10.0, "sample_noise_scale": 2.0}
-# name -> (method, options); the generator methods all train 3 generators x GEN["steps"] steps;
-# CONFIGS[...]["options"][method] overrides per configuration
+# name -> (method, options, pinned): `options` are the row's base settings (the generator methods: 3 generators x
+# GEN["steps"] steps), under CONFIGS[...]["options"][method] (a configuration's or its recipe's table); `pinned`
+# are what the row is about (an ablation's switch) and win over the configuration's table
 VARIANTS = {
-    "noise (floor)": ("noise", {}),
-    "generator ensemble": ("generator", {**GEN, "num_generators": 3}),
-    "generator ensemble + adversarial": ("generator", {**GEN, "num_generators": 3, "adversarial_weight": 1.0}),
-    "deepinversion": ("deepinversion", {"iterations": 20, "lr": 0.1, "bn_weight": 1.0, "flip": False}),
-    "muse": ("muse", dict(GEN)),
-    "muse without CAM": ("muse", {**GEN, "cam_weight": 0.0}),
-    "muse without multi-resolution (3 x full)": ("muse", {**GEN, "scales": "1", "num_generators": 3}),
-    "muse without embedding diversity": ("muse", {**GEN, "embedding_noise": 0.0}),
-    "muse low-resolution only (3 x 1/4)": ("muse", {**GEN, "scales": "0.25", "num_generators": 3}),
+    "noise (floor)": ("noise", {}, {}),
+    "generator ensemble": ("generator", {**GEN, "num_generators": 3}, {}),
+    "generator ensemble + adversarial": ("generator", {**GEN, "num_generators": 3}, {"adversarial_weight": 1.0}),
+    "deepinversion": ("deepinversion", {"iterations": 20, "lr": 0.1, "bn_weight": 1.0, "flip": False}, {}),
+    "muse": ("muse", dict(GEN), {}),
+    "muse without CAM": ("muse", dict(GEN), {"cam_weight": 0.0}),
+    "muse without multi-resolution (3 x full)": ("muse", dict(GEN), {"scales": "1", "num_generators": 3}),
+    "muse without embedding diversity": ("muse", dict(GEN), {"embedding_noise": 0.0}),
+    "muse low-resolution only (3 x 1/4)": ("muse", dict(GEN), {"scales": "0.25", "num_generators": 3}),
+    # the teacher sees (and the shards store) every stream upsampled to full size: no native-view gap, and no
+    # low-resolution saving in the teacher (MUSE's own default; the ResNet configurations' tables set native)
+    "muse, full-size teacher view": ("muse", dict(GEN), {"teacher_input": "upsampled"}),
     # not a synthesis method: real training images with the teacher's logits (configurations with "ceiling")
-    "real training images (ceiling)": ("real", {}),
+    "real training images (ceiling)": ("real", {}, {}),
 }
 CEILING = "real training images (ceiling)"
 DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
@@ -109,11 +121,11 @@ def _apply_recipe(cfg: dict) -> None:
 
     recipe = load_recipe(cfg["recipe"])
     cfg["title"] += f" (the {recipe.name} recipe)"
-    cfg["images"] = recipe.synth["num_images"]
+    cfg.setdefault("images", recipe.synth["num_images"])   # a configuration's own budget wins (mnistm64: the CPU)
     own = cfg.get("options", {})   # the configuration's own values win (e.g. an equal-cost generator count)
     cfg["options"] = {method: {**recipe.method.get(method, {}), **own.get(method, {})}
                       for method in {*recipe.method, *own}}
-    cfg["distill_epochs"] = recipe.distill["epochs"]
+    cfg.setdefault("distill_epochs", recipe.distill["epochs"])
     cfg["distill"] = {k.replace("_", "-"): v for k, v in recipe.distill.items() if k != "epochs"}
     if (recipe.synth.get("shard_size", SHARD_SIZE), recipe.synth.get("image_format", IMAGE_FORMAT)) != (SHARD_SIZE, IMAGE_FORMAT):
         raise SystemExit(f"recipe {recipe.name}: the benchmark writes shards of {SHARD_SIZE} {IMAGE_FORMAT} images")
@@ -216,11 +228,12 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
 
 
 def variant_options(config_name: str, variant: str) -> tuple[str, dict]:
-    """(method, --set options) of one row: the variant's options, then the configuration's (its recipe's) table
-    for that method on top. A key only the variant sets (adversarial_weight, scales, ...) stays; a key both set
-    takes the configuration's value, so a configuration must leave out rows whose point that key is ("only")."""
-    method, options = VARIANTS[variant]
-    return method, {**options, **CONFIGS[config_name]["options"].get(method, {})}
+    """(method, --set options) of one row: the variant's base options, the configuration's (its recipe's) table for
+    that method on top, then the variant's pinned options (what the row is about), then the configuration's own
+    options for that row ("rows": e.g. the equal-cost generator count of one row)."""
+    method, options, pinned = VARIANTS[variant]
+    cfg = CONFIGS[config_name]
+    return method, {**options, **cfg["options"].get(method, {}), **pinned, **cfg.get("rows", {}).get(variant, {})}
 
 
 def distill_options(config_name: str) -> dict:
@@ -309,6 +322,7 @@ def main() -> None:
                                                    args.data_root, "--epochs",
                                                    str(cfg["teacher_epochs"]), "--seed", "0", "--threads", "1",
                                                    *(["--resolution", str(cfg["resolution"])] if "resolution" in cfg else []),
+                                                   *cfg.get("teacher_args", []),
                                                    "--quiet", "--out", str(path)], out / name / "logs" / "teacher.log")
         for f in teachers.values():
             f.result()

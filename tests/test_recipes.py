@@ -312,8 +312,16 @@ def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
     flags = bench.distill_options("mnistm32")
     for key, value in load_recipe("small-rgb").distill.items():
         assert flags[key.replace("_", "-")] == value, key
-    # a configuration's own value wins over its recipe (mnistm64: MUSE's equal-cost generator count)
+    # a configuration's own value wins over its recipe (mnistm64: MUSE's equal-cost generator count, the budget)
     assert bench.variant_options("mnistm64", "muse")[1]["num_generators"] == 6
+    assert (bench.CONFIGS["mnistm64"]["images"], bench.CONFIGS["mnistm64"]["distill_epochs"]) == (10_000, 5)
+    assert bench.distill_options("mnistm64")["aug"] == load_recipe("small-rgb").distill["aug"]
+    # a row's pinned option (what the row is about) wins over the recipe's table, and a configuration's
+    # per-row options over both
+    assert bench.variant_options("mnistm32", "muse")[1]["teacher_input"] == "native"
+    assert bench.variant_options("mnistm32", "muse, full-size teacher view")[1]["teacher_input"] == "upsampled"
+    _, full_view = bench.variant_options("mnistm64", "muse, full-size teacher view")
+    assert (full_view["teacher_input"], full_view["num_generators"], full_view["steps"]) == ("upsampled", 3, 70)
     assert bench.variant_options("mnistm64", "generator ensemble")[1] == bench.variant_options("mnistm32", "generator ensemble")[1]
     # a variant's own option survives the recipe's table
     assert bench.variant_options("mnistm32", "generator ensemble + adversarial")[1]["adversarial_weight"] == 1.0
