@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from common.errors import UserError
-from common.options import option, options_of, resumable, track_explicit
+from common.options import option, options_of, resumable, track_explicit, validate
 from common.recipes import AUTO, shipped_names
 from common.shards import CHECK_LEVELS
 
@@ -17,6 +17,16 @@ DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 TEACHER_LOGITS = ("online", "stored")
 BAD_SHARD_POLICIES = ("error", "skip")
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be positive (got {value:g})"
+
+
+def _below_one(value: float) -> str | None:
+    return None if value < 1 else f"must be below 1 (got {value:g})"
+
+
 @track_explicit
 @dataclass
 class TrainConfig:
@@ -46,8 +56,8 @@ class TrainConfig:
     batch_size_per_rank: int = option(128, min=1, help="Images per process per step; under torchrun the global "
                                       "batch is this x the number of processes.")
     opt: str = option("sgd", help="Optimiser: SGD (momentum 0.9, Nesterov) or AdamW.", choices=tuple(OPTIMIZERS))
-    lr: float | None = option(None, help=f"Peak learning rate; none: the optimiser's default ({DEFAULT_LR['sgd']} "
-                              f"for sgd, {DEFAULT_LR['adamw']} for adamw).")
+    lr: float | None = option(None, check=_positive, help=f"Peak learning rate; none: the optimiser's default "
+                              f"({DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw).")
     wd: float | None = option(None, min=0, help=f"Weight decay; none: the optimiser's default ({DEFAULT_WD['sgd']} "
                               f"for sgd, {DEFAULT_WD['adamw']} for adamw).")
     warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs; then cosine decay "
@@ -55,7 +65,7 @@ class TrainConfig:
     # distillation
     loss: str = option("kd", choices=tuple(LOSSES), help="Training loss by name (distill/losses.py); each of its "
                        "terms is logged as loss_<name> in steps.csv and metrics.csv.")
-    temperature: float = option(4.0, help="KD temperature T.")
+    temperature: float = option(4.0, check=_positive, help="KD temperature T.")
     ce_weight: float = option(0.0, min=0, help="Weight of cross-entropy on the stored labels, added to the KD loss.")
     mixup: float = option(0.0, min=0, help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online "
                           "teacher; 0 = off.")
@@ -89,10 +99,11 @@ class TrainConfig:
                                  help="online: the teacher labels the student's augmented view; stored: the logits "
                                  "in the shards (no teacher in memory; the student sees the stored view: --aug none "
                                  "and --mixup 0 unless given, other values are refused).")
-    label_smoothing: float = option(0.0, min=0, help="Label smoothing of the CE term (needs --ce-weight > 0).")
+    label_smoothing: float = option(0.0, min=0, check=_below_one,
+                                    help="Label smoothing of the CE term (needs --ce-weight > 0).")
     clip_grad: float = option(0.0, min=0, help="Clip the gradients' global norm to this; 0 = off.")
-    ema_decay: float = option(0.0, min=0, help="Keep an EMA of the student's weights (per step, e.g. 0.999), "
-                              "evaluated and saved too; 0 = off.")
+    ema_decay: float = option(0.0, min=0, check=_below_one, help="Keep an EMA of the student's weights (per step, "
+                              "e.g. 0.999), evaluated and saved too; 0 = off.")
     amp: str = option("none", choices=tuple(AMP_MODES),
                       help="Mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU).")
     # speed only
@@ -103,34 +114,18 @@ class TrainConfig:
     persistent_workers: bool = option(False, help="Keep DataLoader workers alive between epochs.", effect="order")
 
     def resolved(self) -> "TrainConfig":
-        """This config with the optimiser defaults filled in; UserError for an out-of-range value."""
-        if self.opt not in OPTIMIZERS:
-            raise UserError(f"unknown optimiser '{self.opt}'; use one of {', '.join(OPTIMIZERS)}")
-        config = replace(self, lr=DEFAULT_LR[self.opt] if self.lr is None else self.lr,
-                         wd=DEFAULT_WD[self.opt] if self.wd is None else self.wd)
-        problems = [f"--{name.replace('_', '-')} {why}" for name, ok, why in (
-            ("epochs", config.epochs >= 1, "must be at least 1"),
-            ("batch_size_per_rank", config.batch_size_per_rank >= 1, "must be at least 1"),
-            ("lr", config.lr > 0, "must be positive"),
-            ("wd", config.wd >= 0, "must not be negative"),
-            ("warmup_epochs", 0 <= config.warmup_epochs <= config.epochs, "must be between 0 and --epochs"),
-            ("temperature", config.temperature > 0, "must be positive"),
-            ("ce_weight", config.ce_weight >= 0, "must not be negative"),
-            ("mixup", config.mixup >= 0, "must not be negative (0 turns mixup off)"),
-            ("workers", config.workers >= 0, "must not be negative"),
-            ("loss", config.loss in LOSSES, f"must be one of {', '.join(LOSSES)}"),
-            ("aug", config.aug in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
-            ("verify_shards", config.verify_shards in CHECK_LEVELS, f"must be one of {', '.join(CHECK_LEVELS)}"),
-            ("on_bad_shard", config.on_bad_shard in BAD_SHARD_POLICIES,
-             f"must be one of {', '.join(BAD_SHARD_POLICIES)}"),
-            ("teacher_logits", config.teacher_logits in TEACHER_LOGITS, f"must be one of {', '.join(TEACHER_LOGITS)}"),
-            ("amp", config.amp in AMP_MODES, f"must be one of {', '.join(AMP_MODES)}"),
-            ("label_smoothing", 0 <= config.label_smoothing < 1, "must be in [0, 1)"),
-            ("label_smoothing", config.label_smoothing == 0 or config.ce_weight > 0,
-             "smooths the CE term: also pass --ce-weight > 0"),
-            ("clip_grad", config.clip_grad >= 0, "must not be negative (0 turns clipping off)"),
-            ("ema_decay", 0 <= config.ema_decay < 1, "must be in [0, 1) (0 turns the EMA off)"),
-        ) if not ok]
+        """This config with the optimiser defaults filled in; UserError for a value outside its declaration
+        (common.options.validate) or a combination of values that does not work together."""
+        config = self if self.opt not in OPTIMIZERS else replace(
+            self, lr=DEFAULT_LR[self.opt] if self.lr is None else self.lr,
+            wd=DEFAULT_WD[self.opt] if self.wd is None else self.wd)
+        validate(config)
+        problems = []
+        if config.warmup_epochs > config.epochs:
+            problems.append(f"--warmup-epochs must not exceed --epochs (got {config.warmup_epochs:g} > "
+                            f"{config.epochs})")
+        if config.label_smoothing > 0 and config.ce_weight == 0:
+            problems.append("--label-smoothing smooths the CE term: also pass --ce-weight > 0")
         if config.teacher_logits == "stored" and (config.aug != "none" or config.mixup > 0):
             problems.append(f"--teacher-logits stored trains on the view the logits were computed on, the stored "
                             f"image: pass --aug none --mixup 0 (got --aug {config.aug} --mixup {config.mixup:g}), "

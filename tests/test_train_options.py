@@ -118,6 +118,23 @@ def test_persistent_workers_follow_the_epochs(shards):
     assert len(persistent[0]) == SHARDS * 2 * PER_SHARD // 8 * 8
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"temperature": 0}, "--temperature must be positive"), ({"lr": -0.1}, "--lr must be positive"),
+    ({"opt": "lbfgs"}, "--opt must be one of sgd, adamw"), ({"wd": -1.0}, "--wd must be at least 0"),
+    ({"epochs": 0}, "--epochs must be at least 1"), ({"mixup": -1.0}, "--mixup must be at least 0"),
+    ({"ema_decay": 1.0}, "--ema-decay must be below 1"), ({"label_smoothing": 1.0, "ce_weight": 1.0},
+                                                         "--label-smoothing must be below 1"),
+    ({"aug": "rotate"}, "--aug must be one of"), ({"amp": "fp8"}, "--amp must be one of"),
+    ({"warmup_epochs": 3.0}, "--warmup-epochs must not exceed --epochs"),
+    ({"label_smoothing": 0.1}, "also pass --ce-weight > 0"),
+])
+def test_resolved_refuses_what_the_declarations_or_their_combination_do_not_allow(shards, tmp_path, overrides, message):
+    """resolved() checks each value against its declaration (no second copy of the ranges) and then the
+    combinations no single declaration can express."""
+    with pytest.raises(UserError, match=message):
+        config(shards, tmp_path, **overrides).resolved()
+    assert config(shards, tmp_path).resolved().lr == 0.1   # the untouched config passes (and gets sgd's lr)
+
 # --------------------------------------------------------------------------- loss registry
 def test_kd_loss_terms_add_up_to_the_loss(shards, tmp_path):
     torch.manual_seed(0)
