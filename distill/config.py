@@ -16,6 +16,7 @@ from .throughput import AMP_MODES
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 TEACHER_LOGITS = ("online", "stored")
+TEACHER_VIEWS = ("stored", "native")
 BAD_SHARD_POLICIES = ("error", "skip")
 
 
@@ -99,6 +100,11 @@ class TrainConfig:
                                  help="online: the teacher labels the student's augmented view; stored: the logits "
                                  "in the shards (no teacher in memory; the student sees the stored view: --aug none "
                                  "and --mixup 0 unless given, other values are refused).")
+    teacher_view: str = option("stored", choices=TEACHER_VIEWS,
+                               help="What the online teacher sees: stored (the student's view), or native: each "
+                               "image at the resolution its metadata records, downsampled (area) from the "
+                               "student's view (a mixed pair at the larger of its two); for shards whose teacher "
+                               "saw native sizes in synthesis (MUSE with teacher_input=native).")
     label_smoothing: float = option(0.0, min=0, check=_below_one,
                                     help="Label smoothing of the CE term (needs --ce-weight > 0).")
     clip_grad: float = option(0.0, min=0, help="Clip the gradients' global norm to this; 0 = off.")
@@ -130,6 +136,9 @@ class TrainConfig:
             problems.append(f"--teacher-logits stored trains on the view the logits were computed on, the stored "
                             f"image: pass --aug none --mixup 0 (got --aug {config.aug} --mixup {config.mixup:g}), "
                             "or use --teacher-logits online to augment")
+        if config.teacher_logits == "stored" and config.teacher_view != "stored":
+            problems.append("--teacher-view native re-labels each batch with the online teacher: it needs "
+                            "--teacher-logits online")
         if problems:
             raise UserError("; ".join(problems))
         return config

@@ -61,6 +61,8 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # int64 (B,), the class each image was synthesised for
     logits: torch.Tensor  # float32 (B, K), the teacher's logits of the stored (un-augmented) image
     index: torch.Tensor | None = None  # int64 (B,), each sample's index from its key (-1 if not sample-N)
+    resolution: torch.Tensor | None = None  # int64 (B,), each image's native size from its metadata (0: none
+    #                                         recorded); only read for --teacher-view native
 
 
 # --------------------------------------------------------------------------- augmentations
@@ -202,10 +204,11 @@ class Decoder:
 
     spec: InputSpec
     skip_bad: bool = False
+    with_meta: bool = False  # training reads the metadata only for --teacher-view native
 
     def __call__(self, fields: dict) -> Sample | None:
-        try:  # training needs no metadata: left unparsed
-            sample = decode_sample(fields, max_pixels=self.spec.size * self.spec.size, with_meta=False)
+        try:
+            sample = decode_sample(fields, max_pixels=self.spec.size * self.spec.size, with_meta=self.with_meta)
             expected = (self.spec.size, self.spec.size, self.spec.channels)
             if sample.image.shape != expected or sample.logits.shape != (self.spec.num_classes,):
                 raise ShardFormatError(f"sample {sample.key} has a {sample.image.shape} image and "
@@ -234,8 +237,13 @@ def collate(samples: list[Sample]) -> Batch:
     """Stack decoded samples (uint8 H x W x C images) into a Batch of uint8 (B, C, H, W) images."""
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
     logits = torch.from_numpy(np.stack([s.logits for s in samples]).astype(np.float32))
+    recorded = [s.meta.get("resolution", 0) for s in samples]
+    if not all(isinstance(r, int) and r >= 0 for r in recorded):
+        raise ShardFormatError(f"sample {samples[0].key}'s batch: a metadata resolution is not a size in pixels "
+                               f"({sorted(set(map(repr, recorded)))})")
     return Batch(images.contiguous(), torch.tensor([s.label for s in samples], dtype=torch.int64), logits,
-                 torch.tensor([key_index(s.key) for s in samples], dtype=torch.int64))
+                 torch.tensor([key_index(s.key) for s in samples], dtype=torch.int64),
+                 torch.tensor(recorded, dtype=torch.int64) if any(recorded) else None)
 
 
 def to_arrays(batch: Batch) -> tuple:
@@ -301,13 +309,13 @@ class ShardLoader:
     `epoch(e)` reseeds the shard order and sample shuffle with e. Workers are started per epoch, or
     once with `persistent_workers` (they read the epoch from shared memory and reseed their
     augmentation per epoch). `pin_memory` copies each batch to page-locked memory in the trainer process
-    (for CUDA training).
+    (for CUDA training). `with_meta`: each batch carries its images' native resolutions (Batch.resolution).
     """
 
     def __init__(self, folder: str | os.PathLike, manifest: Manifest, batch_size: int, workers: int = 2,
                  aug: str = "translate", seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = SHUFFLE_BUFFER, skip_bad: bool = False, pin_memory: bool = False,
-                 persistent_workers: bool = False, verify: str = "full"):
+                 persistent_workers: bool = False, verify: str = "full", with_meta: bool = False):
         urls = shard_paths(folder, manifest)
         missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
         if missing:
@@ -332,7 +340,7 @@ class ShardLoader:
             ShardSamples({u: r.num_samples for u, r in zip(urls, manifest.shards)}, skip_bad,
                          {u: r for u, r in zip(urls, manifest.shards)}, verify),
             EpochShuffle(self.shard_list, bufsize=shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer)),
-            wds.map(Decoder(spec, skip_bad)),
+            wds.map(Decoder(spec, skip_bad, with_meta)),
             wds.select(is_sample),
             wds.batched(batch_size, collation_fn=collate, partial=False),
             wds.map(Augmentation(aug, spec.size)),

@@ -78,7 +78,8 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
     loader = ShardLoader(config.shards, manifest, config.batch_size_per_rank, config.workers, config.aug, config.seed,
                          rank=dist.rank, world_size=dist.world_size, skip_bad=config.on_bad_shard == "skip",
                          pin_memory=config.pin_memory and device.type == "cuda",
-                         persistent_workers=config.persistent_workers, verify=config.verify_shards)
+                         persistent_workers=config.persistent_workers, verify=config.verify_shards,
+                         with_meta=config.teacher_view == "native")
     inputs = RunInputs(manifest, skipped, device, teacher, student, loader)
     if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now
         inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root,

@@ -7,7 +7,9 @@ add up to "loss" (as timm's distillation task returns its loss and parts). The l
 
 "kd": KL(softmax(t/T) || softmax(s/T)) * T^2 against the online teacher on the same (mixed) view, or
 against the logits stored in the shards; plus ce_weight * CE on the stored labels (term "ce", only with
-ce_weight > 0), with optional label smoothing and mixup's lam-weighted pair of labels.
+ce_weight > 0), with optional label smoothing and mixup's lam-weighted pair of labels. With
+teacher_view native the online teacher sees each image at the native resolution its shard records
+(native_view_logits), the view MUSE's native-mode streams were synthesised for.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+
+from common.errors import UserError
 
 from .throughput import autocast, batch_to
 
@@ -44,6 +48,31 @@ def mixup(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tenso
     return w * images + (1 - w) * images[perm], perm, lam
 
 
+def native_view_logits(teacher: torch.nn.Module, spec, images: torch.Tensor, resolution: torch.Tensor,
+                       perm: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits of each image at its native resolution: (B, C, S, S) images downsampled (area)
+    to `resolution` (B,) per image, a mixed pair (image i blended with perm[i]) at the larger of its two;
+    0 or >= S: the image as it is. One teacher pass per distinct size (eval-mode BN: per-image results)."""
+    size = images.shape[-1]
+    res = torch.maximum(resolution, resolution[perm])
+    res = torch.where((res <= 0) | (res > size), torch.full_like(res, size), res)
+    logits = None
+    for r in res.unique().tolist():
+        idx = (res == r).nonzero().squeeze(1)
+        x = images[idx] if r == size else F.interpolate(images[idx], size=(r, r), mode="area")
+        try:
+            out = teacher(spec.normalize(x))
+        except RuntimeError as e:
+            if r == size:
+                raise
+            raise UserError(f"--teacher-view native: the teacher cannot take the {r} px images these shards "
+                            f"record ({str(e).splitlines()[0]}); use --teacher-view stored") from None
+        if logits is None:
+            logits = out.new_empty((images.shape[0], out.shape[1]))
+        logits[idx] = out
+    return logits
+
+
 def distill_loss(models: Models, batch: Batch, config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
     """The "kd" loss of one batch: KD against the online teacher on the same (mixed) view, or against
     the stored logits of the stored view, plus CE. Returns {"loss", "kd"[, "ce"]}."""
@@ -55,7 +84,11 @@ def distill_loss(models: Models, batch: Batch, config: TrainConfig, device: torc
     else:
         images, perm, lam = mixup(images, config.mixup)
         with torch.no_grad(), autocast(config.amp, device):
-            teacher_logits = models.teacher(models.teacher_spec.normalize(images))
+            if config.teacher_view == "native" and batch.resolution is not None:
+                teacher_logits = native_view_logits(models.teacher, models.teacher_spec, images,
+                                                    batch.resolution.to(device), perm)
+            else:
+                teacher_logits = models.teacher(models.teacher_spec.normalize(images))
     with autocast(config.amp, device):
         student_logits = models.model(models.student.input_spec.normalize(images))
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
