@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = {
     "mnist28": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
                 "student": "lenet5_half", "images": 10_000, "distill_epochs": 5, "options": {},
-                "skip": ["muse, full-size teacher view"]},   # = "muse": LeNet-5's MUSE sees the full-size view
+                # = "muse": LeNet-5's MUSE sees the full-size view (and LeNet-5 takes 28 px only)
+                "skip": ["muse, full-size teacher view", "muse, teacher on native views in stage two"]},
     # ResNet-8 costs ~30x LeNet-5 per image, in synthesis and as the online teacher in distillation:
     # fewer images (more epochs: lenet5_half needs ~300 SGD steps), smaller generator batches, DeepInversion mostly at half size, and MUSE's
     # teacher sees each resolution as it is (a ResNet takes 8 and 16 px; LeNet-5 cannot). Shards are
@@ -83,7 +84,8 @@ CONFIGS = {
                  "distill_epochs": 5, "options": {"muse": {"num_generators": 6}},
                  "rows": {"muse, full-size teacher view": {"num_generators": 3, "steps": 70}},
                  "separate": True,
-                 "only": ["generator ensemble", "muse", "muse, full-size teacher view", "real training images (ceiling)"]},
+                 "only": ["generator ensemble", "muse", "muse, full-size teacher view",
+                          "muse, teacher on native views in stage two", "real training images (ceiling)"]},
 }
 SHARD_SIZE, IMAGE_FORMAT = 2_000, "npy"
 GEN = {"train_batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
@@ -108,6 +110,12 @@ VARIANTS = {
     "real training images (ceiling)": ("real", {}, {}),
 }
 CEILING = "real training images (ceiling)"
+# name -> (row, `distill train` flags): rows with no synthesis of their own, distilling another row's shards with
+# other stage-two flags (their synthesis columns are that row's). "teacher on the native views": the online
+# teacher sees each MUSE image at its native 16 / 32 / 64 px (the view the native-mode streams were made for)
+# instead of the upsampled one the student sees
+STAGE_TWO_ROWS = {"muse, teacher on native views in stage two": ("muse", {"teacher-view": "native"})}
+ROWS = [*VARIANTS, *STAGE_TWO_ROWS]
 DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 1, "threads": 1}
 
@@ -246,10 +254,11 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
                   synthesis_only: bool = False) -> dict:
     """Synthesise once, distil once per seed; timings are cached so a rerun does not redo or re-time."""
     cfg = CONFIGS[config_name]
-    method, options = variant_options(config_name, variant)
+    source, extra = STAGE_TWO_ROWS.get(variant, (variant, {}))
+    method, options = variant_options(config_name, source)
     base = out / config_name
     teacher_path = base / "teacher.pt"
-    shards = base / "shards" / slug(variant)
+    shards = base / "shards" / slug(source)
     timing_file = shards / "bench_timing.json"
     if timing_file.exists():
         timing = json.loads(timing_file.read_text())
@@ -268,7 +277,7 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
         timing = {"wall_s": wall, "cpu_s": cpu}
         timing_file.write_text(json.dumps(timing))
     top1 = {}
-    distill = distill_options(config_name)
+    distill = {**distill_options(config_name), **extra}
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
     for seed in seeds:
         run_dir = base / "runs" / f"{slug(variant)}-seed{seed}"
@@ -281,6 +290,14 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
             top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
     say(f"done: {config_name} / {variant}: {top1}")
     return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1}
+
+
+def _after(before, fn, *args):
+    """fn(*args) once the future `before` (None: nothing) is done: a stage-two row after its shards' synthesis.
+    Without it in this invocation, bench_variant finds the row's shards (or synthesises them itself)."""
+    if before is not None:
+        before.result()
+    return fn(*args)
 
 
 def main() -> None:
@@ -307,7 +324,7 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
-    variants = list(VARIANTS) if not args.variants else [v for v in VARIANTS if slug(v) in args.variants.split(",")]
+    variants = ROWS if not args.variants else [v for v in ROWS if slug(v) in args.variants.split(",")]
     py, seeds, started = sys.executable, list(range(args.seeds)), time.perf_counter()
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
@@ -326,12 +343,19 @@ def main() -> None:
                                                    "--quiet", "--out", str(path)], out / name / "logs" / "teacher.log")
         for f in teachers.values():
             f.result()
-        # the last (slowest) configuration first, so that the job slots run out of work together
-        jobs = [pool.submit(bench_variant, py, out, c, v, seeds, args.data_root, args.synthesis_only)
-                for c in reversed(configs) for v in variants if v not in CONFIGS[c].get("skip", [])
-                and v in CONFIGS[c].get("only", VARIANTS)
-                and (v != CEILING or CONFIGS[c].get("ceiling"))]
-        rows = sorted((j.result() for j in jobs), key=lambda r: configs.index(r["config"]))  # stable: variant order
+        # the last (slowest) configuration first, so that the job slots run out of work together; a stage-two row
+        # after the rows it reuses (it waits for that synthesis: FIFO slots, so the one it waits for has started)
+        submitted = {}
+        for c in reversed(configs):
+            for v in sorted(variants, key=lambda v: v in STAGE_TWO_ROWS):
+                if v in CONFIGS[c].get("skip", []) or v not in CONFIGS[c].get("only", ROWS) or (
+                        v == CEILING and not CONFIGS[c].get("ceiling")):
+                    continue
+                source = submitted.get((c, STAGE_TWO_ROWS[v][0])) if v in STAGE_TWO_ROWS else None
+                submitted[c, v] = pool.submit(_after, source, bench_variant, py, out, c, v, seeds, args.data_root,
+                                              args.synthesis_only)
+        rows = sorted((j.result() for j in submitted.values()), key=lambda r: (configs.index(r["config"]),
+                                                                              ROWS.index(r["method"])))
     for name in configs:
         acc = teacher_top1(CONFIGS[name]["teacher"], out / name / "teacher.pt", args.data_root,
                            CONFIGS[name].get("data", "mnist"))

@@ -325,3 +325,28 @@ def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
     assert bench.variant_options("mnistm64", "generator ensemble")[1] == bench.variant_options("mnistm32", "generator ensemble")[1]
     # a variant's own option survives the recipe's table
     assert bench.variant_options("mnistm32", "generator ensemble + adversarial")[1]["adversarial_weight"] == 1.0
+
+
+def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch):
+    """"muse, teacher on native views in stage two" synthesises nothing: it distils the "muse" row's shards
+    (whose synthesis columns it reports) with --teacher-view native, into its own run folders."""
+    bench = _bench_methods()
+    commands = []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        return 1.0, 2.0
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "final_top1", lambda run_dir, epochs: 50.0 if commands else None)
+    row = "muse, teacher on native views in stage two"
+    muse_shards = tmp_path / "mnistm64" / "shards" / "muse"
+    muse_shards.mkdir(parents=True)
+    (muse_shards / "bench_timing.json").write_text('{"wall_s": 30.0, "cpu_s": 40.0}')
+    result = bench.bench_variant("python", tmp_path, "mnistm64", row, [0], "data")
+    assert len(commands) == 1 and commands[0][1:4] == ["-m", "distill", "train"]   # no synthesis of its own
+    cmd = commands[0]
+    assert cmd[cmd.index("--shards") + 1] == str(muse_shards)
+    assert cmd[cmd.index("--teacher-view") + 1] == "native"
+    assert cmd[cmd.index("--out") + 1].endswith("muse-teacher-on-native-views-in-stage-two-seed0")
+    assert (result["cpu_s"], result["method"], result["top1"]) == (40.0, row, {0: 50.0})
+    assert row not in [v for v in bench.ROWS if v not in bench.CONFIGS["mnist28"]["skip"]]   # LeNet-5: 28 px only
