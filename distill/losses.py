@@ -54,8 +54,8 @@ def native_view_logits(teacher: torch.nn.Module, spec, images: torch.Tensor, res
     to `resolution` (B,) per image, a mixed pair (image i blended with perm[i]) at the larger of its two;
     0 or >= S: the image as it is. One teacher pass per distinct size (eval-mode BN: per-image results)."""
     size = images.shape[-1]
-    res = torch.maximum(resolution, resolution[perm])
-    res = torch.where((res <= 0) | (res > size), torch.full_like(res, size), res)
+    res = torch.where((resolution <= 0) | (resolution > size), torch.full_like(resolution, size), resolution)
+    res = torch.maximum(res, res[perm])
     logits = None
     for r in res.unique().tolist():
         idx = (res == r).nonzero().squeeze(1)

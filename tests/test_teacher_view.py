@@ -45,10 +45,11 @@ def test_each_image_reaches_the_teacher_at_its_native_size():
         assert torch.allclose(logits[i], SizeRecorder()(view)[0], atol=1e-6), i
     # a mixed pair is seen at the larger native size of its two images
     teacher.seen.clear()
-    perm = torch.tensor([1, 0, 2, 3, 4, 5])   # image 0 (7 px) mixed with image 1 (14 px)
+    perm = torch.tensor([1, 0, 2, 4, 3, 5])   # image 0 (7 px) mixed with image 1 (14 px), 3 (7) with 4 (none)
     logits = native_view_logits(teacher, spec, images, resolution, perm)
     view = F.interpolate(images[:1], size=(14, 14), mode="area")
     assert torch.allclose(logits[0], SizeRecorder()(view)[0], atol=1e-6)
+    assert torch.allclose(logits[3], SizeRecorder()(images[3:4])[0], atol=1e-6)   # "none recorded" = full size
 
 
 def write_muse_like(folder: Path, teacher: nn.Module, weights: Path) -> Path:
