@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.models import create_model  # noqa: E402
 from common.shards import read_manifest, read_shard  # noqa: E402
+from distill.losses import native_view_logits  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,9 @@ def main() -> None:
             x = torch.from_numpy(np.stack([s.image for s in group])).permute(0, 3, 1, 2).float() / 255
             labels = torch.tensor([s.label for s in group])
             stored = torch.from_numpy(np.stack([s.logits for s in group]).astype(np.float32)).argmax(1)
-            with torch.no_grad():
-                view = x if size >= spec.size else F.interpolate(x, size=(size, size), mode="area")
-                native = teacher(spec.normalize(view)).argmax(1)
+            with torch.no_grad():   # exactly distill train --teacher-view native's view (no mixup here)
+                n = len(group)
+                native = native_view_logits(teacher, spec, x, torch.full((n,), size), torch.arange(n)).argmax(1)
             counts[size] += [len(group), (stored == labels).sum().item(), (native == labels).sum().item()]
     print("| native px | images | agrees, stored view | agrees, native view |\n|---|---|---|---|")
     for size, (n, stored, native) in [*sorted(counts.items()), ("all", sum(counts.values()))]:
