@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.errors import UserError  # noqa: E402
 from common.models import create_model  # noqa: E402
 from common.shards import read_manifest, read_shard  # noqa: E402
 from distill.losses import native_view_logits  # noqa: E402
@@ -49,4 +50,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
