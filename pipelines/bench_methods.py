@@ -3,12 +3,14 @@
     bash pipelines/bench_methods.sh                         # sets up .venv, then runs this file
     python pipelines/bench_methods.py --out runs/bench_methods [--seeds 3] [--jobs 2] [--configs mnist28]
 
-Four configurations (CONFIGS): MNIST at 28 px with lenet5 -> lenet5_half; MNIST zero-padded to 32 px
+Five configurations (CONFIGS): MNIST at 28 px with lenet5 -> lenet5_half; MNIST zero-padded to 32 px
 and replicated to RGB with a CIFAR ResNet-8 teacher (so MUSE's 8 / 16 / 32 px path really runs); MNIST-M
 (digits blended into real colour photographs, built offline by common/data.py) with a CIFAR ResNet-20
 teacher and a ResNet-8 student, which adds the real-data KD ceiling as a row (and a "x ceiling" column) and
 takes its image budget, method options and distillation schedule from the shipped small-rgb recipe (what
-`synth generate` and `distill train` give such a teacher without flags); and MNIST-M at 64 px (mnistm64:
+`synth generate` and `distill train` give such a teacher without flags); the same test bed with every method at
+about equal synthesis CPU and a smaller budget (mnistm32-methods, issue 12 part 3: 10k images x 5 epochs, 3 seeds
+of every row, a longer command: `--configs mnistm32-methods`); and MNIST-M at 64 px (mnistm64:
 MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal synthesis cost, issue 12 part 4; a
 longer command: `--configs mnistm64`). Per configuration each
 method (VARIANTS) synthesises once (seed 0) with `synth generate`; the student is then distilled from
@@ -70,6 +72,20 @@ CONFIGS = {
     "mnistm32": {"title": "MNIST-M 32 px RGB, cifar_resnet20 -> cifar_resnet8", "data": "mnistm",
                  "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8", "ceiling": True,
                  "recipe": "small-rgb"},
+    # issue 12 part 3, every method on mnistm32's test bed (same dataset, teacher command and student) at about
+    # equal synthesis CPU and one distillation schedule, 3 seeds each: the recipe's method settings (the ensemble's
+    # 8 x 80 steps is the budget; DeepInversion's 4 full + 16 half-size iterations per image cost about the same)
+    # but 10k images x 5 epochs, so that every row fits 2 CPU cores (the recipe's 20k x 10 costs ~4x per row). Equal
+    # cost as in mnistm64: 6 native-view generators per resolution (a 8 / 16 / 32 px triple ~ 1/16 + 1/4 + 1 of a
+    # full-size step), and 3 per resolution x 70 steps with the teacher on the full-size view. The ablations that
+    # change one switch keep MUSE's 6 per resolution; the two single-resolution ablations keep their 3 generators
+    # (so the low-resolution cost line compares like with like) and report their own CPU. A separate command
+    "mnistm32-methods": {"title": "MNIST-M 32 px RGB, cifar_resnet20 -> cifar_resnet8, every method at equal synthesis CPU",
+                         "data": "mnistm", "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8",
+                         "ceiling": True, "recipe": "small-rgb", "images": 10_000, "distill_epochs": 5,
+                         "options": {"muse": {"num_generators": 6}},
+                         "rows": {"muse, full-size teacher view": {"num_generators": 3, "steps": 70}},
+                         "separate": True},
     # issue 12 part 4, MUSE where its claim lives: the same dataset at 64 px (digits and photo patches drawn at
     # 64 px, common/data.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal
     # synthesis CPU (the table reports the measured CPU-s). The recipe's synthesis settings, but a budget that fits

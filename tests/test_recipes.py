@@ -325,6 +325,18 @@ def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
     assert bench.variant_options("mnistm64", "generator ensemble")[1] == bench.variant_options("mnistm32", "generator ensemble")[1]
     # a variant's own option survives the recipe's table
     assert bench.variant_options("mnistm32", "generator ensemble + adversarial")[1]["adversarial_weight"] == 1.0
+    # mnistm32-methods (every method at about equal CPU): mnistm32's settings for the ensemble and DeepInversion, MUSE
+    # and its one-switch ablations at 6 generators per resolution, the single-resolution ablations at their own 3
+    for variant in ("generator ensemble", "deepinversion", "generator ensemble + adversarial"):
+        assert bench.variant_options("mnistm32-methods", variant) == bench.variant_options("mnistm32", variant)
+    for variant in ("muse", "muse without CAM", "muse without embedding diversity"):
+        assert bench.variant_options("mnistm32-methods", variant)[1]["num_generators"] == 6, variant
+    for variant in ("muse without multi-resolution (3 x full)", "muse low-resolution only (3 x 1/4)"):
+        assert bench.variant_options("mnistm32-methods", variant)[1]["num_generators"] == 3, variant
+    methods = bench.CONFIGS["mnistm32-methods"]
+    assert (methods["data"], methods["teacher"], methods["teacher_epochs"], methods["student"]) == tuple(
+        bench.CONFIGS["mnistm32"][k] for k in ("data", "teacher", "teacher_epochs", "student"))
+    assert methods["separate"] and (methods["images"], methods["distill_epochs"]) == (10_000, 5)
 
 
 def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch):
