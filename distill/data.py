@@ -1,6 +1,6 @@
 """Streaming input pipeline over synth's WebDataset shards, and image augmentations on tensors.
 
-Stages, run inside each DataLoader worker (GUIDE section 4):
+Stages, run inside each DataLoader worker, each a small iterable over the one before (webdataset's style):
 
   EpochShardList      the manifest's shard list, shuffled with (seed, epoch, round): the same order on
                       every rank; then split by rank, then by worker; repeated round after round, so a

@@ -9,9 +9,9 @@ and replicated to RGB with a CIFAR ResNet-8 teacher (so MUSE's 8 / 16 / 32 px pa
 teacher and a ResNet-8 student, which adds the real-data KD ceiling as a row (and a "x ceiling" column) and
 takes its image budget, method options and distillation schedule from the shipped small-rgb recipe (what
 `synth generate` and `distill train` give such a teacher without flags); the same test bed with every method at
-about equal synthesis CPU and a smaller budget (mnistm32-methods, issue 12 part 3: 10k images x 5 epochs, 3 seeds
+about equal synthesis CPU and a smaller budget (mnistm32-methods: 10k images x 5 epochs, 3 seeds
 of every row, a longer command: `--configs mnistm32-methods`); and MNIST-M at 64 px (mnistm64:
-MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal synthesis cost, issue 12 part 4; a
+MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal synthesis cost; a
 longer command: `--configs mnistm64`). Per configuration each
 method (VARIANTS) synthesises once (seed 0) with `synth generate`; the student is then distilled from
 those shards once per seed (the seeds vary distillation only) and evaluated on the real test split of
@@ -330,6 +330,9 @@ def main() -> None:
                         help="only synthesise (timings); the table shows the distillations already finished")
     parser.add_argument("--write-real", nargs=6, metavar=("ARCH", "TEACHER", "DATA", "DATA_ROOT", "N", "OUT"),
                         help=argparse.SUPPRESS)  # the ceiling row's shards, run as a child (for its rusage)
+    parser.add_argument("--results", default=None, metavar="FILE",
+                        help="also write the tables, headed with date, machine, commit and command, into FILE "
+                        "(e.g. results/mnistm32.md; notes below its generated part are kept)")
     args = parser.parse_args()
     if args.write_real:
         arch, weights, data, data_root, n, shards = args.write_real
@@ -379,6 +382,9 @@ def main() -> None:
             if r["config"] == name:
                 r["teacher_top1"] = acc
     write_results(out, rows, time.perf_counter() - started, args.jobs)
+    if args.results:
+        from results_header import write_results_file
+        write_results_file(args.results, (out / "results.md").read_text(), title="Synthesis methods side by side")
 
 
 def write_results(out: Path, rows: list[dict], seconds: float, jobs: int) -> None:

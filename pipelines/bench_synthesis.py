@@ -23,7 +23,7 @@ on the same batch shape (the two take turns, --repeats times; each reports its m
              BN hooks and their gradient, over the limit), and PNG encoding + tar members in one process.
 
 Teachers have random weights (cost does not depend on the weights). On a GPU the table adds the
-projected GPU-hours to synthesise 1.28M images with the README's ImageNet command lines.
+projected GPU-hours to synthesise 1.28M images with the imagenet recipe's settings.
 Results: a markdown table on stdout and in <out>/results.md, the numbers in <out>/results.csv.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ CASES = {
 CPU_CASES = ("lenet5@28", "resnet18@64")
 METHODS = ("generator", "muse", "deepinversion")
 WARMUP_STEPS = 2
-# The README's ImageNet command lines, for the projection (1.28M images).
+# The imagenet recipe's settings (common/recipes/imagenet.toml), for the projection (1.28M images).
 PROJECT_IMAGES = 1_281_167
 PROJECT = {"generator": {"generators": 8, "steps": 5000, "batch": 64},
            "muse": {"generators": 3, "steps": 5000, "batch": 64},
@@ -278,6 +278,8 @@ def main() -> None:
                         help="comma-separated --write-workers to time (default: 0 and synth's default)")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", default=None, metavar="FILE",
+                        help="also write the tables, headed with date, machine, commit and command, into FILE")
     args = parser.parse_args()
 
     from common.accel import Compute, check_amp, resolve_device
@@ -323,7 +325,7 @@ def main() -> None:
 
 
 def projected_hours(row: dict, workers: list[int]) -> tuple[float, float] | None:
-    """(synthesis hours, writing hours) for 1.28M images with the README's ImageNet lines (GPU rows)."""
+    """(synthesis hours, writing hours) for 1.28M images with the imagenet recipe's settings (GPU rows)."""
     if not row["device"].startswith("cuda"):
         return None
     p, write = PROJECT[row["method"]], max(row[f"write_{w}"] for w in workers)
@@ -351,13 +353,16 @@ def write_results(out, rows, workers, args, threads, load_before, load_after, se
                      f"{r['write_limit']:.0f} | {r['encode']:.0f} |")
     projections = [(r, projected_hours(r, workers)) for r in rows]
     if any(p for _, p in projections):
-        lines += ["", "Projected GPU-hours for 1.28M images (README's ImageNet command lines):", "",
+        lines += ["", "Projected GPU-hours for 1.28M images (the imagenet recipe's settings):", "",
                   "| method | synthesis (training / optimisation) h | writing h | total h |", "|---|---|---|---|"]
         for r, p in projections:
             if p:
                 lines.append(f"| {r['method']} | {p[0]:.1f} | {p[1]:.1f} | {p[0] + p[1]:.1f} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
+    if args.results:
+        from results_header import write_results_file
+        write_results_file(args.results, text, title="Stage-one speed against its compute limit")
     keys = sorted({k for r in rows for k in r})
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)

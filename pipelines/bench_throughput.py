@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--only", default=None, help="Only cases whose '<student>@<px>' contains this.")
+    parser.add_argument("--results", default=None, metavar="FILE",
+                        help="also write the tables, headed with date, machine, commit and command, into FILE")
     args = parser.parse_args()
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +271,9 @@ def write_results(out: Path, args, rows, decode, load_before, load_after, second
             table += [["decode", fmt, s, 50, 1, "none", False, f"{decode[fmt, s]:.1f}"] for s in sizes]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
+    if args.results:
+        from results_header import write_results_file
+        write_results_file(args.results, text, title="Stage-two throughput")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["kind", "what", "px", "batch", "threads", "amp", "channels_last", "memory_or_decode_img_s",

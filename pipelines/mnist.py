@@ -12,7 +12,8 @@ and resumes unfinished ones):
                          training images with teacher logits (the ceiling)
   4. `distill train`     lenet5_half on each set of shards with the recipe's [distill] schedule,
                          evaluated on the MNIST test split
-  5. a results table (markdown + CSV) in --out
+  5. a results table (markdown + CSV) in --out, and the same table under a header (date, machine, commit,
+     command) in results/mnist.md (--results), whose notes below the table are kept
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ RECIPE = "small-grey"
 TEACHER, STUDENT = "lenet5", "lenet5_half"
 TEACHER_EPOCHS = 8
 THREADS = 1  # per `distill train`: its 2 DataLoader workers take the other core
+TITLE = "MNIST main job: LeNet-5 -> LeNet-5-half, data-free"
 
 def run(cmd: list[str]) -> float:
     """Run one stage's command line, streaming its output; return wall seconds."""
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="data", help="Where MNIST is (or is fetched to).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-baselines", action="store_true", help="Only teacher, synthesis, distillation.")
+    parser.add_argument("--results", default=str(ROOT / "results" / "mnist.md"),
+                        help="Also write the table, headed with date, machine, commit and command, here ('' = no).")
     args = parser.parse_args()
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +126,10 @@ def main() -> None:
 
     teacher_top1 = teacher_accuracy(teacher_path, args.data_root)
     seconds["whole pipeline"] = time.perf_counter() - started
-    write_results(out, teacher_top1, results, seconds)
+    text = write_results(out, teacher_top1, results, seconds)
+    if args.results:
+        from results_header import write_results_file
+        write_results_file(args.results, text, title=TITLE)
 
 
 def teacher_accuracy(teacher_path: Path, data_root: str) -> float:
@@ -137,7 +144,7 @@ def teacher_accuracy(teacher_path: Path, data_root: str) -> float:
         return 100.0 * (teacher(images).argmax(1) == labels).float().mean().item()
 
 
-def write_results(out: Path, teacher_top1: float, results: list[tuple[str, float]], seconds: dict) -> None:
+def write_results(out: Path, teacher_top1: float, results: list[tuple[str, float]], seconds: dict) -> str:
     lines = ["| model | trained on | MNIST test top-1 (%) |", "|---|---|---|",
              f"| {TEACHER} (teacher) | real MNIST train | {teacher_top1:.2f} |"]
     lines += [f"| {STUDENT} (student, KD) | {name} | {top1:.2f} |" for name, top1 in results]
@@ -150,6 +157,7 @@ def write_results(out: Path, teacher_top1: float, results: list[tuple[str, float
         w.writerow([TEACHER, "real MNIST train", f"{teacher_top1:.2f}"])
         w.writerows([STUDENT, name, f"{top1:.2f}"] for name, top1 in results)
     print("\n" + text)
+    return text
 
 
 if __name__ == "__main__":
