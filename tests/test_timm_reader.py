@@ -1,6 +1,6 @@
 """Outside readers: timm's `wds/` dataset reads every shard format we mark timm-readable with the right
 count, labels and pixels, and refuses (not silently empties) the one we mark unreadable (npy); a reader
-written from the README alone gets our samples; webdataset's secure mode refuses pickle members."""
+written from docs/shard-format.md alone gets our samples; webdataset's secure mode refuses pickle members."""
 import io
 import json
 import os
@@ -68,17 +68,16 @@ def test_timm_reads_every_format_marked_readable_and_refuses_the_others(tmp_path
         assert np.array_equal(pixels if channels == 3 else pixels[:, :, :1], sample.image)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SHARD_FORMAT_DOC = Path(__file__).resolve().parents[1] / "docs" / "shard-format.md"
 
 
 def shard_format_section() -> str:
-    text = README.read_text()
-    return text[text.index("## The shard format"):text.index("## Faults and bad input")]
+    return SHARD_FORMAT_DOC.read_text()
 
 
 @pytest.mark.parametrize("image_format", IMAGE_FORMATS)
 def test_a_reader_written_from_the_readme_alone_gets_our_samples_and_teacher_input(tmp_path, image_format):
-    """tarfile + numpy + Pillow, following the README's shard-format section (which must state each rule
+    """tarfile + numpy + Pillow, following docs/shard-format.md (which must state each rule
     used here), give the images, labels, logits and teacher input of our own reader."""
     section = " ".join(shard_format_section().split())
     for rule in ("WDS_SECURE=1", "(H, W, C)", "C = 1 for grey", "grey PNG (or JPEG) decodes as a 2-D (H, W) array",
@@ -116,7 +115,7 @@ def test_a_reader_written_from_the_readme_alone_gets_our_samples_and_teacher_inp
 
 
 def test_webdataset_secure_mode_refuses_a_pickle_member(tmp_path):
-    """What the README tells outside readers: WDS_SECURE=1 stops plain webdataset from unpickling a
+    """What docs/shard-format.md tells outside readers: WDS_SECURE=1 stops plain webdataset from unpickling a
     tampered shard's `.pyd` member (our own reader refuses any unknown member anyway)."""
     shard = tmp_path / "tampered.tar"
     with tarfile.open(shard, "w") as tar:
