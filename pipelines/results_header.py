@@ -4,8 +4,9 @@
     write_results_file("results/mnist.md", table_markdown, title="MNIST main job")
 
 The file's generated part (between START and END) holds the header (date UTC, machine, commit, the command
-line) and the table; a rerun rewrites only that part, so dated notes written below it stay. A file without
-the marks is written new: the title, then the generated part.
+line) and the table. A rerun puts its own part there and keeps the one it replaces right below it, as a dated
+"Earlier run", so a number quoted elsewhere stays in the file with its date, machine and command; the notes
+written further down stay too. A file without the marks is written new: the title, then the generated part.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START = "<!-- generated: the lines up to the end mark are rewritten by the command named below -->"
-END = "<!-- end of the generated part; notes below it are kept -->"
+END = "<!-- end of the generated part; what is below it is kept -->"
 
 
 def cpu_model() -> str:
@@ -87,7 +88,10 @@ def write_results_file(path: str | os.PathLike, table: str, title: str, command:
     part = generated_part(table, command or command_line(), now)
     old = path.read_text() if path.exists() else ""
     if START in old and END in old and old.index(START) < old.index(END):
-        text = old[:old.index(START)] + part + old[old.index(END) + len(END):]
+        earlier = old[old.index(START) + len(START):old.index(END)].strip()
+        date = next((line[len("- Date: "):] for line in earlier.splitlines() if line.startswith("- Date: ")), "date unknown")
+        text = (old[:old.index(START)] + part + f"\n\n### Earlier run: {date}\n\n{earlier}\n"
+                + old[old.index(END) + len(END):])
     else:
         text = f"# {title}\n\n{part}\n" + (f"\n{old}" if old.strip() else "")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -235,7 +235,10 @@ def test_a_results_file_is_refreshed_between_its_marks_and_keeps_its_notes(tmp_p
     path.write_text(first + "\n## Notes (2026-01-02)\n\nwhat was tried and lost\n")
     rh.write_results_file(path, "| a |\n|---|\n| 2.00 |\n", title="ignored", command="python bench.py --y", now=when)
     second = path.read_text()
-    assert "| 2.00 |" in second and "| 1.00 |" not in second and "--y" in second and "--x" not in second
+    generated = second[second.index(rh.START):second.index(rh.END)]
+    assert "| 2.00 |" in generated and "--y" in generated and "| 1.00 |" not in generated and "--x" not in generated
+    earlier = second[second.index(rh.END):second.index("## Notes")]  # the replaced run stays, dated, below it
+    assert earlier.count("### Earlier run: 2026-01-02 03:04 UTC") == 1 and "| 1.00 |" in earlier and "--x" in earlier
     assert second.startswith("# A bench\n") and second.endswith("## Notes (2026-01-02)\n\nwhat was tried and lost\n")
     assert rh.commit(tmp_path) == "unknown"  # not a git work tree
     assert rh.command_line([str(ROOT / "pipelines" / "mnist.py"), "--out", "runs/x y"]) == \
