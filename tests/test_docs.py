@@ -51,6 +51,16 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
+def test_the_readme_is_short_and_is_the_packages_long_description():
+    import configparser
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert config["metadata"]["long_description"].strip() == "file: README.md"
+    assert len(README.read_text().splitlines()) <= 250
+    for command in ("bash pipelines/mnist.sh", "bash pipelines/test.sh"):  # the two set-up commands
+        assert command in section(README.read_text(), "Set-up commands")
+
+
 def test_github_anchors_follow_githubs_rules():
     assert github_anchor("Stored or online teacher logits") == "stored-or-online-teacher-logits"
     assert github_anchor("The teacher's view of low-resolution images (`--teacher-view`)") == \
