@@ -137,7 +137,7 @@ def parse_value(spec: OptionSpec, raw: Any, where: str = "") -> Any:
         if optional:
             return None
         raise bad()
-    if isinstance(raw, str) and optional and raw.strip().lower() in ("none", "null") and origin is not str:
+    if isinstance(raw, str) and optional and raw.strip().lower() in ("none", "null"):
         return None
     if origin is bool:
         if isinstance(raw, bool):

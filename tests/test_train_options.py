@@ -161,3 +161,14 @@ def test_steps_and_metrics_log_every_loss_term(shards, tmp_path):
         epochs = list(csv.DictReader(f))
     assert len(epochs) == 2 and all(float(r["train_loss"]) == pytest.approx(float(r["loss_kd"]) + float(r["loss_ce"]),
                                                                           rel=1e-5) for r in epochs)
+
+
+def test_none_means_none_for_optional_path_options():
+    """`--eval-data none` (and --teacher-weights none) mean no value, as their help says, not a folder named none."""
+    from common.options import options_of, parse_value
+    from distill.config import TrainConfig
+
+    specs = {s.name: s for s in options_of(TrainConfig)}
+    assert parse_value(specs["eval_data"], "none") is None
+    assert parse_value(specs["teacher_weights"], "None") is None
+    assert parse_value(specs["eval_data"], "mnist") == "mnist"
