@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -251,3 +252,35 @@ def test_bad_val_shards_are_one_line_errors(data, tmp_path):
     help_text = runner.invoke(main, ["train", "--help"]).output
     assert "--val-shards" in help_text and "--keep [last|best-val]" in help_text
 
+
+# --------------------------------------------------------------------------- pipelines/val_signal.py
+def test_val_signal_spearman_matches_scipy_and_reports_the_kept_epoch(tmp_path, capsys):
+    import importlib.util
+
+    stats = pytest.importorskip("scipy.stats")
+    spec = importlib.util.spec_from_file_location("val_signal", Path(__file__).resolve().parents[1] / "pipelines"
+                                                  / "val_signal.py")
+    val_signal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(val_signal)
+
+    rng = np.random.default_rng(3)
+    runs = []
+    for r in range(3):
+        top1 = rng.uniform(80, 99, 8).round(1)
+        top1[2] = top1[5]  # a tie
+        frame = {"epoch": range(1, 9), "step": range(1, 9), "lr": 0.1, "train_loss": 1.0, "eval_top1": top1,
+                 "seconds": 1.0, "images_per_s": 1.0, "val_agreement": (top1 + rng.normal(0, 3, 8)).round(0),
+                 "val_kl": rng.uniform(0.1, 0.5, 8)}
+        folder = tmp_path / f"run{r}"
+        folder.mkdir()
+        pd.DataFrame(frame).to_csv(folder / "metrics.csv", index=False)
+        runs.append((folder, pd.DataFrame(frame)))
+    table = val_signal.main([str(f) for f, _ in runs])
+    for (folder, frame), row in zip(runs, table.to_dict("records")):
+        assert row["rho_val_agreement"] == pytest.approx(stats.spearmanr(frame["val_agreement"], frame["eval_top1"])[0])
+        assert row["rho_val_kl"] == pytest.approx(stats.spearmanr(-frame["val_kl"], frame["eval_top1"])[0])
+        kept = frame.sort_values(["val_agreement", "val_kl", "epoch"], ascending=[False, True, True]).iloc[0]
+        assert row["kept_epoch"] == kept["epoch"] and row["kept_minus_best"] == pytest.approx(
+            kept["eval_top1"] - frame["eval_top1"].max())
+    assert "across runs (final epochs): rho(val_agreement, eval_top1) = " in capsys.readouterr().out
+    assert val_signal.spearman(pd.Series([1.0, 1.0, 1.0]), pd.Series([1.0, 2.0, 3.0])) is None
