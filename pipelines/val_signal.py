@@ -4,6 +4,7 @@ metrics.csv of `distill train --val-shards ... --eval-data ...` runs.
 
     python pipelines/val_signal.py runs/kd-a runs/kd-b          # run folders or metrics.csv files
     python pipelines/val_signal.py runs/kd-* --csv val_signal.csv
+    python pipelines/val_signal.py runs/kd-* --from-epoch 3   # only the epochs after the first steep rise
 
 Prints, per run, the correlation across its epochs, the epoch `--keep best-val` keeps and what it costs
 against the best real epoch (top-1 of the kept epoch minus the best top-1: what a peer choosing on the
@@ -47,7 +48,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
 
 
 def per_run(name: str, m: pd.DataFrame) -> dict:
-    row = {"run": name, "epochs": len(m)}
+    row = {"run": name, "epochs": f"{int(m['epoch'].iloc[0])}-{int(m['epoch'].iloc[-1])}"}
     for signal, sign in SIGNALS.items():
         row[f"rho_{signal}"] = spearman(sign * m[signal], m["eval_top1"])
     kept = best_epoch(m.to_dict("records"))
@@ -63,8 +64,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders (or their metrics.csv)")
     parser.add_argument("--csv", help="also write the per-run table here")
+    parser.add_argument("--from-epoch", type=int, default=1,
+                        help="leave out the epochs before this one (the first steep rise, which any signal tracks)")
     args = parser.parse_args(argv)
     frames = {str(r): read_metrics(r) for r in args.runs}
+    frames = {name: m[m["epoch"] >= args.from_epoch].reset_index(drop=True) for name, m in frames.items()}
+    empty = [name for name, m in frames.items() if m.empty]
+    if empty:
+        raise SystemExit(f"{empty[0]} has no epoch from {args.from_epoch} on")
     table = pd.DataFrame([per_run(name, m) for name, m in frames.items()])
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
