@@ -115,6 +115,12 @@ def test_no_split_or_none_means_no_columns_and_an_explicit_one_is_used(data, tmp
                                                                 data["other_val"])[0])
 
 
+def test_a_remote_val_split_is_streamed_and_measures_the_same(data, tmp_path):
+    local = train(config(data, tmp_path / "local", epochs=1))
+    remote = train(config(data, tmp_path / "remote", epochs=1, val_shards=f"pipe:cat {data['shards'] / 'val'}/{{name}}"))
+    assert (remote["val_agreement"], remote["val_kl"]) == (local["val_agreement"], local["val_kl"])
+
+
 def test_an_unfinished_val_split_is_left_out_with_a_note(data, tmp_path, capsys):
     shards = tmp_path / "shards"
     shutil.copytree(data["shards"], shards)
