@@ -258,7 +258,8 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
 
 def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: TeacherRecord,
                    dist: distributed.DistInfo, compute: Compute, record: dict) -> Manifest:
-    """Train the method and write every shard of this rank not yet finished (rank 0 holds the folder's lock)."""
+    """Train the method and write every shard of this rank not yet finished, the training shards first, then
+    the held-out split's (rank 0 holds the folder's lock, which covers both)."""
     if dist.is_main:  # creates, checks or clears the folder; the other ranks then check what it wrote
         manifest = _open_output(out, cfg, config, teacher_record, record)
         for split in (out, out / VAL_SPLIT):
