@@ -6,6 +6,12 @@ A dataset folder holds
   _info.json                                timm's WebDataset split info (num_samples, filenames, shard_lengths);
                                             timm reads png and jpg shards, not npy ones (timm_readable in
                                             manifest.json and _info.json; no splits there for npy)
+  val/                                      optional: a small held-out synthetic split, itself a complete dataset
+                                            folder (shards, manifest.json, _info.json) of the same teacher and
+                                            method, drawn with other seeds (no image in common with the training
+                                            shards); its manifest's config is the training one plus
+                                            "split": "val" and "val_images". `distill train --val-shards` measures
+                                            the student's agreement with the teacher on it
 
 Each sample in a shard is a group of tar members sharing a key (no dots in keys):
   sample-00001234.png | .jpg | .npy   the image, uint8 (H, W, C); PNG by default (lossless),
@@ -50,6 +56,7 @@ FORMAT = "dfkd-webdataset"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "_info.json"
+VAL_SPLIT = "val"              # the held-out split's folder inside a dataset folder
 IMAGE_FORMATS = ("png", "jpg", "npy")
 LOSSY_FORMATS = ("jpg",)       # the stored logits are for the decoded image, not the pixels before encoding
 # the image formats timm's `wds/` dataset reads: it decodes the jpg/png/webp member with PIL, and drops a
@@ -715,9 +722,40 @@ def check_shard_content(path: str | os.PathLike, record: ShardRecord, manifest: 
 
 def verify_dataset(folder: str | os.PathLike, decode: bool = True, jobs: int | None = None) -> list[str]:
     """Check every shard against the manifest: present, byte size, sha256, and (decode) every sample
-    decodable and of the manifest's shape, the sample count, keys unique across shards. Returns the
-    problems, each starting with the shard's name."""
+    decodable and of the manifest's shape, the sample count, keys unique across shards; and so the
+    held-out split in `folder`/val when there is one (its problems start with val/, and it must be of the
+    same teacher). Returns the problems, each starting with the shard's name."""
     manifest = read_manifest(folder, require_complete=False)
+    problems = _verify_one(folder, manifest, decode, jobs)
+    val = Path(folder) / VAL_SPLIT
+    if not is_remote(folder) and val.is_dir():
+        if not manifest_path(val).is_file():
+            problems.append(f"{VAL_SPLIT}/: no {MANIFEST_NAME} (not a held-out split written by `synth generate`): "
+                            "rerun the same `synth generate` or delete the folder")
+        else:
+            held_out = read_manifest(val, require_complete=False)
+            mismatch = held_out_mismatch(manifest, held_out)
+            if mismatch:
+                problems.append(f"{VAL_SPLIT}/{MANIFEST_NAME}: {mismatch}")
+            problems += [f"{VAL_SPLIT}/{p}" for p in _verify_one(val, held_out, decode, jobs)]
+    return sorted(problems)
+
+
+def held_out_mismatch(train: Manifest, held_out: Manifest) -> str | None:
+    """Why `held_out` cannot validate a student of `train`'s teacher (another class count, input or teacher),
+    or None."""
+    if held_out.num_classes != train.num_classes:
+        return f"it has {held_out.num_classes} classes, the training shards {train.num_classes}"
+    spec, other = held_out.input_spec, train.input_spec
+    if (spec.channels, spec.size) != (other.channels, other.size):
+        return (f"its images are {spec.channels} x {spec.size} px, the training shards' "
+                f"{other.channels} x {other.size} px")
+    if held_out.teacher.get("weights_sha256") != train.teacher.get("weights_sha256"):
+        return "it was labelled by another teacher (weights sha256) than the training shards"
+    return None
+
+
+def _verify_one(folder: str | os.PathLike, manifest: Manifest, decode: bool, jobs: int | None) -> list[str]:
     bad_files = check_shard_files(folder, manifest, "full", jobs)
     problems = [f"{name}: {problem}" for name, problem in bad_files.items()]
     if decode:
@@ -735,7 +773,7 @@ def verify_dataset(folder: str | os.PathLike, decode: bool = True, jobs: int | N
             seen.update((k, record.name) for k in content.keys)
     if not manifest.complete:
         problems.append(f"{MANIFEST_NAME}: marks the dataset unfinished: rerun the same `synth generate`")
-    return sorted(problems)
+    return problems
 
 
 def dataset_warnings(folder: str | os.PathLike) -> list[str]:

@@ -33,10 +33,11 @@ def rng_states() -> dict:
 def save_checkpoint(path: Path, models: Models, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict],
                     config: TrainConfig, fingerprint: dict, step_log: list[dict] | None = None,
-                    rank_rngs: list[dict] | None = None) -> None:
+                    rank_rngs: list[dict] | None = None, val_set: dict | None = None) -> None:
     """Everything needed to continue after `epoch` completed epochs, written atomically (temp, fsync,
     rename: a kill or a full disk leaves the previous checkpoint in place). `rank_rngs`: every rank's
-    `rng_states()` (in a distributed run)."""
+    `rng_states()` (in a distributed run); `val_set`: the held-out split the epochs were measured on
+    (`ValSet.identity`)."""
     state = {
         "epoch": epoch, "student": models.student.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "history": history, "config": asdict(config),
@@ -46,6 +47,8 @@ def save_checkpoint(path: Path, models: Models, optimizer: torch.optim.Optimizer
     }
     if rank_rngs is not None:
         state["rng"]["ranks"] = rank_rngs
+    if val_set is not None:
+        state["val_set"] = val_set
     if models.ema is not None:
         state["ema"] = models.ema.state_dict()
     if models.scaler.is_enabled():

@@ -12,6 +12,7 @@ from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
 from .losses import LOSSES
 from .throughput import AMP_MODES
+from .validation import KEEP
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
@@ -81,6 +82,16 @@ class TrainConfig:
                                    "(their test split), imagenet or a train/val folder (its val/), or an ImageFolder "
                                    "path; none: no evaluation.")
     data_root: str = option("data", effect="none", help="Where the datasets by name live (or are fetched to).")
+    val_shards: str = option("auto", effect="none",
+                             help="Held-out synthetic shards of the same teacher (never real data): each epoch logs "
+                             "the student's agreement with the teacher's stored logits (val_agreement, %) and "
+                             "KL(teacher || student) at T = 1 (val_kl) on them; auto: the val/ split `synth "
+                             "generate` writes beside --shards, if there is one; none: off. May change on resume, "
+                             "except with --keep best-val.")
+    keep: str = option("last", choices=KEEP,
+                       help="Students saved besides the final student.pt: last (none), best-val (also "
+                       "student_best_val.pt, the epoch with the highest val_agreement, ties broken by the lower "
+                       "val_kl; needs --val-shards).")
     seed: int = option(0, help="Random seed (sample order, augmentation draws).", effect="order")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N.", effect="none")
     resume: bool = option(False, effect="none",

@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .data import ShardLoader
 from .nets import build_student, check_models_fit, load_teacher
 from .throughput import to_memory_format
+from .validation import ValSet
 
 
 def select_shards(config: TrainConfig, manifest: Manifest, log,
@@ -57,6 +58,7 @@ class RunInputs:
     loader: ShardLoader
     eval_student: object = None     # real evaluation data in each model's input space, or None (and on ranks > 0)
     eval_teacher: object = None
+    val: ValSet | None = None       # the held-out synthetic split (--val-shards), or None
 
 
 def prepare_inputs(config: TrainConfig, device: torch.device,

@@ -2,7 +2,10 @@
 
 Reads `metrics.csv` (one row per epoch) and, when present, `steps.csv` (about 20 points per epoch)
 and `config.json` from a `distill train` folder; writes `curves.png` with three panels: training loss
-(per window and per epoch), top-1 on the evaluation data per epoch, and the learning rate.
+(per window and per epoch), top-1 on the evaluation data per epoch (and the student's agreement with the
+teacher on the held-out synthetic split, when the run measured it), and the learning rate; a fourth,
+KL(teacher || student) on that split, when there is one. The summary names the epoch the validation
+signal ranks best (the one `--keep best-val` keeps).
 
     report = report_run("runs/kd")
     print(report.table)
@@ -19,6 +22,7 @@ from common.errors import UserError
 from common.plots import Panel, line_panels
 
 from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
+from .validation import BEST_VAL_FILE, VAL_COLUMNS, best_epoch
 
 CURVES_FILE = "curves.png"
 
@@ -62,6 +66,8 @@ def read_run(run: str | Path) -> RunLog:
         raise UserError(f"{run} has no {METRICS_FILE}: no epoch has finished there yet, or it is not a "
                         "`distill train` run folder")
     metrics = _read_csv(run / METRICS_FILE, METRICS_COLUMNS)
+    if all(c in metrics.columns for c in VAL_COLUMNS):
+        metrics = _read_csv(run / METRICS_FILE, METRICS_COLUMNS + VAL_COLUMNS)
     if metrics.empty:
         raise UserError(f"{run / METRICS_FILE} has no rows yet: wait for the first epoch to finish")
     steps = _read_csv(run / STEPS_FILE, STEPS_COLUMNS) if (run / STEPS_FILE).is_file() else None
@@ -92,7 +98,21 @@ def curve_panels(log: RunLog) -> list[Panel]:
     values = [None if pd.isna(v) else float(v) for v in m["eval_top1"]]
     if any(v is not None for v in values):
         top1.series["student"] = (epochs, values)
-    return [loss, top1, lr]
+    if not has_val(m):
+        return [loss, top1, lr]
+    top1.title += " / val agreement"
+    top1.series["agreement with the teacher, held-out synthetic"] = (epochs, _values(m["val_agreement"]))
+    kl = Panel("KL(teacher || student), held-out synthetic, T = 1", "epoch", markers=True)
+    kl.series["student"] = (epochs, _values(m["val_kl"]))
+    return [loss, top1, lr, kl]
+
+
+def _values(column: pd.Series) -> list[float | None]:
+    return [None if pd.isna(v) else float(v) for v in column]
+
+
+def has_val(metrics: pd.DataFrame) -> bool:
+    return all(c in metrics.columns for c in VAL_COLUMNS) and not metrics["val_agreement"].isna().all()
 
 
 def summary_line(log: RunLog) -> str:
@@ -104,6 +124,11 @@ def summary_line(log: RunLog) -> str:
     if not m["eval_top1"].isna().all():
         best = m.loc[m["eval_top1"].idxmax()]
         parts.append(f"top-1 {last['eval_top1']:.2f}% (best {best['eval_top1']:.2f}% at epoch {int(best['epoch'])})")
+    if has_val(m):
+        best = best_epoch(m.to_dict("records"))
+        kept = f", kept as {BEST_VAL_FILE}" if log.config.get("keep") == "best-val" else ""
+        parts.append(f"val agreement {last['val_agreement']:.2f}% (best-val epoch {int(best['epoch'])}: "
+                     f"{best['val_agreement']:.2f}%, KL {best['val_kl']:.4f}{kept})")
     minutes = m["seconds"].sum() / 60
     parts.append(f"{minutes:.1f} min of training, {m['images_per_s'].iloc[-1]:.0f} img/s in the last epoch")
     return "final: " + ", ".join(parts)

@@ -12,6 +12,7 @@ from common.fileio import atomic_open
 from common.remote import is_remote
 
 from .config import RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
+from .validation import VAL_COLUMNS
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
 STEPS_FILE, EMA_FILE = "steps.csv", "student_ema.pt"
@@ -70,8 +71,11 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    write_csv(path, with_terms(METRICS_COLUMNS + ((EMA_COLUMN,) if history and EMA_COLUMN in history[0] else ()),
-                               history), history)
+    """metrics.csv: METRICS_COLUMNS, then ema_top1 (with an EMA), val_agreement and val_kl (when some epoch
+    has a validation signal; empty for the others), then the loss terms."""
+    columns = METRICS_COLUMNS + ((EMA_COLUMN,) if history and EMA_COLUMN in history[0] else ())
+    columns += VAL_COLUMNS if any(VAL_COLUMNS[0] in row for row in history) else ()
+    write_csv(path, with_terms(columns, history), history)
 
 
 def with_terms(columns: tuple[str, ...], rows: list[dict]) -> tuple[str, ...]:

@@ -20,7 +20,11 @@ Files in `out`: config.json (the resolved config), checkpoint.pt (after every ep
 optimiser, scheduler, EMA, grad scaler, epoch, RNG state of every rank, config, metrics so far;
 `resume` continues from it), metrics.csv (one row per epoch), steps.csv (loss and lr about 20 times
 per epoch) and student.pt (the final student, `save_model_checkpoint` format; student_ema.pt too with
-an EMA).
+an EMA; student_best_val.pt with `keep="best-val"`, written before the checkpoint of its epoch).
+
+Validation without real data (validation.py): with a held-out synthetic split (`val_shards`, by default
+the shards' own val/ split) every epoch also logs val_agreement and val_kl, the student against the
+teacher's stored logits there; `keep="best-val"` keeps the epoch they rank best.
 
 Faults: before the first step the shard files are checked against the manifest (`verify_shards`) and
 damaged ones refused or skipped (`on_bad_shard`), and the teacher and student are tried on one batch of
@@ -36,7 +40,7 @@ run_folder.py (the folder and its files), checkpoint.py (fingerprint, save, load
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +66,7 @@ from .recipe import resolve_run
 from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, EMA_COLUMN, EMA_FILE, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE,
                          STUDENT_FILE, check_out, make_out, with_terms, write_csv, write_metrics)
 from .throughput import ModelEma, check_amp, grad_scaler, to_memory_format, wrap_student, wrap_teacher
+from .validation import BEST_VAL_FILE, NONE, VAL_COLUMNS, ValSet, best_epoch, measure, open_val_set
 
 
 def train(config: TrainConfig) -> dict:
@@ -76,6 +81,13 @@ def train(config: TrainConfig) -> dict:
     config = run.config.resolved()
     if distributed.info().is_main:
         print(run.reason, file=sys.stderr, flush=True)
+    val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards,
+                       check_files=distributed.info().is_main)
+    if config.keep == "best-val" and val is None:
+        raise UserError("--keep best-val ranks the epochs on a held-out synthetic split and there is none "
+                        f"(--val-shards {config.val_shards}): pass --val-shards PATH, write one with `synth generate "
+                        "--val-images N` (rerun on the same --out adds it), or use --keep last")
+    config = replace(config, val_shards=val.location if val is not None else NONE)  # config.json records it
     out = check_out(config)
     device = distributed.device_for(resolve_device(config.device))
     check_amp(config.amp, device)
@@ -83,6 +95,7 @@ def train(config: TrainConfig) -> dict:
         torch.cuda.set_device(device)
     with distributed.process_group(distributed.backend_for(device)) as dist:
         inputs = prepare_inputs(config, device, dist, manifest)
+        inputs.val = val if dist.is_main else None  # rank 0 measures, like the evaluation
         if not dist.is_main:  # rank 0 makes, locks and cleans the run folder; the others wait for it
             distributed.barrier()
             return _train(config, out, inputs, dist, run.record())
@@ -114,10 +127,13 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
     fingerprint = run_fingerprint(config, manifest, manifest.teacher["weights_sha256"], dist.world_size)
     log = tqdm.write if config.progress and main else (lambda message: None)
     history, step_log, start_epoch = [], [], 0
+    val, val_identity = inputs.val, inputs.val.identity if inputs.val is not None else None
     if config.resume and (out / CHECKPOINT_FILE).is_file():
         state = load_checkpoint(out / CHECKPOINT_FILE, fingerprint)
         restore(state, models, optimizer, scheduler, out / CHECKPOINT_FILE, dist.rank)
         history, step_log, start_epoch = state["history"], list(state.get("step_log", [])), state["epoch"]
+        if main and config.keep == "best-val":
+            check_same_val_set(state.get("val_set"), val_identity, history, out)
     elif config.resume:
         log(f"no checkpoint in {out} yet: starting at epoch 1")
     models.model = wrap_student(student, device, dist.enabled, config.compile)
@@ -140,9 +156,18 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
             history[-1][EMA_COLUMN] = evaluate_student(models.ema.module, eval_student, device, config, out)
         if main:
             save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, start_epoch, history, config,
-                            fingerprint, step_log, state["rng"].get("ranks"))
+                            fingerprint, step_log, state["rng"].get("ranks"), state.get("val_set"))
             write_metrics(out / METRICS_FILE, history)
             log(f"epoch {start_epoch}: top-1 {history[-1]['eval_top1']:.2f}% (evaluated on resuming)")
+    if history and val is not None and history[-1].get("val_agreement") is None:
+        # the last finished epoch has no validation signal (it failed, or --val-shards is new): measure it now
+        history[-1] |= measure_val(student, val, device, config, out)
+        if config.keep == "best-val" and best_epoch(history) is history[-1]:
+            save_best_val(out, student, fingerprint, history[-1])
+        save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, start_epoch, history, config,
+                        fingerprint, step_log, state["rng"].get("ranks"), val_identity)
+        write_metrics(out / METRICS_FILE, history)
+        log(f"epoch {start_epoch}: {format_val(history[-1])} (measured on resuming)")
     if teacher_top1 is not None:
         log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
     if dist.enabled:
@@ -169,7 +194,10 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
         train_loss = distributed.all_reduce_mean(stats["train_loss"], device)
         rank_rngs = distributed.all_gather_object(rng_states()) if dist.enabled else None
         top1 = ema_top1 = eval_failed = None
+        signal = dict.fromkeys(VAL_COLUMNS) if val is not None else {}
         try:  # a failed evaluation must not lose the epoch: it is checkpointed first, then reported
+            if val is not None:
+                signal = measure(student, val, device, config.channels_last, config.verify_shards)
             if eval_student is not None:
                 top1 = evaluate_top1(student, eval_student, device, config.workers)
                 if models.ema is not None:
@@ -182,16 +210,24 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
                "eval_top1": top1, "seconds": stats["seconds"], "images_per_s": images / stats["seconds"]}
         if models.ema is not None:
             row[EMA_COLUMN] = ema_top1
+        row |= signal
         row |= {name: distributed.all_reduce_mean(value, device) for name, value in stats["terms"].items()}
         history.append(row)
         if not main:
             continue
+        if config.keep == "best-val" and best_epoch(history) is row:  # before the checkpoint that records it
+            save_best_val(out, student, fingerprint, row)
         save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, epoch + 1, history, config, fingerprint,
-                        step_log, rank_rngs)
+                        step_log, rank_rngs, val_identity)
         fault_point("epoch-saved")
         write_metrics(out / METRICS_FILE, history)
         write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
         if eval_failed is not None:
+            if isinstance(eval_failed, (ShardFormatError, UserError)):  # the held-out split
+                reason = str(eval_failed).strip().splitlines()[-1]
+                raise UserError(f"measuring epoch {epoch + 1} on --val-shards {config.val_shards} failed ({reason}); "
+                                f"the epoch is saved in {out / CHECKPOINT_FILE}: check the split with `synth verify "
+                                f"{config.val_shards}`, then rerun with --resume, which measures it first") from None
             if not isinstance(eval_failed, OSError):
                 raise eval_failed
             reason = unreadable_reason(eval_failed)
@@ -201,6 +237,7 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
         log(f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}"
             + (f", top-1 {top1:.2f}%" if top1 is not None else "")
             + (f", EMA top-1 {row[EMA_COLUMN]:.2f}%" if row.get(EMA_COLUMN) is not None else "")
+            + (f", {format_val(row)}" if val is not None else "")
             + f", {images / stats['seconds']:.0f} img/s")
 
     final = history[-1]
@@ -213,10 +250,47 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
             save_model_checkpoint(out / EMA_FILE, models.ema.module, extra=extra | {"eval_top1": final.get(EMA_COLUMN)})
     distributed.barrier()  # rank 0 has written everything
     seconds = sum(row["seconds"] for row in history)
+    best = best_epoch(history) if config.keep == "best-val" else None
     return {"eval_top1": final["eval_top1"], "teacher_top1": teacher_top1, "epochs": final["epoch"],
             "steps": final["step"], "train_loss": final["train_loss"],
             "images_per_s": final["step"] * config.batch_size_per_rank * dist.world_size / seconds,
-            "skipped_shards": len(inputs.skipped), "out": str(out)}
+            "skipped_shards": len(inputs.skipped), "out": str(out),
+            "val_agreement": final.get("val_agreement"), "val_kl": final.get("val_kl"),
+            "best_val_epoch": best["epoch"] if best is not None else None}
+
+
+def format_val(row: dict) -> str:
+    if row.get("val_agreement") is None:
+        return "val not measured"
+    return f"val agreement {row['val_agreement']:.2f}%, val KL {row['val_kl']:.4f}"
+
+
+def measure_val(student: nn.Module, val: ValSet, device: torch.device, config: TrainConfig, out: Path) -> dict:
+    """The validation signal of a restored student (resuming an epoch that lacks it); UserError if it fails."""
+    try:
+        return measure(student, val, device, config.channels_last, config.verify_shards)
+    except (ShardFormatError, OSError) as e:
+        raise UserError(f"measuring the last epoch in {out / CHECKPOINT_FILE} on --val-shards {val.location} failed "
+                        f"({str(e).strip().splitlines()[-1]}): check it with `synth verify {val.location}`, or pass "
+                        "--val-shards none") from None
+
+
+def save_best_val(out: Path, student: nn.Module, fingerprint: dict, row: dict) -> None:
+    """student_best_val.pt: the student of epoch `row`, the best so far by the validation signal."""
+    extra = {"teacher_sha256": fingerprint["teacher_sha256"], "epochs": row["epoch"], "eval_top1": row["eval_top1"],
+             "val_agreement": row["val_agreement"], "val_kl": row["val_kl"]}
+    save_model_checkpoint(out / BEST_VAL_FILE, student, extra=extra)
+
+
+def check_same_val_set(saved: dict | None, current: dict | None, history: list[dict], out: Path) -> None:
+    """With --keep best-val the epochs of a run must be ranked on one held-out split: UserError when the
+    checkpoint's epochs were measured on another one than the resumed run measures on."""
+    if best_epoch(history) is None or saved is None or current is None:
+        return
+    if saved.get("shards") != current["shards"]:
+        raise UserError(f"{out / CHECKPOINT_FILE} ranked its epochs for --keep best-val on the held-out split "
+                        f"{saved.get('location')}, not on {current['location']}: resume with --val-shards "
+                        f"{saved.get('location')} (the same shards), or train into another --out")
 
 
 def evaluate_student(model: nn.Module, dataset, device: torch.device, config: TrainConfig, out: Path) -> float:

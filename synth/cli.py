@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -19,7 +20,8 @@ from common import distributed
 from common.errors import UserError
 from common.options import click_options, describe, explicit_values, options_of
 from common.recipes import recipe_keys, shipped_names
-from common.shards import TIMM_READABLE_FORMATS, dataset_warnings, read_manifest, verify_dataset
+from common.shards import (MANIFEST_NAME, TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnings, read_manifest,
+                           verify_dataset)
 
 from .generate import GenerateConfig, generate
 from .methods import METHODS
@@ -68,7 +70,12 @@ def generate_cmd(sets, threads, quiet, **flags):
         given["progress"] = False
     manifest = generate(GenerateConfig(**given))
     if distributed.info().is_main:
-        click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {given.get('out', 'shards')}")
+        out = given.get("out", "shards")
+        click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
+        held_out = _held_out(out)
+        if held_out is not None:
+            click.echo(f"held-out split: {held_out.num_samples} images in {Path(out) / VAL_SPLIT} (for `distill train "
+                       "--val-shards`, found there by default)")
         if manifest.image_format not in TIMM_READABLE_FORMATS:
             click.echo(f"note: {manifest.image_format} shards are read by `distill train` and plain webdataset, not by "
                        f"timm's wds/ dataset (it decodes {', '.join(TIMM_READABLE_FORMATS)} images); use "
@@ -99,7 +106,10 @@ def verify_cmd(folder, no_decode, jobs):
     of the manifest's shape, sample counts, unique keys. Exit code 1 when something is wrong."""
     manifest = read_manifest(folder, require_complete=False)
     problems = verify_dataset(folder, decode=not no_decode, jobs=jobs)
-    for note in dataset_warnings(folder):
+    held_out = _held_out(folder, require_complete=False)
+    notes = dataset_warnings(folder) + ([f"{VAL_SPLIT}/{n}" for n in dataset_warnings(Path(folder) / VAL_SPLIT)]
+                                        if held_out is not None else [])
+    for note in notes:
         click.echo(f"NOTE {note}")
     for problem in problems:
         click.echo(f"BAD  {problem}")
@@ -108,7 +118,19 @@ def verify_cmd(folder, no_decode, jobs):
                    "restore them from a copy, or train without them (`distill train --on-bad-shard skip`)", err=True)
         sys.exit(1)
     click.echo(f"OK   {len(manifest.shards)} shards, {manifest.num_samples} samples"
-               + ("" if no_decode else ", all decoded"))
+               + ("" if no_decode else ", all decoded")
+               + (f"; held-out split {VAL_SPLIT}/: {len(held_out.shards)} shards, {held_out.num_samples} samples"
+                  if held_out is not None else ""))
+
+
+def _held_out(folder, require_complete: bool = True):
+    """The manifest of FOLDER's held-out split (FOLDER/val), or None when there is none (or, with
+    `require_complete`, it is unfinished)."""
+    val = Path(folder) / VAL_SPLIT
+    if not (val / MANIFEST_NAME).is_file():
+        return None
+    manifest = read_manifest(val, require_complete=False)
+    return manifest if manifest.complete or not require_complete else None
 
 
 @main.command("inspect")

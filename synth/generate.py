@@ -10,6 +10,12 @@ Restartable and deterministic:
   - one writer per folder (a lock file; a second `synth generate` into it is refused), temp files of
     killed writes are removed on start, and a full disk ends in a DiskFullError that names the file.
 
+Held-out split (`val_images`, default a small share of `num_images`): once the training shards are
+complete, the same trained method writes `<out>/val/`, a complete dataset folder of its own (shards,
+manifest, state) made the same way, with each shard's RNG seeded by (seed, VAL_STREAM, shard) instead of
+(seed, shard): no image in common with the training shards, whose bytes it never changes.
+`distill train --val-shards` ranks epochs on it without real data.
+
 Computing (`device`, `amp`, `channels_last`, `compile`; common/accel.py): the teacher, the method and the
 teacher's logits run on the device, noise is drawn from seeded CPU generators, and `synth/writer.py`
 encodes and writes the shards in a pool of processes while the device works.
@@ -48,8 +54,8 @@ from common.models import create_model
 from common.options import explicit_fields, option, parse_options, track_explicit
 from common.options import validate as validate_options
 from common.recipes import AUTO, Recipe, as_dict, pick_recipe, shipped_names
-from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, Manifest, ShardRecord, TeacherRecord,
-                           build_manifest, read_manifest, sample_key, shard_name, write_manifest)
+from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
+                           TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
 from .methods import METHODS, build_method
 from .methods.base import seeded_generator
@@ -59,6 +65,11 @@ STATE_DIR = "state"
 SHARD_RECORDS_DIR = "shards"  # inside STATE_DIR: one JSON record per finished shard (written by its rank)
 # Ranks wait at barriers while rank 0 (or another rank) fits the method: allow hours.
 DIST_TIMEOUT_MIN = 24 * 60
+# the held-out split: its shards' RNGs are seeded with (seed, VAL_STREAM, shard), never a training shard's
+# (seed, shard); its default size is num_images / VAL_SHARE, within VAL_MIN..VAL_MAX and at most a tenth
+# of num_images (for DeepInversion, which optimises every batch, it costs as much per image as training)
+VAL_STREAM = 1
+VAL_SHARE, VAL_MIN, VAL_MAX = 50, 500, 2000
 
 
 @track_explicit
@@ -89,6 +100,11 @@ class GenerateConfig:
     resolution: int | None = option(None, min=8, help="Teacher input size (none: the model's own).")
     num_classes: int | None = option(None, min=1, help="Classes of a teacher built with --weights none.")
     seed: int = option(0, help="Seed of the method's training and of every shard's noise.")
+    val_images: int | None = option(None, min=0,
+                                    help=f"Held-out synthetic images written to <out>/{VAL_SPLIT}/ (other seeds than "
+                                    "the training shards, which it never changes) for `distill train "
+                                    f"--val-shards`; none: {100 // VAL_SHARE}% of --num-images, at least {VAL_MIN} "
+                                    f"and at most {VAL_MAX} but at most a tenth of --num-images; 0: none.")
     write_batch_size: int = option(500, min=1,
                                    help="Images per batch when writing shards (changes MUSE's and "
                                    "DeepInversion's images: part of the config a rerun must match).")
@@ -115,8 +131,41 @@ class GenerateConfig:
 
 # GenerateConfig options that the manifest's `options` record leaves out (execution of one invocation)
 _INVOCATION_ONLY = ("out", "overwrite", "progress", "write_workers")
-# hashed GenerateConfig options that the config hash records in another form
-_HASHED_ELSEWHERE = ("method_options", "device", "amp", "channels_last", "compile")
+# hashed GenerateConfig options that the config hash records in another form (val_images: in the held-out
+# split's config, so that it never changes the training manifest's hash)
+_HASHED_ELSEWHERE = ("method_options", "device", "amp", "channels_last", "compile", "val_images")
+
+
+def val_count(cfg: GenerateConfig) -> int:
+    """The number of held-out images: `val_images`, or the default share of `num_images` (see its help)."""
+    if cfg.val_images is not None:
+        return cfg.val_images
+    return min(VAL_MAX, max(VAL_MIN, cfg.num_images // VAL_SHARE), cfg.num_images // 10)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One set of shards that `synth generate` writes: the training shards in --out (stream ()), the
+    held-out ones in --out/val (stream (VAL_STREAM,)). Shard i holds samples i*S .. (i+1)*S-1 of the split,
+    drawn from an RNG seeded by (seed, *stream, i)."""
+
+    folder: Path
+    num_images: int
+    shard_size: int
+    stream: tuple[int, ...] = ()
+    meta: dict = field(default_factory=dict)   # added to every sample's metadata
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def indices(self, index: int) -> range:
+        """The sample indices of shard `index`."""
+        first = index * self.shard_size
+        return range(first, min(first + self.shard_size, self.num_images))
+
+    def rng(self, seed: int, index: int) -> torch.Generator:
+        return seeded_generator(seed, *self.stream, index)
 
 
 @dataclass
@@ -182,7 +231,7 @@ _TEACHER_FIELDS = ("teacher", "weights", "resolution", "num_classes")
 
 
 def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: Compute) -> Manifest:
-    cfg = resolved.config
+    cfg = replace(resolved.config, val_images=val_count(resolved.config))
     spec = teacher.input_spec
     teacher_record = models.teacher_record(cfg.teacher, cfg.weights, teacher)
     teacher = compute.model(teacher)
@@ -209,31 +258,55 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
 
 def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: TeacherRecord,
                    dist: distributed.DistInfo, compute: Compute, record: dict) -> Manifest:
-    """Train the method and write every shard of this rank not yet finished (rank 0 holds the folder's lock)."""
+    """Train the method and write every shard of this rank not yet finished, the training shards first, then
+    the held-out split's (rank 0 holds the folder's lock, which covers both)."""
     if dist.is_main:  # creates, checks or clears the folder; the other ranks then check what it wrote
         manifest = _open_output(out, cfg, config, teacher_record, record)
-        for folder in (out, out / STATE_DIR, out / STATE_DIR / SHARD_RECORDS_DIR):
-            if folder.is_dir():
-                remove_stale_temps(folder)
+        for split in (out, out / VAL_SPLIT):
+            for folder in (split, split / STATE_DIR, split / STATE_DIR / SHARD_RECORDS_DIR):
+                if folder.is_dir():
+                    remove_stale_temps(folder)
     distributed.barrier()
     if not dist.is_main:
         manifest = _open_output(out, replace(cfg, overwrite=False), config, teacher_record, record)
     progress = cfg.progress and dist.is_main
-
     method.fit_parallel(teacher, out / STATE_DIR, progress=progress, seed=cfg.seed, rank=dist.rank,
                         world_size=dist.world_size, barrier=distributed.barrier)
 
-    num_shards = -(-cfg.num_images // cfg.shard_size)
+    _write_split(cfg, Split(out, cfg.num_images, cfg.shard_size), manifest, method, teacher, dist, compute,
+                 "shards")
+    if cfg.val_images:
+        val = Split(out / VAL_SPLIT, cfg.val_images, min(cfg.shard_size, cfg.val_images), (VAL_STREAM,),
+                    {"split": VAL_SPLIT})
+        val_config = config | {"split": VAL_SPLIT, "val_images": cfg.val_images}
+        val_cfg = replace(cfg, num_images=val.num_images, shard_size=val.shard_size, overwrite=False)
+        if dist.is_main:
+            _make_folder(val.folder)
+            val_manifest = _open_val_output(val.folder, val_cfg, val_config, teacher_record, record)
+        distributed.barrier()
+        if not dist.is_main:
+            val_manifest = _open_val_output(val.folder, val_cfg, val_config, teacher_record, record)
+        _write_split(val_cfg, val, val_manifest, method, teacher, dist, compute, "held-out shards")
+    return manifest if dist.is_main else read_manifest(out)
+
+
+def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, teacher, dist: distributed.DistInfo,
+                 compute: Compute, desc: str) -> None:
+    """Write every shard of `split` that this rank owns and that is not finished yet; rank 0 keeps the
+    split's manifest and marks it complete once every rank is done."""
+    out, progress = split.folder, cfg.progress and dist.is_main
+    num_shards = split.num_shards
     mine = range(dist.rank, num_shards, dist.world_size)  # disjoint; their union is every shard
     done = _finished_shards(out, manifest, mine)
-    bar = tqdm(total=len(mine), desc="shards" + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
+    bar = tqdm(total=len(mine), desc=desc + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
                disable=not progress, unit="shard")
     logits_of = _teacher_logits(teacher, compute)
     workers = cfg.write_workers
     if workers is None:
         workers = default_workers(distributed.default_threads(), compute.device)
     todo = [index for index in mine if index not in done]
-    jobs = (ShardJob(out / shard_name(i), _shard_batches(cfg, method, i, _shard_indices(cfg, i))) for i in todo)
+    jobs = (ShardJob(out / shard_name(i), _shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
+                                                         split.meta)) for i in todo)
     bar.update(len(mine) - len(todo))
     with WriterPool(workers if todo else 0) as pool:
         for record in write_shards(jobs, logits_of, method.labels_from_teacher, cfg.image_format, pool):
@@ -254,7 +327,6 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
         manifest.complete = True
         write_manifest(out, manifest)
     distributed.barrier()  # the manifest is complete
-    return manifest if dist.is_main else read_manifest(out)
 
 
 def _make_folder(out: Path) -> None:
@@ -289,6 +361,19 @@ def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: T
     return manifest
 
 
+def _open_val_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: TeacherRecord,
+                     record: dict) -> Manifest:
+    """The held-out split's manifest (`_open_output` on <out>/val); one made with other settings is refused
+    with its own fix: deleting it costs only the held-out images."""
+    if (out / MANIFEST_NAME).exists():
+        manifest = read_manifest(out, require_complete=False)
+        if manifest.config_sha256 != canonical_json_sha256(config):
+            raise UserError(f"{out} holds a held-out split made with other settings "
+                            f"({_config_changes(manifest.config, config)}); rerun with the same flags, or delete "
+                            f"{out} to write it anew (the training shards are kept), or pass --val-images 0")
+    return _open_output(out, cfg, config, teacher_record, record)
+
+
 def _config_changes(old: dict, new: dict) -> str:
     """'--num-images: 96000 there, 50 now; ...' for the hashed settings that differ between two configs."""
     def show(v):
@@ -317,14 +402,19 @@ def _config_changes(old: dict, new: dict) -> str:
     return "; ".join(parts) or "config"
 
 
-def _clear_output(out: Path) -> None:
-    """Delete what `synth generate` writes (shards, manifests, state), nothing else."""
+def _clear_output(out: Path, held_out: bool = True) -> None:
+    """Delete what `synth generate` writes (shards, manifests, state, and with `held_out` the held-out
+    split's), nothing else."""
     for p in out.iterdir():
         ours = p.name in (MANIFEST_NAME, INFO_NAME) or (p.name.startswith("shard-") and ".tar" in p.name)
         if ours or is_temp_file(p):
             p.unlink()
         elif p.name == STATE_DIR and p.is_dir():
             shutil.rmtree(p)
+        elif p.name == VAL_SPLIT and p.is_dir() and held_out:
+            _clear_output(p, held_out=False)
+            with contextlib.suppress(OSError):  # kept when it holds files of the user's
+                p.rmdir()
 
 
 def _record_path(out: Path, name: str) -> Path:
@@ -365,12 +455,6 @@ def _finished_shards(out: Path, manifest: Manifest, indices: range) -> set[int]:
     return done
 
 
-def _shard_indices(cfg: GenerateConfig, index: int) -> range:
-    """The sample indices of shard `index`."""
-    first = index * cfg.shard_size
-    return range(first, min(first + cfg.shard_size, cfg.num_images))
-
-
 def _teacher_logits(teacher, compute: Compute):
     """The teacher's logits (float32, on the device) for 8-bit (B, C, H, W) pixels, as a reader would feed
     them: /255, then the teacher's mean and std."""
@@ -384,11 +468,12 @@ def _teacher_logits(teacher, compute: Compute):
     return logits_of
 
 
-def _shard_batches(cfg: GenerateConfig, method, index: int, indices: range) -> Iterator[PixelBatch]:
+def _shard_batches(cfg: GenerateConfig, method, rng: torch.Generator, indices: range,
+                   meta: dict | None = None) -> Iterator[PixelBatch]:
     """The batches of one shard: class-balanced labels, round-robin ensemble members, images from the
-    shard's own RNG (so a shard depends only on (seed, index)), as 8-bit pixels on the device."""
+    shard's own RNG `rng` (so a shard depends only on its seed), as 8-bit pixels on the device. `meta` is
+    added to every sample's metadata."""
     spec = method.spec
-    rng = seeded_generator(cfg.seed, index)
     all_idx = torch.tensor(list(indices))
     for start in range(0, len(all_idx), cfg.write_batch_size):
         idx = all_idx[start:start + cfg.write_batch_size]
@@ -396,5 +481,6 @@ def _shard_batches(cfg: GenerateConfig, method, index: int, indices: range) -> I
         streams = (idx // spec.num_classes) % method.num_streams
         pixels = pixels_to_uint8(method.synthesize(labels, streams, rng))
         metas = [{"stream": int(k), "shard_seed": int(rng.initial_seed()),
-                  "resolution": method.stream_resolution(int(k)), "method": cfg.method} for k in streams.tolist()]
+                  "resolution": method.stream_resolution(int(k)), "method": cfg.method} | (meta or {})
+                 for k in streams.tolist()]
         yield PixelBatch([sample_key(int(j)) for j in idx], pixels, labels.to(pixels.device), metas)

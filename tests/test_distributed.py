@@ -133,22 +133,24 @@ def spawn_two_ranks(options: dict, stop_at_epoch: int | None = None) -> dict:
 
 def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, tmp_path):
     options = ["--shards", str(shards), "--student", "lenet5_half", "--epochs", "2", "--batch-size-per-rank", "8",
-               "--workers", "2", "--quiet", "--ema-decay", "0.9"]
+               "--workers", "2", "--quiet", "--ema-decay", "0.9", "--keep", "best-val"]
     proc = torchrun("-m", "distill", "train", *options, "--out", str(tmp_path / "straight"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("done: ") == 1  # rank 0 reports
     rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith("ema_top1,loss_kd") and len(rows) == 3  # then the loss terms
+    # the held-out split synth wrote beside the shards is found and measured (by rank 0); then the loss terms
+    assert rows[0].endswith("ema_top1,val_agreement,val_kl,loss_kd") and len(rows) == 3
+    assert all(row.split(",")[8] and row.split(",")[9] for row in rows[1:])
     assert rows[2].split(",")[1] == str(2 * NUM_IMAGES // (8 * 2))  # steps: the global batch is 2 x 8
 
     config = dict(shards=str(shards), student="lenet5_half", out=str(tmp_path / "resumed"), epochs=2,
-                  batch_size_per_rank=8, workers=2, progress=False, ema_decay=0.9)
+                  batch_size_per_rank=8, workers=2, progress=False, ema_decay=0.9, keep="best-val")
     assert spawn_two_ranks(config, stop_at_epoch=1) == {0: "interrupted", 1: "interrupted"}
     assert len((tmp_path / "resumed" / "metrics.csv").read_text().splitlines()) == 2  # epoch 1 was saved
     results = spawn_two_ranks(config | {"resume": True})
     assert results[0]["epochs"] == results[1]["epochs"] == 2
     assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"])  # averaged over ranks
-    for name in ("student.pt", "student_ema.pt"):
+    for name in ("student.pt", "student_ema.pt", "student_best_val.pt"):
         straight = load_model_checkpoint(tmp_path / "straight" / name)["state_dict"]
         resumed = load_model_checkpoint(tmp_path / "resumed" / name)["state_dict"]
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), name  # bit-identical continuation

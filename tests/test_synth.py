@@ -132,3 +132,72 @@ def test_generator_steps_auto_scale_with_dataset_size():
     assert auto.for_images(50_000).steps == 1000
     assert auto.for_images(10_000_000).steps == 2000
     assert GeneratorEnsembleConfig(steps=7).for_images(10**6).steps == 7  # explicit wins
+
+
+# --------------------------------------------------------------------------- held-out split
+def _images(folder):
+    return {s.key: s for p in sorted(Path(folder).glob("shard-*.tar")) for s in read_shard(p)}
+
+
+def test_held_out_split_is_its_own_dataset_and_leaves_the_training_shards_alone(tiny_teacher_path, tmp_path):
+    m = generate(_config(tiny_teacher_path, tmp_path / "v", val_images=25))
+    generate(_config(tiny_teacher_path, tmp_path / "plain", val_images=0))
+    assert not (tmp_path / "plain" / "val").exists()
+    assert _shard_bytes(tmp_path / "v") == _shard_bytes(tmp_path / "plain")  # training shards: the same bytes
+    assert m.config_sha256 == read_manifest(tmp_path / "plain").config_sha256
+    val = read_manifest(tmp_path / "v" / "val")
+    assert val.complete and [s.num_samples for s in val.shards] == [20, 5]
+    assert val.config["split"] == "val" and val.config["val_images"] == 25
+    assert val.teacher == read_manifest(tmp_path / "v").teacher and val.num_classes == m.num_classes
+    assert verify_dataset(tmp_path / "v") == [] and verify_dataset(tmp_path / "v" / "val") == []
+    held_out, train = _images(tmp_path / "v" / "val"), _images(tmp_path / "v")
+    assert sorted(s.label for s in held_out.values()) == sorted(i % 10 for i in range(25))
+    assert {s.meta["split"] for s in held_out.values()} == {"val"} and {s.meta["stream"] for s in held_out.values()} == {0, 1}
+    trained = {s.image.tobytes() for s in train.values()}
+    assert not any(s.image.tobytes() in trained for s in held_out.values())  # other seeds: no image shared
+    assert json.loads((tmp_path / "v" / "val" / "_info.json").read_text())["num_samples"] == 25
+
+
+def test_held_out_split_resumes_and_refuses_another_size(tiny_teacher_path, tmp_path):
+    out = tmp_path / "v"
+    generate(_config(tiny_teacher_path, out, val_images=25))
+    reference = _shard_bytes(out / "val")
+    val = out / "val"
+    (val / "shard-000001.tar").unlink()  # a kill while writing the held-out split's second shard
+    manifest = json.loads((val / "manifest.json").read_text())
+    manifest["complete"], manifest["shards"] = False, manifest["shards"][:1]
+    (val / "manifest.json").write_text(json.dumps(manifest))
+    mtime0 = (val / "shard-000000.tar").stat().st_mtime_ns
+    generate(_config(tiny_teacher_path, out, val_images=25))
+    assert _shard_bytes(val) == reference and (val / "shard-000000.tar").stat().st_mtime_ns == mtime0
+    with pytest.raises(UserError, match=r"held-out split made with other settings \(--val-images 25 there, 10 "
+                                        r"now\); rerun with the same flags, or delete .*val to write it anew"):
+        generate(_config(tiny_teacher_path, out, val_images=10))
+    import shutil
+    shutil.rmtree(val)
+    generate(_config(tiny_teacher_path, out, val_images=10))
+    assert read_manifest(val).num_samples == 10
+    generate(_config(tiny_teacher_path, out, seed=1, overwrite=True, val_images=0))
+    assert not val.exists()  # --overwrite clears the held-out split too
+
+
+def test_verify_checks_the_held_out_split(tiny_teacher_path, tmp_path):
+    out = tmp_path / "v"
+    generate(_config(tiny_teacher_path, out, val_images=25))
+    r = CliRunner().invoke(synth_cli, ["verify", str(out)])
+    assert r.exit_code == 0 and "all decoded; held-out split val/: 2 shards, 25 samples" in r.output
+    (out / "val" / "shard-000001.tar").write_bytes(b"broken")
+    r = CliRunner().invoke(synth_cli, ["verify", str(out)])
+    assert r.exit_code == 1 and "BAD  val/shard-000001.tar: 6 bytes, the manifest says" in r.output
+    manifest = json.loads((out / "val" / "manifest.json").read_text())
+    manifest["teacher"]["weights_sha256"] = "0" * 64
+    (out / "val" / "manifest.json").write_text(json.dumps(manifest))
+    assert any(p.startswith("val/manifest.json: it was labelled by another teacher") for p in verify_dataset(out))
+
+
+def test_held_out_split_default_size():
+    from synth.generate import val_count
+
+    sizes = {n: val_count(GenerateConfig(teacher="lenet5", num_images=n)) for n in (50, 10_000, 96_000, 10**6)}
+    assert sizes == {50: 5, 10_000: 500, 96_000: 1920, 10**6: 2000}
+    assert val_count(GenerateConfig(teacher="lenet5", num_images=10**6, val_images=0)) == 0
