@@ -87,6 +87,12 @@ CONFIGS = {
                          "data": "mnistm", "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8",
                          "ceiling": True, "recipe": "small-rgb", "images": 10_000, "distill_epochs": 5,
                          "options": {"muse": {"num_generators": 6}}, "rows": EQUAL_COST_ROWS, "separate": True},
+    # the MNIST main job's budget (the small-grey recipe: 96k images, 8 x 200 generator steps, 10 epochs) for the rows
+    # that compete for a recipe default; the second dataset a setting must win on (with --paired-seeds). No ceiling
+    # row (MNIST is not held as uint8 arrays here): the main job measures it. A separate command
+    "mnist28-recipe": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
+                       "student": "lenet5_half", "recipe": "small-grey", "separate": True,
+                       "only": ["generator ensemble", "generator ensemble + adversarial"]},
     # issue 12 part 4, MUSE where its claim lives: the same dataset at 64 px (digits and photo patches drawn at
     # 64 px, common/data.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal
     # synthesis CPU (the table reports the measured CPU-s). The recipe's synthesis settings, but a budget that fits
@@ -151,8 +157,9 @@ def _apply_recipe(cfg: dict) -> None:
                       for method in {*recipe.method, *own}}
     cfg.setdefault("distill_epochs", recipe.distill["epochs"])
     cfg["distill"] = {k.replace("_", "-"): v for k, v in recipe.distill.items() if k != "epochs"}
-    if (recipe.synth.get("shard_size", SHARD_SIZE), recipe.synth.get("image_format", IMAGE_FORMAT)) != (SHARD_SIZE, IMAGE_FORMAT):
-        raise SystemExit(f"recipe {recipe.name}: the benchmark writes shards of {SHARD_SIZE} {IMAGE_FORMAT} images")
+    cfg["shard_size"] = recipe.synth.get("shard_size", SHARD_SIZE)
+    if recipe.synth.get("image_format", IMAGE_FORMAT) != IMAGE_FORMAT:
+        raise SystemExit(f"recipe {recipe.name}: the benchmark writes {IMAGE_FORMAT} shards")
 
 
 for _cfg in CONFIGS.values():
@@ -266,46 +273,75 @@ def distill_options(config_name: str) -> dict:
     return {**DISTILL, **cfg.get("distill", {}), "epochs": cfg["distill_epochs"]}
 
 
-def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: list[int], data_root: str,
-                  synthesis_only: bool = False) -> dict:
-    """Synthesise once, distil once per seed; timings are cached so a rerun does not redo or re-time."""
+def synth_seed_of(seed: int, paired: bool, method: str) -> int:
+    """The synthesis seed behind distillation seed `seed`: 0 for every seed (one synthesis, the default), or the seed
+    itself with --paired-seeds (each run its own synthesis). The ceiling's real images are one seeded subset."""
+    return seed if paired and method != "real" else 0
+
+
+def run_name(variant: str, seed: int, synth_seed: int) -> str:
+    """A distillation's folder: '<row>-seed<S>', or '<row>-synth<K>-seed<S>' from another synthesis than seed 0's."""
+    return f"{slug(variant)}-seed{seed}" if synth_seed == 0 else f"{slug(variant)}-synth{synth_seed}-seed{seed}"
+
+
+def shards_folder(base: Path, source: str, synth_seed: int) -> Path:
+    return base / "shards" / (slug(source) if synth_seed == 0 else f"{slug(source)}-synth{synth_seed}")
+
+
+def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: int, data_root: str) -> dict:
+    """One synthesis of a row (cached: its timing file is written last, so a rerun neither redoes nor re-times it)."""
     cfg = CONFIGS[config_name]
-    source, extra = STAGE_TWO_ROWS.get(variant, (variant, {}))
     method, options = variant_options(config_name, source)
-    base = out / config_name
-    teacher_path = base / "teacher.pt"
-    shards = base / "shards" / slug(source)
+    shards = shards_folder(base, source, synth_seed)
     timing_file = shards / "bench_timing.json"
     if timing_file.exists():
-        timing = json.loads(timing_file.read_text())
+        return json.loads(timing_file.read_text())
+    log = base / "logs" / (f"synth-{slug(source)}.log" if synth_seed == 0 else f"synth-{slug(source)}-synth{synth_seed}.log")
+    if method == "real":
+        cmd = [py, str(Path(__file__).resolve()), "--write-real", cfg["teacher"], str(base / "teacher.pt"),
+               cfg.get("data", "mnist"), data_root, str(cfg["images"]), str(shards)]
     else:
+        # --recipe none: every row sets its own options (a recipe edit must not move this table)
         sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
-        if method == "real":
-            cmd = [py, str(Path(__file__).resolve()), "--write-real", cfg["teacher"], str(teacher_path),
-                   cfg.get("data", "mnist"), data_root, str(cfg["images"]), str(shards)]
-            wall, cpu = run(cmd, base / "logs" / f"synth-{slug(variant)}.log")
-        else:
-            # --recipe none: every row sets its own options (a recipe edit must not move this table)
-            cmd = [py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(teacher_path),
-                   "--recipe", "none", "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size", str(SHARD_SIZE),
-                   "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", "1", "--quiet", "--out", str(shards)]
-            wall, cpu = run(cmd, base / "logs" / f"synth-{slug(variant)}.log")
-        timing = {"wall_s": wall, "cpu_s": cpu}
-        timing_file.write_text(json.dumps(timing))
-    top1 = {}
+        cmd = [py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(base / "teacher.pt"),
+               "--recipe", "none", "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size",
+               str(cfg.get("shard_size", SHARD_SIZE)), "--image-format", IMAGE_FORMAT, "--seed", str(synth_seed), "--threads", "1", "--quiet",
+               "--out", str(shards)]
+    wall, cpu = run(cmd, log)
+    timing = {"wall_s": wall, "cpu_s": cpu}
+    shards.mkdir(parents=True, exist_ok=True)
+    timing_file.write_text(json.dumps(timing))
+    return timing
+
+
+def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: list[int], data_root: str,
+                  synthesis_only: bool = False, paired: bool = False) -> dict:
+    """Synthesise once (or, `paired`, once per seed with that seed), distil once per seed; finished steps are
+    skipped on a rerun. The synthesis columns are the mean over the syntheses used."""
+    cfg = CONFIGS[config_name]
+    source, extra = STAGE_TWO_ROWS.get(variant, (variant, {}))
+    method, _ = variant_options(config_name, source)
+    base = out / config_name
+    top1, timings = {}, {}
     distill = {**distill_options(config_name), **extra}
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
     for seed in seeds:
-        run_dir = base / "runs" / f"{slug(variant)}-seed{seed}"
+        synth_seed = synth_seed_of(seed, paired, method)
+        if synth_seed not in timings:
+            timings[synth_seed] = synthesise(py, base, config_name, source, synth_seed, data_root)
+        run_dir = base / "runs" / run_name(variant, seed, synth_seed)
         if final_top1(run_dir, cfg["distill_epochs"]) is None and not synthesis_only:
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            run([py, "-m", "distill", "train", "--shards", str(shards), "--student", cfg["student"], "--out",
-                 str(run_dir), "--eval-data", cfg.get("data", "mnist"), "--data-root", data_root, "--seed", str(seed), "--quiet",
-                 "--recipe", "none", *distill_args, *resume], base / "logs" / f"distill-{slug(variant)}-seed{seed}.log")
+            run([py, "-m", "distill", "train", "--shards", str(shards_folder(base, source, synth_seed)), "--student",
+                 cfg["student"], "--out", str(run_dir), "--eval-data", cfg.get("data", "mnist"), "--data-root",
+                 data_root, "--seed", str(seed), "--quiet", "--recipe", "none", *distill_args, *resume],
+                base / "logs" / f"distill-{run_name(variant, seed, synth_seed)}.log")
         if final_top1(run_dir, cfg["distill_epochs"]) is not None:
             top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
     say(f"done: {config_name} / {variant}: {top1}")
-    return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1}
+    timing = {k: statistics.mean(t[k] for t in timings.values()) for k in ("wall_s", "cpu_s")}
+    return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1,
+            "syntheses": len(timings)}
 
 
 def _after(before, fn, *args):
@@ -326,6 +362,9 @@ def main() -> None:
                         help="comma-separated subset of " + ",".join(CONFIGS) + " (default: all but the longer "
                         + ", ".join(c for c in CONFIGS if CONFIGS[c].get("separate")) + ")")
     parser.add_argument("--variants", default=None, help="comma-separated subset of the method rows (by slug)")
+    parser.add_argument("--paired-seeds", action="store_true",
+                        help="seed S also synthesises its own shards with --seed S (default: one synthesis, seed 0, "
+                        "for every distillation seed): the spread then covers both stages")
     parser.add_argument("--synthesis-only", action="store_true",
                         help="only synthesise (timings); the table shows the distillations already finished")
     parser.add_argument("--write-real", nargs=6, metavar=("ARCH", "TEACHER", "DATA", "DATA_ROOT", "N", "OUT"),
@@ -372,7 +411,7 @@ def main() -> None:
                     continue
                 source = submitted.get((c, STAGE_TWO_ROWS[v][0])) if v in STAGE_TWO_ROWS else None
                 submitted[c, v] = pool.submit(_after, source, bench_variant, py, out, c, v, seeds, args.data_root,
-                                              args.synthesis_only)
+                                              args.synthesis_only, args.paired_seeds)
         rows = sorted((j.result() for j in submitted.values()), key=lambda r: (configs.index(r["config"]),
                                                                               ROWS.index(r["method"])))
     for name in configs:
@@ -381,13 +420,13 @@ def main() -> None:
         for r in rows:
             if r["config"] == name:
                 r["teacher_top1"] = acc
-    write_results(out, rows, time.perf_counter() - started, args.jobs)
+    write_results(out, rows, time.perf_counter() - started, args.jobs, args.paired_seeds)
     if args.results:
         from results_header import write_results_file
         write_results_file(args.results, (out / "results.md").read_text(), title="Synthesis methods side by side")
 
 
-def write_results(out: Path, rows: list[dict], seconds: float, jobs: int) -> None:
+def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired: bool = False) -> None:
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "method", "images", "synthesis_cpu_s", "synthesis_wall_s", "images_per_cpu_s",
@@ -422,6 +461,10 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int) -> Non
                       f"{full['cpu_s']:.0f} CPU-s at full resolution for the same images and steps: "
                       f"**{100 * low['cpu_s'] / full['cpu_s']:.0f}%**."]
         lines.append("")
+    lines.append("Seeds: " + ("each seed S is its own synthesis (`--seed S`) and distillation (`--seed S`); the "
+                 "synthesis columns are the mean over those syntheses (the ceiling's real images are one subset)."
+                 if paired else "one synthesis (seed 0); the seeds vary the distillation only."))
+    lines.append("")
     lines.append(f"Wall time of this invocation: {seconds / 60:.1f} min with {jobs} jobs at once "
                  "(finished steps are skipped on a rerun).")
     text = "\n".join(lines) + "\n"

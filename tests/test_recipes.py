@@ -362,3 +362,34 @@ def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_pa
     assert cmd[cmd.index("--out") + 1].endswith("muse-teacher-on-native-views-in-stage-two-seed0")
     assert (result["cpu_s"], result["method"], result["top1"]) == (40.0, row, {0: 50.0})
     assert row not in [v for v in bench.ROWS if v not in bench.CONFIGS["mnist28"]["skip"]]   # LeNet-5: 28 px only
+
+
+def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(tmp_path, monkeypatch):
+    """--paired-seeds: seed S synthesises with --seed S into its own folder (seed 0 keeps the unpaired folder and
+    run, so earlier results are reused) and distils from it with --seed S; the ceiling keeps its one subset."""
+    bench = _bench_methods()
+    commands = []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        return 1.0, 10.0 * len(commands)
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "final_top1", lambda run_dir, epochs: 50.0)
+    row = "generator ensemble + adversarial"
+    result = bench.bench_variant("python", tmp_path, "mnistm32", row, [0, 1, 2], "data", paired=True)
+    synths = [c for c in commands if c[1:4] == ["-m", "synth", "generate"]]
+    assert [c[c.index("--seed") + 1] for c in synths] == ["0", "1", "2"]
+    base = tmp_path / "mnistm32" / "shards"
+    assert [c[c.index("--out") + 1] for c in synths] == [str(base / "generator-ensemble-adversarial"),
+                                                        str(base / "generator-ensemble-adversarial-synth1"),
+                                                        str(base / "generator-ensemble-adversarial-synth2")]
+    assert result["syntheses"] == 3 and result["cpu_s"] == 20.0   # the mean of the three (10, 20, 30)
+    # cached: a rerun synthesises nothing
+    commands.clear()
+    bench.bench_variant("python", tmp_path, "mnistm32", row, [0, 1, 2], "data", paired=True)
+    assert not [c for c in commands if c[1:4] == ["-m", "synth", "generate"]]
+    # unpaired: one synthesis (seed 0) for every distillation seed
+    assert [bench.synth_seed_of(s, False, "generator") for s in (0, 1, 2)] == [0, 0, 0]
+    assert [bench.synth_seed_of(s, True, "real") for s in (0, 1, 2)] == [0, 0, 0]
+    assert bench.run_name(row, 2, 2) == "generator-ensemble-adversarial-synth2-seed2"
+    assert bench.run_name(row, 2, 0) == "generator-ensemble-adversarial-seed2"
