@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common import options
+from common.errors import UserError
 from common.options import explicit_fields
 from common.recipes import AUTO, NONE, Recipe, choose_recipe, load_recipe, pick_recipe, shipped_names
 from common.shards import Manifest
@@ -73,10 +74,16 @@ def resolve_run(config: TrainConfig, manifest: Manifest) -> ResolvedRun:
     given = explicit_fields(config)
     explicit = {name: getattr(config, name) for name in given}
     explicit["recipe"] = config.recipe
-    resolved = options.resolve(TrainConfig, None, recipe.distill, explicit, where=f"{recipe.where} [distill]")
+    where = f"{recipe.where} [distill]"
+    resolved = options.resolve(TrainConfig, None, recipe.distill, explicit, where=where)
+    off = {}
     if resolved.teacher_logits == "stored":  # the student must see the stored view: no augmentation, no mixup
         off = {k: v for k, v in _STORED_VIEW.items() if k not in given and getattr(resolved, k) != v}
         if off:
             resolved = replace(resolved, **off)
             reason += f"; --teacher-logits stored: {', '.join(f'{k} {v}' for k, v in off.items())}"
+    try:
+        resolved.resolved()  # values that do not work together: the error names those the recipe set
+    except UserError as e:
+        raise options.name_recipe_values(e, TrainConfig, recipe.distill, set(given) | set(off), where) from None
     return ResolvedRun(resolved, recipe, reason)

@@ -94,7 +94,10 @@ def test_recipe_file_by_path(tiny_teacher_path, tmp_path):
     ("[synth\nnum_images = 3\n", "is not valid TOML"),
     ("[synth]\nnum_imagez = 3\n", "[synth]: unknown option 'num_imagez'; valid options:"),
     ("[synth]\nnum_images = 'many'\n", "[synth] num_images expects an integer, got 'many'"),
-    ("[synth]\nnum_images = 0\n", "--num-images must be at least 1 (got 0)"),
+    ("[synth]\nnum_images = 0\n", "recipe bad.toml [synth] num_images must be at least 1 (got 0)"),
+    ("[synth]\nresolution = 4\n", "recipe bad.toml [synth] resolution must be at least 8 (got 4)"),
+    ("[synth]\nimage_format = 'gif'\n", "recipe bad.toml [synth] image_format must be one of png, jpg, npy"),
+    ("[synth.method.generator]\nsteps = -3\n", "recipe bad.toml [synth.method.generator] steps must be at least 0"),
     ("[synth.method.generator]\nstepz = 3\n", "[synth.method.generator]: unknown option 'stepz'"),
     ("[synth.method.gan]\nsteps = 3\n", "[synth.method.gan] is not a method"),
     ("[stage]\nx = 1\n", "unknown key(s) stage"),
@@ -109,6 +112,34 @@ def test_bad_recipes_are_user_errors(tmp_path, text, message):
     assert message in error.value.message
     if text is not None and "TOML" in message:
         assert "bad.toml" in error.value.message and "line 1" in error.value.message
+
+
+def test_every_recipe_value_is_checked_even_when_overridden(tmp_path):
+    """A recipe is a shared file: a bad value is refused whether or not a flag (or --set, or another
+    method) takes its place, and the error names the file, section and key, not a flag."""
+    path = tmp_path / "shared.toml"
+    cases = [
+        ("[synth]\nnum_images = -5\n", dict(num_images=400), "[synth] num_images must be at least 1 (got -5)"),
+        ("[synth.method.generator]\nsteps = -3\n", dict(method_options={"steps": "20"}),
+         "[synth.method.generator] steps must be at least 0 (got -3)"),
+        ("[synth.method.muse]\nscales = [3.0]\n", dict(method="generator"), "[synth.method.muse] scales must be"),
+    ]
+    for text, given, message in cases:
+        path.write_text(text)
+        with pytest.raises(UserError) as error:
+            resolve_config(GenerateConfig(teacher="lenet5", recipe=str(path), **given), MNIST_SPEC)
+        assert error.value.message.startswith(f"recipe shared.toml {message}"), error.value.message
+    path.write_text("[distill]\ntemperature = -1.0\n")
+    with pytest.raises(UserError, match=r"^recipe shared.toml \[distill\] temperature must be positive \(got -1\)$"):
+        _run(_manifest(), recipe=str(path), temperature=2.0)
+    # values that do not work together: the flag's error, naming the recipe key that set one of them
+    path.write_text("[distill]\nwarmup_epochs = 20.0\n")
+    with pytest.raises(UserError, match=r"--warmup-epochs must not exceed --epochs \(got 20 > 10\) "
+                                        r"\(--warmup-epochs is recipe shared.toml \[distill\] warmup_epochs\)$"):
+        _run(_manifest(), recipe=str(path))
+    with pytest.raises(UserError, match=r"must not exceed --epochs \(got 20 > 3\)$"):   # both given: no recipe
+        _run(_manifest(), recipe=str(path), warmup_epochs=20.0, epochs=3)
+    assert _run(_manifest(), recipe=str(path), epochs=30).config.warmup_epochs == 20.0
 
 
 def test_changed_byte_changing_option_on_a_rerun_is_refused_by_name(tiny_teacher_path, tmp_path):
@@ -242,7 +273,7 @@ def test_distill_recipe_file_and_bad_values(tmp_path):
     with pytest.raises(UserError, match=r"\[distill\]: unknown option 'epoch'; valid options: .*epochs"):
         _run(_manifest(), recipe=str(path))
     path.write_text('[distill]\nopt = "lion"\n')
-    with pytest.raises(UserError, match="--opt must be one of sgd, adamw"):
+    with pytest.raises(UserError, match=r"recipe mine.toml \[distill\] opt must be one of sgd, adamw \(got lion\)"):
         _run(_manifest(), recipe=str(path))
 
 
