@@ -1,8 +1,8 @@
 """Stage two's recipe: which one applies to a run (`TrainConfig.recipe`) and the config it resolves to.
 
     auto (the default)  the recipe the shards were made with (the manifest's `recipe`), when it is a
-                        shipped one or its file is still where it was; else the one chosen from the
-                        teacher's input (`common.recipes.choose_recipe`)
+                        shipped one, none, or a file still where it was; else (or when the manifest
+                        records none) the one chosen from the teacher's input (`common.recipes.choose_recipe`)
     NAME | PATH         a shipped recipe or a TOML file: its [distill] table
     none                the declared defaults only
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from common import options
 from common.errors import UserError
 from common.options import explicit_fields
-from common.recipes import AUTO, NONE, Recipe, choose_recipe, load_recipe, pick_recipe, shipped_names
+from common.recipes import AUTO, NONE, Recipe, choose_recipe, empty_recipe, load_recipe, pick_recipe, shipped_names
 from common.shards import Manifest
 
 from .config import TrainConfig
@@ -42,8 +42,10 @@ def _shards_recipe(manifest: Manifest) -> tuple[Recipe, str] | None:
     """The recipe the shards were made with, when it can still be read here (None otherwise)."""
     made = manifest.recipe or {}
     name, path, sha = made.get("name"), made.get("path"), made.get("sha256")
-    if not name or name == NONE:
+    if not name:  # shards written before manifests recorded the recipe
         return None
+    if name == NONE:
+        return empty_recipe(), "recipe: none (auto: the shards were made with --recipe none: the declared defaults)"
     if name in shipped_names():
         recipe = load_recipe(name)
         newer = "" if sha in (None, recipe.sha256) else "; the shards were made with an earlier version of it"
@@ -63,7 +65,7 @@ def pick_for_shards(choice: str | None, manifest: Manifest) -> tuple[Recipe, str
         return found
     recipe, reason = choose_recipe(manifest.input_spec)
     made = (manifest.recipe or {}).get("name")
-    if made and made != NONE:
+    if made:
         reason += f"; the shards' recipe {made!r} is not here"
     return recipe, reason
 

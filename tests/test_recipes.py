@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -236,13 +237,19 @@ def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
     assert (run.config.epochs, run.config.lr, run.config.mixup) == (rgb["epochs"], rgb["lr"], rgb["mixup"])
     old = made | {"sha256": "1" * 64}
     assert "made with an earlier version of it" in _run(_manifest(recipe=old)).reason
-    for recipe in (None, {"name": "none"}, {"name": "gone", "path": "/nowhere/gone.toml", "sha256": "2" * 64}):
+    for recipe in (None, {"name": "gone", "path": "/nowhere/gone.toml", "sha256": "2" * 64}):
         run = _run(_manifest(recipe=recipe))  # chosen from the teacher's input
         assert run.recipe.name == "small-grey" and run.reason.startswith("recipe: small-grey (auto: 1-channel 28 px")
         assert ("'gone' is not here" in run.reason) == (recipe is not None and recipe["name"] == "gone")
         assert (run.config.epochs, run.config.lr, run.config.mixup, run.config.aug) == (10, 0.05, 1.0, "translate")
     rgb = _run(_manifest(InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)))
     assert rgb.recipe.name == "small-rgb" and rgb.config.aug == "crop"
+    # shards made with --recipe none: distilled with none too (the declared defaults), not small-grey
+    plain = _run(_manifest(recipe=load_recipe("none").record("recipe: none (--recipe none: the declared defaults)")))
+    assert plain.recipe.name == "none" and plain.reason == ("recipe: none (auto: the shards were made with --recipe "
+                                                            "none: the declared defaults)")
+    assert (plain.config.epochs, plain.config.lr, plain.config.mixup) == (10, None, 0.0)
+    assert plain.config == replace(_run(_manifest(), recipe="none").config, recipe="auto")
 
 
 def test_distill_explicit_beats_recipe_and_none_or_a_file():
