@@ -143,27 +143,38 @@ def test_checkpoints_with_pickled_code_are_refused_everywhere(dataset, tiny_teac
     assert marker.exists()
     marker.unlink()
     runner = CliRunner()
+    refusals = []
+
+    def refused(result, *fragments: str) -> None:
+        line = assert_one_line_error(result, *fragments, "pickled", "could run code, so it is refused")
+        refusals.append(line)
+
     # ... the project's loaders never do
     result = runner.invoke(synth_cli, ["generate", "--teacher", "lenet5", "--weights", str(evil), "--out",
                                        str(tmp_path / "s"), "--quiet"])
-    assert_one_line_error(result, str(evil), "not a plain-tensor PyTorch file")
+    refused(result, str(evil), "not a plain-tensor PyTorch file")
     result = runner.invoke(distill_cli, distill_args(dataset, tmp_path / "r1", "--teacher-weights", str(evil)))
-    assert_one_line_error(result, str(evil))
+    refused(result, str(evil))
     result = runner.invoke(distill_cli, distill_args(dataset, tmp_path / "r2", "--student-weights", str(evil)))
-    assert_one_line_error(result, str(evil))
+    refused(result, str(evil))
     # a run's own checkpoint, swapped
     assert runner.invoke(distill_cli, distill_args(dataset, tmp_path / "r3")).exit_code == 0
     shutil.copy(evil, tmp_path / "r3" / "checkpoint.pt")
     result = runner.invoke(distill_cli, distill_args(dataset, tmp_path / "r3", "--resume"))
-    assert_one_line_error(result, "r3/checkpoint.pt", "delete the run folder")
+    refused(result, "r3/checkpoint.pt", "delete the run folder")
+    # a run's student, swapped before its export
+    shutil.copy(evil, tmp_path / "r3" / "student.pt")
+    refused(runner.invoke(distill_cli, ["export", str(tmp_path / "r3")]), "r3/student.pt")
     # a generator checkpoint in synth's state folder, swapped
     sets = ["--set", "num_generators=1", "--set", "steps=2", "--set", "train_batch_size=8", "--set", "width=4"]
     args = ["generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path), "--out", str(tmp_path / "s2"),
             "--num-images", "8", "--shard-size", "8", "--quiet", *sets]
     assert runner.invoke(synth_cli, args).exit_code == 0
     shutil.copy(evil, tmp_path / "s2" / "state" / "generator-000.pt")
-    assert_one_line_error(runner.invoke(synth_cli, args), "state/generator-000.pt", "delete it")
+    refused(runner.invoke(synth_cli, args), "state/generator-000.pt", "delete it")
     assert not marker.exists()
+    # never the advice to load a refused file unsafely (torch's own text for this error gives it)
+    assert len(refusals) == 6 and not any("weights_only" in line or "False" in line for line in refusals), refusals
 
 
 # --------------------------------------------------------------------------- arrays and images
