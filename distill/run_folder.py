@@ -2,9 +2,11 @@
 --resume, the start of another run is refused), its creation and the CSV logs written into it."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import UserError
@@ -40,6 +42,39 @@ def make_out(out: Path) -> Path:
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
     return out
+
+
+@dataclass(frozen=True)
+class FolderBefore:
+    """What existed of the run folder before this run: the first folder of its path that did not exist
+    (None: the run folder did), and the names in the run folder."""
+
+    created: Path | None
+    names: frozenset
+
+    @classmethod
+    def of(cls, out: Path) -> "FolderBefore":
+        if out.is_dir():
+            return cls(None, frozenset(p.name for p in out.iterdir()))
+        created = out.absolute()
+        while not created.parent.exists():
+            created = created.parent
+        return cls(created, frozenset())
+
+
+def remove_unstarted(out: Path, before: FolderBefore) -> None:
+    """After a run failed before its first checkpoint (a damaged shard found while reading, a diverged
+    first epoch): remove what it created (the folder if it made it, else the files it added), so that
+    nothing but the error is left. Nothing is removed once a checkpoint exists (a resumable run)."""
+    if (out / CHECKPOINT_FILE).exists():
+        return
+    if before.created is not None:
+        shutil.rmtree(before.created, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        if path.name not in before.names and not path.is_dir():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def check_started_run(out: Path, config: TrainConfig) -> None:

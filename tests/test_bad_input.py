@@ -320,6 +320,40 @@ def test_crafted_shard_members_are_rejected(dataset, tmp_path, case):
     assert result.exit_code == 1 and len(bad) == 1 and message in bad[0], result.output
     result = CliRunner().invoke(distill_cli, distill_args(dataset, tmp_path / "run"))
     assert_one_line_error(result, "shard-000001.tar", message, "synth verify")
+    assert not (tmp_path / "run").exists()  # found while reading, in the first epoch: no run folder is left
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_only_what_was_there(dataset, tmp_path, monkeypatch):
+    """Damage found while reading (here: a class that is not a number, past the size check) stops the run
+    in its first epoch: the run folder it made is removed, a folder that was there keeps only its own
+    files, and a run with a checkpoint keeps everything."""
+    good = (dataset / "shard-000001.tar").read_bytes()
+    bad = tar_bytes(good_members()[:1] + [(tarfile.TarInfo("sample-00000000.cls"), b"x")] + good_members()[2:])
+    install_shard(dataset, "shard-000001.tar", bad, num_samples=1)
+    message = "class is not an ASCII integer"
+    with pytest.raises(UserError, match=message):
+        train(train_config(dataset, tmp_path / "new" / "run"))
+    assert not (tmp_path / "new").exists()   # parents it made too
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(UserError, match=message):
+        train(train_config(dataset, mine))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # a run that stops after its first checkpoint: nothing of it is removed
+    install_shard(dataset, "shard-000001.tar", good, num_samples=PER_SHARD)
+    from distill import train as train_module
+
+    epoch_of = train_module.train_one_epoch
+
+    def fails_in_epoch_2(*args, **kwargs):
+        if args[5] == 1:
+            raise UserError("stopped in epoch 2")
+        return epoch_of(*args, **kwargs)
+    monkeypatch.setattr(train_module, "train_one_epoch", fails_in_epoch_2)
+    with pytest.raises(UserError, match="stopped in epoch 2"):
+        train(train_config(dataset, tmp_path / "run", epochs=2))
+    assert {"checkpoint.pt", "config.json", "metrics.csv"} <= {p.name for p in (tmp_path / "run").iterdir()}
 
 
 # --------------------------------------------------------------------------- damaged shards: refuse or skip
@@ -340,6 +374,7 @@ def test_damaged_shard_is_refused_before_the_first_step_or_skipped(dataset, tmp_
         "skipped_shards"] == 1
     with pytest.raises(UserError, match="bad shard data in .*shard-000001.tar: truncated.*synth verify"):
         train(train_config(dataset, tmp_path / "d", verify_shards="none"))
+    assert not (tmp_path / "d").exists()
 
 
 def test_corrupt_sample_in_a_shard_of_the_right_size(dataset, tmp_path, capfd):
