@@ -131,6 +131,8 @@ def load_torch_safely(path: str | os.PathLike, fix: str):
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a file; {fix}")
     if not path.is_file():
         raise UserError(f"{path} does not exist; {fix}")
     try:

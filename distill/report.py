@@ -18,7 +18,7 @@ import pandas as pd
 from common.errors import UserError
 from common.plots import Panel, line_panels
 
-from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
+from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE, check_run_folder
 
 CURVES_FILE = "curves.png"
 
@@ -55,9 +55,7 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 
 def read_run(run: str | Path) -> RunLog:
     """The logs of a run folder; UserError when it has none."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run folder {run} does not exist; give the --out folder of a `distill train` run")
+    run = check_run_folder(Path(run), "report")
     if not (run / METRICS_FILE).is_file():
         raise UserError(f"{run} has no {METRICS_FILE}: no epoch has finished there yet, or it is not a "
                         "`distill train` run folder")

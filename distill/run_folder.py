@@ -12,6 +12,7 @@ from pathlib import Path
 from common.errors import UserError
 from common.fileio import atomic_open
 from common.remote import is_remote
+from common.shards import MANIFEST_NAME
 
 from .config import RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
 
@@ -34,6 +35,20 @@ def check_out(config: TrainConfig) -> Path:
         raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
     check_started_run(out, config)
     return out
+
+
+def check_run_folder(run: Path, command: str) -> Path:
+    """A `distill train` run folder to read (`distill export`, `distill report`); UserError saying what
+    `run` is instead: missing, a file, a shards folder."""
+    fix = "give the --out folder of a `distill train` run"
+    if not run.exists():
+        raise UserError(f"run folder {run} does not exist; {fix}")
+    if not run.is_dir():
+        raise UserError(f"{run} is a file, not a run folder; {fix}")
+    if (run / MANIFEST_NAME).is_file() and not (run / CONFIG_FILE).is_file():
+        raise UserError(f"{run} is a shards folder (written by `synth generate`), not a run folder: distill a student "
+                        f"from it (`distill train --shards {run} --out RUN ...`), then `distill {command} RUN`")
+    return run
 
 
 def make_out(out: Path) -> Path:

@@ -413,6 +413,35 @@ def test_student_weights_for_other_classes_say_what_to_do(dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_messages_name_the_real_cause(dataset, tmp_path):
+    """A model name that builds nothing, a refused or missing file, a folder given as a file, a shards
+    folder given as a run: each said as what it is (not "does not fit the shards", not "does not exist")."""
+    runner = CliRunner()
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload(tmp_path / "ran")}, tmp_path / "evil.pt")
+    (tmp_path / "folder").mkdir()
+    for extra, fragment in ((["--student", "timm/no_such_net"], "timm has no model 'no_such_net'"),
+                            (["--student", "no_such_pkg.nets:build"], "cannot import 'no_such_pkg.nets'"),
+                            (["--student-weights", str(tmp_path / "evil.pt")], "could run code, so it is refused"),
+                            (["--student-weights", str(tmp_path / "folder")], "is a folder, not a checkpoint file"),
+                            (["--teacher-weights", str(tmp_path / "folder")], "is a folder, not a checkpoint file")):
+        line = assert_one_line_error(runner.invoke(distill_cli, distill_args(dataset, tmp_path / "run", *extra)),
+                                     fragment)
+        assert "does not fit" not in line and "does not exist" not in line, line
+        assert not (tmp_path / "run").exists()
+    line = assert_one_line_error(runner.invoke(synth_cli, ["generate", "--teacher", "lenet5", "--weights",
+                                                           str(tmp_path / "folder"), "--out", str(tmp_path / "s")]),
+                                 f"weights {tmp_path / 'folder'} is a folder, not a checkpoint file")
+    assert "does not exist" not in line
+    for command in ("export", "report"):
+        assert_one_line_error(runner.invoke(distill_cli, [command, str(tmp_path / "gone")]),
+                              f"run folder {tmp_path / 'gone'} does not exist", "--out folder of a `distill train` run")
+        line = assert_one_line_error(runner.invoke(distill_cli, [command, str(dataset)]),
+                                     f"{dataset} is a shards folder", f"`distill {command} RUN`")
+        assert "is the run finished" not in line
+    assert_one_line_error(runner.invoke(distill_cli, ["export", str(tmp_path / "folder")]),
+                          "is not a `distill train` run folder (it has no config.json and no student.pt)")
+
+
 @pytest.mark.parametrize("recorded", [{"foo": 1}, {"channels": 1, "size": 28, "mean": [0.1], "std": [0.3]},
                                       ["not", "a", "dict"], {"channels": "x", "size": 28, "mean": [0.1],
                                                              "std": [0.3], "num_classes": 10}])
