@@ -396,10 +396,11 @@ def _timm_pretrained(timm, arch: str, kwargs: dict) -> nn.Module:
         except ImportError:
             cache = "~/.cache/huggingface/hub"
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise WeightsUnavailableError(f"could not get timm's pretrained weights for {arch} ({type(e).__name__}: {reason}). "
-                        f"Offline? timm loads them from the Hugging Face hub cache {cache} (copy a cache that "
-                        f"holds them there, e.g. from `timm.create_model('{arch}', pretrained=True)` on a machine "
-                        "online), or give the path of a local checkpoint as the weights") from None
+        raise WeightsUnavailableError(
+            f"could not get timm's pretrained weights for {arch} ({type(e).__name__}: {reason}). Offline? timm loads "
+            f"them from the Hugging Face hub cache {cache} (copy a cache that holds them there, e.g. from "
+            f"`timm.create_model('{arch}', pretrained=True)` on a machine online), or give the path of a local "
+            "checkpoint as the weights") from None
     finally:
         quiet.setLevel(level)
 
