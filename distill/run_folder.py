@@ -83,8 +83,15 @@ def remove_unstarted(out: Path, before: FolderBefore) -> None:
     nothing but the error is left. Nothing is removed once a checkpoint exists (a resumable run)."""
     if (out / CHECKPOINT_FILE).exists():
         return
-    if before.created is not None:
-        shutil.rmtree(before.created, ignore_errors=True)
+    if before.created is not None:  # the run folder, then each parent it made while empty (not another run's)
+        shutil.rmtree(out, ignore_errors=True)
+        folder = out.absolute()
+        while folder != before.created and folder.parent != folder:
+            folder = folder.parent
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         return
     for path in out.iterdir():
         if path.name not in before.names and not path.is_dir():

@@ -70,9 +70,9 @@ def train(config: TrainConfig) -> dict:
     without eval data, and on ranks other than 0), teacher_top1, epochs, steps, train_loss (mean over
     ranks), images_per_s (all ranks together), skipped_shards, out. Everything that can be checked is
     checked before the run folder is created; a run that stops before its first checkpoint (damage
-    found while reading a shard) removes what it created there. Under torchrun every rank calls this. The recipe
-    (`config.recipe`, distill/recipe.py) fills the options `config`'s caller did not give; the start line
-    on stderr says which one and why, config.json records it (`recipe_used`)."""
+    found while reading a shard) removes what it created there. Under torchrun every rank calls this.
+    The recipe (`config.recipe`, distill/recipe.py) fills the options `config`'s caller did not give;
+    the start line on stderr says which one and why, config.json records it (`recipe_used`)."""
     manifest = read_manifest(config.shards)
     run = resolve_run(config, manifest)  # the recipe fills what the caller did not give
     config = run.config.resolved()

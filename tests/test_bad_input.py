@@ -334,6 +334,13 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_only_what_was_there(da
     with pytest.raises(UserError, match=message):
         train(train_config(dataset, tmp_path / "new" / "run"))
     assert not (tmp_path / "new").exists()   # parents it made too
+    from distill.run_folder import FolderBefore, remove_unstarted
+
+    before = FolderBefore.of(tmp_path / "shared" / "run")   # a parent that another run's folder moves into
+    (tmp_path / "shared" / "run").mkdir(parents=True)
+    (tmp_path / "shared" / "other").mkdir()
+    remove_unstarted(tmp_path / "shared" / "run", before)
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["other"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("kept")
