@@ -243,8 +243,8 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
                                           in_chans, input_size)
     else:
         raise ModelNameError(f"unknown model '{name}'. Known small models: {', '.join(sorted(SMALL_MODELS))}; "
-                        "any torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2); "
-                        "timm/<name> for a timm model; or package.module:function for your own")
+                             "any torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2); "
+                             "timm/<name> for a timm model; or package.module:function for your own")
 
     if checkpoint is not None:
         state = checkpoint["state_dict"]
@@ -360,7 +360,7 @@ def _create_timm(name, num_classes, weights, in_chans, input_size):
     arch = name[len(TIMM_PREFIX):]
     if not timm.is_model(arch):
         raise ModelNameError(f"timm has no model '{arch}'; list them with python -c \"import timm; "
-                        f"print(timm.list_models('*{arch.split('.')[0][:6]}*'))\"")
+                             f"print(timm.list_models('*{arch.split('.')[0][:6]}*'))\"")
     if weights not in ("none", "DEFAULT"):
         raise UserError(f"weights '{weights}' for {name}: use DEFAULT (timm's pretrained weights; pick the tag in the "
                         "name, e.g. timm/resnet50.a1_in1k), none, or a checkpoint path")
@@ -444,8 +444,8 @@ def _create_from_module(name, num_classes, in_chans, input_size, checkpoint_spec
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ModelNameError(f"cannot import '{module_name}' for the model '{name}' ({e}); run from the folder that "
-                        "holds it or add that folder to PYTHONPATH") from None
+        raise ModelNameError(f"cannot import '{module_name}' for the model '{name}' ({e}); run from the folder "
+                             "that holds it or add that folder to PYTHONPATH") from None
     build = getattr(module, attr, None)
     if not callable(build):
         raise ModelNameError(f"'{module_name}' has no callable '{attr}' to build the model '{name}'")
