@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -130,14 +131,32 @@ def load_torch_safely(path: str | os.PathLike, fix: str):
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a file; {fix}")
     if not path.is_file():
         raise UserError(f"{path} does not exist; {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot load {path}: damaged, or not a plain-tensor PyTorch file "
-                        f"({type(e).__name__}: {first}); {fix}") from None
+        raise UserError(f"cannot load {path}: damaged, or not a plain-tensor PyTorch file ({load_failure(e)}); "
+                        f"{fix}") from None
+
+
+def load_failure(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in our words. torch's own text for a refused
+    pickle advises loading it with weights_only=False, i.e. running the code of a file we just refused:
+    it is never passed on."""
+    import pickle
+
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f"a pickled {found.group(1)}" if found else "pickled Python data"
+        return (f"it holds {what}, not only tensors and plain containers; loading that could run code, so it "
+                "is refused")
+    return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
 
 
 def canonical_json(obj) -> str:

@@ -242,9 +242,9 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         model, spec = _create_torchvision(name, num_classes, weights if checkpoint is None else "none",
                                           in_chans, input_size)
     else:
-        raise UserError(f"unknown model '{name}'. Known small models: {', '.join(sorted(SMALL_MODELS))}; "
-                        "any torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2); "
-                        "timm/<name> for a timm model; or package.module:function for your own")
+        raise ModelNameError(f"unknown model '{name}'. Known small models: {', '.join(sorted(SMALL_MODELS))}; "
+                             "any torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2); "
+                             "timm/<name> for a timm model; or package.module:function for your own")
 
     if checkpoint is not None:
         state = checkpoint["state_dict"]
@@ -260,7 +260,16 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
 
 
 class CheckpointError(UserError):
-    """A checkpoint file that cannot be used as it is (whatever model it is given to)."""
+    """A checkpoint file that cannot be used as it is (whatever model it is given to): missing, a folder,
+    damaged, pickled, or of another layout."""
+
+
+class ModelNameError(UserError):
+    """A model name that builds no model here (unknown, its package not installed or not importable)."""
+
+
+class WeightsUnavailableError(UserError):
+    """Pretrained weights that cannot be fetched (offline, an HTTP error)."""
 
 
 def checkpoint_input_spec(recorded, path) -> InputSpec:
@@ -325,9 +334,11 @@ def _create_torchvision(name, num_classes, weights, in_chans, input_size):
         try:
             model = torchvision.models.get_model(name, weights=weights_enum)
         except Exception as e:  # urllib/http/ssl errors when offline
+            from .remote import http_reason
+
             cache = Path(torch.hub.get_dir()) / "checkpoints"
-            raise UserError(
-                f"could not download {name} weights {weights_enum.name} ({type(e).__name__}: {e}). "
+            raise WeightsUnavailableError(
+                f"could not download {name} weights {weights_enum.name} from {weights_enum.url} ({http_reason(e)}). "
                 f"Offline? Put the file {Path(weights_enum.url).name} into {cache}, "
                 "or give the path of a local checkpoint as the weights") from None
     else:
@@ -345,11 +356,11 @@ def _create_timm(name, num_classes, weights, in_chans, input_size):
     try:
         import timm
     except ImportError:
-        raise UserError(f"'{name}' needs timm: pip install 'dfkd[timm]' (or pip install timm)") from None
+        raise ModelNameError(f"'{name}' needs timm: pip install 'dfkd[timm]' (or pip install timm)") from None
     arch = name[len(TIMM_PREFIX):]
     if not timm.is_model(arch):
-        raise UserError(f"timm has no model '{arch}'; list them with python -c \"import timm; "
-                        f"print(timm.list_models('*{arch.split('.')[0][:6]}*'))\"")
+        raise ModelNameError(f"timm has no model '{arch}'; list them with python -c \"import timm; "
+                             f"print(timm.list_models('*{arch.split('.')[0][:6]}*'))\"")
     if weights not in ("none", "DEFAULT"):
         raise UserError(f"weights '{weights}' for {name}: use DEFAULT (timm's pretrained weights; pick the tag in the "
                         "name, e.g. timm/resnet50.a1_in1k), none, or a checkpoint path")
@@ -385,10 +396,11 @@ def _timm_pretrained(timm, arch: str, kwargs: dict) -> nn.Module:
         except ImportError:
             cache = "~/.cache/huggingface/hub"
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"could not get timm's pretrained weights for {arch} ({type(e).__name__}: {reason}). "
-                        f"Offline? timm loads them from the Hugging Face hub cache {cache} (copy a cache that "
-                        f"holds them there, e.g. from `timm.create_model('{arch}', pretrained=True)` on a machine "
-                        "online), or give the path of a local checkpoint as the weights") from None
+        raise WeightsUnavailableError(
+            f"could not get timm's pretrained weights for {arch} ({type(e).__name__}: {reason}). Offline? timm loads "
+            f"them from the Hugging Face hub cache {cache} (copy a cache that holds them there, e.g. from "
+            f"`timm.create_model('{arch}', pretrained=True)` on a machine online), or give the path of a local "
+            "checkpoint as the weights") from None
     finally:
         quiet.setLevel(level)
 
@@ -432,11 +444,11 @@ def _create_from_module(name, num_classes, in_chans, input_size, checkpoint_spec
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"cannot import '{module_name}' for the model '{name}' ({e}); run from the folder that "
-                        "holds it or add that folder to PYTHONPATH") from None
+        raise ModelNameError(f"cannot import '{module_name}' for the model '{name}' ({e}); run from the folder "
+                             "that holds it or add that folder to PYTHONPATH") from None
     build = getattr(module, attr, None)
     if not callable(build):
-        raise UserError(f"'{module_name}' has no callable '{attr}' to build the model '{name}'")
+        raise ModelNameError(f"'{module_name}' has no callable '{attr}' to build the model '{name}'")
     try:
         params = inspect.signature(build).parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -446,7 +458,7 @@ def _create_from_module(name, num_classes, in_chans, input_size, checkpoint_spec
               if v is not None and (takes_any or k in params)}
     model = build(**kwargs)
     if not isinstance(model, nn.Module):
-        raise UserError(f"'{name}' returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ModelNameError(f"'{name}' returned a {type(model).__name__}, not a torch.nn.Module")
     hint = getattr(model, "input_spec", None)
     hint = hint.to_dict() if isinstance(hint, InputSpec) else dict(hint or {})
     for key, value in (checkpoint_spec or {}).items():
@@ -494,18 +506,25 @@ def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict
 
 
 def load_model_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a model checkpoint safely. Returns {'arch', 'input_spec', 'state_dict'} (arch/spec may be None)."""
+    """Load a model checkpoint safely. Returns {'arch', 'input_spec', 'state_dict'} (arch/spec may be None).
+    CheckpointError for a file that cannot be used."""
     from .fileio import load_torch_safely
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"weights {path} is a folder, not a checkpoint file; give the path of a checkpoint "
+                              "file, DEFAULT or none")
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist; give an existing checkpoint, DEFAULT or none")
-    obj = load_torch_safely(path, "give a checkpoint saved by this project, or a plain state_dict of tensors")
+        raise CheckpointError(f"weights file {path} does not exist; give an existing checkpoint, DEFAULT or none")
+    try:
+        obj = load_torch_safely(path, "give a checkpoint saved by this project, or a plain state_dict of tensors")
+    except UserError as e:
+        raise CheckpointError(e.message) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         return {"arch": obj.get("arch"), "input_spec": obj.get("input_spec"), "state_dict": obj["state_dict"]}
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"arch": None, "input_spec": None, "state_dict": obj}
-    raise UserError(f"checkpoint {path} holds neither a model checkpoint nor a state_dict")
+    raise CheckpointError(f"checkpoint {path} holds neither a model checkpoint nor a state_dict")
 
 
 def state_dict_sha256(model: nn.Module) -> str:

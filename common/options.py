@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING
@@ -225,25 +226,56 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def problem(spec: OptionSpec, value: Any) -> str | None:
+    """What is wrong with a parsed `value` for its declaration (choices, min, max, check), e.g. "must be at
+    least 8 (got 4)"; None when it fits."""
+    if value is None and spec.optional:
+        return None
+    if spec.choices is not None and value not in spec.choices:
+        return f"must be one of {', '.join(map(str, spec.choices))} (got {_show(value)})"
+    if spec.min is not None and value < spec.min:
+        return f"must be at least {_show(spec.min)} (got {_show(value)})"
+    if spec.max is not None and value > spec.max:
+        return f"must be at most {_show(spec.max)} (got {_show(value)})"
+    return spec.check(value) if spec.check is not None else None
+
+
 def validate(config: Any) -> None:
     """Check every option of `config` against its declaration (choices, min, max, check). UserError
     `--flag-name ...` (or `<method> option name ...` for a class with OPTION_LABEL) saying what is allowed."""
     cls = type(config)
     for spec in options_of(cls):
-        value = getattr(config, spec.name)
-        if value is None and spec.optional:
-            continue
-        label = _label(cls, spec)
-        if spec.choices is not None and value not in spec.choices:
-            raise UserError(f"{label} must be one of {', '.join(map(str, spec.choices))} (got {_show(value)})")
-        if spec.min is not None and value < spec.min:
-            raise UserError(f"{label} must be at least {_show(spec.min)} (got {_show(value)})")
-        if spec.max is not None and value > spec.max:
-            raise UserError(f"{label} must be at most {_show(spec.max)} (got {_show(value)})")
-        if spec.check is not None:
-            problem = spec.check(value)
-            if problem:
-                raise UserError(f"{label} {problem}")
+        wrong = problem(spec, getattr(config, spec.name))
+        if wrong:
+            raise UserError(f"{_label(cls, spec)} {wrong}")
+
+
+def check_options(cls: type, mapping: Mapping[str, Any], where: str) -> dict:
+    """`parse_options`, and each value checked against its declaration too (choices, min, max, check):
+    for a recipe's table, whose every value must be valid whether or not something overrides it. Errors
+    name `where` and the key: `recipe r.toml [synth] resolution must be at least 8 (got 4)`."""
+    values = parse_options(cls, mapping, where)
+    specs = _spec_map(cls)
+    for name, value in values.items():
+        wrong = problem(specs[name], value)
+        if wrong:
+            raise UserError(f"{where} {name} {wrong}")
+    return values
+
+
+def name_recipe_values(error: UserError, cls: type, recipe_section: Mapping[str, Any] | None,
+                       given: Iterable[str], where: str) -> UserError:
+    """`error` (about a combination of options, naming their flags) with the options among them whose
+    value came from the recipe named: `...; --warmup-epochs is recipe r.toml [distill] warmup_epochs`.
+    `given`: the options the caller gave (those are not the recipe's)."""
+    given = set(given)
+    keys = {str(k).strip().replace("-", "_") for k in (recipe_section or {})} - given
+    named = [s for s in options_of(cls) if s.name in keys
+             and re.search(re.escape(_label(cls, s)) + r"(?![\w-])", error.message)]
+    if not named:
+        return error
+    origins = "; ".join(f"{_label(cls, s)} is {where} {s.name}" for s in named)
+    return UserError(f"{error.message} ({origins})")
 
 
 def hashed(config: Any) -> dict:
@@ -272,14 +304,15 @@ def differences(cls: type, old: Mapping[str, Any], new: Mapping[str, Any]) -> li
 def resolve(cls: type, declared_defaults: Mapping[str, Any] | None, recipe_section: Mapping[str, Any] | None,
             explicit: Mapping[str, Any] | None, where: str = "recipe") -> Any:
     """An instance of `cls`: each option from `explicit` if given there, else from `recipe_section`, else
-    from `declared_defaults` (None: the declarations' own defaults). Every value is parsed and the result
-    validated; `where` names the recipe section in errors."""
+    from `declared_defaults` (None: the declarations' own defaults). Every value is parsed, every recipe
+    value checked against its declaration (even one the caller overrides) and the result validated;
+    `where` names the recipe section in errors."""
     specs = options_of(cls)
     values = {s.name: s.default for s in specs if s.default is not MISSING}
     if declared_defaults:
         values.update(parse_options(cls, declared_defaults, "defaults"))
-    if recipe_section:
-        values.update(parse_options(cls, recipe_section, where))
+    if recipe_section:  # every value checked, also those the caller overrides: a recipe is a shared file
+        values.update(check_options(cls, recipe_section, where))
     if explicit:
         values.update(parse_options(cls, explicit, "option"))
     missing = [s.flag_name for s in specs if s.name not in values]
@@ -287,10 +320,10 @@ def resolve(cls: type, declared_defaults: Mapping[str, Any] | None, recipe_secti
         raise UserError(f"missing required option(s): {', '.join(missing)}")
     config = cls(**values)
     checker = getattr(config, "validate", None)
-    if callable(checker):
-        checker()
-    else:
-        validate(config)
+    try:
+        checker() if callable(checker) else validate(config)
+    except UserError as e:
+        raise name_recipe_values(e, cls, recipe_section, explicit or {}, where) from None
     return config
 
 

@@ -40,8 +40,48 @@ def _open(url: str) -> BinaryIO:
     return wds.gopen(url, "rb")
 
 
-def _why(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+def http_reason(error: Exception) -> str:
+    """An HTTP request's failure in words, from urllib's errors: `HTTP 404 Not Found`, `connection refused`,
+    `timed out`; else the error's type and first line."""
+    import urllib.error
+
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}".strip()
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[:1].lower() + reason.strerror[1:]
+    if isinstance(reason, TimeoutError):
+        return "timed out"
+    if isinstance(reason, str):
+        return reason
+    return f"{type(reason).__name__}: {(str(reason).strip().splitlines() or [''])[0][:160]}"
+
+
+def _http_status(url: str, timeout: float = 30.0) -> str | None:
+    """Why a GET of `url` fails now (`HTTP 404 Not Found`, `connection refused`), or None when it succeeds."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except Exception as e:  # noqa: BLE001 (described, not raised)
+        return http_reason(e)
+
+
+def _why(url: str, error: Exception) -> str:
+    """Why reading `url` failed, for a message: for http(s) the HTTP status and reason or the connection
+    error, for a `pipe:` command its exit status, never the internal call that failed (webdataset runs
+    curl and pipes as subprocesses and reports their argument lists)."""
+    text = str(error)
+    status = re.search(r": exit (-?\d+) \(read\)", text)
+    if status is not None and url.startswith(("http://", "https://")):
+        now = _http_status(url)
+        return now or f"curl exit status {status.group(1)}; the server answers now, so try again"
+    if status is not None and url.startswith("pipe:"):
+        return f"the command exited with status {status.group(1)}"
+    if status is not None:
+        return f"the reader ({url.split(':', 1)[0]}) exited with status {status.group(1)}"
+    return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"
 
 
 def read_bytes(url: str, limit: int, what: str) -> bytes:
@@ -53,7 +93,7 @@ def read_bytes(url: str, limit: int, what: str) -> bytes:
         finally:
             stream.close()  # a pipe's (curl's) non-zero exit status raises here
     except Exception as e:
-        raise UserError(f"cannot read {what} at {url} ({_why(e)}); check the address (a folder URL, or a "
+        raise UserError(f"cannot read {what} at {url} ({_why(url, e)}); check the address (a folder URL, or a "
                         "`pipe:` command with {name} where the file name goes) and that it is reachable") from None
     if len(data) > limit:
         raise UserError(f"{what} at {url} is over the {limit}-byte limit")
@@ -81,7 +121,7 @@ def fetch_verified(url: str, sha256: str | None, size: int | None, level: str = 
             stream.close()
     except Exception as e:
         spool.close()
-        raise StreamError(f"cannot be streamed from {url} ({_why(e)})") from None
+        raise StreamError(f"cannot be streamed from {url} ({_why(url, e)})") from None
     problem = None
     if level in ("size", "full") and size is not None and count != size:
         problem = f"streamed {count} bytes, the manifest says {size} (truncated or modified)"

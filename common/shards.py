@@ -18,6 +18,7 @@ Each sample in a shard is a group of tar members sharing a key (no dots in keys)
                                       JPEG (smaller, lossy) or a raw uint8 .npy array (fastest decode)
   sample-00001234.cls                 the target class, ASCII integer
   sample-00001234.logits.npy          the teacher's logits for exactly this stored image, float16 .npy
+                                      (computed on the decoded images batched as a reader batches them)
   sample-00001234.json                small metadata (generator index, seed, resolution, ...)
 No pickle anywhere: arrays are read with allow_pickle=False, JSON with json.loads.
 

@@ -93,8 +93,8 @@ def export_command(run, out, formats, ema, atol):
 
 @main.command("report")
 @click.argument("run", type=click.Path())
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Where the curves PNG goes [default: RUN/curves.png].")
+@click.option("--out", type=click.Path(), default=None,
+              help="Where the curves PNG goes: a file, or a folder (FOLDER/curves.png) [default: RUN/curves.png].")
 def report_command(run, out):
     """Training curves of RUN (loss, top-1, learning rate) as a PNG, and its per-epoch table."""
     from .report import format_table, report_run

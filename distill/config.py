@@ -100,7 +100,8 @@ class TrainConfig:
     # faults
     verify_shards: str = option("full", choices=tuple(CHECK_LEVELS), effect="none",
                                 help="Before the first step, check every shard file against the manifest: full "
-                                "(size and sha256), size (fast), none.")
+                                "(size and sha256), size (fast), none (no check: a changed byte that still "
+                                "decodes is trained on).")
     on_bad_shard: str = option("error", choices=BAD_SHARD_POLICIES, effect="none",
                                help="A shard that is missing or does not match the manifest: stop with an error, or "
                                "skip it (counted and reported).")

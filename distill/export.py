@@ -26,7 +26,7 @@ from common.errors import UserError
 from common.fileio import write_json_atomic
 from common.models import create_model, load_model_checkpoint
 
-from .run_folder import CONFIG_FILE, EMA_FILE, STUDENT_FILE
+from .run_folder import CONFIG_FILE, EMA_FILE, STUDENT_FILE, check_run_folder
 
 EXPORT_FORMATS = ("export", "torchscript", "onnx")
 FILES = {"export": "student.pt2", "torchscript": "student.torchscript.pt", "onnx": "student.onnx"}
@@ -137,8 +137,11 @@ def export_run(run: str | Path, out: str | Path | None = None, formats: tuple[st
     """Export RUN's student (or its EMA) into `out` (default RUN/export) in `formats` (default: export,
     torchscript, and onnx where installed); UserError when a file cannot be written or its outputs do not
     match the trained model's on the check batch."""
-    run = Path(run)
+    run = check_run_folder(Path(run), "export")
     source = run / (EMA_FILE if ema else STUDENT_FILE)
+    if not source.is_file() and not (run / CONFIG_FILE).is_file() and not (run / STUDENT_FILE).is_file():
+        raise UserError(f"{run} is not a `distill train` run folder (it has no {CONFIG_FILE} and no {STUDENT_FILE}); "
+                        "give the --out folder of a run")
     if not source.is_file():
         hint = ("the run has no EMA (train with --ema-decay)" if ema and (run / STUDENT_FILE).is_file()
                 else "is the run finished? `distill train` writes it after the last epoch")

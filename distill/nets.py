@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from common.errors import UserError
-from common.models import CheckpointError, create_model, state_dict_sha256
+from common.models import CheckpointError, ModelNameError, WeightsUnavailableError, create_model, state_dict_sha256
 from common.shards import Manifest
 
 from .config import TrainConfig
@@ -61,11 +61,9 @@ def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
     try:
         return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
                             in_chans=spec.channels, input_size=spec.size)
-    except CheckpointError:
-        raise  # a damaged or malformed file: its own message names it and the fix
+    except (CheckpointError, ModelNameError, WeightsUnavailableError):
+        raise  # a file that cannot be used, a name that builds no model, weights out of reach: not a misfit
     except UserError as e:
-        if "unknown model" in e.message:
-            raise
         raise UserError(f"student {config.student} with weights '{config.student_weights}' does not fit the shards "
                         f"({spec.channels} x {spec.size} x {spec.size} images, {manifest.num_classes} classes): "
                         f"{e.message}. Pass --student-weights none, or weights made for this input and class "

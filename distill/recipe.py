@@ -1,8 +1,8 @@
 """Stage two's recipe: which one applies to a run (`TrainConfig.recipe`) and the config it resolves to.
 
     auto (the default)  the recipe the shards were made with (the manifest's `recipe`), when it is a
-                        shipped one or its file is still where it was; else the one chosen from the
-                        teacher's input (`common.recipes.choose_recipe`)
+                        shipped one, none, or a file still where it was; else (or when the manifest
+                        records none) the one chosen from the teacher's input (`common.recipes.choose_recipe`)
     NAME | PATH         a shipped recipe or a TOML file: its [distill] table
     none                the declared defaults only
 
@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common import options
+from common.errors import UserError
 from common.options import explicit_fields
-from common.recipes import AUTO, NONE, Recipe, choose_recipe, load_recipe, pick_recipe, shipped_names
+from common.recipes import AUTO, NONE, Recipe, choose_recipe, empty_recipe, load_recipe, pick_recipe, shipped_names
 from common.shards import Manifest
 
 from .config import TrainConfig
@@ -41,8 +42,10 @@ def _shards_recipe(manifest: Manifest) -> tuple[Recipe, str] | None:
     """The recipe the shards were made with, when it can still be read here (None otherwise)."""
     made = manifest.recipe or {}
     name, path, sha = made.get("name"), made.get("path"), made.get("sha256")
-    if not name or name == NONE:
+    if not name:  # shards written before manifests recorded the recipe
         return None
+    if name == NONE:
+        return empty_recipe(), "recipe: none (auto: the shards were made with --recipe none: the declared defaults)"
     if name in shipped_names():
         recipe = load_recipe(name)
         newer = "" if sha in (None, recipe.sha256) else "; the shards were made with an earlier version of it"
@@ -62,7 +65,7 @@ def pick_for_shards(choice: str | None, manifest: Manifest) -> tuple[Recipe, str
         return found
     recipe, reason = choose_recipe(manifest.input_spec)
     made = (manifest.recipe or {}).get("name")
-    if made and made != NONE:
+    if made:
         reason += f"; the shards' recipe {made!r} is not here"
     return recipe, reason
 
@@ -73,10 +76,16 @@ def resolve_run(config: TrainConfig, manifest: Manifest) -> ResolvedRun:
     given = explicit_fields(config)
     explicit = {name: getattr(config, name) for name in given}
     explicit["recipe"] = config.recipe
-    resolved = options.resolve(TrainConfig, None, recipe.distill, explicit, where=f"{recipe.where} [distill]")
+    where = f"{recipe.where} [distill]"
+    resolved = options.resolve(TrainConfig, None, recipe.distill, explicit, where=where)
+    off = {}
     if resolved.teacher_logits == "stored":  # the student must see the stored view: no augmentation, no mixup
         off = {k: v for k, v in _STORED_VIEW.items() if k not in given and getattr(resolved, k) != v}
         if off:
             resolved = replace(resolved, **off)
             reason += f"; --teacher-logits stored: {', '.join(f'{k} {v}' for k, v in off.items())}"
+    try:
+        resolved.resolved()  # values that do not work together: the error names those the recipe set
+    except UserError as e:
+        raise options.name_recipe_values(e, TrainConfig, recipe.distill, set(given) | set(off), where) from None
     return ResolvedRun(resolved, recipe, reason)

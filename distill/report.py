@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from common.errors import UserError
 from common.plots import Panel, line_panels
 
-from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE
+from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE, check_run_folder
 from .validation import BEST_VAL_FILE, VAL_COLUMNS, best_epoch
 
 CURVES_FILE = "curves.png"
@@ -59,9 +60,7 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 
 def read_run(run: str | Path) -> RunLog:
     """The logs of a run folder; UserError when it has none."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run folder {run} does not exist; give the --out folder of a `distill train` run")
+    run = check_run_folder(Path(run), "report")
     if not (run / METRICS_FILE).is_file():
         raise UserError(f"{run} has no {METRICS_FILE}: no epoch has finished there yet, or it is not a "
                         "`distill train` run folder")
@@ -134,16 +133,34 @@ def summary_line(log: RunLog) -> str:
     return "final: " + ", ".join(parts)
 
 
+def curves_path(run: Path, out: str | Path | None) -> Path:
+    """Where the curves go: RUN/curves.png; `out` a folder (one that exists, or a name without an
+    extension, as `distill export --out` takes): out/curves.png; else the image file `out`, whose
+    extension must be one Pillow writes."""
+    if out is None:
+        return run / CURVES_FILE
+    out = Path(out)
+    if out.is_dir() or not out.suffix:
+        return out / CURVES_FILE
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise UserError(f"--out {out}: no image type has the extension {out.suffix}; give a .png file, or a folder "
+                        f"for {CURVES_FILE}")
+    return out
+
+
 def report_run(run: str | Path, out: str | Path | None = None) -> RunReport:
-    """Write the curves PNG (default: RUN/curves.png) and return the table and summary line."""
+    """Write the curves PNG (default: RUN/curves.png; `out`: a file, or a folder for curves.png) and
+    return the table and summary line."""
     run = Path(run)
     log = read_run(run)
     title = f"{run.name}: {log.config.get('student', 'student')} from {Path(str(log.config.get('shards', '?'))).name}"
-    image = Path(out) if out is not None else run / CURVES_FILE
+    image = curves_path(run, out)
     try:
+        image.parent.mkdir(parents=True, exist_ok=True)
         line_panels(curve_panels(log), title=title).save(image)
     except OSError as e:
-        raise UserError(f"cannot write {image} ({e.strerror or e}); pass --out to a writable file") from None
+        raise UserError(f"cannot write {image} ({e.strerror or e}); pass --out to a writable file or folder") from None
     table = log.metrics.set_index("epoch")
     return RunReport(table, summary_line(log), image)
 

@@ -2,14 +2,17 @@
 --resume, the start of another run is refused), its creation and the CSV logs written into it."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import UserError
 from common.fileio import atomic_open
 from common.remote import is_remote
+from common.shards import MANIFEST_NAME
 
 from .config import RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
 from .validation import VAL_COLUMNS
@@ -35,12 +38,66 @@ def check_out(config: TrainConfig) -> Path:
     return out
 
 
+def check_run_folder(run: Path, command: str) -> Path:
+    """A `distill train` run folder to read (`distill export`, `distill report`); UserError saying what
+    `run` is instead: missing, a file, a shards folder."""
+    fix = "give the --out folder of a `distill train` run"
+    if not run.exists():
+        raise UserError(f"run folder {run} does not exist; {fix}")
+    if not run.is_dir():
+        raise UserError(f"{run} is a file, not a run folder; {fix}")
+    if (run / MANIFEST_NAME).is_file() and not (run / CONFIG_FILE).is_file():
+        raise UserError(f"{run} is a shards folder (written by `synth generate`), not a run folder: distill a student "
+                        f"from it (`distill train --shards {run} --out RUN ...`), then `distill {command} RUN`")
+    return run
+
+
 def make_out(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
     return out
+
+
+@dataclass(frozen=True)
+class FolderBefore:
+    """What existed of the run folder before this run: the first folder of its path that did not exist
+    (None: the run folder did), and the names in the run folder."""
+
+    created: Path | None
+    names: frozenset
+
+    @classmethod
+    def of(cls, out: Path) -> "FolderBefore":
+        if out.is_dir():
+            return cls(None, frozenset(p.name for p in out.iterdir()))
+        created = out.absolute()
+        while not created.parent.exists():
+            created = created.parent
+        return cls(created, frozenset())
+
+
+def remove_unstarted(out: Path, before: FolderBefore) -> None:
+    """After a run failed before its first checkpoint (a damaged shard found while reading, a diverged
+    first epoch): remove what it created (the folder if it made it, else the files it added), so that
+    nothing but the error is left. Nothing is removed once a checkpoint exists (a resumable run)."""
+    if (out / CHECKPOINT_FILE).exists():
+        return
+    if before.created is not None:  # the run folder, then each parent it made while empty (not another run's)
+        shutil.rmtree(out, ignore_errors=True)
+        folder = out.absolute()
+        while folder != before.created and folder.parent != folder:
+            folder = folder.parent
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        return
+    for path in out.iterdir():
+        if path.name not in before.names and not path.is_dir():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def check_started_run(out: Path, config: TrainConfig) -> None:

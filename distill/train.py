@@ -64,7 +64,8 @@ from .loop import NonFiniteLoss, check_finite_weights, train_one_epoch
 from .nets import Models
 from .recipe import resolve_run
 from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, EMA_COLUMN, EMA_FILE, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE,
-                         STUDENT_FILE, check_out, make_out, with_terms, write_csv, write_metrics)
+                         STUDENT_FILE, FolderBefore, check_out, make_out, remove_unstarted, with_terms, write_csv,
+                         write_metrics)
 from .throughput import ModelEma, check_amp, grad_scaler, to_memory_format, wrap_student, wrap_teacher
 from .validation import BEST_VAL_FILE, NONE, VAL_COLUMNS, ValSet, best_epoch, measure, open_val_set
 
@@ -73,9 +74,10 @@ def train(config: TrainConfig) -> dict:
     """Distill `config.student` from the shards' teacher. Returns the final metrics: eval_top1 (None
     without eval data, and on ranks other than 0), teacher_top1, epochs, steps, train_loss (mean over
     ranks), images_per_s (all ranks together), skipped_shards, out. Everything that can be checked is
-    checked before the run folder is created. Under torchrun every rank calls this. The recipe
-    (`config.recipe`, distill/recipe.py) fills the options `config`'s caller did not give; the start line
-    on stderr says which one and why, config.json records it (`recipe_used`)."""
+    checked before the run folder is created; a run that stops before its first checkpoint (damage
+    found while reading a shard) removes what it created there. Under torchrun every rank calls this.
+    The recipe (`config.recipe`, distill/recipe.py) fills the options `config`'s caller did not give;
+    the start line on stderr says which one and why, config.json records it (`recipe_used`)."""
     manifest = read_manifest(config.shards)
     run = resolve_run(config, manifest)  # the recipe fills what the caller did not give
     config = run.config.resolved()
@@ -99,14 +101,18 @@ def train(config: TrainConfig) -> dict:
         if not dist.is_main:  # rank 0 makes, locks and cleans the run folder; the others wait for it
             distributed.barrier()
             return _train(config, out, inputs, dist, run.record())
+        before = FolderBefore.of(out)
         with folder_lock(make_out(out), "distill train"):
             remove_stale_temps(out)
             distributed.barrier()
             try:
                 return _train(config, out, inputs, dist, run.record())
-            except DiskFullError as e:
-                raise e.with_fix("make room (free space, or raise the quota or limit) and rerun with --resume: "
-                                 "the run continues from its last checkpoint") from None
+            except Exception as e:
+                remove_unstarted(out, before)  # failed before its first checkpoint: no run folder is left
+                if isinstance(e, DiskFullError):
+                    raise e.with_fix("make room (free space, or raise the quota or limit) and rerun with --resume: "
+                                     "the run continues from its last checkpoint") from None
+                raise
 
 
 

@@ -51,7 +51,7 @@ from common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, fol
                            remove_stale_temps, sha256_file, write_json_atomic)
 from common import models, options
 from common.models import create_model
-from common.options import explicit_fields, option, parse_options, track_explicit
+from common.options import check_options, explicit_fields, option, track_explicit
 from common.options import validate as validate_options
 from common.recipes import AUTO, Recipe, as_dict, pick_recipe, shipped_names
 from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
@@ -190,8 +190,9 @@ def resolve_config(cfg: GenerateConfig, spec=None) -> Resolved:
     unknown = sorted(set(recipe.method) - set(METHODS))
     if unknown:
         raise UserError(f"{where}: [synth.method.{unknown[0]}] is not a method; methods: {', '.join(METHODS)}")
+    for name, section in recipe.method.items():  # every method's table checked, not only the chosen one's
+        check_options(METHODS[name].Config, section, f"{where} [synth.method.{name}]")
     table = recipe.method.get(method, {})
-    parse_options(METHODS[method].Config, table, f"{where} [synth.method.{method}]")  # names the recipe in errors
     method_options = {**table, **(cfg.method_options if "method_options" in given else {})}
     return Resolved(replace(resolved, method_options=method_options), recipe, reason)
 

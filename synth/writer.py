@@ -11,6 +11,8 @@ runs at the speed of the device work.
 Bytes do not depend on the pool size: the same functions build the same segments in the same order
 (`workers=0` runs them in the main process). Lossless formats (PNG, npy) decode to the 8-bit pixels
 themselves, so their logits are computed on those at once; for JPEG the teacher sees the decoded JPEG.
+Either way the teacher gets the batch laid out as a reader lays out decoded images (`as_read`), so a
+reader that batches them the same way gets the stored logits bit for bit.
 """
 from __future__ import annotations
 
@@ -131,8 +133,7 @@ def write_shards(jobs: Iterable[ShardJob], logits_of: Callable[[torch.Tensor], t
 
     def decoded(job: ShardJob, batch: PixelBatch, futures: list[Future]) -> None:
         parts = [f.result() for f in futures]
-        pixels = torch.from_numpy(np.concatenate([p for _, p in parts]))
-        pixels = pixels.permute(0, 3, 1, 2).contiguous().to(batch.pixels.device)
+        pixels = as_read(np.concatenate([p for _, p in parts]), batch.pixels.device)
         finish(job, batch, pixels, [data for images, _ in parts for data in images])
 
     def write_one() -> Iterator[ShardRecord]:
@@ -155,8 +156,8 @@ def write_shards(jobs: Iterable[ShardJob], logits_of: Callable[[torch.Tensor], t
                                                   for c in chunks(len(host))]))
                     while len(encoding) > 2:
                         decoded(*encoding.popleft())
-                else:
-                    finish(job, batch, batch.pixels, host)
+                else:  # lossless: the stored pixels are these, batched as a reader batches them
+                    finish(job, batch, as_read(host, batch.pixels.device), host)
                 while len(segments) > pool.depth:
                     yield from write_one()
             while encoding:
@@ -168,6 +169,16 @@ def write_shards(jobs: Iterable[ShardJob], logits_of: Callable[[torch.Tensor], t
         if open_shard:   # stopped (an error, or the caller stopped reading): the unfinished shard's temp goes
             stopped = RuntimeError("shard not finished")
             open_shard.pop().__exit__(RuntimeError, stopped, None)
+
+
+def as_read(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Decoded 8-bit (B, H, W, C) images as a reader batches them, (B, C, H, W): stacked into a fresh
+    array, `from_numpy`, `permute`, `contiguous` (distill's loader; webdataset and numpy readers get the
+    same strides). The teacher's logits are computed on this tensor: on another layout of the same
+    pixels (for one channel, a plain (B, C, H, W) tensor has other strides, and so has a view of it
+    permuted to (B, H, W, C)) its convolutions may round differently, a float16 step in a few logits."""
+    fresh = images.copy()  # C order with the strides np.stack gives, also along a dimension of size 1
+    return torch.from_numpy(fresh).permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def write_shard(path: Path, batches: Iterable[PixelBatch], logits_of: Callable[[torch.Tensor], torch.Tensor],

@@ -142,6 +142,22 @@ def test_report_without_eval_data_or_step_log(tmp_path):
     assert colour_count(top1_panel, PALETTE[0]) == 0  # "no data", no line
 
 
+def test_report_out_takes_a_folder_as_export_does(tmp_path):
+    """--out an existing folder, or a new name without an extension: FOLDER/curves.png; an extension no
+    image type has: a one-line error."""
+    run = write_run(tmp_path / "run")
+    (tmp_path / "plots").mkdir()
+    for out, image in ((tmp_path / "plots", tmp_path / "plots" / "curves.png"),
+                       (tmp_path / "new" / "deploy", tmp_path / "new" / "deploy" / "curves.png")):
+        result = CliRunner().invoke(distill_cli, ["report", str(run), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip().splitlines()[-1] == f"wrote {image}"
+        assert Image.open(image).size == (3 * 420, 370)
+    result = CliRunner().invoke(distill_cli, ["report", str(run), "--out", str(tmp_path / "c.xyz")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "no image type has the extension .xyz; give a .png file, or a folder for curves.png" in result.output
+
+
 def test_report_of_a_real_run(tmp_path, tiny_teacher_path):
     from distill.train import TrainConfig, train
     from synth.generate import GenerateConfig, generate

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -94,7 +95,10 @@ def test_recipe_file_by_path(tiny_teacher_path, tmp_path):
     ("[synth\nnum_images = 3\n", "is not valid TOML"),
     ("[synth]\nnum_imagez = 3\n", "[synth]: unknown option 'num_imagez'; valid options:"),
     ("[synth]\nnum_images = 'many'\n", "[synth] num_images expects an integer, got 'many'"),
-    ("[synth]\nnum_images = 0\n", "--num-images must be at least 1 (got 0)"),
+    ("[synth]\nnum_images = 0\n", "recipe bad.toml [synth] num_images must be at least 1 (got 0)"),
+    ("[synth]\nresolution = 4\n", "recipe bad.toml [synth] resolution must be at least 8 (got 4)"),
+    ("[synth]\nimage_format = 'gif'\n", "recipe bad.toml [synth] image_format must be one of png, jpg, npy"),
+    ("[synth.method.generator]\nsteps = -3\n", "recipe bad.toml [synth.method.generator] steps must be at least 0"),
     ("[synth.method.generator]\nstepz = 3\n", "[synth.method.generator]: unknown option 'stepz'"),
     ("[synth.method.gan]\nsteps = 3\n", "[synth.method.gan] is not a method"),
     ("[stage]\nx = 1\n", "unknown key(s) stage"),
@@ -109,6 +113,34 @@ def test_bad_recipes_are_user_errors(tmp_path, text, message):
     assert message in error.value.message
     if text is not None and "TOML" in message:
         assert "bad.toml" in error.value.message and "line 1" in error.value.message
+
+
+def test_every_recipe_value_is_checked_even_when_overridden(tmp_path):
+    """A recipe is a shared file: a bad value is refused whether or not a flag (or --set, or another
+    method) takes its place, and the error names the file, section and key, not a flag."""
+    path = tmp_path / "shared.toml"
+    cases = [
+        ("[synth]\nnum_images = -5\n", dict(num_images=400), "[synth] num_images must be at least 1 (got -5)"),
+        ("[synth.method.generator]\nsteps = -3\n", dict(method_options={"steps": "20"}),
+         "[synth.method.generator] steps must be at least 0 (got -3)"),
+        ("[synth.method.muse]\nscales = [3.0]\n", dict(method="generator"), "[synth.method.muse] scales must be"),
+    ]
+    for text, given, message in cases:
+        path.write_text(text)
+        with pytest.raises(UserError) as error:
+            resolve_config(GenerateConfig(teacher="lenet5", recipe=str(path), **given), MNIST_SPEC)
+        assert error.value.message.startswith(f"recipe shared.toml {message}"), error.value.message
+    path.write_text("[distill]\ntemperature = -1.0\n")
+    with pytest.raises(UserError, match=r"^recipe shared.toml \[distill\] temperature must be positive \(got -1\)$"):
+        _run(_manifest(), recipe=str(path), temperature=2.0)
+    # values that do not work together: the flag's error, naming the recipe key that set one of them
+    path.write_text("[distill]\nwarmup_epochs = 20.0\n")
+    with pytest.raises(UserError, match=r"--warmup-epochs must not exceed --epochs \(got 20 > 10\) "
+                                        r"\(--warmup-epochs is recipe shared.toml \[distill\] warmup_epochs\)$"):
+        _run(_manifest(), recipe=str(path))
+    with pytest.raises(UserError, match=r"must not exceed --epochs \(got 20 > 3\)$"):   # both given: no recipe
+        _run(_manifest(), recipe=str(path), warmup_epochs=20.0, epochs=3)
+    assert _run(_manifest(), recipe=str(path), epochs=30).config.warmup_epochs == 20.0
 
 
 def test_changed_byte_changing_option_on_a_rerun_is_refused_by_name(tiny_teacher_path, tmp_path):
@@ -205,13 +237,19 @@ def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
     assert (run.config.epochs, run.config.lr, run.config.mixup) == (rgb["epochs"], rgb["lr"], rgb["mixup"])
     old = made | {"sha256": "1" * 64}
     assert "made with an earlier version of it" in _run(_manifest(recipe=old)).reason
-    for recipe in (None, {"name": "none"}, {"name": "gone", "path": "/nowhere/gone.toml", "sha256": "2" * 64}):
+    for recipe in (None, {"name": "gone", "path": "/nowhere/gone.toml", "sha256": "2" * 64}):
         run = _run(_manifest(recipe=recipe))  # chosen from the teacher's input
         assert run.recipe.name == "small-grey" and run.reason.startswith("recipe: small-grey (auto: 1-channel 28 px")
         assert ("'gone' is not here" in run.reason) == (recipe is not None and recipe["name"] == "gone")
         assert (run.config.epochs, run.config.lr, run.config.mixup, run.config.aug) == (10, 0.05, 1.0, "translate")
     rgb = _run(_manifest(InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)))
     assert rgb.recipe.name == "small-rgb" and rgb.config.aug == "crop"
+    # shards made with --recipe none: distilled with none too (the declared defaults), not small-grey
+    plain = _run(_manifest(recipe=load_recipe("none").record("recipe: none (--recipe none: the declared defaults)")))
+    assert plain.recipe.name == "none" and plain.reason == ("recipe: none (auto: the shards were made with --recipe "
+                                                            "none: the declared defaults)")
+    assert (plain.config.epochs, plain.config.lr, plain.config.mixup) == (10, None, 0.0)
+    assert plain.config == replace(_run(_manifest(), recipe="none").config, recipe="auto")
 
 
 def test_distill_explicit_beats_recipe_and_none_or_a_file():
@@ -242,7 +280,7 @@ def test_distill_recipe_file_and_bad_values(tmp_path):
     with pytest.raises(UserError, match=r"\[distill\]: unknown option 'epoch'; valid options: .*epochs"):
         _run(_manifest(), recipe=str(path))
     path.write_text('[distill]\nopt = "lion"\n')
-    with pytest.raises(UserError, match="--opt must be one of sgd, adamw"):
+    with pytest.raises(UserError, match=r"recipe mine.toml \[distill\] opt must be one of sgd, adamw \(got lion\)"):
         _run(_manifest(), recipe=str(path))
 
 

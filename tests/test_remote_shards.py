@@ -92,3 +92,49 @@ def test_unreachable_manifest_is_a_one_line_error(server, tmp_path):
     _, url = server
     with pytest.raises(UserError, match="cannot read the manifest at .*/nothing/manifest.json"):
         train(_config(f"{url}/nothing", tmp_path / "x"))
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_failures_name_the_url_and_the_status(shard_folder, server, tmp_path):
+    """A 404, a closed port, a failing pipe: the address and what went wrong, not the internal call."""
+    root, url = server
+    closed = f"http://127.0.0.1:{_closed_port()}/shards/"
+    for location, reason in ((f"{url}/nothing/", "HTTP 404 File not found"), (closed, "connection refused"),
+                             ("pipe:exit 3 {name}", "the command exited with status 3")):
+        with pytest.raises(UserError) as error:
+            train(_config(location, tmp_path / "x"))
+        message = error.value.message
+        assert f"cannot read the manifest at {join(location, 'manifest.json')} ({reason})" in message, message
+        assert "curl" not in message and "[" not in message and "bufsize" not in message, message
+    shutil.copytree(shard_folder, root / "shards")
+    (root / "shards" / "shard-000001.tar").unlink()   # listed in the manifest, gone from the server
+    with pytest.raises(UserError) as error:
+        train(_config(f"{url}/shards/", tmp_path / "y"))
+    assert f"shard-000001.tar cannot be streamed from {url}/shards/shard-000001.tar (HTTP 404 File not found)" in \
+        error.value.message
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_weights_download_failure_names_the_url_and_the_status(server, tmp_path, monkeypatch):
+    """torchvision's pretrained weights from an address that answers 404, or from a closed port."""
+    from torchvision.models._api import WeightsEnum
+
+    from common.models import create_model
+
+    _, url = server
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # nothing cached
+    for address, reason in ((f"{url}/weights/r18.pth", "HTTP 404 File not found"),
+                            (f"http://127.0.0.1:{_closed_port()}/r18.pth", "connection refused")):
+        monkeypatch.setattr(WeightsEnum, "url", property(lambda self, address=address: address))
+        with pytest.raises(UserError) as error:
+            create_model("resnet18", weights="DEFAULT")
+        assert f"could not download resnet18 weights IMAGENET1K_V1 from {address} ({reason})" in error.value.message
+        assert "urlopen" not in error.value.message and "<" not in error.value.message, error.value.message

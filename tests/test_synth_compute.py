@@ -172,6 +172,27 @@ def test_jpeg_logits_are_the_teachers_on_the_decoded_jpeg(tiny_teacher_path, tmp
     assert not np.array_equal(png_logits, stored)
 
 
+@pytest.mark.parametrize("image_format", ["png", "npy"])
+def test_lossless_logits_are_the_teachers_on_the_stored_pixels_as_a_reader_batches_them(image_format,
+                                                                                         tiny_teacher_path, tmp_path):
+    """A reader that stacks decoded images and permutes them to (B, C, H, W) (distill's loader, a plain
+    numpy or webdataset reader) gets the stored logits bit for bit, in the writer's batches and in others
+    (a one-channel batch laid out otherwise rounds a float16 step differently in about 1 logit of 200)."""
+    out = tmp_path / image_format
+    generate(_config(tiny_teacher_path, out, image_format=image_format, num_images=600, shard_size=600,
+                     write_batch_size=100))
+    teacher = _teacher(tiny_teacher_path)
+    samples = list(read_shard(out / "shard-000000.tar"))
+    stored = np.stack([s.logits for s in samples])
+    images = np.stack([s.image for s in samples])
+    for batch in (100, 600, 7):
+        with torch.no_grad():
+            logits = np.concatenate([teacher(teacher.input_spec.normalize(
+                torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).contiguous().float() / 255)).half().numpy()
+                for i in range(0, len(images), batch)])
+        assert np.array_equal(stored, logits), (batch, int((stored != logits).any(1).sum()))
+
+
 # --------------------------------------------------------------------------- what a rerun must match
 @pytest.mark.parametrize("change, differs", [({"write_batch_size": 10}, "--write-batch-size 16 there, 10 now"),
                                              ({"amp": "bf16"}, '--amp "none" there, "bf16" now'),
