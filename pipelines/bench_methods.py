@@ -136,6 +136,8 @@ DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperat
            "aug": "translate", "workers": 1, "threads": 1}
 
 _print_lock = threading.Lock()
+THREADS = 1   # torch threads of every command (--threads)
+SETS: dict = {}   # method options over every row's own (--set), for the methods that have them
 
 
 def _apply_recipe(cfg: dict) -> None:
@@ -169,7 +171,7 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
     """Run a command line with its output in `log`; return (wall seconds, CPU seconds of the child)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     say("$ " + " ".join(shlex.quote(c) for c in cmd))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -272,6 +274,12 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
     cfg = CONFIGS[config_name]
     source, extra = STAGE_TWO_ROWS.get(variant, (variant, {}))
     method, options = variant_options(config_name, source)
+    if SETS and method != "real":
+        from common.options import options_of
+        from synth.methods import METHODS
+
+        known = {spec.name for spec in options_of(METHODS[method].Config)}
+        options = {**options, **{k: v for k, v in SETS.items() if k in known}}
     base = out / config_name
     teacher_path = base / "teacher.pt"
     shards = base / "shards" / slug(source)
@@ -288,12 +296,12 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
             # --recipe none: every row sets its own options (a recipe edit must not move this table)
             cmd = [py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(teacher_path),
                    "--recipe", "none", "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size", str(SHARD_SIZE),
-                   "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", "1", "--quiet", "--out", str(shards)]
+                   "--image-format", IMAGE_FORMAT, "--seed", "0", "--threads", str(THREADS), "--quiet", "--out", str(shards)]
             wall, cpu = run(cmd, base / "logs" / f"synth-{slug(variant)}.log")
         timing = {"wall_s": wall, "cpu_s": cpu}
         timing_file.write_text(json.dumps(timing))
     top1 = {}
-    distill = {**distill_options(config_name), **extra}
+    distill = {**distill_options(config_name), **extra, "threads": THREADS}
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
     for seed in seeds:
         run_dir = base / "runs" / f"{slug(variant)}-seed{seed}"
@@ -328,6 +336,16 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated subset of the method rows (by slug)")
     parser.add_argument("--synthesis-only", action="store_true",
                         help="only synthesise (timings); the table shows the distillations already finished")
+    parser.add_argument("--images", type=int, default=None,
+                        help="images per row instead of each configuration's own (a new --out: finished rows are reused)")
+    parser.add_argument("--distill-epochs", type=int, default=None,
+                        help="distillation epochs instead of each configuration's own (a new --out)")
+    parser.add_argument("--teacher-epochs", type=int, default=None,
+                        help="teacher training epochs instead of each configuration's own (a new --out)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option for every row whose method has it, over the row's own (dry runs: "
+                        "steps=2; a new --out)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every command (GPU machines: more)")
     parser.add_argument("--write-real", nargs=6, metavar=("ARCH", "TEACHER", "DATA", "DATA_ROOT", "N", "OUT"),
                         help=argparse.SUPPRESS)  # the ceiling row's shards, run as a child (for its rusage)
     args = parser.parse_args()
@@ -341,6 +359,18 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     variants = ROWS if not args.variants else [v for v in ROWS if slug(v) in args.variants.split(",")]
+    global THREADS
+    THREADS = args.threads
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        SETS[key.strip()] = value.strip()
+    for name in configs:   # budgets given on the command line (a GPU's, or a dry run's) win over the table's
+        for key, value in (("images", args.images), ("distill_epochs", args.distill_epochs),
+                           ("teacher_epochs", args.teacher_epochs)):
+            if value is not None:
+                CONFIGS[name][key] = value
     py, seeds, started = sys.executable, list(range(args.seeds)), time.perf_counter()
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
@@ -353,7 +383,7 @@ def main() -> None:
                 teachers[name] = pool.submit(run, [py, "-m", "distill", "teacher", "--model", cfg["teacher"],
                                                    "--data", cfg.get("data", "mnist"), "--data-root",
                                                    args.data_root, "--epochs",
-                                                   str(cfg["teacher_epochs"]), "--seed", "0", "--threads", "1",
+                                                   str(cfg["teacher_epochs"]), "--seed", "0", "--threads", str(THREADS),
                                                    *(["--resolution", str(cfg["resolution"])] if "resolution" in cfg else []),
                                                    *cfg.get("teacher_args", []),
                                                    "--quiet", "--out", str(path)], out / name / "logs" / "teacher.log")
