@@ -108,3 +108,12 @@ def test_cpu_with_an_imagenet_size_teacher_warns_at_start(tmp_path):
                                            "32", *args[7:], "--out", str(tmp_path / "b")])
     assert small.exit_code == 0, small.output
     assert "warning: synthesising on the CPU" not in small.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_estimate_with_bf16_channels_last_and_writers(tiny_teacher_path, tmp_path):
+    out = tmp_path / "cuda"
+    est = generate(_config(tiny_teacher_path, out, estimate=True, device="cuda", amp="bf16", channels_last=True,
+                           write_workers=2))
+    assert est.device.startswith("cuda") and est.total_s > 0 and est.disk_bytes > 0
+    assert sorted(p.name for p in out.iterdir()) == ["estimate.json"]
