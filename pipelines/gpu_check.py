@@ -20,7 +20,8 @@ Parts, in order of value (each command is the product's own command line, run as
      kept, bytes identical to the uninterrupted run, verified), `distill train` of a resnet18 from the shards
      (bf16, channels-last, online teacher) with its images/s. Teacher: resnet50 at 224 px, random weights,
      the imagenet recipe with --set steps shortened (dry run: resnet18 at 32 px, same recipe and flags)
-  c  torchrun, 1 process, both stages (nccl on a GPU, gloo on the CPU)
+  c  torchrun, 1 process, both stages; then both again inside a 1-rank process group (nccl on a GPU, gloo on the
+     CPU) so that their barriers and collectives run through the backend (WORLD_SIZE 1 alone needs no group)
   d  pipelines/bench_synthesis.py --only resnet50@224 --device cuda (training and writing against their
      limits, teacher share, projected GPU-hours for 1.28M images next to the published ones), then with --compile
   e  pipelines/bench_methods.py on MNIST-M: 32 px (no-flag ensemble, adversarial ensemble, MUSE at about equal
@@ -35,6 +36,7 @@ import argparse
 import csv
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -269,8 +271,44 @@ def part_c(ctx, run: Runner) -> dict:
     run("verify", python() + ["-m", "synth", "verify", str(out / "shards")])
     _, distill_s = run("torchrun-distill", torchrun + ["-m", "distill", "train", "--shards", str(out / "shards"),
                                                        "--out", str(out / "distill")] + sizes.distill)
-    return {"backend": "nccl" if ctx.gpu else "gloo", "generate_s": round(synth_s, 1),
-            "distill_s": round(distill_s, 1), "distill": last_metrics(out / "distill")}
+    result = {"generate_s": round(synth_s, 1), "distill_s": round(distill_s, 1),
+              "distill": last_metrics(out / "distill")}
+    # with 1 process the stages need no process group (WORLD_SIZE 1), and nccl cannot put 2 ranks on 1 GPU: the same
+    # commands once more inside a 1-rank group that the caller opened, so that every barrier and collective of both
+    # stages runs through the backend
+    backend = "nccl" if ctx.gpu else "gloo"
+    group = torchrun + [str(Path(__file__).resolve()), "--in-process-group", backend]
+    run("group-generate", group + ["synth", "generate"] + sizes.synth_small + ["--out", str(out / "group-shards")])
+    run("group-distill", group + ["distill", "train", "--shards", str(out / "group-shards"), "--out",
+                                  str(out / "group-distill")] + sizes.distill)
+    same = (json.loads((out / "group-shards" / "manifest.json").read_text())["shards"]
+            == json.loads((out / "shards" / "manifest.json").read_text())["shards"])
+    return result | {"backend": backend, "collectives_in_a_1_rank_group": "ok", "group_shards_equal": same}
+
+
+def in_process_group(backend: str, command: list[str]) -> int:
+    """Run `synth ...` or `distill ...` (the product's CLI) inside a 1-rank process group of `backend` opened here,
+    as a caller may (under torchrun: its environment gives the rendezvous)."""
+    import torch
+    import torch.distributed as td
+
+    kwargs = {}
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    td.init_process_group(backend, **kwargs)
+    try:
+        from distill.cli import main as distill_main
+        from synth.cli import main as synth_main
+
+        cli = {"synth": synth_main, "distill": distill_main}[command[0]]
+        try:
+            cli(command[1:], standalone_mode=False)
+            return 0
+        except SystemExit as e:
+            return int(e.code or 0)
+    finally:
+        td.destroy_process_group()
 
 
 def part_d(ctx, run: Runner) -> dict:
@@ -279,6 +317,7 @@ def part_d(ctx, run: Runner) -> dict:
     workers = [] if "--workers" in sizes.bench_synthesis else ["--workers", str(max(1, len(os.sched_getaffinity(0)) - 1))]
     run("bench-eager", bench + sizes.bench_synthesis + workers + ["--out", str(out / "eager")])
     result = {"eager": read_csv(out / "eager" / "results.csv"), "published": dict(PUBLISHED)}
+    result["projected_hours_for_1.28M_images"] = projections(result["eager"])
     ctx.save_partial(result)
     try:
         run("bench-compile", bench + sizes.bench_compile + workers + ["--out", str(out / "compile")])
@@ -286,6 +325,23 @@ def part_d(ctx, run: Runner) -> dict:
     except PartTimeout as e:
         result["compile"] = f"timed out: {e}"
     return result
+
+
+def projections(rows: list[dict]) -> dict:
+    """bench_synthesis's projected GPU-hours for 1.28M images (its ImageNet command lines), per method (GPU rows)."""
+    spec = importlib.util.spec_from_file_location("bench_synthesis", ROOT / "pipelines" / "bench_synthesis.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_synthesis", bench)
+    spec.loader.exec_module(bench)
+    out = {}
+    for row in rows:
+        workers = [int(k[len("write_"):]) for k in row if k.startswith("write_") and k[len("write_"):].isdigit()]
+        typed = {k: (float(v) if k in ("train",) or k.startswith("write_") else v) for k, v in row.items()}
+        hours = bench.projected_hours(typed, workers)
+        if hours:
+            out[row["method"]] = {"synthesis_h": round(hours[0], 1), "writing_h": round(hours[1], 1),
+                                  "total_h": round(sum(hours), 1)}
+    return out
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -515,6 +571,8 @@ def render(summary: dict) -> str:
 
 def headline(p: str, r: dict) -> str:
     """One line of numbers per part for the summary table."""
+    if not r:
+        return ""
     try:
         if p == "a":
             env = r.get("environment", {})
@@ -528,8 +586,10 @@ def headline(p: str, r: dict) -> str:
             return f"{r.get('backend')}: generate {r.get('generate_s')} s, distill {r.get('distill_s')} s"
         if p == "d":
             rows = r.get("eager") or []
-            return "; ".join(f"{x['method']} train {float(x['train']):.0f} img/s ({float(x['train']) / float(x['train_limit']):.2f} of limit)"
-                             for x in rows)
+            line = "; ".join(f"{x['method']} train {float(x['train']):.0f} img/s ({float(x['train']) / float(x['train_limit']):.2f}"
+                             f" of limit)" for x in rows)
+            hours = r.get("projected_hours_for_1.28M_images") or {}
+            return line + "".join(f"; {m}: {h['total_h']} GPU-h for 1.28M images" for m, h in hours.items())
         if p == "e":
             return ", ".join(f"{k}: {len(v) if isinstance(v, list) else 'partial'}" for k, v in r.items()
                              if k.startswith("mnistm"))
@@ -542,6 +602,8 @@ TABLES = {"d": ["eager/results.md", "compile/results.md"], "e": ["mnistm32-metho
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--in-process-group"]:   # part c's child: --in-process-group BACKEND synth|distill ...
+        sys.exit(in_process_group(sys.argv[2], sys.argv[3:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/gpu_check", help="results folder (summary.md, summary.json, a folder per part)")
     parser.add_argument("--prepare", metavar="DIR", help="make the carry folder DIR here (PyPI and npm needed) and stop")

@@ -36,7 +36,8 @@ def test_dry_run_runs_every_part_on_the_cpu(tmp_path):
     assert b["kill_rerun"] == {"shards_before_kill": 1, "kept_untouched": True, "bytes_equal_uninterrupted_run": True}
     assert b["images"] == 96 and b["estimate"]["total_s"] > 0 and b["generate_wall_s"] > 0
     assert b["distill"]["images_per_s"] > 0
-    assert parts["c"]["result"]["backend"] == "gloo"
+    c = parts["c"]["result"]
+    assert c["backend"] == "gloo" and c["group_shards_equal"] and c["distill"]["images_per_s"] > 0
     assert {r["method"] for r in parts["d"]["result"]["eager"]} == {"generator", "muse", "deepinversion"}
     assert parts["d"]["result"]["compile"][0]["compile"] == "True"
     e = parts["e"]["result"]
