@@ -10,7 +10,8 @@ time cap, and summary.md / summary.json are rewritten after each part, so a run 
     bash pipelines/gpu_check.sh --carry gpu_carry --out runs/gpu_check
     # part e at its full sizes needs more than one 8-minute run leaves it: give it a run of its own
     bash pipelines/gpu_check.sh --carry gpu_carry --out runs/gpu_check_e --parts e --budget 580
-    # the same script on the CPU with tiny sizes and stand-in data, every part (CUDA tests skip): ~2-3 min
+    # the same script on the CPU with tiny sizes and stand-in data, every part (CUDA tests skip): ~3.5 min on
+    # 2 cores shared with other jobs
     bash pipelines/gpu_check.sh --dry-run --out runs/gpu_check_dry
 
 Parts, in order of value (each command is the product's own command line, run as a child process):
