@@ -3,11 +3,15 @@
 #   here (PyPI + npm):      bash pipelines/gpu_check.sh --prepare gpu_carry
 #   there (GPU, offline):   bash pipelines/gpu_check.sh --carry gpu_carry --out runs/gpu_check
 #   on the CPU (dry run):   bash pipelines/gpu_check.sh --dry-run --out runs/gpu_check_dry
-# Python: $PYTHON, else this checkout's .venv, else python3 (the GPU machine's own; nothing is installed into it).
+# Python: $PYTHON if set; for --prepare and --dry-run the project's .venv (set up on first use, as pipelines/test.sh
+# does); on the GPU machine its own python3, into which nothing is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+  case " $* " in
+    *" --prepare "*|*" --dry-run "*) source pipelines/setup_env.sh ;;
+    *) PY=python3 ;;
+  esac
 fi
 exec "$PY" pipelines/gpu_check.py "$@"
