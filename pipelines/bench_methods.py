@@ -142,6 +142,8 @@ DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperat
            "aug": "translate", "workers": 1, "threads": 1}
 
 _print_lock = threading.Lock()
+THREADS = 1   # torch threads of every command (--threads)
+SETS: dict = {}   # method options over every row's own (--set), for the methods that have them
 
 
 def _apply_recipe(cfg: dict) -> None:
@@ -176,7 +178,7 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
     """Run a command line with its output in `log`; return (wall seconds, CPU seconds of the child)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     say("$ " + " ".join(shlex.quote(c) for c in cmd))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -292,6 +294,12 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
     """One synthesis of a row (cached: its timing file is written last, so a rerun neither redoes nor re-times it)."""
     cfg = CONFIGS[config_name]
     method, options = variant_options(config_name, source)
+    if SETS and method != "real":
+        from common.options import options_of
+        from synth.methods import METHODS
+
+        known = {spec.name for spec in options_of(METHODS[method].Config)}
+        options = {**options, **{k: v for k, v in SETS.items() if k in known}}
     shards = shards_folder(base, source, synth_seed)
     timing_file = shards / "bench_timing.json"
     if timing_file.exists():
@@ -305,7 +313,7 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
         sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
         cmd = [py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(base / "teacher.pt"),
                "--recipe", "none", "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size",
-               str(cfg.get("shard_size", SHARD_SIZE)), "--image-format", IMAGE_FORMAT, "--seed", str(synth_seed), "--threads", "1", "--quiet",
+               str(cfg.get("shard_size", SHARD_SIZE)), "--image-format", IMAGE_FORMAT, "--seed", str(synth_seed), "--threads", str(THREADS), "--quiet",
                "--out", str(shards)]
     wall, cpu = run(cmd, log)
     timing = {"wall_s": wall, "cpu_s": cpu}
@@ -323,7 +331,7 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
     method, _ = variant_options(config_name, source)
     base = out / config_name
     top1, timings = {}, {}
-    distill = {**distill_options(config_name), **extra}
+    distill = {**distill_options(config_name), **extra, "threads": THREADS}
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
     for seed in seeds:
         synth_seed = synth_seed_of(seed, paired, method)
@@ -367,6 +375,16 @@ def main() -> None:
                         "for every distillation seed): the spread then covers both stages")
     parser.add_argument("--synthesis-only", action="store_true",
                         help="only synthesise (timings); the table shows the distillations already finished")
+    parser.add_argument("--images", type=int, default=None,
+                        help="images per row instead of each configuration's own (a new --out: finished rows are reused)")
+    parser.add_argument("--distill-epochs", type=int, default=None,
+                        help="distillation epochs instead of each configuration's own (a new --out)")
+    parser.add_argument("--teacher-epochs", type=int, default=None,
+                        help="teacher training epochs instead of each configuration's own (a new --out)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option for every row whose method has it, over the row's own (dry runs: "
+                        "steps=2; a new --out)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every command (GPU machines: more)")
     parser.add_argument("--write-real", nargs=6, metavar=("ARCH", "TEACHER", "DATA", "DATA_ROOT", "N", "OUT"),
                         help=argparse.SUPPRESS)  # the ceiling row's shards, run as a child (for its rusage)
     parser.add_argument("--results", default=None, metavar="FILE",
@@ -383,6 +401,18 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     variants = ROWS if not args.variants else [v for v in ROWS if slug(v) in args.variants.split(",")]
+    global THREADS
+    THREADS = args.threads
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        SETS[key.strip()] = value.strip()
+    for name in configs:   # budgets given on the command line (a GPU's, or a dry run's) win over the table's
+        for key, value in (("images", args.images), ("distill_epochs", args.distill_epochs),
+                           ("teacher_epochs", args.teacher_epochs)):
+            if value is not None:
+                CONFIGS[name][key] = value
     py, seeds, started = sys.executable, list(range(args.seeds)), time.perf_counter()
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
@@ -395,7 +425,7 @@ def main() -> None:
                 teachers[name] = pool.submit(run, [py, "-m", "distill", "teacher", "--model", cfg["teacher"],
                                                    "--data", cfg.get("data", "mnist"), "--data-root",
                                                    args.data_root, "--epochs",
-                                                   str(cfg["teacher_epochs"]), "--seed", "0", "--threads", "1",
+                                                   str(cfg["teacher_epochs"]), "--seed", "0", "--threads", str(THREADS),
                                                    *(["--resolution", str(cfg["resolution"])] if "resolution" in cfg else []),
                                                    *cfg.get("teacher_args", []),
                                                    "--quiet", "--out", str(path)], out / name / "logs" / "teacher.log")

@@ -3,6 +3,7 @@
     bash pipelines/bench_synthesis.sh                       # sets up .venv, then the CPU cases
     python pipelines/bench_synthesis.py --out runs/bench_synthesis [--only resnet18@64] [--threads 2]
     python pipelines/bench_synthesis.py --only resnet50@224 --device cuda     # the GPU case (bf16, channels-last)
+    python pipelines/bench_synthesis.py --only resnet50@224 --device cuda --compile   # the same, torch.compile
 
 For each method (generator ensemble, MUSE, DeepInversion) and case (teacher, input size, batch shape),
 every measurement runs the library's own code and is set next to its limit, measured in the same run
@@ -35,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,6 +281,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", default=None, metavar="FILE",
                         help="also write the tables, headed with date, machine, commit and command, into FILE")
+    parser.add_argument("--write-images", type=int, default=None,
+                        help="images written per writing measurement instead of the case's own")
+    parser.add_argument("--compile", action="store_true", help="torch.compile teacher and generators "
+                        "(synth generate --compile; the first steps compile, outside the timing)")
     args = parser.parse_args()
 
     from common.accel import Compute, check_amp, resolve_device
@@ -297,9 +302,11 @@ def main() -> None:
     started, load_before = time.perf_counter(), os.getloadavg()
     for name in cases:
         case = CASES[name]
+        if args.write_images:
+            case = replace(case, write_images=args.write_images)
         device = resolve_device(args.device or case.device)
         check_amp(case.amp, device)
-        compute = Compute(device, case.amp, case.channels_last, False)
+        compute = Compute(device, case.amp, case.channels_last, args.compile)
         for method_name in args.methods.split(","):
             samples: dict[str, list] = {}
             with tempfile.TemporaryDirectory() as tmp:
@@ -317,6 +324,7 @@ def main() -> None:
                     samples.setdefault("write_limit", []).append(time_writing_limit(setup, compute))
                     samples.setdefault("encode", []).append(time_encoding(setup, compute))
             row = {"case": name, "method": method_name, "device": str(device), "threads": threads,
+                   "compile": args.compile,
                    **{k: statistics.median(v) for k, v in samples.items()}}
             rows.append(row)
             print(f"{name} {method_name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()
@@ -339,6 +347,7 @@ def projected_hours(row: dict, workers: list[int]) -> tuple[float, float] | None
 def write_results(out, rows, workers, args, threads, load_before, load_after, seconds) -> None:
     wcols = " | ".join(f"write img/s ({w} workers) | / limit" for w in workers)
     lines = [f"Stage-one speed against its compute limit; torch {torch.__version__}, {threads} threads, "
+             f"{'torch.compile (the limits run eager), ' if args.compile else ''}"
              f"{args.steps} timed steps, median of {args.repeats}; load average before {load_before[0]:.2f}, "
              f"after {load_after[0]:.2f}; {seconds / 60:.1f} min.", "",
              f"| case | method | train img/s | train limit img/s | train / limit | teacher share of limit | "

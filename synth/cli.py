@@ -4,6 +4,7 @@
     synth generate --teacher lenet5 --weights runs/teacher/lenet5.pt --out shards/mnist   # the small-grey recipe
     synth generate --teacher lenet5 --weights T.pt --recipe my.toml --num-images 1000     # a recipe file, one override
     synth generate --teacher lenet5 --weights runs/teacher/lenet5.pt --out shards/mnist --set steps=800
+    synth generate --teacher resnet50 --out shards/ --estimate    # projected hours, images/s, disk; no shards
     synth methods                      # each method's options (--set key=value), their meaning and defaults
     synth verify shards/mnist          # check shards against the manifest
     synth inspect shards/mnist         # contact sheet, class histogram, per-class summary table
@@ -24,6 +25,7 @@ from common.recipes import recipe_keys, shipped_names
 from common.shards import (MANIFEST_NAME, TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnings, read_manifest,
                            verify_dataset)
 
+from .estimate import ESTIMATE_NAME, Estimate, process_seconds
 from .generate import GenerateConfig, generate
 from .methods import METHODS
 
@@ -69,7 +71,12 @@ def generate_cmd(sets, threads, quiet, **flags):
         given["method_options"] = _parse_sets(sets)
     if quiet:
         given["progress"] = False
+    given["launch_s"] = process_seconds()
     manifest = generate(GenerateConfig(**given))
+    if isinstance(manifest, Estimate):
+        click.echo(manifest.summary())
+        click.echo(f"wrote {Path(given.get('out', 'shards')) / ESTIMATE_NAME} (no shards)")
+        return
     if distributed.info().is_main:
         out = given.get("out", "shards")
         click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")

@@ -36,6 +36,8 @@ import contextlib
 import json
 import shutil
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -57,9 +59,11 @@ from common.recipes import AUTO, Recipe, as_dict, pick_recipe, shipped_names
 from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
                            TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
+from . import estimate as timing
+from .estimate import ESTIMATE_NAME, Estimate, Projection
 from .methods import METHODS, build_method
 from .methods.base import seeded_generator
-from .writer import PixelBatch, ShardJob, WriterPool, default_workers, pixels_to_uint8, write_shards
+from .writer import PixelBatch, ShardJob, WriterPool, default_workers, pixels_to_uint8, time_batch, write_shards
 
 STATE_DIR = "state"
 SHARD_RECORDS_DIR = "shards"  # inside STATE_DIR: one JSON record per finished shard (written by its rank)
@@ -131,13 +135,20 @@ class GenerateConfig:
                                        "(none: at most 16, on a GPU the process's cores - 1, on the CPU the cores "
                                        "its torch threads leave free; 0: encode in the main process). Never "
                                        "changes the bytes.")
+    estimate: bool = option(False, group="Execution", effect="none",
+                            help="Write no shards: time a few training steps and writing batches on this device, "
+                            "then print the projected hours, images/s and disk bytes for --num-images (also "
+                            "saved as estimate.json in --out).")
+    launch_s: float = option(0.0, min=0.0, cli=False, effect="none",
+                             help="Seconds the process took before calling generate (interpreter, imports): part of "
+                             "--estimate's startup (the CLI sets it).")
 
     def validate(self) -> None:
         validate_options(self)
 
 
 # GenerateConfig options that the manifest's `options` record leaves out (execution of one invocation)
-_INVOCATION_ONLY = ("out", "overwrite", "progress", "write_workers")
+_INVOCATION_ONLY = ("out", "overwrite", "progress", "write_workers", "estimate", "launch_s")
 # hashed GenerateConfig options that the config hash records in another form (val_images: in the held-out
 # split's config, so that it never changes the training manifest's hash)
 _HASHED_ELSEWHERE = ("method_options", "device", "amp", "channels_last", "compile", "val_images")
@@ -204,11 +215,16 @@ def resolve_config(cfg: GenerateConfig, spec=None) -> Resolved:
     return Resolved(replace(resolved, method_options=method_options), recipe, reason)
 
 
-def generate(cfg: GenerateConfig) -> Manifest:
-    """Run stage one to completion (or continue an interrupted run). Returns the final manifest.
+def generate(cfg: GenerateConfig) -> Manifest | Estimate:
+    """Run stage one to completion (or continue an interrupted run). Returns the final manifest; with
+    `cfg.estimate`, writes no shards and returns the projection instead (`synth/estimate.py`).
     Under torchrun, every rank calls this and writes its share of the shards. The recipe (`cfg.recipe`)
     fills the options `cfg`'s caller did not give; the start line on stderr says which one and why."""
+    started = time.perf_counter()
     cfg.validate()
+    if cfg.estimate and distributed.info().enabled:
+        raise UserError("--estimate runs in one process: run it without torchrun (the projection is for one "
+                        "process on one device)")
     torch.manual_seed(cfg.seed)
     teacher = _build_teacher(cfg)  # on the CPU: the automatic recipe needs its input spec
     resolved = resolve_config(cfg, teacher.input_spec)
@@ -223,8 +239,19 @@ def generate(cfg: GenerateConfig) -> Manifest:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     compute = Compute(device, cfg.amp, cfg.channels_last, cfg.compile)
+    if distributed.info().is_main and not cfg.estimate:
+        _warn_if_slow(cfg, device, teacher.input_spec)
     with distributed.process_group(distributed.backend_for(device), timeout_min=DIST_TIMEOUT_MIN) as dist:
-        return _generate(resolved, teacher, dist, compute)
+        return _generate(resolved, teacher, dist, compute, started)
+
+
+def _warn_if_slow(cfg: GenerateConfig, device: torch.device, spec) -> None:
+    """A CPU and an ImageNet-size teacher: say at once that this takes days, and what to do instead."""
+    if device.type != "cpu" or spec.size < timing.LARGE_INPUT:
+        return
+    print(f"warning: synthesising on the CPU for a {spec.size} px teacher ({cfg.teacher}): each training step takes "
+          "a minute or more and the whole run days. Use a CUDA GPU (--device cuda), see the hours first with the same "
+          "command plus --estimate, or shorten it (--set steps=N, fewer --num-images)", file=sys.stderr, flush=True)
 
 
 def _build_teacher(cfg: GenerateConfig):
@@ -238,7 +265,8 @@ def _build_teacher(cfg: GenerateConfig):
 _TEACHER_FIELDS = ("teacher", "weights", "resolution", "num_classes")
 
 
-def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: Compute) -> Manifest:
+def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: Compute,
+              started: float) -> Manifest | Estimate:
     cfg = replace(resolved.config, val_images=val_count(resolved.config))
     spec = teacher.input_spec
     teacher_record = models.teacher_record(cfg.teacher, cfg.weights, teacher)
@@ -255,19 +283,23 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
     out = Path(cfg.out)
     if dist.is_main:
         _make_folder(out)
+    if cfg.estimate:
+        return _estimate(cfg, out, method, teacher, compute, started)
     # one writer per folder: rank 0 holds the lock for the whole job, the other ranks are part of it
     with folder_lock(out, "synth generate") if dist.is_main else contextlib.nullcontext():
         try:
-            return _write_dataset(cfg, out, method, teacher, config, teacher_record, dist, compute, record)
+            return _write_dataset(cfg, out, method, teacher, config, teacher_record, dist, compute, record,
+                                  started)
         except DiskFullError as e:
             raise e.with_fix("make room (free space, or raise the quota or limit) and rerun the same `synth generate`: "
                              "finished shards are kept") from None
 
 
 def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict, teacher_record: TeacherRecord,
-                   dist: distributed.DistInfo, compute: Compute, record: dict) -> Manifest:
+                   dist: distributed.DistInfo, compute: Compute, record: dict, started: float) -> Manifest:
     """Train the method and write every shard of this rank not yet finished, the training shards first, then
-    the held-out split's (rank 0 holds the folder's lock, which covers both)."""
+    the held-out split's (rank 0 holds the folder's lock, which covers both). The training shards' progress
+    is projected to the whole run (printed once the first steps and the first shard are timed)."""
     if dist.is_main:  # creates, checks or clears the folder; the other ranks then check what it wrote
         manifest = _open_output(out, cfg, config, teacher_record, record)
         for split in (out, out / VAL_SPLIT):
@@ -278,11 +310,14 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
     if not dist.is_main:
         manifest = _open_output(out, replace(cfg, overwrite=False), config, teacher_record, record)
     progress = cfg.progress and dist.is_main
+    projection = Projection(compute.device, cfg.num_images, started - cfg.launch_s, enabled=dist.is_main)
+    projection.watch_training(method)
+
     method.fit_parallel(teacher, out / STATE_DIR, progress=progress, seed=cfg.seed, rank=dist.rank,
                         world_size=dist.world_size, barrier=distributed.barrier)
 
     _write_split(cfg, Split(out, cfg.num_images, cfg.shard_size), manifest, method, teacher, dist, compute,
-                 "shards")
+                 "shards", projection)
     if cfg.val_images:
         val = Split(out / VAL_SPLIT, cfg.val_images, min(cfg.shard_size, cfg.val_images), (VAL_STREAM,),
                     {"split": VAL_SPLIT})
@@ -299,9 +334,10 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
 
 
 def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, teacher, dist: distributed.DistInfo,
-                 compute: Compute, desc: str) -> None:
+                 compute: Compute, desc: str, projection: Projection | None = None) -> None:
     """Write every shard of `split` that this rank owns and that is not finished yet; rank 0 keeps the
-    split's manifest and marks it complete once every rank is done."""
+    split's manifest and marks it complete once every rank is done. `projection`: told of every batch and
+    shard (the training split's, for the whole run's projection)."""
     out, progress = split.folder, cfg.progress and dist.is_main
     num_shards = split.num_shards
     mine = range(dist.rank, num_shards, dist.world_size)  # disjoint; their union is every shard
@@ -309,15 +345,18 @@ def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, 
     bar = tqdm(total=len(mine), desc=desc + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
                disable=not progress, unit="shard")
     logits_of = _teacher_logits(teacher, compute)
-    workers = cfg.write_workers
-    if workers is None:
-        workers = default_workers(distributed.default_threads(), compute.device)
+    workers = _writer_count(cfg, compute)
     todo = [index for index in mine if index not in done]
-    jobs = (ShardJob(out / shard_name(i), _shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
-                                                         split.meta)) for i in todo)
+    watch = projection.watch_batches if projection is not None else (lambda batches: batches)
+    jobs = (ShardJob(out / shard_name(i), watch(_shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
+                                                               split.meta))) for i in todo)
     bar.update(len(mine) - len(todo))
+    images_left = sum(len(split.indices(i)) for i in todo) * dist.world_size  # about: every rank's share
     with WriterPool(workers if todo else 0) as pool:
         for record in write_shards(jobs, logits_of, method.labels_from_teacher, cfg.image_format, pool):
+            images_left -= record.num_samples * dist.world_size
+            if projection is not None:
+                projection.shard_done(record.size or 0, record.num_samples, max(0, images_left))
             bar.update(1)
             fault_point("shard-done")
             _write_shard_record(out, record)
@@ -335,6 +374,39 @@ def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, 
         manifest.complete = True
         write_manifest(out, manifest)
     distributed.barrier()  # the manifest is complete
+
+
+def _writer_count(cfg: GenerateConfig, compute: Compute) -> int:
+    if cfg.write_workers is not None:
+        return cfg.write_workers
+    return default_workers(distributed.default_threads(), compute.device)
+
+
+def _estimate(cfg: GenerateConfig, out: Path, method, teacher, compute: Compute, started: float) -> Estimate:
+    """`--estimate`: time the first training steps (on a copy of the method, in a temporary state folder) and
+    writing batches (through the real writer pool; nothing is written), project them to the whole run, and
+    record the projection as `<out>/estimate.json`."""
+    workers = _writer_count(cfg, compute)
+    startup_s = cfg.launch_s + time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="synth-estimate-") as tmp:
+        train, fitted = timing.time_training(
+            method, lambda m: m.fit(teacher, Path(tmp), progress=False, seed=cfg.seed), compute.device)
+        logits_of = _teacher_logits(teacher, compute)
+        split = Split(out, cfg.num_images, cfg.shard_size)
+        batches = (b for i in range(split.num_shards)
+                   for b in _shard_batches(cfg, fitted, split.rng(cfg.seed, i), split.indices(i), split.meta))
+        total_batches = sum(-(-len(split.indices(i)) // cfg.write_batch_size) for i in range(split.num_shards))
+        with WriterPool(workers) as pool:
+            clock, device_s, encode_s, nbytes, images = timing.time_writing(
+                batches, lambda b: time_batch(b, logits_of, fitted.labels_from_teacher, cfg.image_format, pool),
+                compute.device, total_batches)
+    result = timing.project(device=compute.device, method=method, num_images=cfg.num_images,
+                            write_batch_size=cfg.write_batch_size, workers=workers, startup_s=startup_s,
+                            train=train if method.training_steps() else None, batch_device_s=device_s,
+                            batch_encode_s=encode_s, write_clock=clock, nbytes=nbytes, images=images,
+                            measured_s=time.perf_counter() - started)
+    write_json_atomic(out / ESTIMATE_NAME, asdict(result))
+    return result
 
 
 def _make_folder(out: Path) -> None:
@@ -359,7 +431,8 @@ def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: T
                             "rerun with the same flags and recipe to continue it, --overwrite to delete them and "
                             "start over, or another --out")
         return manifest
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("README.md", LOCK_NAME) and not is_temp_file(p))
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in ("README.md", LOCK_NAME, ESTIMATE_NAME) and not is_temp_file(p))
     if foreign:
         raise UserError(f"{out} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and "
                         f"has no {MANIFEST_NAME}; use an empty or new --out folder")

@@ -120,8 +120,7 @@ def write_shards(jobs: Iterable[ShardJob], logits_of: Callable[[torch.Tensor], t
     open_shard: list[ShardFile] = []   # the shard being written (at most one)
 
     def chunks(n: int) -> list[slice]:
-        size = -(-n // max(1, min(pool.workers, n)))
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        return _chunks(n, pool.workers)
 
     def finish(job: ShardJob, batch: PixelBatch, pixels: torch.Tensor, images) -> None:
         logits = logits_of(pixels)
@@ -179,6 +178,44 @@ def as_read(images: np.ndarray, device: torch.device) -> torch.Tensor:
     permuted to (B, H, W, C)) its convolutions may round differently, a float16 step in a few logits."""
     fresh = images.copy()  # C order with the strides np.stack gives, also along a dimension of size 1
     return torch.from_numpy(fresh).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def _chunks(n: int, workers: int) -> list[slice]:
+    """A batch of n samples split into one chunk per writer (one chunk without writers)."""
+    size = -(-n // max(1, min(workers, n)))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def time_batch(batch: PixelBatch, logits_of: Callable[[torch.Tensor], torch.Tensor], relabel: bool,
+               image_format: str, pool: WriterPool) -> tuple[float, float, int]:
+    """One batch through `write_shards`' stages, timed apart (for `synth generate --estimate`): (seconds of
+    the device's part: the teacher's logits and the copy to the host, seconds of the pool's part: encoding
+    and tar members of every chunk, bytes of those members). Nothing is written. The caller times the
+    synthesis (drawing `batch`)."""
+    start = time.perf_counter()
+    host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    parts = _chunks(len(host), pool.workers)
+    images = host
+    device_s, encode_s = 0.0, 0.0
+    if image_format in LOSSY_FORMATS:   # encode first: the teacher sees the decoded images
+        device_s += time.perf_counter() - start
+        start = time.perf_counter()
+        encoded = [f.result() for f in [pool.submit(encode_images, host[c], image_format) for c in parts]]
+        encode_s += time.perf_counter() - start
+        start = time.perf_counter()
+        pixels = as_read(np.concatenate([p for _, p in encoded]), batch.pixels.device)
+        images = [data for chunk, _ in encoded for data in chunk]
+    else:   # lossless: the stored pixels, batched as a reader batches them (as write_shards does)
+        pixels = as_read(host, batch.pixels.device)
+    logits = logits_of(pixels)
+    labels = (logits.argmax(1) if relabel else batch.labels).tolist()
+    logits = logits.to(torch.float16).cpu().numpy()
+    device_s += time.perf_counter() - start
+    start = time.perf_counter()
+    futures = [pool.submit(encode_segment, batch.keys[c], images[c], labels[c], logits[c], batch.metas[c],
+                           image_format) for c in parts]
+    nbytes = sum(len(f.result()) for f in futures)
+    return device_s, encode_s + time.perf_counter() - start, nbytes
 
 
 def write_shard(path: Path, batches: Iterable[PixelBatch], logits_of: Callable[[torch.Tensor], torch.Tensor],

@@ -26,6 +26,9 @@ class SynthesisMethod:
     Config: type = object
     labels_from_teacher = False   # True: a sample's class is the teacher's argmax, not the requested one
     compute = Compute()           # device and speed switches (set by `build_method`); noise is drawn on the CPU
+    # called after each training step with the steps done; returning True ends training there (with a
+    # checkpoint to load): how `synth generate` times its first steps and `--estimate` a few
+    on_step: Callable[[int], bool] | None = None
 
     def __init__(self, config, spec):
         self.config = config
@@ -38,6 +41,14 @@ class SynthesisMethod:
     def stream_resolution(self, k: int) -> int:
         """The resolution stream k generates at, before any upsampling to the teacher's size."""
         return self.spec.size
+
+    def training_steps(self) -> int:
+        """The steps `fit` trains for (each one trains every generator of this process); 0: no training."""
+        return 0
+
+    def with_training_steps(self, steps: int) -> "SynthesisMethod":
+        """A copy of this method that trains `steps` steps (`synth generate --estimate` times its first ones)."""
+        return self
 
     def fit(self, teacher: nn.Module, state_dir: Path, progress: bool = True, seed: int = 0) -> None:
         raise NotImplementedError

@@ -220,6 +220,14 @@ class GeneratorEnsemble(SynthesisMethod):
     def num_streams(self) -> int:
         return self.config.num_generators
 
+    def training_steps(self) -> int:
+        return self.config.steps
+
+    def with_training_steps(self, steps: int) -> "GeneratorEnsemble":
+        method = type(self)(replace(self.config, steps=steps), self.spec)
+        method.compute = self.compute
+        return method
+
     def check_teacher(self, teacher: nn.Module) -> None:
         """UserError for a teacher this method cannot train against, before any training (none here)."""
 
@@ -330,6 +338,10 @@ class GeneratorEnsemble(SynthesisMethod):
                     fault_point("generator-step")
                     if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                         self._save(m, step + 1)
+                if self.on_step is not None and self.on_step(step + 1):   # stop here (timing runs)
+                    for m in active:
+                        self._save(m, step + 1)
+                    break
                 if progress and (step % 10 == 0 or step + 1 == cfg.steps):
                     bar.set_postfix({name: f"{v.item():.3f}" for name, v in done[0][1][0].items()})
         if compute.compile:  # the traced hooks must not outlive them: the writing path compiles afresh
