@@ -26,7 +26,7 @@ def write_png_folder(folder: Path, data_root: str) -> None:
     import numpy as np
     from PIL import Image
 
-    from common.data import load_mnist
+    from distill.datasets import load_mnist
 
     if (folder / "done").is_file():
         return
@@ -43,7 +43,7 @@ def write_png_folder(folder: Path, data_root: str) -> None:
 def eval_throughput(teacher_path: Path, data: str, data_root: str, repeats: int = 3) -> float:
     import torch
 
-    from common.data import real_dataset
+    from distill.datasets import real_dataset
     from common.models import create_model
     from distill.engine import evaluate_top1
 
@@ -68,7 +68,7 @@ def main() -> None:
 
     import torch
 
-    from common.data import real_dataset
+    from distill.datasets import real_dataset
     from common.models import create_model
     from distill.teacher import TeacherConfig, train_teacher
 
