@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common.bn_stats import BNStatsLoss  # noqa: E402
+from synth.bn_stats import BNStatsLoss  # noqa: E402
 
 
 @dataclass(frozen=True)
