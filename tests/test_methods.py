@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.cam import ClassActivationMaps, cam_coverage
+from synth.cam import ClassActivationMaps, cam_coverage
 from common.errors import UserError
 from common.models import InputSpec, create_model
 from common.shards import read_manifest, read_shard, verify_dataset
