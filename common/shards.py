@@ -38,7 +38,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -47,11 +47,9 @@ from . import schema
 from .errors import UserError
 from .faults import fault_point
 from .fileio import atomic_open, canonical_json_sha256, is_temp_file, sha256_file, write_json_atomic
+from .input_spec import InputSpec
 from .remote import is_remote, read_bytes
 from .remote import join as remote_join
-
-if TYPE_CHECKING:  # the models import torch; writer processes load this module without it
-    from .models import InputSpec
 
 FORMAT = "dfkd-webdataset"
 FORMAT_VERSION = 1
@@ -462,13 +460,11 @@ class Manifest:
         return sum(s.num_samples for s in self.shards)
 
     @property
-    def teacher_record(self) -> "TeacherRecord":
+    def teacher_record(self) -> TeacherRecord:
         return TeacherRecord.from_dict(self.teacher)
 
     @property
-    def input_spec(self) -> "InputSpec":
-        from .models import InputSpec
-
+    def input_spec(self) -> InputSpec:
         return InputSpec.from_dict(self.teacher["input_spec"])
 
     def to_dict(self) -> dict:

@@ -43,7 +43,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from common.errors import UserError
-from common.models import InputSpec
+from common.input_spec import InputSpec
 from common.remote import StreamError, fetch_verified, is_remote
 from common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
                            shard_paths)

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from common.errors import UserError
 from common.fileio import atomic_open
-from common.models import InputSpec
+from common.input_spec import InputSpec
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

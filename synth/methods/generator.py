@@ -39,7 +39,8 @@ from common.accel import compile_module, grad_scaler
 from common.errors import UserError
 from common.faults import fault_point
 from common.fileio import load_torch_safely, save_torch_atomic
-from common.models import InputSpec, create_model
+from common.input_spec import InputSpec
+from common.models import create_model
 from common.options import hashed, option
 from common.options import validate as validate_options
 

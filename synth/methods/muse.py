@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import UserError
-from common.models import InputSpec
+from common.input_spec import InputSpec
 from common.options import option
 
 from ..cam import ClassActivationMaps, cam_coverage
