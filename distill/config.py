@@ -10,7 +10,7 @@ from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
-from .losses import LOSSES
+from .loss_names import LOSS_NAMES
 from .throughput import AMP_MODES
 from .validation import KEEP
 
@@ -65,7 +65,7 @@ class TrainConfig:
     warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs; then cosine decay "
                                   "per step.", min=0)
     # distillation
-    loss: str = option("kd", choices=tuple(LOSSES), help="Training loss by name (distill/losses.py); each of its "
+    loss: str = option("kd", choices=LOSS_NAMES, help="Training loss by name (distill/losses.py); each of its "
                        "terms is logged as loss_<name> in steps.csv and metrics.csv.")
     temperature: float = option(4.0, check=_positive, help="KD temperature T.")
     ce_weight: float = option(0.0, min=0, help="Weight of cross-entropy on the stored labels, added to the KD loss.")
