@@ -1,5 +1,5 @@
 """Stage one: train a synthesis method against a frozen teacher, then write the synthetic dataset as
-WebDataset shards plus a manifest (format: `common/shards.py`).
+WebDataset shards plus a manifest (format: `common/shards/`).
 
 Restartable and deterministic:
   - the method's training checkpoints go to `<out>/state/`; a rerun continues from them;
