@@ -301,13 +301,13 @@ def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, 
     done = _finished_shards(out, manifest, mine)
     bar = tqdm(total=len(mine), desc=desc + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
                disable=not progress, unit="shard")
-    logits_of = _teacher_logits(teacher, compute)
+    logits_of = teacher_logits_fn(teacher, compute)
     workers = cfg.write_workers
     if workers is None:
         workers = default_workers(distributed.default_threads(), compute.device)
     todo = [index for index in mine if index not in done]
-    jobs = (ShardJob(out / shard_name(i), _shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
-                                                         split.meta)) for i in todo)
+    jobs = (ShardJob(out / shard_name(i), shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
+                                                        split.meta)) for i in todo)
     bar.update(len(mine) - len(todo))
     with WriterPool(workers if todo else 0) as pool:
         for record in write_shards(jobs, logits_of, method.labels_from_teacher, cfg.image_format, pool):
@@ -456,7 +456,7 @@ def _finished_shards(out: Path, manifest: Manifest, indices: range) -> set[int]:
     return done
 
 
-def _teacher_logits(teacher, compute: Compute):
+def teacher_logits_fn(teacher, compute: Compute):
     """The teacher's logits (float32, on the device) for 8-bit (B, C, H, W) pixels, as a reader would feed
     them: /255, then the teacher's mean and std."""
     net = compile_module(teacher, compute.compile)
@@ -469,8 +469,8 @@ def _teacher_logits(teacher, compute: Compute):
     return logits_of
 
 
-def _shard_batches(cfg: GenerateConfig, method, rng: torch.Generator, indices: range,
-                   meta: dict | None = None) -> Iterator[PixelBatch]:
+def shard_batches(cfg: GenerateConfig, method, rng: torch.Generator, indices: range,
+                  meta: dict | None = None) -> Iterator[PixelBatch]:
     """The batches of one shard: class-balanced labels, round-robin ensemble members, images from the
     shard's own RNG `rng` (so a shard depends only on its seed), as 8-bit pixels on the device. `meta` is
     added to every sample's metadata."""

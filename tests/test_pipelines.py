@@ -1,0 +1,33 @@
+"""The pipelines run on the library's public API: the synthesis-speed benchmark's writing measurements run."""
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, monkeypatch):
+    """A pipeline script as a module (registered while the test runs: its dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_synthesis_writing_measurements_run(tmp_path, monkeypatch):
+    """The writing rows time `synth.generate.shard_batches` + `synth.writer.write_shard` as `synth generate`
+    writes a shard (its RNG, a writer process), at the smallest size."""
+    import torch
+
+    from common.accel import Compute
+
+    bench = _load("bench_synthesis", monkeypatch)
+    case = bench.Case("lenet5", 28, "cpu", gen_batch=4, generators=1, write_batch=10, write_images=20,
+                      di_iterations=1, di_low_res=False)
+    compute = Compute(torch.device("cpu"))
+    setup = bench.writing_setup(case, "generator", compute, tmp_path / "state")
+    for workers in (0, 1):
+        assert bench.time_writing(setup, workers, tmp_path / "shard.tar", compute) > 0
+    assert bench.time_writing_limit(setup, compute) > 0
+    assert bench.time_encoding(setup, compute) > 0
