@@ -40,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # ---- the benchmark (defaults grouped and visible) ----------------------------------------------
 # a configuration's per-row options that put a row at about the ensemble's (8 x 80) synthesis cost: with the teacher on

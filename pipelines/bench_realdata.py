@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_png_folder(folder: Path, data_root: str) -> None:

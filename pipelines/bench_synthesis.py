@@ -32,18 +32,14 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from synth.bn_stats import BNStatsLoss  # noqa: E402
+from synth.bn_stats import BNStatsLoss
 
 
 @dataclass(frozen=True)

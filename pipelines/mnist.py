@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # ---- the recipe: common/recipes/small-grey.toml, both stages (what `synth generate` and `distill train`
 # pick for this teacher anyway; named here so that every set of shards, the baselines too, gets the same) ----

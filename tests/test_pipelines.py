@@ -1,9 +1,16 @@
-"""The pipelines run on the library's public API: the synthesis-speed benchmark's writing measurements run."""
+"""The pipelines run on the library's public API: no private names imported from common/, synth/ or distill/,
+no sys.path edits (they run in the project's environment, where the package is installed), and the
+synthesis-speed benchmark's writing measurements run."""
+import ast
 import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = sorted((ROOT / "pipelines").glob("*.py"))
+LIBRARY = ("common", "synth", "distill")
 
 
 def _load(name: str, monkeypatch):
@@ -13,6 +20,20 @@ def _load(name: str, monkeypatch):
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_a_pipeline_imports_only_public_names_and_leaves_sys_path_alone(path):
+    tree = ast.parse(path.read_text(), str(path))
+    private, path_edits = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIBRARY:
+            private += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"):
+            path_edits.append(node.lineno)
+    assert private == [], f"{path.name} imports private names"
+    assert path_edits == [], f"{path.name} edits sys.path (lines {path_edits})"
 
 
 def test_bench_synthesis_writing_measurements_run(tmp_path, monkeypatch):
