@@ -2,13 +2,15 @@
 
     @dataclass
     class GenerateConfig:
-        num_images: int = option(50_000, help="Images to synthesise.", min=1)
-        write_workers: int | None = option(None, help="...", min=0, effect="none")
+        HELP_GROUPS = ("Output", "Execution")   # the subjects of `--help`, in its order
+        num_images: int = option(50_000, help="Images to synthesise.", min=1, group="Output")
+        write_workers: int | None = option(None, help="...", min=0, effect="none", group="Execution")
 
 Everything else is derived from these declarations: the command-line options (`click_options`), the
-help text with its default, `synth methods` (`describe`), parsing of `--set key=value`, recipe and CLI
-values (`parse_value`, `parse_options`), validation (`validate`), the config hash (`hashed`) and what may
-change when a run is resumed (`resumable`).
+help text with its default, grouped by subject (`group`: common/clihelp.py), `synth methods`
+(`describe`), parsing of `--set key=value`, recipe and CLI values (`parse_value`, `parse_options`),
+validation (`validate`), the config hash (`hashed`) and what may change when a run is resumed
+(`resumable`).
 
 `effect` says what an option changes:
   "output"  what is produced (the shard bytes in stage one, the trained student in stage two): hashed,
@@ -49,6 +51,7 @@ class OptionSpec:
     effect: str = "output"
     cli: bool = True
     flag: str | None = None      # the command-line flag; None: --name-with-dashes
+    group: str | None = None     # the subject `--help` lists it under (common/clihelp.py); needed on the CLI
 
     @property
     def required(self) -> bool:
@@ -70,13 +73,14 @@ class OptionSpec:
 
 def option(default: Any = MISSING, *, help: str, choices: tuple | None = None, min: float | None = None,
            max: float | None = None, check: Callable[[Any], str | None] | None = None, effect: str = "output",
-           cli: bool = True, flag: str | None = None, default_factory: Callable[[], Any] | None = None
-           ) -> dataclasses.Field:
+           cli: bool = True, flag: str | None = None, group: str | None = None,
+           default_factory: Callable[[], Any] | None = None) -> dataclasses.Field:
     """A dataclass field with the option's metadata (see the module docstring)."""
     if effect not in EFFECTS:
         raise ValueError(f"effect must be one of {EFFECTS}, not {effect!r}")
     meta = {_META_KEY: {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min,
-                        "max": max, "check": check, "effect": effect, "cli": cli, "flag": flag}}
+                        "max": max, "check": check, "effect": effect, "cli": cli, "flag": flag,
+                        "group": group}}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -355,14 +359,19 @@ def click_options(cls: type, exclude: Iterable[str] = (), rename: Mapping[str, s
                   recipe_keys: Iterable[str] = ()) -> Callable:
     """A decorator adding one click option per command-line option of `cls` (declaration order), each
     with `default=None` (unset: the recipe or the declared default decides; `explicit_values` drops
-    them). `rename` maps an option name to another flag; `recipe_keys`: options some recipe sets (their
-    help says so)."""
-    import click
+    them) and in its help group (common/clihelp.py; TypeError for an option declared without one).
+    `rename` maps an option name to another flag; `recipe_keys`: options some recipe sets (their help
+    says so)."""
+    from .clihelp import grouped_option
 
     exclude, rename, recipe_keys = set(exclude), dict(rename or {}), set(recipe_keys)
+    specs = [s for s in options_of(cls) if s.cli and s.name not in exclude]
+    for spec in specs:
+        if not spec.group:
+            raise TypeError(f"{cls.__name__}.{spec.name} has no help group: declare it with option(..., group=...)")
 
     def decorate(fn: Callable) -> Callable:
-        for spec in reversed([s for s in options_of(cls) if s.cli and s.name not in exclude]):
+        for spec in reversed(specs):
             flag = rename.get(spec.name, spec.flag_name)
             default = "" if spec.required else f"default: {_show(spec.default)}"
             if spec.name in recipe_keys:
@@ -370,10 +379,10 @@ def click_options(cls: type, exclude: Iterable[str] = (), rename: Mapping[str, s
             text = spec.help + (f" [{default}]" if default else "")
             if spec.base_type is bool:
                 decls = [f"{flag}/--no-{flag[2:]}", spec.name]
-                fn = click.option(*decls, default=None, help=text)(fn)
+                fn = grouped_option(*decls, group=spec.group, default=None, help=text)(fn)
             else:
-                fn = click.option(flag, spec.name, type=_click_type(spec), default=None,
-                                  required=spec.required and spec.name not in recipe_keys, help=text)(fn)
+                fn = grouped_option(flag, spec.name, group=spec.group, type=_click_type(spec), default=None,
+                                    required=spec.required and spec.name not in recipe_keys, help=text)(fn)
         return fn
     return decorate
 

@@ -1,19 +1,29 @@
-"""Small PNG charts drawn with Pillow (no plotting library): an image grid, grouped bars, line panels.
+"""Small PNG figures: image grids drawn with Pillow (pixels exact), charts drawn with matplotlib.
 
-    image_grid([("0", [img, img]), ("1", [img])], tile=56).save("sheet.png")
+    image_grid([("0", [img, img]), ("1", [img])], tile=56, columns=2).save("sheet.png")
     bar_chart(["0", "1"], {"labels": [10, 12]}, "classes", "samples").save("hist.png")
     line_panels([Panel("loss", "step", {"train": ([0, 1], [2.0, 1.5])})]).save("curves.png")
+
+The charts are rendered by matplotlib's Agg canvas (no display, no pyplot, the process's matplotlib
+backend untouched) into a Pillow image of the size asked for, in pixels. matplotlib is imported when a
+chart is drawn, not with this module: `import synth` / `import distill` stay fast.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (30, 30, 30), (120, 120, 120), (225, 225, 225)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+WHITE, BLACK, LIGHT = (255, 255, 255), (30, 30, 30), (225, 225, 225)
+# the series' colours, in order (matplotlib's tab10): bars and lines use them exactly
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+DPI = 100
 
 
 def font(size: int = 14) -> ImageFont.ImageFont:
@@ -27,35 +37,6 @@ def font(size: int = 14) -> ImageFont.ImageFont:
 def text_size(draw: ImageDraw.ImageDraw, text: str, text_font) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=text_font)
     return right - left, bottom - top
-
-
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About `count` round tick values covering [low, high]."""
-    if not math.isfinite(low) or not math.isfinite(high):
-        return [0.0]
-    if high <= low:
-        high = low + (abs(low) or 1.0)
-    raw = (high - low) / max(count, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.floor(low / step) * step
-    ticks, value = [], first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < high:
-        ticks.append(round(value, 12))
-    return ticks
-
-
-def format_tick(value: float) -> str:
-    if value == 0:
-        return "0"
-    if float(value).is_integer() and abs(value) < 1e12:
-        return f"{int(value):,}"
-    if abs(value) < 1e-3:
-        return f"{value:.0e}"
-    return f"{value:.4g}"
 
 
 # --------------------------------------------------------------------------- image grid
@@ -92,138 +73,94 @@ def _to_tile(image: np.ndarray, tile: int) -> Image.Image:
     return pil.resize((tile, tile), resample)
 
 
-# --------------------------------------------------------------------------- axes
-@dataclass
-class _Axes:
-    """A plot area inside an image, mapping data coordinates to pixels."""
-
-    left: int
-    top: int
-    width: int
-    height: int
-    x_range: tuple[float, float]
-    y_range: tuple[float, float]
-
-    def x(self, value: float) -> float:
-        low, high = self.x_range
-        return self.left + (value - low) / ((high - low) or 1) * self.width
-
-    def y(self, value: float) -> float:
-        low, high = self.y_range
-        return self.top + self.height - (value - low) / ((high - low) or 1) * self.height
+# --------------------------------------------------------------------------- charts (matplotlib)
+def _colour(index: int) -> tuple[float, float, float]:
+    return tuple(c / 255 for c in PALETTE[index % len(PALETTE)])
 
 
-def _draw_axes(draw: ImageDraw.ImageDraw, axes: _Axes, y_ticks: list[float], title: str, x_label: str,
-               y_label: str = "") -> None:
-    small, big = font(12), font(15)
-    for tick in y_ticks:
-        y = axes.y(tick)
-        draw.line((axes.left, y, axes.left + axes.width, y), fill=LIGHT)
-        label = format_tick(tick)
-        w, h = text_size(draw, label, small)
-        draw.text((axes.left - w - 6, y - h / 2 - 2), label, fill=GREY, font=small)
-    draw.rectangle((axes.left, axes.top, axes.left + axes.width, axes.top + axes.height), outline=GREY)
-    w, _ = text_size(draw, title, big)
-    draw.text((axes.left + (axes.width - w) / 2, axes.top - 44), title, fill=BLACK, font=big)
-    w, _ = text_size(draw, x_label, small)
-    draw.text((axes.left + (axes.width - w) / 2, axes.top + axes.height + 24), x_label, fill=GREY, font=small)
-    if y_label:
-        draw.text((axes.left - 54, axes.top - 22), y_label, fill=GREY, font=small)
+def _figure(width: int, height: int) -> "Figure":
+    """A matplotlib figure of `width` x `height` pixels on an Agg canvas of its own."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # half a pixel more: Agg truncates the figure's size to whole pixels
+    figure = Figure(figsize=((width + 0.5) / DPI, (height + 0.5) / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def _legend(draw: ImageDraw.ImageDraw, names: list[str], right: int, bottom: int) -> None:
-    """Coloured keys in one line, right-aligned, just above the plot area (never over the data)."""
-    small = font(12)
-    x = right
-    for i in reversed(range(len(names))):
-        w, h = text_size(draw, names[i], small)
-        draw.text((x - w, bottom - h - 6), names[i], fill=BLACK, font=small)
-        draw.rectangle((x - w - 16, bottom - h - 3, x - w - 5, bottom - 5), fill=PALETTE[i % len(PALETTE)])
-        x -= w + 30
+def _image(figure: "Figure") -> Image.Image:
+    figure.canvas.draw()
+    return Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
 
 
-# --------------------------------------------------------------------------- bars
 def bar_chart(categories: list[str], series: dict[str, list[float]], x_label: str, y_label: str,
               title: str = "", width: int = 900, height: int = 420) -> Image.Image:
-    """Grouped bars: one group per category, one bar per series; y from 0."""
-    image = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(image)
-    top_value = max([max(values) for values in series.values() if values] + [1])
-    ticks = nice_ticks(0, top_value)
-    axes = _Axes(70, 50, width - 90, height - 110, (0, max(len(categories), 1)), (0, ticks[-1]))
-    _draw_axes(draw, axes, ticks, title, x_label, y_label)
-    group = axes.width / max(len(categories), 1)
-    bar = max(1.0, group * 0.8 / max(len(series), 1))
+    """Grouped bars: one group per category, one bar per series (in PALETTE's colours); y from 0; a
+    legend when there is more than one series."""
+    figure = _figure(width, height)
+    axes = figure.add_subplot()
+    x = np.arange(len(categories))
+    bar = 0.8 / max(len(series), 1)
+    for s, (name, values) in enumerate(series.items()):
+        axes.bar(x - 0.4 + (s + 0.5) * bar, values, bar, color=_colour(s), label=name, linewidth=0)
     every = max(1, math.ceil(len(categories) / 40))  # at most ~40 category labels
-    small = font(11)
-    for c, category in enumerate(categories):
-        for s, values in enumerate(series.values()):
-            x0 = axes.left + c * group + group * 0.1 + s * bar
-            draw.rectangle((x0, axes.y(values[c]), x0 + bar - (1 if bar > 3 else 0), axes.y(0)),
-                           fill=PALETTE[s % len(PALETTE)])
-        if c % every == 0:
-            w, _ = text_size(draw, category, small)
-            draw.text((axes.left + (c + 0.5) * group - w / 2, axes.top + axes.height + 4), category, fill=GREY,
-                      font=small)
-    if len(series) > 1:
-        _legend(draw, list(series), axes.left + axes.width, axes.top)
-    return image
+    axes.set_xticks(x[::every], [categories[i] for i in range(0, len(categories), every)], fontsize="small")
+    axes.set_xlim(-0.5, max(len(categories), 1) - 0.5)
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.grid(axis="y", color="0.9")
+    axes.set_axisbelow(True)
+    if title:
+        axes.set_title(title, fontsize="medium", loc="left")
+    if len(series) > 1:  # in one line above the plot area, right-aligned: never over the bars
+        axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=len(series), fontsize="small", frameon=False,
+                    borderaxespad=0.2)
+    return _image(figure)
 
 
-# --------------------------------------------------------------------------- lines
 @dataclass
 class Panel:
-    """One line chart: named series of (xs, ys)."""
+    """One line chart: named series of (xs, ys); a y of None is no value (left out)."""
 
     title: str
     x_label: str
-    series: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    series: dict[str, tuple[list[float], list[float | None]]] = field(default_factory=dict)
     y_label: str = ""
     markers: bool = False   # also draw a dot at every point (for short series)
 
 
 def line_panels(panels: list[Panel], panel_width: int = 420, height: int = 340, title: str = "") -> Image.Image:
-    """Panels side by side, each a line chart with its own axes; a panel without data says so."""
-    title_height = 30 if title else 0
-    image = Image.new("RGB", (panel_width * len(panels), height + title_height), WHITE)
-    draw = ImageDraw.Draw(image)
+    """Panels side by side (each `panel_width` px wide), each a line chart with its own axes, lines in
+    PALETTE's colours; a panel without data says so. `title` adds 30 px above them."""
+    figure = _figure(panel_width * len(panels), height + (30 if title else 0))
     if title:
-        draw.text((10, 8), title, fill=BLACK, font=font(16))
-    for i, panel in enumerate(panels):
-        _draw_panel(draw, panel, i * panel_width, title_height, panel_width, height)
-    return image
+        figure.suptitle(title, x=0.01, ha="left", fontsize="medium")
+    for panel, axes in zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]):
+        _draw_panel(axes, panel)
+    return _image(figure)
 
 
-def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, left: int, top: int, width: int, height: int) -> None:
-    points = [(x, y) for xs, ys in panel.series.values() for x, y in zip(xs, ys)
-              if y is not None and math.isfinite(x) and math.isfinite(y)]
-    if not points:
-        axes = _Axes(left + 70, top + 50, width - 95, height - 110, (0, 1), (0, 1))
-        _draw_axes(draw, axes, [], panel.title, panel.x_label, panel.y_label)
-        message = "no data"
-        w, h = text_size(draw, message, font(14))
-        draw.text((axes.left + (axes.width - w) / 2, axes.top + (axes.height - h) / 2), message, fill=GREY,
-                  font=font(14))
+def _draw_panel(axes, panel: Panel) -> None:
+    axes.set_title(panel.title, fontsize="small", wrap=True)
+    axes.set_xlabel(panel.x_label)
+    if panel.y_label:
+        axes.set_ylabel(panel.y_label)
+    drawn = 0
+    for s, (name, (xs, ys)) in enumerate(panel.series.items()):
+        points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(x) and math.isfinite(y)]
+        if not points:
+            continue
+        px, py = zip(*points)
+        marker = "o" if panel.markers or len(points) == 1 else None
+        axes.plot(px, py, color=_colour(s), linewidth=2, marker=marker, markersize=4, label=name)
+        drawn += 1
+    if not drawn:
+        axes.text(0.5, 0.5, "no data", transform=axes.transAxes, ha="center", va="center", color="0.5")
+        axes.set_xticks([])
+        axes.set_yticks([])
         return
-    xs, ys = zip(*points)
-    y_ticks = nice_ticks(min(ys), max(ys))
-    x_low, x_high = min(xs), max(xs)
-    axes = _Axes(left + 70, top + 50, width - 95, height - 110, (x_low, x_high if x_high > x_low else x_low + 1),
-                 (y_ticks[0], y_ticks[-1]))
-    _draw_axes(draw, axes, y_ticks, panel.title, panel.x_label, panel.y_label)
-    small = font(12)
-    for tick in nice_ticks(x_low, x_high, 5):
-        if x_low <= tick <= x_high:
-            label = format_tick(tick)
-            w, _ = text_size(draw, label, small)
-            draw.text((axes.x(tick) - w / 2, axes.top + axes.height + 4), label, fill=GREY, font=small)
-    for s, (xs_s, ys_s) in enumerate(panel.series.values()):
-        colour = PALETTE[s % len(PALETTE)]
-        line = [(axes.x(x), axes.y(y)) for x, y in zip(xs_s, ys_s) if y is not None and math.isfinite(y)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        if panel.markers or len(line) == 1:
-            for x, y in line:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+    axes.grid(color="0.9")
     if len(panel.series) > 1:
-        _legend(draw, list(panel.series), axes.left + axes.width, axes.top)
+        axes.legend(fontsize="x-small")

@@ -13,6 +13,7 @@ import click
 import torch
 
 from common import distributed
+from common.clihelp import GroupedCommand, grouped_option
 from common.options import click_options, explicit_values
 from common.recipes import recipe_keys
 
@@ -22,11 +23,12 @@ from .train import train
 
 
 def run_options(command):
-    """--threads and --quiet, shared by the commands (as in `synth generate`)."""
-    command = click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")(command)
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="torch CPU threads per process [default: torch's choice; under torchrun the node's "
-                        "cores / processes per node; use 1 when other jobs share the cores]")(command)
+    """--threads and --quiet, shared by the commands (as in `synth generate`), in the help group Execution."""
+    command = grouped_option("--quiet", group="Execution", is_flag=True,
+                             help="No progress bars or per-epoch lines.")(command)
+    return grouped_option("--threads", group="Execution", type=click.IntRange(min=1), default=None,
+                          help="torch CPU threads per process [default: torch's choice; under torchrun the node's "
+                          "cores / processes per node; use 1 when other jobs share the cores]")(command)
 
 
 def apply_run_options(options: dict) -> dict:
@@ -49,7 +51,7 @@ def main():
     """Stage two of data-free KD: distill students from synth's shards; train teachers on real data."""
 
 
-@main.command("train")
+@main.command("train", cls=GroupedCommand, groups=TrainConfig.HELP_GROUPS)
 @click_options(TrainConfig, recipe_keys=recipe_keys("distill"))
 @run_options
 def train_command(**options):
@@ -61,7 +63,7 @@ def train_command(**options):
         click.echo(f"done: {_format(metrics)}")
 
 
-@main.command("teacher")
+@main.command("teacher", cls=GroupedCommand, groups=TeacherConfig.HELP_GROUPS)
 @click_options(TeacherConfig)
 @run_options
 def teacher_command(**options):

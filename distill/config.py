@@ -37,99 +37,112 @@ class TrainConfig:
     not give come from the recipe (`recipe`, default auto: distill/recipe.py), else from these defaults.
     `lr`/`wd` of None take the optimiser's default (DEFAULT_LR, DEFAULT_WD)."""
 
-    shards: str = option(effect="none",
+    # the subjects of `distill train --help`, in its order; every command-line option names one (group=)
+    HELP_GROUPS = ("Input and output", "Teacher", "Optimisation", "Loss and regularisation", "Evaluation",
+                   "Resume and faults", "Execution")
+
+    shards: str = option(group="Input and output", effect="none",
                          help="Folder written by `synth generate` (shards + manifest.json): a path, an http(s):// "
                          "URL, or a pipe: command with {name} for the file name (e.g. 'pipe:aws s3 cp "
                          "s3://b/shards/{name} -').")
-    student: str = option(help="Student model name (e.g. lenet5_half, resnet18, timm/resnet18, my_pkg.nets:build).")
-    out: str = option(effect="none", help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
-    recipe: str = option(AUTO, effect="none",
+    student: str = option(group="Input and output",
+                          help="Student model name (e.g. lenet5_half, resnet18, timm/resnet18, my_pkg.nets:build).")
+    out: str = option(group="Input and output", effect="none",
+                      help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
+    recipe: str = option(AUTO, group="Input and output", effect="none",
                          help="Settings to start from: a shipped recipe (" + ", ".join(shipped_names()) + "), a "
                          ".toml file (its [distill] table), auto (the recipe the shards were made with, else the "
                          "one chosen from the teacher's input) or none (the declared defaults). Explicit flags "
                          "override it.")
-    teacher_weights: str | None = option(None, effect="none",
+    teacher_weights: str | None = option(None, group="Teacher", effect="none",
                                          help="Teacher checkpoint; none: the weights recorded in the manifest "
                                          "(checked by sha256).")
     student_weights: str = option("none", help="Initial student weights: none, DEFAULT (torchvision) or a "
-                                  "checkpoint path.")
+                                  "checkpoint path.", group="Input and output")
     # optimisation
-    epochs: int = option(10, help="Training epochs.", min=1)
+    epochs: int = option(10, group="Optimisation", help="Training epochs.", min=1)
     batch_size_per_rank: int = option(128, min=1, help="Images per process per step; under torchrun the global "
-                                      "batch is this x the number of processes.")
-    opt: str = option("sgd", help="Optimiser: SGD (momentum 0.9, Nesterov) or AdamW.", choices=tuple(OPTIMIZERS))
+                                      "batch is this x the number of processes.", group="Optimisation")
+    opt: str = option("sgd", group="Optimisation",
+                      help="Optimiser: SGD (momentum 0.9, Nesterov) or AdamW.", choices=tuple(OPTIMIZERS))
     lr: float | None = option(None, check=_positive, help=f"Peak learning rate; none: the optimiser's default "
-                              f"({DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw).")
+                              f"({DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw).", group="Optimisation")
     wd: float | None = option(None, min=0, help=f"Weight decay; none: the optimiser's default ({DEFAULT_WD['sgd']} "
-                              f"for sgd, {DEFAULT_WD['adamw']} for adamw).")
+                              f"for sgd, {DEFAULT_WD['adamw']} for adamw).", group="Optimisation")
     warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs; then cosine decay "
-                                  "per step.", min=0)
+                                  "per step.", min=0, group="Optimisation")
     # distillation
     loss: str = option("kd", choices=LOSS_NAMES, help="Training loss by name (distill/losses.py); each of its "
-                       "terms is logged as loss_<name> in steps.csv and metrics.csv.")
-    temperature: float = option(4.0, check=_positive, help="KD temperature T.")
-    ce_weight: float = option(0.0, min=0, help="Weight of cross-entropy on the stored labels, added to the KD loss.")
+                       "terms is logged as loss_<name> in steps.csv and metrics.csv.", group="Loss and regularisation")
+    temperature: float = option(4.0, group="Loss and regularisation", check=_positive, help="KD temperature T.")
+    ce_weight: float = option(0.0, group="Loss and regularisation", min=0,
+                              help="Weight of cross-entropy on the stored labels, added to the KD loss.")
     mixup: float = option(0.0, min=0, help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online "
-                          "teacher; 0 = off.")
-    aug: str = option("translate", choices=tuple(AUGMENTATIONS),
+                          "teacher; 0 = off.", group="Loss and regularisation")
+    aug: str = option("translate", group="Loss and regularisation", choices=tuple(AUGMENTATIONS),
                       help="Student-side augmentation: translate (shift up to size/8 px), crop (reflect-pad crop by "
                       "size/8 px, no flip: MNIST-M), crop-flip (natural images), none.")
     # execution and evaluation
-    workers: int = option(2, min=0, effect="order",
+    workers: int = option(2, group="Execution", min=0, effect="order",
                           help="DataLoader workers reading shards (needs at least as many shards).")
-    eval_data: str | None = option(None, effect="none",
+    eval_data: str | None = option(None, group="Evaluation", effect="none",
                                    help="Real held-out set for top-1: mnist, mnistm, mnistm64, cifar10, cifar100, svhn, stl10 "
                                    "(their test split), imagenet or a train/val folder (its val/), or an ImageFolder "
                                    "path; none: no evaluation.")
-    data_root: str = option("data", effect="none", help="Where the datasets by name live (or are fetched to).")
-    val_shards: str = option("auto", effect="none",
+    data_root: str = option("data", group="Evaluation", effect="none",
+                            help="Where the datasets by name live (or are fetched to).")
+    val_shards: str = option("auto", group="Evaluation", effect="none",
                              help="Held-out synthetic shards of the same teacher (never real data): each epoch logs "
                              "the student's agreement with the teacher's stored logits (val_agreement, %) and "
                              "KL(teacher || student) at T = 1 (val_kl) on them; auto: the val/ split `synth "
                              "generate` writes beside --shards, if there is one; none: off. May change on resume, "
                              "except with --keep best-val.")
-    keep: str = option("last", choices=KEEP,
+    keep: str = option("last", group="Evaluation", choices=KEEP,
                        help="Students saved besides the final student.pt: last (none), best-val (also "
                        "student_best_val.pt, the epoch with the highest val_agreement, ties broken by the lower "
                        "val_kl; needs --val-shards).")
-    seed: int = option(0, help="Random seed (sample order, augmentation draws).", effect="order")
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N.", effect="none")
-    resume: bool = option(False, effect="none",
+    seed: int = option(0, group="Execution", help="Random seed (sample order, augmentation draws).", effect="order")
+    device: str = option("auto", group="Execution", help="auto, cpu, cuda or cuda:N.", effect="none")
+    resume: bool = option(False, group="Resume and faults", effect="none",
                           help="Continue the run in --out from its last checkpoint (starts it when there is none yet).")
     progress: bool = option(True, help="Progress bars and per-epoch lines.", effect="none", cli=False)
     # faults
-    verify_shards: str = option("full", choices=tuple(CHECK_LEVELS), effect="none",
+    verify_shards: str = option("full", group="Resume and faults", choices=tuple(CHECK_LEVELS), effect="none",
                                 help="Before the first step, check every shard file against the manifest: full "
                                 "(size and sha256), size (fast), none (no check: a changed byte that still "
                                 "decodes is trained on).")
-    on_bad_shard: str = option("error", choices=BAD_SHARD_POLICIES, effect="none",
+    on_bad_shard: str = option("error", group="Resume and faults", choices=BAD_SHARD_POLICIES, effect="none",
                                help="A shard that is missing or does not match the manifest: stop with an error, or "
                                "skip it (counted and reported).")
-    detect_anomaly: bool = option(False, effect="none",
+    detect_anomaly: bool = option(False, group="Resume and faults", effect="none",
                                   help="torch.autograd anomaly detection (slow): names the operation that made a NaN.")
     # stored teacher logits, regularisation (change results; off by default)
-    teacher_logits: str = option("online", choices=TEACHER_LOGITS,
+    teacher_logits: str = option("online", group="Teacher", choices=TEACHER_LOGITS,
                                  help="online: the teacher labels the student's augmented view; stored: the logits "
                                  "in the shards (no teacher in memory; the student sees the stored view: --aug none "
                                  "and --mixup 0 unless given, other values are refused).")
-    teacher_view: str = option("stored", choices=TEACHER_VIEWS,
+    teacher_view: str = option("stored", group="Teacher", choices=TEACHER_VIEWS,
                                help="What the online teacher sees: stored (the student's view), or native: each "
                                "image at the resolution its metadata records, downsampled (area) from the "
                                "student's view (a mixed pair at the larger of its two); for shards whose teacher "
                                "saw native sizes in synthesis (MUSE with teacher_input=native).")
-    label_smoothing: float = option(0.0, min=0, check=_below_one,
+    label_smoothing: float = option(0.0, group="Loss and regularisation", min=0, check=_below_one,
                                     help="Label smoothing of the CE term (needs --ce-weight > 0).")
-    clip_grad: float = option(0.0, min=0, help="Clip the gradients' global norm to this; 0 = off.")
+    clip_grad: float = option(0.0, group="Optimisation", min=0,
+                              help="Clip the gradients' global norm to this; 0 = off.")
     ema_decay: float = option(0.0, min=0, check=_below_one, help="Keep an EMA of the student's weights (per step, "
-                              "e.g. 0.999), evaluated and saved too; 0 = off.")
-    amp: str = option("none", choices=tuple(AMP_MODES),
+                              "e.g. 0.999), evaluated and saved too; 0 = off.", group="Loss and regularisation")
+    amp: str = option("none", group="Execution", choices=tuple(AMP_MODES),
                       help="Mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU).")
     # speed only
-    channels_last: bool = option(False, help="NHWC memory layout for models and batches.", effect="none")
-    compile: bool = option(False, help="torch.compile the student (after DDP) and the teacher.", effect="none")
-    pin_memory: bool = option(False, effect="none",
+    channels_last: bool = option(False, group="Execution",
+                                 help="NHWC memory layout for models and batches.", effect="none")
+    compile: bool = option(False, group="Execution",
+                           help="torch.compile the student (after DDP) and the teacher.", effect="none")
+    pin_memory: bool = option(False, group="Execution", effect="none",
                               help="Page-locked batches for faster host-to-GPU copies (CUDA only; ignored on the CPU).")
-    persistent_workers: bool = option(False, help="Keep DataLoader workers alive between epochs.", effect="order")
+    persistent_workers: bool = option(False, group="Execution",
+                                      help="Keep DataLoader workers alive between epochs.", effect="order")
 
     def resolved(self) -> "TrainConfig":
         """This config with the optimiser defaults filled in; UserError for a value outside its declaration

@@ -38,33 +38,40 @@ class TeacherConfig:
     """A teacher training run on `data`: mnist, cifar10, cifar100, svhn, stl10, imagenet (under `data_root`),
     a folder with train/ and val/ trees, or an ImageFolder path."""
 
+    # the subjects of `distill teacher --help`, in its order; every command-line option names one (group=)
+    HELP_GROUPS = ("Model and data", "Optimisation", "Augmentation", "Execution")
+
     model: str = option(help="Model name (e.g. lenet5, cifar_resnet20, resnet18, timm/resnet18, "
-                        "my_pkg.nets:build).")
-    out: str = option(effect="none", help="Checkpoint file to write (e.g. runs/teacher/lenet5.pt).")
-    data: str = option("mnist", help="Training set: mnist, mnistm / mnistm64 (32 / 64 px, built offline from MNIST and photographs), "
-                       "cifar10, cifar100, svhn, stl10 (under --data-root, downloaded when missing), imagenet "
-                       "(--data-root/imagenet/train), a folder with train/ and val/ trees, or an ImageFolder path.")
+                        "my_pkg.nets:build).", group="Model and data")
+    out: str = option(group="Model and data", effect="none",
+                      help="Checkpoint file to write (e.g. runs/teacher/lenet5.pt).")
+    data: str = option("mnist", group="Model and data",
+                       help="Training set: mnist, mnistm / mnistm64 (32 / 64 px, built offline from MNIST and "
+                       "photographs), cifar10, cifar100, svhn, stl10 (under --data-root, downloaded when missing), "
+                       "imagenet (--data-root/imagenet/train), a folder with train/ and val/ trees, or an ImageFolder path.")
     data_root: str = option("data", effect="none", help="Where the datasets by name live (or are downloaded to); "
-                            "decoded image caches go to its cache/.")
+                            "decoded image caches go to its cache/.", group="Model and data")
     eval_data: str | None = option(None, effect="none", help="Test set, named as --data; none: the test split of a "
                                    "dataset by name, val/ of a train/val folder, no evaluation for a plain "
-                                   "ImageFolder.")
-    epochs: int = option(8, help="Training epochs.", min=1)
-    batch_size: int = option(128, help="Images per step.", min=1)
-    lr: float = option(0.1, help="Peak SGD learning rate.")
-    wd: float = option(5e-4, help="Weight decay.", min=0)
-    warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs.", min=0)
-    translate: int = option(2, min=0, help="Random shift of up to this many px (--aug translate); 0 = off.")
-    aug: str = option("auto", choices=TEACHER_AUGMENTATIONS,
+                                   "ImageFolder.", group="Model and data")
+    epochs: int = option(8, group="Optimisation", help="Training epochs.", min=1)
+    batch_size: int = option(128, group="Optimisation", help="Images per step.", min=1)
+    lr: float = option(0.1, group="Optimisation", help="Peak SGD learning rate.")
+    wd: float = option(5e-4, group="Optimisation", help="Weight decay.", min=0)
+    warmup_epochs: float = option(1.0, group="Optimisation",
+                                  help="Linear warm-up of the learning rate, in epochs.", min=0)
+    translate: int = option(2, group="Augmentation", min=0,
+                            help="Random shift of up to this many px (--aug translate); 0 = off.")
+    aug: str = option("auto", group="Augmentation", choices=TEACHER_AUGMENTATIONS,
                       help="Train-time augmentation. auto: crop-flip for natural images (pad-crop by size/8 + flip; "
                       "random-resized crop + flip above 64 px), crop without flip for mnistm(64), translate for digits "
                       "(mnist, svhn, 1-channel folders).")
     resolution: int | None = option(None, min=1, help="Model input size; none: the model's own (required for a "
-                                    "module:callable model without an input_spec).")
-    workers: int = option(2, min=0, effect="order",
+                                    "module:callable model without an input_spec).", group="Model and data")
+    workers: int = option(2, group="Execution", min=0, effect="order",
                           help="DataLoader workers for ImageFolder data (MNIST is held in memory).")
-    seed: int = option(0, help="Random seed.", effect="order")
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N.", effect="none")
+    seed: int = option(0, group="Execution", help="Random seed.", effect="order")
+    device: str = option("auto", group="Execution", help="auto, cpu, cuda or cuda:N.", effect="none")
     progress: bool = option(True, help="Show a progress bar.", effect="none", cli=False)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from common import distributed
+from common.clihelp import GroupedCommand, grouped_option
 from common.errors import UserError
 from common.options import click_options, describe, explicit_values, options_of
 from common.recipes import recipe_keys, shipped_names
@@ -42,13 +43,13 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
-@main.command("generate")
+@main.command("generate", cls=GroupedCommand, groups=GenerateConfig.HELP_GROUPS)
 @click_options(GenerateConfig, recipe_keys=recipe_keys("synth"))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="A method option (repeatable; over the recipe's method table); `synth methods` lists them.")
-@click.option("--threads", type=int, default=None,
-              help="torch CPU threads per process (default: torch's choice; under torchrun cores / processes).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@grouped_option("--set", "sets", group="Method", multiple=True, metavar="KEY=VALUE",
+                help="A method option (repeatable; over the recipe's method table); `synth methods` lists them.")
+@grouped_option("--threads", group="Execution", type=int, default=None,
+                help="torch CPU threads per process (default: torch's choice; under torchrun cores / processes).")
+@grouped_option("--quiet", group="Execution", is_flag=True, help="No progress bars.")
 def generate_cmd(sets, threads, quiet, **flags):
     """Train the synthesis method against the teacher and write the synthetic dataset.
 

@@ -79,47 +79,54 @@ class GenerateConfig:
     checks, the config hash and the resume rules come from here. Fields the caller does not give come
     from the recipe (`recipe`, default auto: chosen from the teacher's input), else from these defaults."""
 
+    # the subjects of `synth generate --help`, in its order; every command-line option names one (group=)
+    HELP_GROUPS = ("Teacher", "Method", "Output", "Execution")
+
     teacher: str = option(help="Teacher architecture: lenet5, cifar_resnet20, resnet50, ..., timm/<name>, or "
-                          "module.path:callable.")
-    weights: str = option("DEFAULT", effect="none",
+                          "module.path:callable.", group="Teacher")
+    weights: str = option("DEFAULT", group="Teacher", effect="none",
                           help="Teacher weights: DEFAULT / a torchvision weights name (download; timm's pretrained "
                           "weights for timm/<name>), a checkpoint path, or none (random; recorded by checksum).")
-    out: str = option("shards", effect="none", help="Output folder for shards and manifest.")
-    recipe: str = option(AUTO, effect="none",
+    out: str = option("shards", group="Output", effect="none", help="Output folder for shards and manifest.")
+    recipe: str = option(AUTO, group="Method", effect="none",
                          help="Settings to start from: a shipped recipe (" + ", ".join(shipped_names()) + "), a "
                          ".toml file, auto (chosen from the teacher's input: channels and size) or none (the "
                          "declared defaults). Explicit flags override it.")
-    method: str = option("generator", choices=tuple(METHODS), help="Synthesis method (`synth methods` lists them).")
+    method: str = option("generator", group="Method", choices=tuple(METHODS),
+                         help="Synthesis method (`synth methods` lists them).")
     method_options: dict = option(default_factory=dict, cli=False,
                                   help="Options of the method (`--set key=value`), over the recipe's method table.")
-    num_images: int = option(50_000, min=1, help="Images to synthesise.")
-    shard_size: int = option(5_000, min=1, help="Images per shard.")
-    image_format: str = option("png", choices=IMAGE_FORMATS,
+    num_images: int = option(50_000, group="Output", min=1, help="Images to synthesise.")
+    shard_size: int = option(5_000, group="Output", min=1, help="Images per shard.")
+    image_format: str = option("png", group="Output", choices=IMAGE_FORMATS,
                                help="png (lossless), jpg (smaller, lossy) or npy (raw uint8, fastest to read; "
                                "not read by timm).")
-    resolution: int | None = option(None, min=8, help="Teacher input size (none: the model's own).")
-    num_classes: int | None = option(None, min=1, help="Classes of a teacher built with --weights none.")
-    seed: int = option(0, help="Seed of the method's training and of every shard's noise.")
-    val_images: int | None = option(None, min=0,
+    resolution: int | None = option(None, group="Teacher", min=8, help="Teacher input size (none: the model's own).")
+    num_classes: int | None = option(None, group="Teacher", min=1,
+                                     help="Classes of a teacher built with --weights none.")
+    seed: int = option(0, group="Method", help="Seed of the method's training and of every shard's noise.")
+    val_images: int | None = option(None, group="Output", min=0,
                                     help=f"Held-out synthetic images written to <out>/{VAL_SPLIT}/ (other seeds than "
                                     "the training shards, which it never changes) for `distill train "
                                     f"--val-shards`; none: {100 // VAL_SHARE}% of --num-images, at least {VAL_MIN} "
                                     f"and at most {VAL_MAX} but at most a tenth of --num-images; 0: none.")
-    write_batch_size: int = option(500, min=1,
+    write_batch_size: int = option(500, group="Output", min=1,
                                    help="Images per batch when writing shards (changes MUSE's and "
                                    "DeepInversion's images: part of the config a rerun must match).")
-    overwrite: bool = option(False, effect="none", help="Delete earlier output in --out and start over.")
+    overwrite: bool = option(False, group="Output", effect="none",
+                             help="Delete earlier output in --out and start over.")
     progress: bool = option(True, effect="none", cli=False, help="Progress bars.")
-    device: str = option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each "
+    device: str = option("auto", group="Execution",
+                         help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each "
                          "process takes its LOCAL_RANK GPU. The device type is part of the config hash.")
-    amp: str = option("none", choices=AMP_MODES,
+    amp: str = option("none", group="Execution", choices=AMP_MODES,
                       help="Autocast teacher and generators to bfloat16 (CPU or GPU) or float16 (GPU, GradScaler). "
                       "Changes the images.")
     channels_last: bool = option(False, help="NHWC memory layout for teacher and generators (faster convolutions "
-                                 "on GPUs). Can change the images in the last bits.")
+                                 "on GPUs). Can change the images in the last bits.", group="Execution")
     compile: bool = option(False, help="torch.compile teacher and generators (compiles in the first steps). Can "
-                           "change the images in the last bits.")
-    write_workers: int | None = option(None, min=0, effect="none",
+                           "change the images in the last bits.", group="Execution")
+    write_workers: int | None = option(None, group="Execution", min=0, effect="none",
                                        help="Processes that encode and tar the images while the device works "
                                        "(none: at most 16, on a GPU the process's cores - 1, on the CPU the cores "
                                        "its torch threads leave free; 0: encode in the main process). Never "

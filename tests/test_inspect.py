@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.errors import UserError
-from common.plots import PALETTE, nice_ticks
+from common.plots import PALETTE
 from common.shards import Sample, TeacherRecord, build_manifest, sample_key, write_manifest, write_shard
 from distill.cli import main as distill_cli
 from distill.report import report_run
@@ -191,8 +191,25 @@ def test_report_bad_run_folders_are_one_line_errors(tmp_path, setup, message):
         report_run(run)
 
 
-def test_nice_ticks_are_round_and_cover_the_range():
-    assert nice_ticks(0, 9600) == [0, 2000, 4000, 6000, 8000, 10000]
-    ticks = nice_ticks(0.41, 1.2)
-    assert ticks[0] <= 0.41 and ticks[-1] >= 1.2 and len(ticks) <= 7
-    assert nice_ticks(5, 5) == [5, 6, 7, 8, 9, 10]  # an empty range still gets an axis
+def test_charts_are_drawn_by_matplotlib_headless_and_only_import_it_when_drawing():
+    """The packages and the CLIs import without matplotlib; a chart imports it and draws on its own Agg canvas:
+    no pyplot, and a configured backend that cannot load (as on a machine without a display) does not matter."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import common.plots, distill, distill.cli, distill.report, synth, synth.cli, synth.inspect\n"
+        "assert 'matplotlib' not in sys.modules, 'imported at start'\n"
+        "from common.plots import Panel, bar_chart, line_panels\n"
+        "bars = bar_chart(['0', '1'], {'a': [1, 2], 'b': [2, 1]}, 'class', 'samples', width=300, height=200)\n"
+        "lines = line_panels([Panel('p', 'epoch', {'s': ([1, 2], [0.5, 0.25])})], panel_width=250, height=150)\n"
+        "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
+        "print(bars.size, lines.size)\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MPLBACKEND="module://no_such_backend", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    env.pop("DISPLAY", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["(300,", "200)", "(250,", "150)"]

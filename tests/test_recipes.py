@@ -320,7 +320,7 @@ def test_distill_cli_options_come_from_the_declarations():
     import distill.cli
 
     source = inspect.getsource(distill.cli)
-    train_part = source[source.index('@main.command("train")'):source.index('@main.command("export")')]
+    train_part = source[source.index('@main.command("train"'):source.index('@main.command("export"')]
     assert "default=" not in train_part.replace("default=None", "")
 
 
