@@ -24,13 +24,17 @@ import importlib
 import inspect
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .fileio import load_torch_safely, save_torch_atomic
+from .input_spec import INPUT_SPEC_FIELDS, InputSpec
+from .remote import http_reason
+from .shards import TeacherRecord
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,37 +42,6 @@ MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-INPUT_SPEC_FIELDS = ("channels", "size", "mean", "std", "num_classes")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects: `channels` x `size` x `size` images normalised with mean/std."""
-
-    channels: int
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
-        try:
-            return cls(int(d["channels"]), int(d["size"]), tuple(float(v) for v in d["mean"]),
-                       tuple(float(v) for v in d["std"]), int(d["num_classes"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"malformed input spec {d!r}: {e}") from None
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] (B, C, H, W) -> the model's normalised input."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
 
 
 # --------------------------------------------------------------------------- small models
@@ -334,8 +307,6 @@ def _create_torchvision(name, num_classes, weights, in_chans, input_size):
         try:
             model = torchvision.models.get_model(name, weights=weights_enum)
         except Exception as e:  # urllib/http/ssl errors when offline
-            from .remote import http_reason
-
             cache = Path(torch.hub.get_dir()) / "checkpoints"
             raise WeightsUnavailableError(
                 f"could not download {name} weights {weights_enum.name} from {weights_enum.url} ({http_reason(e)}). "
@@ -495,8 +466,6 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
 # --------------------------------------------------------------------------- checkpoints
 def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> None:
     """Save a model with its architecture name and input spec (loadable with weights_only=True)."""
-    from .fileio import save_torch_atomic
-
     payload = {"arch": model.arch, "input_spec": model.input_spec.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if extra:
@@ -508,8 +477,6 @@ def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict
 def load_model_checkpoint(path: str | os.PathLike) -> dict:
     """Load a model checkpoint safely. Returns {'arch', 'input_spec', 'state_dict'} (arch/spec may be None).
     CheckpointError for a file that cannot be used."""
-    from .fileio import load_torch_safely
-
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"weights {path} is a folder, not a checkpoint file; give the path of a checkpoint "
@@ -540,10 +507,8 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 
-def teacher_record(arch: str, weights: str, model: nn.Module) -> "TeacherRecord":
+def teacher_record(arch: str, weights: str, model: nn.Module) -> TeacherRecord:
     """The manifest's record of a teacher built by `create_model(arch, weights=weights)`."""
-    from .shards import TeacherRecord
-
     path = Path(weights)
     return TeacherRecord(arch=arch, weights=str(weights), weights_path=str(path.resolve()) if path.is_file() else None,
                          weights_sha256=state_dict_sha256(model), input_spec=model.input_spec.to_dict())

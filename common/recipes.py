@@ -21,13 +21,11 @@ import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import UserError
+from .input_spec import InputSpec
 from .options import resolve  # noqa: F401  (re-exported: recipes.resolve is the documented entry)
-
-if TYPE_CHECKING:
-    from .models import InputSpec
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 AUTO, NONE = "auto", "none"

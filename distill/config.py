@@ -10,7 +10,7 @@ from common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS
-from .losses import LOSSES
+from .loss_names import LOSS_NAMES
 from .throughput import AMP_MODES
 from .validation import KEEP
 
@@ -72,7 +72,7 @@ class TrainConfig:
     warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs; then cosine decay "
                                   "per step.", min=0, group="Optimisation")
     # distillation
-    loss: str = option("kd", choices=tuple(LOSSES), help="Training loss by name (distill/losses.py); each of its "
+    loss: str = option("kd", choices=LOSS_NAMES, help="Training loss by name (distill/losses.py); each of its "
                        "terms is logged as loss_<name> in steps.csv and metrics.csv.", group="Loss and regularisation")
     temperature: float = option(4.0, group="Loss and regularisation", check=_positive, help="KD temperature T.")
     ce_weight: float = option(0.0, group="Loss and regularisation", min=0,

@@ -42,12 +42,13 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from common.data import ImageArrays
 from common.errors import UserError
-from common.models import InputSpec
+from common.input_spec import InputSpec
 from common.remote import StreamError, fetch_verified, is_remote
 from common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
                            shard_paths)
+
+from .datasets import ImageArrays
 
 AUGMENTATIONS = ("none", "translate", "crop", "crop-flip")
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap

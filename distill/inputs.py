@@ -10,12 +10,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import distributed
-from common.data import real_dataset
 from common.errors import UserError
 from common.shards import Manifest, check_shard_files, read_manifest
 
 from .config import TrainConfig
 from .data import ShardLoader
+from .datasets import real_dataset
 from .nets import build_student, check_models_fit, load_teacher
 from .throughput import to_memory_format
 from .validation import ValSet

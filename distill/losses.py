@@ -1,4 +1,4 @@
-"""Stage two's training losses, by name in LOSSES (`distill train --loss`).
+"""Stage two's training losses, by name in LOSSES (`distill train --loss`; the names: LOSS_NAMES).
 
 A loss takes (models, batch, config, device), runs the models on the batch and returns a dict of
 tensors: "loss", the total that is trained on, and its named terms, each already weighted, so that they
@@ -13,19 +13,18 @@ teacher_view native the online teacher sees each image at the native resolution 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
 
+from .config import TrainConfig
+from .data import Batch
+from .loss_names import LOSS_NAMES
+from .nets import Models
 from .throughput import autocast, batch_to
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .data import Batch
-    from .nets import Models
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -104,6 +103,9 @@ def distill_loss(models: Models, batch: Batch, config: TrainConfig, device: torc
     return {"loss": loss} | terms
 
 
-LossFn = Callable[["Models", "Batch", "TrainConfig", torch.device], dict[str, torch.Tensor]]
+LossFn = Callable[[Models, Batch, TrainConfig, torch.device], dict[str, torch.Tensor]]
 LOSSES: dict[str, LossFn] = {"kd": distill_loss}
+if tuple(LOSSES) != LOSS_NAMES:  # `--loss` offers LOSS_NAMES: a loss named in one file only is a bug
+    raise ImportError(f"distill/losses.py implements {list(LOSSES)}, distill/loss_names.py names {list(LOSS_NAMES)}: "
+                      "list every loss in both, in the same order")
 

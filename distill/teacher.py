@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import MNISTM_SIZES, NAMED_DATASETS, ImageArrays, is_natural, real_dataset
-from common.data import num_classes_of as dataset_classes
 from common.errors import UserError
 from common.options import option, validate
 from common.models import create_model, save_model_checkpoint
 
 from .data import random_crop, random_crop_flip, random_translate, real_batches, train_augmentation
+from .datasets import MNISTM_SIZES, NAMED_DATASETS, ImageArrays, is_natural, real_dataset
+from .datasets import num_classes_of as dataset_classes
 from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
 
 MNIST_CLASSES = 10

@@ -48,7 +48,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import distributed
-from common.data import unreadable_reason
 from common.errors import DiskFullError, UserError
 from common.faults import fault_point
 from common.fileio import folder_lock, remove_stale_temps, write_json_atomic
@@ -58,6 +57,7 @@ from common.shards import ShardFormatError, read_manifest
 
 from .checkpoint import load_checkpoint, restore, rng_states, run_fingerprint, save_checkpoint
 from .config import TrainConfig
+from .datasets import unreadable_reason
 from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
 from .inputs import RunInputs, prepare_inputs
 from .loop import NonFiniteLoss, check_finite_weights, train_one_epoch

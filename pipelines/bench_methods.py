@@ -5,7 +5,7 @@
 
 Five configurations (CONFIGS): MNIST at 28 px with lenet5 -> lenet5_half; MNIST zero-padded to 32 px
 and replicated to RGB with a CIFAR ResNet-8 teacher (so MUSE's 8 / 16 / 32 px path really runs); MNIST-M
-(digits blended into real colour photographs, built offline by common/data.py) with a CIFAR ResNet-20
+(digits blended into real colour photographs, built offline by distill/datasets.py) with a CIFAR ResNet-20
 teacher and a ResNet-8 student, which adds the real-data KD ceiling as a row (and a "x ceiling" column) and
 takes its image budget, method options and distillation schedule from the shipped small-rgb recipe (what
 `synth generate` and `distill train` give such a teacher without flags); the same test bed with every method at
@@ -40,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # ---- the benchmark (defaults grouped and visible) ----------------------------------------------
 # a configuration's per-row options that put a row at about the ensemble's (8 x 80) synthesis cost: with the teacher on
@@ -64,7 +63,7 @@ CONFIGS = {
                                "muse": {"train_batch_size": 100, "steps": 80, "teacher_input": "native",
                                         "sample_noise_scale": 1.0},
                                "deepinversion": {"iterations": 4, "low_res_iterations": 16}}},
-    # MNIST-M (digits blended into real colour photographs, common/data.py: built offline, cached under
+    # MNIST-M (digits blended into real colour photographs, distill/datasets.py: built offline, cached under
     # --data-root): a ResNet pair on natural colour statistics. ResNet-20 is the deepest CIFAR ResNet whose
     # teacher trains in about 10 min on one thread here (4 epochs of 60k images, ~150 s each); the online
     # ResNet-20 teacher makes a distillation step ~1.8x a ResNet-8 training step. "ceiling": the real-data KD
@@ -94,7 +93,7 @@ CONFIGS = {
                        "student": "lenet5_half", "recipe": "small-grey", "separate": True,
                        "only": ["generator ensemble", "generator ensemble + adversarial"]},
     # issue 12 part 4, MUSE where its claim lives: the same dataset at 64 px (digits and photo patches drawn at
-    # 64 px, common/data.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal
+    # 64 px, distill/datasets.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal
     # synthesis CPU (the table reports the measured CPU-s). The recipe's synthesis settings, but a budget that fits
     # 2 CPU cores in about 1.5 h: at 64 px a ResNet-20 step costs ~5x its 32 px step (3.3 s per 128 images on one
     # thread), so a ResNet-14 teacher trained 1 epoch, and 10k images distilled 5 epochs (the recipe: 20k, 10).
@@ -210,7 +209,7 @@ def final_top1(run_dir: Path, epochs: int) -> float | None:
 def teacher_top1(arch: str, path: Path, data_root: str, data: str = "mnist") -> float:
     import torch
 
-    from common.data import ImageArrays, real_dataset
+    from distill.datasets import ImageArrays, real_dataset
     from common.models import create_model
 
     torch.set_num_threads(1)
@@ -231,7 +230,7 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
     import numpy as np
     import torch
 
-    from common.data import ImageArrays, real_dataset
+    from distill.datasets import ImageArrays, real_dataset
     from common.models import create_model, teacher_record
     from common.shards import Sample, build_manifest, sample_key, shard_name, write_manifest, write_shard
 

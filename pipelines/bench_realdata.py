@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_png_folder(folder: Path, data_root: str) -> None:
     import numpy as np
     from PIL import Image
 
-    from common.data import load_mnist
+    from distill.datasets import load_mnist
 
     if (folder / "done").is_file():
         return
@@ -43,7 +39,7 @@ def write_png_folder(folder: Path, data_root: str) -> None:
 def eval_throughput(teacher_path: Path, data: str, data_root: str, repeats: int = 3) -> float:
     import torch
 
-    from common.data import real_dataset
+    from distill.datasets import real_dataset
     from common.models import create_model
     from distill.engine import evaluate_top1
 
@@ -68,7 +64,7 @@ def main() -> None:
 
     import torch
 
-    from common.data import real_dataset
+    from distill.datasets import real_dataset
     from common.models import create_model
     from distill.teacher import TeacherConfig, train_teacher
 

@@ -16,7 +16,7 @@ on the same batch shape (the two take turns, --repeats times; each reports its m
              teacher's share of the limit (teacher forward + backward alone) is printed: no method can
              avoid it. DeepInversion has no generator: its "training" is the per-batch pixel
              optimisation (image-iterations/s), its limit the teacher's forward + backward alone.
-  writing    shard-writing images/s: `synth.writer.write_shard` over `synth.generate._shard_batches`
+  writing    shard-writing images/s: `synth.writer.write_shard` over `synth.generate.shard_batches`
              (synthesis, 8-bit pixels, teacher logits, PNG encoding, tar, sha256, a real file), with
              `--write-workers` encoder processes; limit: synthesis + teacher forward alone on the same
              batches (encoding, hashing and I/O are what the pool must hide).
@@ -33,18 +33,14 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from common.bn_stats import BNStatsLoss  # noqa: E402
+from synth.bn_stats import BNStatsLoss
 
 
 @dataclass(frozen=True)
@@ -213,26 +209,28 @@ def time_deepinversion(case, teacher, method, compute) -> float:
 
 # --------------------------------------------------------------------------- writing
 def writing_setup(case, method_name, compute, state: Path):
-    from synth.generate import GenerateConfig, _teacher_logits
+    from synth.generate import GenerateConfig, teacher_logits_fn
 
     teacher, method = build(case, method_name, 1, compute)
     method.fit(teacher, state, progress=False, seed=0)
     cfg = GenerateConfig(teacher=case.teacher, method=method_name, write_batch_size=case.write_batch,
                          num_images=case.write_images, shard_size=case.write_images)
-    return cfg, method, _teacher_logits(teacher, compute)
+    return cfg, method, teacher_logits_fn(teacher, compute)
 
 
 def time_writing(setup, workers: int, out: Path, compute) -> float:
-    from synth.generate import _shard_batches
+    from synth.generate import shard_batches
+    from synth.methods.base import seeded_generator
     from synth.writer import WriterPool, write_shard
 
     cfg, method, logits_of = setup
     with WriterPool(workers) as pool:
         if workers:  # start the processes outside the timing (once per run in `synth generate`)
-            list(pool._pool.map(abs, range(workers)))
+            for job in [pool.submit(abs, i) for i in range(workers)]:
+                job.result()
         sync(compute.device)
         start = time.perf_counter()
-        write_shard(out, _shard_batches(cfg, method, 0, range(cfg.num_images)), logits_of,
+        write_shard(out, shard_batches(cfg, method, seeded_generator(0, 0), range(cfg.num_images)), logits_of,
                     method.labels_from_teacher, "png", pool)
         seconds = time.perf_counter() - start
     out.unlink()
@@ -240,12 +238,13 @@ def time_writing(setup, workers: int, out: Path, compute) -> float:
 
 
 def time_writing_limit(setup, compute) -> float:
-    from synth.generate import _shard_batches
+    from synth.generate import shard_batches
+    from synth.methods.base import seeded_generator
 
     cfg, method, logits_of = setup
     sync(compute.device)
     start = time.perf_counter()
-    for batch in _shard_batches(cfg, method, 0, range(cfg.num_images)):
+    for batch in shard_batches(cfg, method, seeded_generator(0, 0), range(cfg.num_images)):
         logits_of(batch.pixels).argmax(1).cpu()
     sync(compute.device)
     return cfg.num_images / (time.perf_counter() - start)
@@ -256,10 +255,11 @@ def time_encoding(setup, compute) -> float:
     import numpy as np
 
     from common.shards import encode_segment
-    from synth.generate import _shard_batches
+    from synth.generate import shard_batches
+    from synth.methods.base import seeded_generator
 
     cfg, method, logits_of = setup
-    batch = next(_shard_batches(cfg, method, 0, range(min(cfg.num_images, cfg.write_batch_size))))
+    batch = next(shard_batches(cfg, method, seeded_generator(0, 0), range(min(cfg.num_images, cfg.write_batch_size))))
     host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     logits = np.zeros((len(batch.keys), method.spec.num_classes), np.float16)
     start = time.perf_counter()

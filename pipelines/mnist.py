@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # ---- the recipe: common/recipes/small-grey.toml, both stages (what `synth generate` and `distill train`
 # pick for this teacher anyway; named here so that every set of shards, the baselines too, gets the same) ----
@@ -54,7 +53,7 @@ def write_real_shards(teacher_path: Path, out: Path, data_root: str) -> None:
     """MNIST's training images with the teacher's logits, in the shard format (the KD-on-real ceiling)."""
     import torch
 
-    from common.data import load_mnist
+    from distill.datasets import load_mnist
     from common.models import create_model, teacher_record
     from common.recipes import load_recipe
     from common.shards import Sample, build_manifest, read_manifest, sample_key, shard_name, write_manifest, write_shard
@@ -135,7 +134,7 @@ def main() -> None:
 def teacher_accuracy(teacher_path: Path, data_root: str) -> float:
     import torch
 
-    from common.data import mnist_dataset
+    from distill.datasets import mnist_dataset
     from common.models import create_model
 
     teacher = create_model(TEACHER, weights=str(teacher_path)).eval()

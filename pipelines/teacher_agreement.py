@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.errors import UserError  # noqa: E402
-from common.models import create_model  # noqa: E402
-from common.shards import read_manifest, read_shard  # noqa: E402
-from distill.losses import native_view_logits  # noqa: E402
+from common.errors import UserError
+from common.models import create_model
+from common.shards import read_manifest, read_shard
+from distill.losses import native_view_logits
 
 
 def main() -> None:

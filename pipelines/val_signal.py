@@ -15,15 +15,11 @@ one side is constant (no ranking to agree with).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distill.validation import best_epoch  # noqa: E402  (the ranking --keep best-val uses)
+from distill.validation import best_epoch  # the ranking --keep best-val uses
 
 SIGNALS = {"val_agreement": 1.0, "val_kl": -1.0}  # signal -> sign that makes "higher is better"
 

@@ -1,5 +1,5 @@
 """Stage one: train a synthesis method against a frozen teacher, then write the synthetic dataset as
-WebDataset shards plus a manifest (format: `common/shards.py`).
+WebDataset shards plus a manifest (format: `common/shards/`).
 
 Restartable and deterministic:
   - the method's training checkpoints go to `<out>/state/`; a rerun continues from them;
@@ -344,11 +344,11 @@ def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, 
     done = _finished_shards(out, manifest, mine)
     bar = tqdm(total=len(mine), desc=desc + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
                disable=not progress, unit="shard")
-    logits_of = _teacher_logits(teacher, compute)
+    logits_of = teacher_logits_fn(teacher, compute)
     workers = _writer_count(cfg, compute)
     todo = [index for index in mine if index not in done]
     watch = projection.watch_batches if projection is not None else (lambda batches: batches)
-    jobs = (ShardJob(out / shard_name(i), watch(_shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
+    jobs = (ShardJob(out / shard_name(i), watch(shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
                                                                split.meta))) for i in todo)
     bar.update(len(mine) - len(todo))
     images_left = sum(len(split.indices(i)) for i in todo) * dist.world_size  # about: every rank's share
@@ -391,10 +391,10 @@ def _estimate(cfg: GenerateConfig, out: Path, method, teacher, compute: Compute,
     with tempfile.TemporaryDirectory(prefix="synth-estimate-") as tmp:
         train, fitted = timing.time_training(
             method, lambda m: m.fit(teacher, Path(tmp), progress=False, seed=cfg.seed), compute.device)
-        logits_of = _teacher_logits(teacher, compute)
+        logits_of = teacher_logits_fn(teacher, compute)
         split = Split(out, cfg.num_images, cfg.shard_size)
         batches = (b for i in range(split.num_shards)
-                   for b in _shard_batches(cfg, fitted, split.rng(cfg.seed, i), split.indices(i), split.meta))
+                   for b in shard_batches(cfg, fitted, split.rng(cfg.seed, i), split.indices(i), split.meta))
         total_batches = sum(-(-len(split.indices(i)) // cfg.write_batch_size) for i in range(split.num_shards))
         with WriterPool(workers) as pool:
             clock, device_s, encode_s, nbytes, images = timing.time_writing(
@@ -536,7 +536,7 @@ def _finished_shards(out: Path, manifest: Manifest, indices: range) -> set[int]:
     return done
 
 
-def _teacher_logits(teacher, compute: Compute):
+def teacher_logits_fn(teacher, compute: Compute):
     """The teacher's logits (float32, on the device) for 8-bit (B, C, H, W) pixels, as a reader would feed
     them: /255, then the teacher's mean and std."""
     net = compile_module(teacher, compute.compile)
@@ -549,8 +549,8 @@ def _teacher_logits(teacher, compute: Compute):
     return logits_of
 
 
-def _shard_batches(cfg: GenerateConfig, method, rng: torch.Generator, indices: range,
-                   meta: dict | None = None) -> Iterator[PixelBatch]:
+def shard_batches(cfg: GenerateConfig, method, rng: torch.Generator, indices: range,
+                  meta: dict | None = None) -> Iterator[PixelBatch]:
     """The batches of one shard: class-balanced labels, round-robin ensemble members, images from the
     shard's own RNG `rng` (so a shard depends only on its seed), as 8-bit pixels on the device. `meta` is
     added to every sample's metadata."""

@@ -500,7 +500,7 @@ def test_damaged_teacher_training_image_is_a_one_line_error(tmp_path, monkeypatc
     """distill teacher --data FOLDER: decoded into the uint8 cache (small images) or checked (streamed);
     either way the damaged file is named before training, and no cache or checkpoint is written."""
     if not cached:
-        monkeypatch.setattr("common.data.CACHE_MAX_SIZE", 0)
+        monkeypatch.setattr("distill.datasets.CACHE_MAX_SIZE", 0)
     images = write_image_folder(tmp_path / "train")
     truncate(images / "c5" / "0.png")
     result = CliRunner().invoke(distill_cli, ["teacher", "--model", "lenet5", "--data", str(images), "--data-root",
@@ -516,13 +516,13 @@ def test_evaluation_failing_mid_run_keeps_the_trained_epoch(dataset, tmp_path, m
     """An image damaged after the start-up check (here: the check is skipped): the epoch is checkpointed
     before the error, and --resume evaluates it and ends bit-identical to an uninterrupted run."""
     # streamed, not decoded into the uint8 cache (which is the check: a cached folder cannot fail mid-run)
-    monkeypatch.setattr("common.data.CACHE_MAX_SIZE", 0)
+    monkeypatch.setattr("distill.datasets.CACHE_MAX_SIZE", 0)
     images = write_image_folder(tmp_path / "eval")
     options = dict(eval_data=str(images), teacher_logits="stored", aug="none", epochs=2, workers=workers)
     reference = train(train_config(dataset, tmp_path / "ref", **options))
     good = (images / "c3" / "1.png").read_bytes()
     truncate(images / "c3" / "1.png")
-    monkeypatch.setattr("common.data.check_images", lambda *args, **kwargs: None)
+    monkeypatch.setattr("distill.datasets.check_images", lambda *args, **kwargs: None)
     with pytest.raises(UserError, match=r"evaluating epoch 1 on .* failed \(.*c3/1.png: .*\); the epoch is saved"):
         train(train_config(dataset, tmp_path / "run", **options))
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

@@ -1,7 +1,7 @@
 import torch
 import torch.nn as nn
 
-from common.bn_stats import BNStatsLoss
+from synth.bn_stats import BNStatsLoss
 
 
 def test_bn_loss_matches_hand_computation():

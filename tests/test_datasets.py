@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common.data as data
+import distill.datasets as data
 from common.errors import UserError
 from common.models import create_model
 from distill.data import real_batches

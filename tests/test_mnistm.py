@@ -1,4 +1,4 @@
-"""MNIST-M built offline (common/data.py): the |patch - digit| rule, disjoint photographs, determinism and the
+"""MNIST-M built offline (distill/datasets.py): the |patch - digit| rule, disjoint photographs, determinism and the
 cache, the errors, `distill teacher --data mnistm` with its crop-without-flip augmentation. Tiny stand-in MNIST
 and photographs written by the test: no network, no scikit-image needed."""
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common.data as data
+import distill.datasets as data
 from common.errors import UserError
 from common.models import create_model
 from distill.teacher import TeacherConfig, train_teacher

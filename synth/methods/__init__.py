@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from common.accel import Compute
-from common.models import InputSpec
+from common.input_spec import InputSpec
 
 from .base import SynthesisMethod, parse_config
 from .deepinversion import DeepInversion

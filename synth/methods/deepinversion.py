@@ -5,7 +5,7 @@ space, x ~ N(0, 1), and runs Adam(lr, betas=(0.5, 0.9)) on
 
     loss = CE(teacher(j(x)), y)
          + bn_weight * (first_bn_weight * R_1 + sum_{l>1} R_l)     BN statistics, R_l = ||mu - mu_l||_2 +
-                                                                     ||var - var_l||_2 (common/bn_stats.py)
+                                                                     ||var - var_l||_2 (synth/bn_stats.py)
          + tv_weight * TV_L2(x)      TV_L2 = sum over the 4 neighbour directions (right, down and both
                                      diagonals) of the L2 norm of the pixel differences over the batch
          + l2_weight * ||x||_2
@@ -31,10 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.accel import compile_module, grad_scaler
-from common.bn_stats import BNStatsLoss
 from common.options import option
 from common.options import validate as validate_options
 
+from ..bn_stats import BNStatsLoss
 from .base import SynthesisMethod, require_input_size
 
 

@@ -36,14 +36,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.accel import compile_module, grad_scaler
-from common.bn_stats import BNStatsLoss
 from common.errors import UserError
 from common.faults import fault_point
 from common.fileio import load_torch_safely, save_torch_atomic
-from common.models import InputSpec, create_model
+from common.input_spec import InputSpec
+from common.models import create_model
 from common.options import hashed, option
 from common.options import validate as validate_options
 
+from ..bn_stats import BNStatsLoss
 from .base import SynthesisMethod, seeded_generator
 
 

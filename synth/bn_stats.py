@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from common.errors import UserError
 
 
 class BNStatsLoss:

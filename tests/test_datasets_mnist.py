@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import common.data as data
+import distill.datasets as data
 from common.errors import UserError
 from common.models import create_model
 

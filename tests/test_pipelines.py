@@ -1,0 +1,60 @@
+"""The pipelines run on the library's public API: no private names imported from common/, synth/ or distill/,
+no sys.path edits (they run in the project's environment, where the package is installed), and the
+synthesis-speed benchmark's writing measurements run."""
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = sorted((ROOT / "pipelines").glob("*.py"))
+LIBRARY = ("common", "synth", "distill")
+
+
+def _load(name: str, monkeypatch):
+    """A pipeline script as a module (registered while the test runs: its dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+# pipelines that run where the project's environment is not installed, and why: they put the checkout (and the
+# wheels they carry) on sys.path themselves
+OUTSIDE_THE_ENVIRONMENT = {"gpu_check.py": "runs from a plain checkout on an offline GPU machine with carried wheels"}
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_a_pipeline_imports_only_public_names_and_leaves_sys_path_alone(path):
+    tree = ast.parse(path.read_text(), str(path))
+    private, path_edits = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIBRARY:
+            private += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"):
+            path_edits.append(node.lineno)
+    assert private == [], f"{path.name} imports private names"
+    if path.name not in OUTSIDE_THE_ENVIRONMENT:
+        assert path_edits == [], f"{path.name} edits sys.path (lines {path_edits})"
+
+
+def test_bench_synthesis_writing_measurements_run(tmp_path, monkeypatch):
+    """The writing rows time `synth.generate.shard_batches` + `synth.writer.write_shard` as `synth generate`
+    writes a shard (its RNG, a writer process), at the smallest size."""
+    import torch
+
+    from common.accel import Compute
+
+    bench = _load("bench_synthesis", monkeypatch)
+    case = bench.Case("lenet5", 28, "cpu", gen_batch=4, generators=1, write_batch=10, write_images=20,
+                      di_iterations=1, di_low_res=False)
+    compute = Compute(torch.device("cpu"))
+    setup = bench.writing_setup(case, "generator", compute, tmp_path / "state")
+    for workers in (0, 1):
+        assert bench.time_writing(setup, workers, tmp_path / "shard.tar", compute) > 0
+    assert bench.time_writing_limit(setup, compute) > 0
+    assert bench.time_encoding(setup, compute) > 0
