@@ -376,26 +376,20 @@ def _open_val_output(out: Path, cfg: GenerateConfig, config: dict, teacher_recor
 
 
 def _config_changes(old: dict, new: dict) -> str:
-    """'--num-images: 96000 there, 50 now; ...' for the hashed settings that differ between two configs."""
+    """'--num-images 96000 there, 50 now; ...' for the hashed settings that differ between two configs."""
     def show(v):
         return "unset" if v is None else canonical_json(v)
 
-    def differs(a, b):
-        return canonical_json(a) != canonical_json(b)
-
     specs = {s.name: s for s in options.options_of(GenerateConfig)}
     parts = []
-    for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key), new.get(key)
-        if not differs(a, b):
-            continue
+    for change in options.differences(old, new):
+        key, a, b = change.name, change.old, change.new
         if key in specs:
             parts.append(f"{specs[key].flag_name} {show(a)} there, {show(b)} now")
         elif key in ("method_config", "compute") and isinstance(a, dict) and isinstance(b, dict):
-            for sub in sorted(a.keys() | b.keys()):
-                if differs(a.get(sub), b.get(sub)):
-                    what = f"method option {sub}" if key == "method_config" else f"--{sub.replace('_', '-')}"
-                    parts.append(f"{what} {show(a.get(sub))} there, {show(b.get(sub))} now")
+            for sub in options.differences(a, b):
+                what = f"method option {sub.name}" if key == "method_config" else f"--{sub.name.replace('_', '-')}"
+                parts.append(f"{what} {show(sub.old)} there, {show(sub.new)} now")
         elif key == "teacher_sha256":
             parts.append("the teacher's weights differ (--weights)")
         else:

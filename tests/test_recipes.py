@@ -217,6 +217,22 @@ def test_option_helpers():
     json.dumps(hashed(cfg))
 
 
+
+def test_one_settings_diff_serves_both_stages():
+    """options.differences: the hashed options that differ (declaration order; tuples equal to the lists a
+    JSON record holds; a setting missing from an old record taking its default); without a class, every
+    key of either mapping. Both stages' refusals are made of it."""
+    from distill.config import setting_defaults
+
+    old = {"epochs": 10, "lr": 0.05, "workers": 2, "out": "a"}  # no `mixup`: written before it existed
+    new = {"epochs": 10, "lr": 0.2, "workers": 2, "out": "b", "mixup": 0.0}
+    assert [str(c) for c in options.differences(old, new, TrainConfig, setting_defaults())] == ["lr 0.05 -> 0.2"]
+    assert [c.name for c in options.differences({"mixup": 1.0}, new, TrainConfig, setting_defaults())] == ["lr", "mixup"]
+    assert options.differences({"scales": [0.5, 1.0]}, {"scales": (0.5, 1.0)}) == []
+    assert [(c.name, c.old, c.new) for c in options.differences({"a": 1, "b": 2}, {"b": 3, "c": 4})] == [
+        ("a", 1, None), ("b", 2, 3), ("c", None, 4)]
+
+
 # --------------------------------------------------------------------------- stage two
 def _manifest(spec: InputSpec = MNIST_SPEC, recipe: dict | None = None):
     teacher = TeacherRecord("lenet5", "none", None, "0" * 64, spec.to_dict())
