@@ -51,9 +51,9 @@ from common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, fol
                            remove_stale_temps, sha256_file, write_json_atomic)
 from common import models, options
 from common.models import create_model
-from common.options import check_options, explicit_fields, option, track_explicit
+from common.options import check_options, option, track_explicit
 from common.options import validate as validate_options
-from common.recipes import AUTO, Recipe, as_dict, pick_recipe, shipped_names
+from common.recipes import AUTO, Resolved, apply_recipe, as_dict, pick_recipe, shipped_names
 from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
                            TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
@@ -168,33 +168,21 @@ class Split:
         return seeded_generator(seed, *self.stream, index)
 
 
-@dataclass
-class Resolved:
-    """A GenerateConfig with the recipe applied, and what to record about the recipe."""
-
-    config: GenerateConfig
-    recipe: Recipe
-    reason: str
-
-
 def resolve_config(cfg: GenerateConfig, spec=None) -> Resolved:
-    """Apply `cfg.recipe` to every option `cfg`'s caller did not give: explicit > recipe > declared default.
-    The automatic recipe needs the teacher's input spec (`spec`)."""
-    recipe, reason = pick_recipe(cfg.recipe, spec)
-    given = explicit_fields(cfg)
-    explicit = {name: getattr(cfg, name) for name in given if name != "method_options"}
-    explicit["recipe"] = cfg.recipe
-    where = recipe.where
-    resolved = options.resolve(GenerateConfig, None, recipe.synth, explicit, where=f"{where} [synth]")
-    method = resolved.method
+    """Apply `cfg.recipe` to every option `cfg`'s caller did not give: explicit > recipe > declared default;
+    the method's options: `--set` (`method_options`) > the recipe's table of the chosen method. The
+    automatic recipe needs the teacher's input spec (`spec`)."""
+    resolved = apply_recipe(cfg, pick_recipe(cfg.recipe, spec), "synth")
+    recipe, where = resolved.recipe, resolved.recipe.where
     unknown = sorted(set(recipe.method) - set(METHODS))
     if unknown:
         raise UserError(f"{where}: [synth.method.{unknown[0]}] is not a method; methods: {', '.join(METHODS)}")
     for name, section in recipe.method.items():  # every method's table checked, not only the chosen one's
         check_options(METHODS[name].Config, section, f"{where} [synth.method.{name}]")
-    table = recipe.method.get(method, {})
-    method_options = {**table, **(cfg.method_options if "method_options" in given else {})}
-    return Resolved(replace(resolved, method_options=method_options), recipe, reason)
+    table = recipe.method.get(resolved.config.method, {})
+    method_options = {**table, **(cfg.method_options if "method_options" in resolved.given else {})}
+    resolved.config = replace(resolved.config, method_options=method_options)
+    return resolved
 
 
 def generate(cfg: GenerateConfig) -> Manifest:
@@ -243,7 +231,7 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
     # the resolved options, without those of this invocation only (--out, --overwrite, progress, writers):
     # the manifest stays the same when the folder moves or a rerun uses other execution settings
     kept = {k: v for k, v in asdict(cfg).items() if k not in _INVOCATION_ONLY}
-    record = {"recipe": resolved.recipe.record(resolved.reason),
+    record = {"recipe": resolved.record(),
               "options": {"generate": as_dict(kept), "method": as_dict(asdict(method.config))}}
     out = Path(cfg.out)
     if dist.is_main:

@@ -244,6 +244,20 @@ def _run(manifest, **given):
     return resolve_run(TrainConfig(shards="s", student="lenet5_half", out="o", **given), manifest)
 
 
+def test_one_recipe_resolver_serves_both_stages():
+    """common.recipes.apply_recipe resolves both stages (explicit > the recipe's table > declared default);
+    each stage only picks its recipe and its table."""
+    from common.recipes import Resolved
+
+    synth = resolve_config(GenerateConfig(teacher="lenet5", num_images=7), MNIST_SPEC)
+    run = _run(_manifest(), epochs=3)
+    assert isinstance(synth, Resolved) and isinstance(run, Resolved)
+    assert synth.given == {"teacher", "num_images"} and synth.where == "recipe small-grey [synth]"
+    assert (synth.config.num_images, synth.config.shard_size) == (7, 4000)  # given, the recipe's
+    assert run.where == "recipe small-grey [distill]" and (run.config.epochs, run.config.lr) == (3, 0.05)
+    assert run.record()["name"] == "small-grey" and synth.record()["reason"].startswith("recipe: small-grey")
+
+
 def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
     made = load_recipe("small-rgb").record("recipe: small-rgb (--recipe small-rgb)")
     run = _run(_manifest(recipe=made))  # a grey teacher, but the shards were made with small-rgb: that one
