@@ -252,9 +252,9 @@ def test_one_recipe_resolver_serves_both_stages():
     synth = resolve_config(GenerateConfig(teacher="lenet5", num_images=7), MNIST_SPEC)
     run = _run(_manifest(), epochs=3)
     assert isinstance(synth, Resolved) and isinstance(run, Resolved)
-    assert synth.given == {"teacher", "num_images"} and synth.where == "recipe small-grey [synth]"
+    assert synth.given == {"teacher", "num_images"} and synth.where == "recipe small-grey.toml [synth]"
     assert (synth.config.num_images, synth.config.shard_size) == (7, 4000)  # given, the recipe's
-    assert run.where == "recipe small-grey [distill]" and (run.config.epochs, run.config.lr) == (3, 0.05)
+    assert run.where == "recipe small-grey.toml [distill]" and (run.config.epochs, run.config.lr) == (3, 0.05)
     assert run.record()["name"] == "small-grey" and synth.record()["reason"].startswith("recipe: small-grey")
 
 
