@@ -190,12 +190,7 @@ def generate(cfg: GenerateConfig) -> Manifest:
     Under torchrun, every rank calls this and writes its share of the shards. The recipe (`cfg.recipe`)
     fills the options `cfg`'s caller did not give; the start line on stderr says which one and why."""
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    teacher = _build_teacher(cfg)  # on the CPU: the automatic recipe needs its input spec
-    resolved = resolve_config(cfg, teacher.input_spec)
-    if any(getattr(resolved.config, k) != getattr(cfg, k) for k in _TEACHER_FIELDS + ("seed",)):
-        torch.manual_seed(resolved.config.seed)  # the recipe says how the teacher is built
-        teacher = _build_teacher(resolved.config)
+    resolved, teacher = _resolve_and_build_teacher(cfg)
     cfg = resolved.config
     if distributed.info().is_main:
         print(resolved.reason, file=sys.stderr, flush=True)
@@ -208,6 +203,24 @@ def generate(cfg: GenerateConfig) -> Manifest:
         return _generate(resolved, teacher, dist, compute)
 
 
+def _resolve_and_build_teacher(cfg: GenerateConfig) -> tuple[Resolved, torch.nn.Module]:
+    """The resolved config and its teacher (on the CPU), built once, after seeding with the resolved seed
+    (random weights depend on it). The automatic recipe is chosen from the teacher's input, so there the
+    teacher is built first, from the options given; the shipped recipes it chooses from never set how the
+    teacher is built (`_TEACHER_FIELDS`; test_recipes keeps it so). A named recipe is resolved first."""
+    if cfg.recipe in (None, "", AUTO):
+        torch.manual_seed(cfg.seed)
+        teacher = _build_teacher(cfg)
+        resolved = resolve_config(cfg, teacher.input_spec)
+        changed = [k for k in _TEACHER_FIELDS if getattr(resolved.config, k) != getattr(cfg, k)]
+        if changed:  # a shipped recipe that sets how the teacher is built: a bug of ours, not the user's
+            raise AssertionError(f"shipped recipe {resolved.recipe.name} sets {', '.join(changed)}")
+        return resolved, teacher
+    resolved = resolve_config(cfg)
+    torch.manual_seed(resolved.config.seed)
+    return resolved, _build_teacher(resolved.config)
+
+
 def _build_teacher(cfg: GenerateConfig):
     teacher = create_model(cfg.teacher, num_classes=cfg.num_classes, weights=cfg.weights,
                            input_size=cfg.resolution).eval()
@@ -216,7 +229,8 @@ def _build_teacher(cfg: GenerateConfig):
     return teacher
 
 
-_TEACHER_FIELDS = ("teacher", "weights", "resolution", "num_classes")
+# the options that say how the teacher is built (and its random weights: the seed)
+_TEACHER_FIELDS = ("teacher", "weights", "resolution", "num_classes", "seed")
 
 
 def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: Compute) -> Manifest:

@@ -461,3 +461,27 @@ def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(
     assert [bench.synth_seed_of(s, True, "real") for s in (0, 1, 2)] == [0, 0, 0]
     assert bench.run_name(row, 2, 2) == "generator-ensemble-adversarial-synth2-seed2"
     assert bench.run_name(row, 2, 0) == "generator-ensemble-adversarial-seed2"
+
+
+def test_generate_builds_the_teacher_once(tiny_teacher_path, tmp_path, monkeypatch):
+    """The teacher is built once: after the recipe is resolved for a named recipe (one that sets the seed
+    here, which random weights depend on), before it for the automatic one, which chooses among shipped
+    recipes that never set how the teacher is built."""
+    import synth.generate as gen
+
+    for name in shipped_names():
+        assert not set(load_recipe(name).synth) & set(gen._TEACHER_FIELDS), name
+    built = []
+    real = gen.create_model
+    monkeypatch.setattr(gen, "create_model", lambda *a, **k: built.append(k) or real(*a, **k))
+    path = tmp_path / "seeded.toml"
+    path.write_text("[synth]\nseed = 3\nnum_classes = 4\n")
+    small = dict(teacher="lenet5", weights="none", num_images=8, shard_size=8, val_images=0, write_workers=0,
+                 method="noise", progress=False)
+    manifest = generate(GenerateConfig(recipe=str(path), out=str(tmp_path / "named"), **small))
+    assert len(built) == 1 and built[0]["num_classes"] == 4 and manifest.config["seed"] == 3
+    torch_seeded = generate(GenerateConfig(recipe="none", seed=3, num_classes=4, out=str(tmp_path / "plain"), **small))
+    assert torch_seeded.config["teacher_sha256"] == manifest.config["teacher_sha256"]  # the recipe's seed built it
+    built.clear()
+    generate(GenerateConfig(out=str(tmp_path / "auto"), **small))
+    assert len(built) == 1
