@@ -21,7 +21,7 @@ TEACHER_VIEWS = ("stored", "native")
 BAD_SHARD_POLICIES = ("error", "skip")
 
 
-def _positive(value: float) -> str | None:
+def positive(value: float) -> str | None:
     return None if value > 0 else f"must be positive (got {value:g})"
 
 
@@ -58,7 +58,7 @@ class TrainConfig:
     batch_size_per_rank: int = option(128, min=1, help="Images per process per step; under torchrun the global "
                                       "batch is this x the number of processes.")
     opt: str = option("sgd", help="Optimiser: SGD (momentum 0.9, Nesterov) or AdamW.", choices=tuple(OPTIMIZERS))
-    lr: float | None = option(None, check=_positive, help=f"Peak learning rate; none: the optimiser's default "
+    lr: float | None = option(None, check=positive, help=f"Peak learning rate; none: the optimiser's default "
                               f"({DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw).")
     wd: float | None = option(None, min=0, help=f"Weight decay; none: the optimiser's default ({DEFAULT_WD['sgd']} "
                               f"for sgd, {DEFAULT_WD['adamw']} for adamw).")
@@ -67,7 +67,7 @@ class TrainConfig:
     # distillation
     loss: str = option("kd", choices=tuple(LOSSES), help="Training loss by name (distill/losses.py); each of its "
                        "terms is logged as loss_<name> in steps.csv and metrics.csv.")
-    temperature: float = option(4.0, check=_positive, help="KD temperature T.")
+    temperature: float = option(4.0, check=positive, help="KD temperature T.")
     ce_weight: float = option(0.0, min=0, help="Weight of cross-entropy on the stored labels, added to the KD loss.")
     mixup: float = option(0.0, min=0, help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online "
                           "teacher; 0 = off.")

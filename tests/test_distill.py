@@ -315,6 +315,34 @@ def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
 
 
+
+def test_one_augmentation_table_serves_student_and_teacher():
+    """distill.data.augmentation is the one table of augmentations by name: the student's Augmentation,
+    the teacher trainer's --aug choices and its batches (a shift of --translate px, filled with `fill`)."""
+    from distill.data import AUGMENTATIONS, augmentation
+    from distill.teacher import TEACHER_AUGMENTATIONS
+
+    assert TEACHER_AUGMENTATIONS == ("auto", *AUGMENTATIONS)
+    assert augmentation("none", 16) is None and augmentation("translate", 16, translate=0) is None
+    x = torch.rand(6, 1, 16, 16)
+    for name in ("translate", "crop", "crop-flip"):
+        torch.manual_seed(0)
+        expected = Augmentation(name, 16)(Batch(x.clone(), torch.zeros(6), torch.zeros(6, 2))).images
+        torch.manual_seed(0)
+        assert torch.equal(augmentation(name, 16)(x.clone()), expected), name
+    moved = augmentation("translate", 16, translate=3, fill=-5.0)(torch.zeros(64, 1, 16, 16))
+    assert set(moved.unique().tolist()) <= {0.0, -5.0} and (moved == -5.0).any()  # uncovered pixels: the fill
+    with pytest.raises(UserError, match="unknown augmentation 'rotate'"):
+        augmentation("rotate", 16)
+
+
+def test_teacher_options_are_checked_by_their_declarations(tmp_path):
+    for given, message in [({"lr": 0.0}, "--lr must be positive"), ({"aug": "rotate"}, "--aug must be one of auto"),
+                           ({"translate": -1}, "--translate must be at least 0")]:
+        with pytest.raises(UserError, match=message):
+            train_teacher(TeacherConfig(model="lenet5", out=str(tmp_path / "t.pt"), **given))
+
+
 # --------------------------------------------------------------------------- teacher
 def test_teacher_trains_on_an_imagefolder(tmp_path):
     rng = np.random.default_rng(0)
