@@ -38,7 +38,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -51,13 +51,14 @@ from common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, fol
                            remove_stale_temps, sha256_file, write_json_atomic)
 from common import models, options
 from common.models import create_model
-from common.options import check_options, option, track_explicit
+from common.options import check_options, option, parse_options, track_explicit
 from common.options import validate as validate_options
-from common.recipes import AUTO, Resolved, apply_recipe, as_dict, pick_recipe, shipped_names
+from common import recipes
+from common.recipes import AUTO, apply_recipe, as_dict, pick_recipe, shipped_names
 from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
                            TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
-from .methods import METHODS, build_method
+from .methods import METHODS, build_method, make_config
 from .methods.base import seeded_generator
 from .writer import PixelBatch, ShardJob, WriterPool, default_workers, pixels_to_uint8, write_shards
 
@@ -168,19 +169,31 @@ class Split:
         return seeded_generator(seed, *self.stream, index)
 
 
+@dataclass
+class Resolved(recipes.Resolved):
+    """A GenerateConfig with its recipe applied, and the chosen method's options parsed once into the
+    method's declared options dataclass (`method_config`, before it is sized for the teacher's input and
+    the number of images: `build_method`)."""
+
+    method_config: Any = None
+
+
 def resolve_config(cfg: GenerateConfig, spec=None) -> Resolved:
     """Apply `cfg.recipe` to every option `cfg`'s caller did not give: explicit > recipe > declared default;
-    the method's options: `--set` (`method_options`) > the recipe's table of the chosen method. The
-    automatic recipe needs the teacher's input spec (`spec`)."""
-    resolved = apply_recipe(cfg, pick_recipe(cfg.recipe, spec), "synth")
+    the method's options: `--set` (`method_options`) > the recipe's table of the chosen method > the
+    method's declared defaults. The automatic recipe needs the teacher's input spec (`spec`)."""
+    resolved = Resolved(**vars(apply_recipe(cfg, pick_recipe(cfg.recipe, spec), "synth")))
     recipe, where = resolved.recipe, resolved.recipe.where
     unknown = sorted(set(recipe.method) - set(METHODS))
     if unknown:
         raise UserError(f"{where}: [synth.method.{unknown[0]}] is not a method; methods: {', '.join(METHODS)}")
-    for name, section in recipe.method.items():  # every method's table checked, not only the chosen one's
-        check_options(METHODS[name].Config, section, f"{where} [synth.method.{name}]")
-    table = recipe.method.get(resolved.config.method, {})
-    method_options = {**table, **(cfg.method_options if "method_options" in resolved.given else {})}
+    tables = {name: check_options(METHODS[name].Config, section, f"{where} [synth.method.{name}]")
+              for name, section in recipe.method.items()}  # every method's table checked, not only the chosen one's
+    method = METHODS[resolved.config.method]
+    given = cfg.method_options if "method_options" in resolved.given else {}
+    resolved.method_config = make_config(method.Config, tables.get(method.name, {}) | parse_options(method.Config,
+                                                                                                     given, "--set"))
+    method_options = {**recipe.method.get(method.name, {}), **given}  # as given: the manifest records them so
     resolved.config = replace(resolved.config, method_options=method_options)
     return resolved
 
@@ -238,7 +251,7 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
     spec = teacher.input_spec
     teacher_record = models.teacher_record(cfg.teacher, cfg.weights, teacher)
     teacher = compute.model(teacher)
-    method = build_method(cfg.method, cfg.method_options, spec, cfg.num_images, compute)
+    method = build_method(cfg.method, resolved.method_config, spec, cfg.num_images, compute)
     config = {k: v for k, v in options.hashed(cfg).items() if k not in _HASHED_ELSEWHERE}
     config |= {"method_config": options.hashed(method.config), "teacher_sha256": teacher_record.weights_sha256,
                "input_spec": spec.to_dict(), "compute": compute.hashed()}

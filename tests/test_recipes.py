@@ -485,3 +485,29 @@ def test_generate_builds_the_teacher_once(tiny_teacher_path, tmp_path, monkeypat
     built.clear()
     generate(GenerateConfig(out=str(tmp_path / "auto"), **small))
     assert len(built) == 1
+
+
+def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_path, tmp_path, monkeypatch):
+    """--set values over the recipe's method table are parsed once, when the config is resolved, into the
+    method's declared options dataclass; the method gets that object (nothing parses them again)."""
+    import synth.methods
+
+    resolved = resolve_config(GenerateConfig(teacher="lenet5", method_options={"steps": "3", "width": "4"}),
+                              MNIST_SPEC)
+    config = resolved.method_config
+    assert type(config) is METHODS["generator"].Config
+    assert (config.steps, config.width, config.num_generators, config.lr) == (3, 4, 8, 0.01)  # --set, recipe, default
+    assert resolved.config.method_options["steps"] == "3"  # as given: the manifest records the options so
+    with pytest.raises(UserError, match="--set steps expects an integer, got 'many'"):
+        resolve_config(GenerateConfig(teacher="lenet5", method_options={"steps": "many"}), MNIST_SPEC)
+    with pytest.raises(UserError, match="generator option width must be at least"):
+        resolve_config(GenerateConfig(teacher="lenet5", method_options={"width": "0"}), MNIST_SPEC)
+
+    def parsed_again(*args, **kwargs):
+        raise AssertionError("method options parsed a second time")
+    monkeypatch.setattr(synth.methods, "parse_config", parsed_again)
+    manifest = generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "o"),
+                                       num_images=16, val_images=0, write_workers=0, progress=False,
+                                       method_options={"num_generators": "1", "steps": "1", "train_batch_size": "8",
+                                                       "width": "4"}))
+    assert manifest.options["method"]["width"] == 4 and manifest.options["generate"]["method_options"]["width"] == "4"
