@@ -29,6 +29,8 @@ from common.models import create_model, save_model_checkpoint
 from .config import positive
 from .data import AUGMENTATIONS, augmentation, real_batches, train_augmentation
 from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
+from .loop import optimizer_step
+from .throughput import grad_scaler
 
 MNIST_CLASSES = 10
 TEACHER_AUGMENTATIONS = ("auto", *AUGMENTATIONS)
@@ -123,6 +125,7 @@ def train_teacher(config: TeacherConfig) -> dict:
     augment = (None if isinstance(train_set, ImageArrays) or (aug != "translate" and hasattr(train_set, "transform"))
                else augmentation(aug, spec.size, config.translate, black))
     generator = torch.Generator().manual_seed(config.seed)
+    scaler = grad_scaler("none", device)  # disabled: the plain backward and step
     log = tqdm.write if config.progress else (lambda message: None)
     top1, seconds = None, 0.0
     for epoch in range(config.epochs):
@@ -135,10 +138,7 @@ def train_teacher(config: TeacherConfig) -> dict:
                 if augment is not None:
                     inputs = augment(inputs)
                 loss = F.cross_entropy(model(inputs.to(device, non_blocking=True)), labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, optimizer, scheduler, scaler)
                 total_loss += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         seconds += time.perf_counter() - start

@@ -336,6 +336,40 @@ def test_one_augmentation_table_serves_student_and_teacher():
         augmentation("rotate", 16)
 
 
+def test_teacher_trainer_takes_the_students_step(tmp_path, monkeypatch):
+    """distill teacher updates through loop.optimizer_step, the student's step; with the disabled grad
+    scaler it is exactly the plain backward, optimiser step and schedule step."""
+    import distill.teacher as teacher_module
+    from distill.engine import build_optimizer
+    from distill.loop import optimizer_step
+    from distill.throughput import grad_scaler
+
+    nets = [torch.nn.Linear(4, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [build_optimizer(net, "sgd", 0.1, 5e-4) for net in nets]
+    schedules = [warmup_cosine(opt, 10, 2) for opt in opts]
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(nets[0](x), y)
+        opts[0].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[0].step()
+        schedules[0].step()
+        optimizer_step(torch.nn.functional.cross_entropy(nets[1](x), y), opts[1], schedules[1],
+                       grad_scaler("none", torch.device("cpu")))
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    steps = []
+    monkeypatch.setattr(teacher_module, "optimizer_step", lambda *a, **k: steps.append(1) or optimizer_step(*a, **k))
+    images = tmp_path / "images"
+    for c in range(2):
+        (images / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((28, 28), 200 * c, np.uint8)).save(images / str(c) / f"{i}.png")
+    train_teacher(TeacherConfig(model="lenet5", out=str(tmp_path / "t.pt"), data=str(images), epochs=2, batch_size=4,
+                                workers=0, progress=False))
+    assert len(steps) == 4  # 2 epochs of 8 images in batches of 4
+
+
 def test_teacher_options_are_checked_by_their_declarations(tmp_path):
     for given, message in [({"lr": 0.0}, "--lr must be positive"), ({"aug": "rotate"}, "--aug must be one of auto"),
                            ({"translate": -1}, "--translate must be at least 0")]:
