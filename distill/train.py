@@ -302,7 +302,8 @@ def _evaluate_epoch(run: _Run) -> tuple[dict, Exception | None]:
     """The epoch's validation signal and top-1 (and EMA top-1), and the exception if they failed: a failed
     evaluation must not lose the epoch, it is checkpointed first, then reported."""
     config, inputs, ema = run.config, run.inputs, run.models.ema
-    measured = {"eval_top1": None} | ({EMA_COLUMN: None} if ema is not None else {})
+    unmeasured = {"eval_top1": None} | ({EMA_COLUMN: None} if ema is not None else {})
+    measured = dict(unmeasured)
     signal = dict.fromkeys(VAL_COLUMNS) if inputs.val is not None else {}
     try:
         if inputs.val is not None:
@@ -312,7 +313,7 @@ def _evaluate_epoch(run: _Run) -> tuple[dict, Exception | None]:
             if ema is not None:
                 measured[EMA_COLUMN] = evaluate_top1(ema.module, inputs.eval_student, inputs.device, config.workers)
     except Exception as e:  # noqa: BLE001 (re-raised by the caller, after the checkpoint)
-        return {"eval_top1": None} | ({EMA_COLUMN: None} if ema is not None else {}) | signal, e
+        return unmeasured | signal, e
     return measured | signal, None
 
 
