@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from common.errors import UserError
-from common.options import option, options_of, resumable, track_explicit, validate
+from common.options import option, options_of, track_explicit, validate
 from common.recipes import AUTO, shipped_names
 from common.shards import CHECK_LEVELS
 
@@ -156,10 +156,9 @@ class TrainConfig:
         return config
 
 
-# Settings that may change when resuming (effect "none": paths checked by checksum, evaluation, execution),
-# and those that change the order of the samples or the augmentation draws (effect "order"): refused on
-# resume with their own message. Both derived from the declarations above.
-RESUMABLE_CHANGES = tuple(sorted(resumable(TrainConfig)))
+# The settings that change the order of the samples or the augmentation draws (effect "order"): refused on
+# resume with their own message (common.options.differences finds every refused change; those of effect
+# "none" may change). Derived from the declarations above.
 ORDER_CHANGES = tuple(s.name for s in options_of(TrainConfig) if s.effect == "order")
 
 
