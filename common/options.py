@@ -292,16 +292,44 @@ def resumable(cls: type) -> set[str]:
     return {s.name for s in options_of(cls) if s.effect == "none"}
 
 
-def differences(cls: type, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(name, old, new) for each hashed option whose value differs (values compared as JSON would store them)."""
-    def norm(v: Any) -> Any:
-        return list(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One setting that differs between a recorded run and this one."""
+
+    name: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.old!r} -> {self.new!r}"
+
+
+def _as_stored(value: Any) -> Any:
+    """`value` as JSON would store it (tuples as lists), for comparison with a recorded one."""
+    if isinstance(value, (list, tuple)):
+        return [_as_stored(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _as_stored(v) for k, v in value.items()}
+    return value
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], cls: type | None = None,
+                defaults: Mapping[str, Any] | None = None) -> list[Change]:
+    """The settings whose value differs between a recorded run (`old`) and this one (`new`), values
+    compared as JSON would store them: the one "what changed" behind every refusal of a rerun or resume
+    with other settings. With `cls`: its hashed options (effect != "none"), in declaration order, a name
+    missing from `old` taking its value from `defaults` (settings added since `old` was written); without:
+    every key of either mapping, sorted."""
+    defaults = defaults or {}
+    if cls is None:
+        names = sorted(set(old) | set(new))
+    else:
+        names = [s.name for s in options_of(cls) if s.effect != "none" and (s.name in old or s.name in new)]
     out = []
-    for spec in options_of(cls):
-        if spec.effect == "none" or (spec.name not in old and spec.name not in new):
-            continue
-        if norm(old.get(spec.name)) != norm(new.get(spec.name)):
-            out.append((spec.name, old.get(spec.name), new.get(spec.name)))
+    for name in names:
+        before, after = old.get(name, defaults.get(name)), new.get(name)
+        if _as_stored(before) != _as_stored(after):
+            out.append(Change(name, before, after))
     return out
 
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import options
 from .errors import UserError
 from .input_spec import InputSpec
-from .options import resolve  # noqa: F401  (re-exported: recipes.resolve is the documented entry)
+from .options import explicit_fields, resolve  # noqa: F401  (re-exported: recipes.resolve is the documented entry)
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 AUTO, NONE = "auto", "none"
@@ -133,6 +134,47 @@ def pick_recipe(choice: str | None, spec: "InputSpec | None" = None) -> tuple[Re
     if recipe.name == NONE:
         return recipe, "recipe: none (--recipe none: the declared defaults)"
     return recipe, f"recipe: {recipe.name} (--recipe {choice}; {_measured(recipe)})"
+
+
+@dataclass
+class Resolved:
+    """A stage's config with its recipe applied (`apply_recipe`), and what to record about the recipe."""
+
+    config: Any
+    recipe: Recipe
+    reason: str                    # the start line: `recipe: NAME (why)`
+    section: str = "synth"         # the recipe's table the config was resolved from: synth or distill
+    given: frozenset = frozenset()  # the options the caller gave (not the recipe's)
+
+    @property
+    def where(self) -> str:
+        return f"{self.recipe.where} [{self.section}]"
+
+    def record(self) -> dict:
+        """What a manifest (or run record) keeps about the recipe."""
+        return self.recipe.record(self.reason)
+
+    def check(self, check: Any, also_given: Any = ()) -> Any:
+        """`check()` (a cross-option check of the resolved config); its UserError names the options whose
+        value came from the recipe. `also_given`: options set by the stage itself, not by the recipe."""
+        try:
+            return check()
+        except UserError as e:
+            raise options.name_recipe_values(e, type(self.config), getattr(self.recipe, self.section),
+                                             self.given | set(also_given), self.where) from None
+
+
+def apply_recipe(config: Any, picked: tuple[Recipe, str], section: str) -> Resolved:
+    """`config` (a dataclass of declared options whose class tracks the fields its caller gave) resolved
+    with the recipe `picked` (a recipe and its start line, as `pick_recipe` returns): each option given by
+    the caller > the recipe's `section` table (synth or distill) > the declared default. Every value of
+    that table is checked, also those the caller overrides, and the result validated."""
+    recipe, reason = picked
+    given = explicit_fields(config)
+    explicit = {name: getattr(config, name) for name in given} | {"recipe": config.recipe}
+    resolved = Resolved(config, recipe, reason, section, frozenset(given))
+    resolved.config = resolve(type(config), None, getattr(recipe, section), explicit, where=resolved.where)
+    return resolved
 
 
 def recipe_keys(section: str, method: str | None = None) -> set[str]:

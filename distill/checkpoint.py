@@ -9,7 +9,7 @@ import torch
 
 from common.errors import UserError
 from common.fileio import load_torch_safely, save_torch_atomic
-from common.options import hashed
+from common.options import differences, hashed
 from common.shards import Manifest
 
 from .config import ORDER_CHANGES, TrainConfig, renamed, setting_defaults
@@ -66,15 +66,12 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         int(state["epoch"]), list(state["history"]), state["student"], state["rng"]["torch"]  # noqa: B018
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path} is not a `distill train` checkpoint; {fix}") from None
-    defaults = setting_defaults()  # settings added since the checkpoint was written
-    changed = [f"{k} {saved_settings.get(k, defaults.get(k))!r} -> {v!r}" for k, v in fingerprint["settings"].items()
-               if saved_settings.get(k, defaults.get(k)) != v]
-    order = [k for k in ORDER_CHANGES if k in fingerprint["settings"]
-             and saved_settings.get(k, defaults.get(k)) != fingerprint["settings"][k]]
+    changed = differences(saved_settings, fingerprint["settings"], TrainConfig, setting_defaults())
+    order = [c.name for c in changed if c.name in ORDER_CHANGES]
     if changed:
         why = (f" ({', '.join('--' + k.replace('_', '-') for k in order)} changes the sample order or augmentation "
                "draws, so the run would not continue as it started)") if order else ""
-        raise UserError(f"{path} belongs to a run with other settings ({', '.join(changed)}){why}: resume with the "
+        raise UserError(f"{path} belongs to a run with other settings ({', '.join(map(str, changed))}){why}: resume with the "
                         "same options or choose another --out")
     if saved_shards != fingerprint["shards"] or saved_teacher != fingerprint["teacher_sha256"]:
         raise UserError(f"{path} was trained on other shards (or by another teacher) than the --shards given now "

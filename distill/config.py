@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from common.errors import UserError
-from common.options import option, options_of, resumable, track_explicit, validate
+from common.options import option, options_of, track_explicit, validate
 from common.recipes import AUTO, shipped_names
 from common.shards import CHECK_LEVELS
 
@@ -21,7 +21,7 @@ TEACHER_VIEWS = ("stored", "native")
 BAD_SHARD_POLICIES = ("error", "skip")
 
 
-def _positive(value: float) -> str | None:
+def positive(value: float) -> str | None:
     return None if value > 0 else f"must be positive (got {value:g})"
 
 
@@ -65,7 +65,7 @@ class TrainConfig:
                                       "batch is this x the number of processes.", group="Optimisation")
     opt: str = option("sgd", group="Optimisation",
                       help="Optimiser: SGD (momentum 0.9, Nesterov) or AdamW.", choices=tuple(OPTIMIZERS))
-    lr: float | None = option(None, check=_positive, help=f"Peak learning rate; none: the optimiser's default "
+    lr: float | None = option(None, check=positive, help=f"Peak learning rate; none: the optimiser's default "
                               f"({DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw).", group="Optimisation")
     wd: float | None = option(None, min=0, help=f"Weight decay; none: the optimiser's default ({DEFAULT_WD['sgd']} "
                               f"for sgd, {DEFAULT_WD['adamw']} for adamw).", group="Optimisation")
@@ -74,7 +74,7 @@ class TrainConfig:
     # distillation
     loss: str = option("kd", choices=LOSS_NAMES, help="Training loss by name (distill/losses.py); each of its "
                        "terms is logged as loss_<name> in steps.csv and metrics.csv.", group="Loss and regularisation")
-    temperature: float = option(4.0, group="Loss and regularisation", check=_positive, help="KD temperature T.")
+    temperature: float = option(4.0, group="Loss and regularisation", check=positive, help="KD temperature T.")
     ce_weight: float = option(0.0, group="Loss and regularisation", min=0,
                               help="Weight of cross-entropy on the stored labels, added to the KD loss.")
     mixup: float = option(0.0, min=0, help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online "
@@ -169,10 +169,9 @@ class TrainConfig:
         return config
 
 
-# Settings that may change when resuming (effect "none": paths checked by checksum, evaluation, execution),
-# and those that change the order of the samples or the augmentation draws (effect "order"): refused on
-# resume with their own message. Both derived from the declarations above.
-RESUMABLE_CHANGES = tuple(sorted(resumable(TrainConfig)))
+# The settings that change the order of the samples or the augmentation draws (effect "order"): refused on
+# resume with their own message (common.options.differences finds every refused change; those of effect
+# "none" may change). Derived from the declarations above.
 ORDER_CHANGES = tuple(s.name for s in options_of(TrainConfig) if s.effect == "order")
 
 

@@ -50,7 +50,7 @@ from common.shards import (Manifest, Sample, ShardFormatError, decode_sample, gr
 
 from .datasets import ImageArrays
 
-AUGMENTATIONS = ("none", "translate", "crop", "crop-flip")
+AUGMENTATIONS = ("none", "translate", "crop", "crop-flip")  # the names of `augmentation`
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
 SHUFFLE_INITIAL = 500  # samples gathered before the first one leaves the buffer
 
@@ -97,17 +97,31 @@ def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
     return x
 
 
+# name -> (x, px, fill): the one table of augmentations by name (the student's, the teacher trainer's)
+_AUGMENT = {
+    "translate": random_translate,
+    "crop": lambda x, px, fill: random_crop(x, px),
+    "crop-flip": lambda x, px, fill: random_crop_flip(x, px),
+}
+
+
+def augmentation(name: str, size: int, translate: int | None = None, fill: float | torch.Tensor = 0.0):
+    """The augmentation `name` (one of AUGMENTATIONS) of a batch (B, C, H, W) of `size` px images, or None
+    for none: translate (random shift by up to `translate` px, default size/8, uncovered pixels `fill`;
+    0 px: None), crop (reflect-pad random crop by up to size/8 px, no flip), crop-flip (the same crop +
+    horizontal flip)."""
+    if name not in AUGMENTATIONS:
+        raise UserError(f"unknown augmentation '{name}'; use one of {', '.join(AUGMENTATIONS)}")
+    px = translate if name == "translate" and translate is not None else max(1, size // 8)
+    if name == "none" or px == 0:
+        return None
+    return lambda x: _AUGMENT[name](x, px, fill)
+
+
 def train_augmentation(name: str, size: int, translate: int = 2):
-    """A real-data training augmentation of a uint8 batch (B, C, H, W) by name, or None: translate (random
-    shift by up to `translate` px, black fill), crop (reflect-pad random crop by up to size/8 px, no flip),
-    crop-flip (the same crop + horizontal flip), none."""
-    if name == "translate" and translate > 0:
-        return lambda x: random_translate(x, translate)
-    if name == "crop":
-        return lambda x: random_crop(x, max(1, size // 8))
-    if name == "crop-flip":
-        return lambda x: random_crop_flip(x, max(1, size // 8))
-    return None
+    """A real-data training augmentation of a uint8 batch (B, C, H, W) by name, or None (`augmentation`
+    with a shift of `translate` px, black fill)."""
+    return augmentation(name, size, translate)
 
 
 @dataclass(frozen=True)
@@ -124,18 +138,11 @@ class Augmentation:
     size: int
 
     def __post_init__(self):
-        if self.name not in AUGMENTATIONS:
-            raise UserError(f"unknown augmentation '{self.name}'; use one of {', '.join(AUGMENTATIONS)}")
+        augmentation(self.name, self.size)  # UserError for an unknown name
 
     def __call__(self, batch: Batch) -> Batch:
-        shift = max(1, self.size // 8)
-        if self.name == "translate":
-            return batch._replace(images=random_translate(batch.images, shift))
-        if self.name == "crop":
-            return batch._replace(images=random_crop(batch.images, shift))
-        if self.name == "crop-flip":
-            return batch._replace(images=random_crop_flip(batch.images, shift))
-        return batch
+        augment = augmentation(self.name, self.size)
+        return batch if augment is None else batch._replace(images=augment(batch.images))
 
 
 # --------------------------------------------------------------------------- pipeline stages

@@ -32,6 +32,28 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- training
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                   clip_grad: float = 0.0, parameters: list[nn.Parameter] | None = None, ema=None,
+                   model: nn.Module | None = None) -> float:
+    """One update from `loss`, the step both trainers take: backward through the grad scaler (disabled
+    unless fp16: a plain backward), gradients clipped to a global norm of `clip_grad` (0: off) over
+    `parameters`, the optimiser step, the EMA of `model` updated (when `ema`), the schedule stepped.
+    Returns the learning rate the step used."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    if ema is not None:
+        ema.update(model)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return lr
+
+
 def train_one_epoch(models: Models, loader: ShardLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, epoch: int,
                     device: torch.device, step_log: list[dict] | None = None, show: bool = True) -> dict:
@@ -51,17 +73,8 @@ def train_one_epoch(models: Models, loader: ShardLoader, optimizer: torch.optim.
         for i, batch in enumerate(bar):
             terms = loss_fn(models, batch, config, device)
             loss = terms.pop("loss")
-            optimizer.zero_grad(set_to_none=True)
-            models.scaler.scale(loss).backward()
-            if config.clip_grad > 0:
-                models.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad)
-            models.scaler.step(optimizer)
-            models.scaler.update()
-            if models.ema is not None:
-                models.ema.update(models.student)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            lr = optimizer_step(loss, optimizer, scheduler, models.scaler, config.clip_grad, parameters,
+                                ema=models.ema, model=models.student)
             value = loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"the loss is {value} at step {i + 1} of the epoch")

@@ -12,13 +12,11 @@ recipe's [distill] table > the declared default.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from common import options
-from common.errors import UserError
-from common.options import explicit_fields
-from common.recipes import AUTO, NONE, Recipe, choose_recipe, empty_recipe, load_recipe, pick_recipe, shipped_names
+from common.recipes import (AUTO, NONE, Recipe, Resolved, apply_recipe, choose_recipe, empty_recipe, load_recipe,
+                            pick_recipe, shipped_names)
 from common.shards import Manifest
 
 from .config import TrainConfig
@@ -28,14 +26,7 @@ from .config import TrainConfig
 _STORED_VIEW = {"aug": "none", "mixup": 0.0}
 
 
-@dataclass
-class ResolvedRun:
-    config: TrainConfig
-    recipe: Recipe
-    reason: str          # the start line: `recipe: NAME (why)`
-
-    def record(self) -> dict:
-        return self.recipe.record(self.reason)
+ResolvedRun = Resolved  # a TrainConfig with its recipe applied (common.recipes.Resolved)
 
 
 def _shards_recipe(manifest: Manifest) -> tuple[Recipe, str] | None:
@@ -70,22 +61,14 @@ def pick_for_shards(choice: str | None, manifest: Manifest) -> tuple[Recipe, str
     return recipe, reason
 
 
-def resolve_run(config: TrainConfig, manifest: Manifest) -> ResolvedRun:
+def resolve_run(config: TrainConfig, manifest: Manifest) -> Resolved:
     """`config` with its recipe applied to every option its caller did not give."""
-    recipe, reason = pick_for_shards(config.recipe, manifest)
-    given = explicit_fields(config)
-    explicit = {name: getattr(config, name) for name in given}
-    explicit["recipe"] = config.recipe
-    where = f"{recipe.where} [distill]"
-    resolved = options.resolve(TrainConfig, None, recipe.distill, explicit, where=where)
+    run = apply_recipe(config, pick_for_shards(config.recipe, manifest), "distill")
     off = {}
-    if resolved.teacher_logits == "stored":  # the student must see the stored view: no augmentation, no mixup
-        off = {k: v for k, v in _STORED_VIEW.items() if k not in given and getattr(resolved, k) != v}
+    if run.config.teacher_logits == "stored":  # the student must see the stored view: no augmentation, no mixup
+        off = {k: v for k, v in _STORED_VIEW.items() if k not in run.given and getattr(run.config, k) != v}
         if off:
-            resolved = replace(resolved, **off)
-            reason += f"; --teacher-logits stored: {', '.join(f'{k} {v}' for k, v in off.items())}"
-    try:
-        resolved.resolved()  # values that do not work together: the error names those the recipe set
-    except UserError as e:
-        raise options.name_recipe_values(e, TrainConfig, recipe.distill, set(given) | set(off), where) from None
-    return ResolvedRun(resolved, recipe, reason)
+            run.config = replace(run.config, **off)
+            run.reason += f"; --teacher-logits stored: {', '.join(f'{k} {v}' for k, v in off.items())}"
+    run.check(run.config.resolved, also_given=off)  # values that do not work together: named if the recipe set them
+    return run

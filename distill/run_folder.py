@@ -11,10 +11,11 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.fileio import atomic_open
+from common.options import differences
 from common.remote import is_remote
 from common.shards import MANIFEST_NAME
 
-from .config import RESUMABLE_CHANGES, TrainConfig, renamed, setting_defaults
+from .config import TrainConfig, renamed, setting_defaults
 from .validation import VAL_COLUMNS
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
@@ -111,11 +112,9 @@ def check_started_run(out: Path, config: TrainConfig) -> None:
         saved = renamed(saved) if isinstance(saved, dict) else {}
     except (OSError, ValueError):
         saved = {}
-    current, defaults = asdict(config), setting_defaults()
-    changed = [f"{k} {saved.get(k, defaults.get(k))!r} -> {v!r}" for k, v in current.items()
-               if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v]
+    changed = differences(saved, asdict(config), TrainConfig, setting_defaults())
     if changed:
-        raise UserError(f"{out} holds the start of another run ({path.name} differs: {', '.join(changed[:4])}) "
+        raise UserError(f"{out} holds the start of another run ({path.name} differs: {', '.join(map(str, changed[:4]))}) "
                         "without a checkpoint: choose another --out, or delete that folder to start over")
 
 

@@ -24,13 +24,16 @@ from common.errors import UserError
 from common.options import option, validate
 from common.models import create_model, save_model_checkpoint
 
-from .data import random_crop, random_crop_flip, random_translate, real_batches, train_augmentation
+from .config import positive
+from .data import AUGMENTATIONS, augmentation, real_batches, train_augmentation
 from .datasets import MNISTM_SIZES, NAMED_DATASETS, ImageArrays, is_natural, real_dataset
 from .datasets import num_classes_of as dataset_classes
 from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
+from .loop import optimizer_step
+from .throughput import grad_scaler
 
 MNIST_CLASSES = 10
-TEACHER_AUGMENTATIONS = ("auto", "none", "translate", "crop", "crop-flip")
+TEACHER_AUGMENTATIONS = ("auto", *AUGMENTATIONS)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class TeacherConfig:
                                    "ImageFolder.", group="Model and data")
     epochs: int = option(8, group="Optimisation", help="Training epochs.", min=1)
     batch_size: int = option(128, group="Optimisation", help="Images per step.", min=1)
-    lr: float = option(0.1, group="Optimisation", help="Peak SGD learning rate.")
+    lr: float = option(0.1, group="Optimisation", help="Peak SGD learning rate.", check=positive)
     wd: float = option(5e-4, group="Optimisation", help="Weight decay.", min=0)
     warmup_epochs: float = option(1.0, group="Optimisation",
                                   help="Linear warm-up of the learning rate, in epochs.", min=0)
@@ -103,10 +106,6 @@ def train_teacher(config: TeacherConfig) -> dict:
     if out.exists():
         raise UserError(f"{out} exists: delete it or choose another --out (shards made with a teacher are bound "
                         "to its exact weights)")
-    if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0 or config.translate < 0:
-        raise UserError("--epochs and --batch-size must be at least 1, --lr positive, --translate not negative")
-    if config.aug not in TEACHER_AUGMENTATIONS:
-        raise UserError(f"unknown --aug '{config.aug}'; use one of {', '.join(TEACHER_AUGMENTATIONS)}")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=num_classes_of(config.data, config.data_root),
@@ -129,7 +128,11 @@ def train_teacher(config: TeacherConfig) -> dict:
     optimizer = build_optimizer(model, "sgd", config.lr, config.wd)
     scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
     black = spec.normalize(torch.zeros(1, spec.channels, 1, 1))  # padding colour in the normalised space
+    # ImageArrays are augmented as uint8 before normalisation, a streamed dataset's crops by its transform
+    augment = (None if isinstance(train_set, ImageArrays) or (aug != "translate" and hasattr(train_set, "transform"))
+               else augmentation(aug, spec.size, config.translate, black))
     generator = torch.Generator().manual_seed(config.seed)
+    scaler = grad_scaler("none", device)  # disabled: the plain backward and step
     log = tqdm.write if config.progress else (lambda message: None)
     top1, seconds = None, 0.0
     for epoch in range(config.epochs):
@@ -139,19 +142,10 @@ def train_teacher(config: TeacherConfig) -> dict:
         with tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not config.progress, leave=False) as bar:
             for inputs, labels in bar:
-                if isinstance(train_set, ImageArrays):
-                    pass  # augmented before normalisation
-                elif aug == "translate" and config.translate:
-                    inputs = random_translate(inputs, config.translate, black)
-                elif aug == "crop-flip" and not hasattr(train_set, "transform"):
-                    inputs = random_crop_flip(inputs, max(1, spec.size // 8))
-                elif aug == "crop" and not hasattr(train_set, "transform"):
-                    inputs = random_crop(inputs, max(1, spec.size // 8))
+                if augment is not None:
+                    inputs = augment(inputs)
                 loss = F.cross_entropy(model(inputs.to(device, non_blocking=True)), labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, optimizer, scheduler, scaler)
                 total_loss += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         seconds += time.perf_counter() - start

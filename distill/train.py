@@ -40,8 +40,9 @@ run_folder.py (the folder and its files), checkpoint.py (fingerprint, save, load
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -116,142 +117,261 @@ def train(config: TrainConfig) -> dict:
 
 
 
+@dataclass
+class _Run:
+    """What the helpers of `_train` share: the run's settings, folder, models and optimisation."""
+
+    config: TrainConfig
+    out: Path
+    inputs: RunInputs
+    dist: distributed.DistInfo
+    models: Models
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    fingerprint: dict
+    log: Callable[[str], None]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT_FILE
+
+    @property
+    def val_identity(self) -> dict | None:
+        return self.inputs.val.identity if self.inputs.val is not None else None
+
+    def save(self, epoch: int, history: list[dict], step_log: list[dict], rank_rngs: list[dict] | None,
+             val_set: dict | None) -> None:
+        save_checkpoint(self.checkpoint, self.models, self.optimizer, self.scheduler, epoch, history, self.config,
+                        self.fingerprint, step_log, rank_rngs, val_set)
+
+
+@dataclass
+class _Resumed:
+    """Where the run starts: after `epoch` finished epochs (0 and empty logs for a new run), with the
+    checkpoint's per-rank RNG states and held-out split (None for a new run)."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    step_log: list[dict] = field(default_factory=list)
+    rank_rngs: list[dict] | None = None
+    val_set: dict | None = None
+
+
 def _train(config: TrainConfig, out: Path, inputs: RunInputs,
            dist: distributed.DistInfo = distributed.DistInfo(), recipe: dict | None = None) -> dict:
     """The run itself, once the inputs are checked and the run folder is locked (by rank 0)."""
-    manifest, device, teacher, student, loader = (inputs.manifest, inputs.device, inputs.teacher, inputs.student,
-                                                  inputs.loader)
-    eval_student, eval_teacher = inputs.eval_student, inputs.eval_teacher
-    main = dist.is_main
+    run = _set_up(config, out, inputs, dist)
+    start = _resume(run)
+    history, step_log = start.history, start.step_log
+    _wrap_models(run)
+    if dist.is_main:
+        _write_config_and_logs(run, recipe, history, step_log)
+    teacher_top1 = _evaluate_teacher(run)
+    _repair_last_epoch(run, start)
+    if teacher_top1 is not None:
+        run.log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
+    if dist.enabled:
+        run.log(f"{dist.world_size} processes ({distributed.backend_for(inputs.device)}), {len(inputs.loader)} "
+                f"steps of {dist.world_size} x {config.batch_size_per_rank} images per epoch")
+
+    for epoch in range(start.epoch, config.epochs):
+        stats = _train_epoch(run, epoch, step_log)
+        train_loss = distributed.all_reduce_mean(stats["train_loss"], inputs.device)
+        rank_rngs = distributed.all_gather_object(rng_states()) if dist.enabled else None
+        measured, eval_failed = _evaluate_epoch(run)
+        row = _epoch_row(run, epoch, stats, train_loss, measured)
+        history.append(row)
+        if not dist.is_main:
+            continue
+        _save_epoch(run, row, history, step_log, rank_rngs)
+        if eval_failed is not None:
+            raise _evaluation_failure(run, epoch, eval_failed)
+        run.log(_epoch_line(run, row))
+    return _finish(run, history, teacher_top1)
+
+
+def _set_up(config: TrainConfig, out: Path, inputs: RunInputs, dist: distributed.DistInfo) -> _Run:
+    """Optimiser, schedule, the models (EMA, grad scaler) and the fingerprint a resume must match."""
+    student, teacher, steps = inputs.student, inputs.teacher, len(inputs.loader)
     optimizer = build_optimizer(student, config.opt, config.lr, config.wd)
-    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), round(config.warmup_epochs * len(loader)))
+    scheduler = warmup_cosine(optimizer, config.epochs * steps, round(config.warmup_epochs * steps))
     models = Models(model=student, student=student, teacher=teacher,
                     teacher_spec=teacher.input_spec if teacher is not None else None,
-                    scaler=grad_scaler(config.amp, device),
+                    scaler=grad_scaler(config.amp, inputs.device),
                     ema=ModelEma(student, config.ema_decay) if config.ema_decay > 0 else None)
+    fingerprint = run_fingerprint(config, inputs.manifest, inputs.manifest.teacher["weights_sha256"], dist.world_size)
+    log = tqdm.write if config.progress and dist.is_main else (lambda message: None)
+    return _Run(config, out, inputs, dist, models, optimizer, scheduler, fingerprint, log)
 
-    fingerprint = run_fingerprint(config, manifest, manifest.teacher["weights_sha256"], dist.world_size)
-    log = tqdm.write if config.progress and main else (lambda message: None)
-    history, step_log, start_epoch = [], [], 0
-    val, val_identity = inputs.val, inputs.val.identity if inputs.val is not None else None
-    if config.resume and (out / CHECKPOINT_FILE).is_file():
-        state = load_checkpoint(out / CHECKPOINT_FILE, fingerprint)
-        restore(state, models, optimizer, scheduler, out / CHECKPOINT_FILE, dist.rank)
-        history, step_log, start_epoch = state["history"], list(state.get("step_log", [])), state["epoch"]
-        if main and config.keep == "best-val":
-            check_same_val_set(state.get("val_set"), val_identity, history, out)
-    elif config.resume:
-        log(f"no checkpoint in {out} yet: starting at epoch 1")
-    models.model = wrap_student(student, device, dist.enabled, config.compile)
-    if teacher is not None:
-        models.teacher = wrap_teacher(to_memory_format(teacher, config.channels_last), config.compile)
-    if main:
-        write_json_atomic(out / CONFIG_FILE, asdict(config) | {"world_size": dist.world_size, "recipe_used": recipe})
-        if history:  # the logs as of the checkpoint (a kill after it, before the logs, left them a step behind)
-            write_metrics(out / METRICS_FILE, history)
-            write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
+
+def _resume(run: _Run) -> _Resumed:
+    """With --resume and a checkpoint: the run restored from it (refused when it is another run's)."""
+    config, out = run.config, run.out
+    if not config.resume:
+        return _Resumed()
+    if not run.checkpoint.is_file():
+        run.log(f"no checkpoint in {out} yet: starting at epoch 1")
+        return _Resumed()
+    state = load_checkpoint(run.checkpoint, run.fingerprint)
+    restore(state, run.models, run.optimizer, run.scheduler, run.checkpoint, run.dist.rank)
+    history = state["history"]
+    if run.dist.is_main and config.keep == "best-val":
+        check_same_val_set(state.get("val_set"), run.val_identity, history, out)
+    return _Resumed(state["epoch"], history, list(state.get("step_log", [])), state["rng"].get("ranks"),
+                    state.get("val_set"))
+
+
+def _wrap_models(run: _Run) -> None:
+    """The student for training (DDP, compile), the teacher in its memory format (compile)."""
+    config, inputs = run.config, run.inputs
+    run.models.model = wrap_student(inputs.student, inputs.device, run.dist.enabled, config.compile)
+    if inputs.teacher is not None:
+        run.models.teacher = wrap_teacher(to_memory_format(inputs.teacher, config.channels_last), config.compile)
+
+
+def _write_config_and_logs(run: _Run, recipe: dict | None, history: list[dict], step_log: list[dict]) -> None:
+    """config.json, and the logs as of the checkpoint (a kill after it, before the logs, left them a step
+    behind)."""
+    out = run.out
+    write_json_atomic(out / CONFIG_FILE, asdict(run.config) | {"world_size": run.dist.world_size,
+                                                                "recipe_used": recipe})
+    if history:
+        write_metrics(out / METRICS_FILE, history)
+        write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
+
+
+def _evaluate_teacher(run: _Run) -> float | None:
+    """The teacher's top-1 on --eval-data (None without it)."""
+    inputs, config = run.inputs, run.config
+    if inputs.eval_teacher is None:
+        return None
     try:
-        teacher_top1 = None if eval_teacher is None else evaluate_top1(teacher, eval_teacher, device, config.workers)
+        return evaluate_top1(inputs.teacher, inputs.eval_teacher, inputs.device, config.workers)
     except OSError as e:  # an evaluation image damaged since the check (nothing trained yet)
         raise UserError(f"evaluating the teacher on {config.eval_data} failed ({unreadable_reason(e)}): replace or "
                         "remove that file, then rerun") from None
-    if history and history[-1]["eval_top1"] is None and eval_student is not None:
-        # the last finished epoch was not evaluated (its evaluation failed, or --eval-data is new): do it now
-        history[-1]["eval_top1"] = evaluate_student(student, eval_student, device, config, out)
-        if models.ema is not None:
-            history[-1][EMA_COLUMN] = evaluate_student(models.ema.module, eval_student, device, config, out)
-        if main:
-            save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, start_epoch, history, config,
-                            fingerprint, step_log, state["rng"].get("ranks"), state.get("val_set"))
+
+
+def _repair_last_epoch(run: _Run, start: _Resumed) -> None:
+    """On resuming: evaluate and measure the last finished epoch if that failed (or --eval-data or
+    --val-shards is new), and checkpoint it so."""
+    config, inputs, out, history = run.config, run.inputs, run.out, start.history
+    student, device, val = inputs.student, inputs.device, inputs.val
+    if not history:
+        return
+    if history[-1]["eval_top1"] is None and inputs.eval_student is not None:
+        history[-1]["eval_top1"] = evaluate_student(student, inputs.eval_student, device, config, out)
+        if run.models.ema is not None:
+            history[-1][EMA_COLUMN] = evaluate_student(run.models.ema.module, inputs.eval_student, device, config, out)
+        if run.dist.is_main:
+            run.save(start.epoch, history, start.step_log, start.rank_rngs, start.val_set)
             write_metrics(out / METRICS_FILE, history)
-            log(f"epoch {start_epoch}: top-1 {history[-1]['eval_top1']:.2f}% (evaluated on resuming)")
-    if history and val is not None and history[-1].get("val_agreement") is None:
-        # the last finished epoch has no validation signal (it failed, or --val-shards is new): measure it now
+            run.log(f"epoch {start.epoch}: top-1 {history[-1]['eval_top1']:.2f}% (evaluated on resuming)")
+    if val is not None and history[-1].get("val_agreement") is None:
         history[-1] |= measure_val(student, val, device, config, out)
         if config.keep == "best-val" and best_epoch(history) is history[-1]:
-            save_best_val(out, student, fingerprint, history[-1])
-        save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, start_epoch, history, config,
-                        fingerprint, step_log, state["rng"].get("ranks"), val_identity)
+            save_best_val(out, student, run.fingerprint, history[-1])
+        run.save(start.epoch, history, start.step_log, start.rank_rngs, run.val_identity)
         write_metrics(out / METRICS_FILE, history)
-        log(f"epoch {start_epoch}: {format_val(history[-1])} (measured on resuming)")
-    if teacher_top1 is not None:
-        log(f"teacher top-1 on {config.eval_data}: {teacher_top1:.2f}%")
-    if dist.enabled:
-        log(f"{dist.world_size} processes ({distributed.backend_for(device)}), {len(loader)} steps of "
-            f"{dist.world_size} x {config.batch_size_per_rank} images per epoch")
+        run.log(f"epoch {start.epoch}: {format_val(history[-1])} (measured on resuming)")
 
-    for epoch in range(start_epoch, config.epochs):
-        try:
-            with torch.autograd.set_detect_anomaly(config.detect_anomaly):
-                stats = train_one_epoch(models, loader, optimizer, scheduler, config, epoch, device, step_log,
-                                        show=main)
-            check_finite_weights(student)
-        except ShardFormatError as e:
-            # from a DataLoader worker the message carries the worker's traceback: keep its last line
-            reason = str(e).strip().splitlines()[-1].split("ShardFormatError: ", 1)[-1]
-            raise UserError(f"bad shard data in {config.shards}: {reason}; check the folder with "
-                            f"`synth verify {config.shards}`") from None
-        except NonFiniteLoss as e:
-            raise diverged(out, epoch, str(e)) from None
-        except RuntimeError as e:
-            if config.detect_anomaly and "nan" in str(e).lower():
-                raise diverged(out, epoch, str(e).strip().splitlines()[0][:200]) from None
-            raise
-        train_loss = distributed.all_reduce_mean(stats["train_loss"], device)
-        rank_rngs = distributed.all_gather_object(rng_states()) if dist.enabled else None
-        top1 = ema_top1 = eval_failed = None
-        signal = dict.fromkeys(VAL_COLUMNS) if val is not None else {}
-        try:  # a failed evaluation must not lose the epoch: it is checkpointed first, then reported
-            if val is not None:
-                signal = measure(student, val, device, config.channels_last, config.verify_shards)
-            if eval_student is not None:
-                top1 = evaluate_top1(student, eval_student, device, config.workers)
-                if models.ema is not None:
-                    ema_top1 = evaluate_top1(models.ema.module, eval_student, device, config.workers)
-        except Exception as e:  # noqa: BLE001 (re-raised below, after the checkpoint)
-            top1 = ema_top1 = None
-            eval_failed = e
-        images = len(loader) * config.batch_size_per_rank * dist.world_size
-        row = {"epoch": epoch + 1, "step": (epoch + 1) * len(loader), "lr": stats["lr"], "train_loss": train_loss,
-               "eval_top1": top1, "seconds": stats["seconds"], "images_per_s": images / stats["seconds"]}
-        if models.ema is not None:
-            row[EMA_COLUMN] = ema_top1
-        row |= signal
-        row |= {name: distributed.all_reduce_mean(value, device) for name, value in stats["terms"].items()}
-        history.append(row)
-        if not main:
-            continue
-        if config.keep == "best-val" and best_epoch(history) is row:  # before the checkpoint that records it
-            save_best_val(out, student, fingerprint, row)
-        save_checkpoint(out / CHECKPOINT_FILE, models, optimizer, scheduler, epoch + 1, history, config, fingerprint,
-                        step_log, rank_rngs, val_identity)
-        fault_point("epoch-saved")
-        write_metrics(out / METRICS_FILE, history)
-        write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
-        if eval_failed is not None:
-            if isinstance(eval_failed, (ShardFormatError, UserError)):  # the held-out split
-                reason = str(eval_failed).strip().splitlines()[-1]
-                raise UserError(f"measuring epoch {epoch + 1} on --val-shards {config.val_shards} failed ({reason}); "
-                                f"the epoch is saved in {out / CHECKPOINT_FILE}: check the split with `synth verify "
-                                f"{config.val_shards}`, then rerun with --resume, which measures it first") from None
-            if not isinstance(eval_failed, OSError):
-                raise eval_failed
-            reason = unreadable_reason(eval_failed)
-            raise UserError(f"evaluating epoch {epoch + 1} on {config.eval_data} failed ({reason}); the epoch "
-                            f"is saved in {out / CHECKPOINT_FILE} with its top-1 left empty: replace or "
-                            "remove that file and rerun with --resume, which evaluates it first") from None
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}"
-            + (f", top-1 {top1:.2f}%" if top1 is not None else "")
+
+def _train_epoch(run: _Run, epoch: int, step_log: list[dict]) -> dict:
+    """One epoch of training; the faults it can meet (bad shard data, divergence) as UserErrors."""
+    config, inputs = run.config, run.inputs
+    try:
+        with torch.autograd.set_detect_anomaly(config.detect_anomaly):
+            stats = train_one_epoch(run.models, inputs.loader, run.optimizer, run.scheduler, config, epoch,
+                                    inputs.device, step_log, show=run.dist.is_main)
+        check_finite_weights(inputs.student)
+    except ShardFormatError as e:
+        # from a DataLoader worker the message carries the worker's traceback: keep its last line
+        reason = str(e).strip().splitlines()[-1].split("ShardFormatError: ", 1)[-1]
+        raise UserError(f"bad shard data in {config.shards}: {reason}; check the folder with "
+                        f"`synth verify {config.shards}`") from None
+    except NonFiniteLoss as e:
+        raise diverged(run.out, epoch, str(e)) from None
+    except RuntimeError as e:
+        if config.detect_anomaly and "nan" in str(e).lower():
+            raise diverged(run.out, epoch, str(e).strip().splitlines()[0][:200]) from None
+        raise
+    return stats
+
+
+def _evaluate_epoch(run: _Run) -> tuple[dict, Exception | None]:
+    """The epoch's validation signal and top-1 (and EMA top-1), and the exception if they failed: a failed
+    evaluation must not lose the epoch, it is checkpointed first, then reported."""
+    config, inputs, ema = run.config, run.inputs, run.models.ema
+    unmeasured = {"eval_top1": None} | ({EMA_COLUMN: None} if ema is not None else {})
+    measured = dict(unmeasured)
+    signal = dict.fromkeys(VAL_COLUMNS) if inputs.val is not None else {}
+    try:
+        if inputs.val is not None:
+            signal = measure(inputs.student, inputs.val, inputs.device, config.channels_last, config.verify_shards)
+        if inputs.eval_student is not None:
+            measured["eval_top1"] = evaluate_top1(inputs.student, inputs.eval_student, inputs.device, config.workers)
+            if ema is not None:
+                measured[EMA_COLUMN] = evaluate_top1(ema.module, inputs.eval_student, inputs.device, config.workers)
+    except Exception as e:  # noqa: BLE001 (re-raised by the caller, after the checkpoint)
+        return unmeasured | signal, e
+    return measured | signal, None
+
+
+def _epoch_row(run: _Run, epoch: int, stats: dict, train_loss: float, measured: dict) -> dict:
+    """The epoch's row of metrics.csv."""
+    steps, images = len(run.inputs.loader), _images_per_epoch(run)
+    row = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "lr": stats["lr"], "train_loss": train_loss,
+           "eval_top1": measured["eval_top1"], "seconds": stats["seconds"], "images_per_s": images / stats["seconds"]}
+    row |= {k: v for k, v in measured.items() if k != "eval_top1"}
+    return row | {name: distributed.all_reduce_mean(value, run.inputs.device) for name, value in stats["terms"].items()}
+
+
+def _images_per_epoch(run: _Run) -> int:
+    return len(run.inputs.loader) * run.config.batch_size_per_rank * run.dist.world_size
+
+
+def _save_epoch(run: _Run, row: dict, history: list[dict], step_log: list[dict],
+                rank_rngs: list[dict] | None) -> None:
+    """The best-val student (before the checkpoint that records it), the checkpoint, then the logs."""
+    if run.config.keep == "best-val" and best_epoch(history) is row:
+        save_best_val(run.out, run.inputs.student, run.fingerprint, row)
+    run.save(row["epoch"], history, step_log, rank_rngs, run.val_identity)
+    fault_point("epoch-saved")
+    write_metrics(run.out / METRICS_FILE, history)
+    write_csv(run.out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
+
+
+def _evaluation_failure(run: _Run, epoch: int, error: Exception) -> Exception:
+    """The error that reports a failed evaluation of a checkpointed epoch (the fix: rerun with --resume)."""
+    config, out = run.config, run.out
+    if isinstance(error, (ShardFormatError, UserError)):  # the held-out split
+        reason = str(error).strip().splitlines()[-1]
+        return UserError(f"measuring epoch {epoch + 1} on --val-shards {config.val_shards} failed ({reason}); "
+                         f"the epoch is saved in {out / CHECKPOINT_FILE}: check the split with `synth verify "
+                         f"{config.val_shards}`, then rerun with --resume, which measures it first")
+    if not isinstance(error, OSError):
+        return error
+    return UserError(f"evaluating epoch {epoch + 1} on {config.eval_data} failed ({unreadable_reason(error)}); the "
+                     f"epoch is saved in {out / CHECKPOINT_FILE} with its top-1 left empty: replace or "
+                     "remove that file and rerun with --resume, which evaluates it first")
+
+
+def _epoch_line(run: _Run, row: dict) -> str:
+    return (f"epoch {row['epoch']}/{run.config.epochs}: loss {row['train_loss']:.4f}"
+            + (f", top-1 {row['eval_top1']:.2f}%" if row["eval_top1"] is not None else "")
             + (f", EMA top-1 {row[EMA_COLUMN]:.2f}%" if row.get(EMA_COLUMN) is not None else "")
-            + (f", {format_val(row)}" if val is not None else "")
-            + f", {images / stats['seconds']:.0f} img/s")
+            + (f", {format_val(row)}" if run.inputs.val is not None else "")
+            + f", {row['images_per_s']:.0f} img/s")
 
-    final = history[-1]
-    if main:
+
+def _finish(run: _Run, history: list[dict], teacher_top1: float | None) -> dict:
+    """student.pt (and student_ema.pt) from rank 0, and the final metrics."""
+    config, out, models, final = run.config, run.out, run.models, history[-1]
+    if run.dist.is_main:
         shards = config.shards if is_remote(config.shards) else str(Path(config.shards).resolve())
-        extra = {"teacher_sha256": fingerprint["teacher_sha256"], "shards": shards,
+        extra = {"teacher_sha256": run.fingerprint["teacher_sha256"], "shards": shards,
                  "epochs": final["epoch"], "eval_top1": final["eval_top1"]}
-        save_model_checkpoint(out / STUDENT_FILE, student, extra=extra)
+        save_model_checkpoint(out / STUDENT_FILE, run.inputs.student, extra=extra)
         if models.ema is not None:
             save_model_checkpoint(out / EMA_FILE, models.ema.module, extra=extra | {"eval_top1": final.get(EMA_COLUMN)})
     distributed.barrier()  # rank 0 has written everything
@@ -259,8 +379,8 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
     best = best_epoch(history) if config.keep == "best-val" else None
     return {"eval_top1": final["eval_top1"], "teacher_top1": teacher_top1, "epochs": final["epoch"],
             "steps": final["step"], "train_loss": final["train_loss"],
-            "images_per_s": final["step"] * config.batch_size_per_rank * dist.world_size / seconds,
-            "skipped_shards": len(inputs.skipped), "out": str(out),
+            "images_per_s": final["step"] * config.batch_size_per_rank * run.dist.world_size / seconds,
+            "skipped_shards": len(run.inputs.skipped), "out": str(out),
             "val_agreement": final.get("val_agreement"), "val_kl": final.get("val_kl"),
             "best_val_epoch": best["epoch"] if best is not None else None}
 

@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -53,15 +53,16 @@ from common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, fol
                            remove_stale_temps, sha256_file, write_json_atomic)
 from common import models, options
 from common.models import create_model
-from common.options import check_options, explicit_fields, option, track_explicit
+from common.options import check_options, option, parse_options, track_explicit
 from common.options import validate as validate_options
-from common.recipes import AUTO, Recipe, as_dict, pick_recipe, shipped_names
+from common import recipes
+from common.recipes import AUTO, apply_recipe, as_dict, pick_recipe, shipped_names
 from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
                            TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
 from . import estimate as timing
 from .estimate import ESTIMATE_NAME, Estimate, Projection
-from .methods import METHODS, build_method
+from .methods import METHODS, build_method, make_config
 from .methods.base import seeded_generator
 from .writer import PixelBatch, ShardJob, WriterPool, default_workers, pixels_to_uint8, time_batch, write_shards
 
@@ -187,32 +188,32 @@ class Split:
 
 
 @dataclass
-class Resolved:
-    """A GenerateConfig with the recipe applied, and what to record about the recipe."""
+class Resolved(recipes.Resolved):
+    """A GenerateConfig with its recipe applied, and the chosen method's options parsed once into the
+    method's declared options dataclass (`method_config`, before it is sized for the teacher's input and
+    the number of images: `build_method`)."""
 
-    config: GenerateConfig
-    recipe: Recipe
-    reason: str
+    method_config: Any = None
 
 
 def resolve_config(cfg: GenerateConfig, spec=None) -> Resolved:
-    """Apply `cfg.recipe` to every option `cfg`'s caller did not give: explicit > recipe > declared default.
-    The automatic recipe needs the teacher's input spec (`spec`)."""
-    recipe, reason = pick_recipe(cfg.recipe, spec)
-    given = explicit_fields(cfg)
-    explicit = {name: getattr(cfg, name) for name in given if name != "method_options"}
-    explicit["recipe"] = cfg.recipe
-    where = recipe.where
-    resolved = options.resolve(GenerateConfig, None, recipe.synth, explicit, where=f"{where} [synth]")
-    method = resolved.method
+    """Apply `cfg.recipe` to every option `cfg`'s caller did not give: explicit > recipe > declared default;
+    the method's options: `--set` (`method_options`) > the recipe's table of the chosen method > the
+    method's declared defaults. The automatic recipe needs the teacher's input spec (`spec`)."""
+    resolved = Resolved(**vars(apply_recipe(cfg, pick_recipe(cfg.recipe, spec), "synth")))
+    recipe, where = resolved.recipe, resolved.recipe.where
     unknown = sorted(set(recipe.method) - set(METHODS))
     if unknown:
         raise UserError(f"{where}: [synth.method.{unknown[0]}] is not a method; methods: {', '.join(METHODS)}")
-    for name, section in recipe.method.items():  # every method's table checked, not only the chosen one's
-        check_options(METHODS[name].Config, section, f"{where} [synth.method.{name}]")
-    table = recipe.method.get(method, {})
-    method_options = {**table, **(cfg.method_options if "method_options" in given else {})}
-    return Resolved(replace(resolved, method_options=method_options), recipe, reason)
+    tables = {name: check_options(METHODS[name].Config, section, f"{where} [synth.method.{name}]")
+              for name, section in recipe.method.items()}  # every method's table checked, not only the chosen one's
+    method = METHODS[resolved.config.method]
+    given = cfg.method_options if "method_options" in resolved.given else {}
+    resolved.method_config = make_config(method.Config, tables.get(method.name, {}) | parse_options(method.Config,
+                                                                                                     given, "--set"))
+    method_options = {**recipe.method.get(method.name, {}), **given}  # as given: the manifest records them so
+    resolved.config = replace(resolved.config, method_options=method_options)
+    return resolved
 
 
 def generate(cfg: GenerateConfig) -> Manifest | Estimate:
@@ -225,12 +226,7 @@ def generate(cfg: GenerateConfig) -> Manifest | Estimate:
     if cfg.estimate and distributed.info().enabled:
         raise UserError("--estimate runs in one process: run it without torchrun (the projection is for one "
                         "process on one device)")
-    torch.manual_seed(cfg.seed)
-    teacher = _build_teacher(cfg)  # on the CPU: the automatic recipe needs its input spec
-    resolved = resolve_config(cfg, teacher.input_spec)
-    if any(getattr(resolved.config, k) != getattr(cfg, k) for k in _TEACHER_FIELDS + ("seed",)):
-        torch.manual_seed(resolved.config.seed)  # the recipe says how the teacher is built
-        teacher = _build_teacher(resolved.config)
+    resolved, teacher = _resolve_and_build_teacher(cfg)
     cfg = resolved.config
     if distributed.info().is_main:
         print(resolved.reason, file=sys.stderr, flush=True)
@@ -254,6 +250,24 @@ def _warn_if_slow(cfg: GenerateConfig, device: torch.device, spec) -> None:
           "command plus --estimate, or shorten it (--set steps=N, fewer --num-images)", file=sys.stderr, flush=True)
 
 
+def _resolve_and_build_teacher(cfg: GenerateConfig) -> tuple[Resolved, torch.nn.Module]:
+    """The resolved config and its teacher (on the CPU), built once, after seeding with the resolved seed
+    (random weights depend on it). The automatic recipe is chosen from the teacher's input, so there the
+    teacher is built first, from the options given; the shipped recipes it chooses from never set how the
+    teacher is built (`_TEACHER_FIELDS`; test_recipes keeps it so). A named recipe is resolved first."""
+    if cfg.recipe in (None, "", AUTO):
+        torch.manual_seed(cfg.seed)
+        teacher = _build_teacher(cfg)
+        resolved = resolve_config(cfg, teacher.input_spec)
+        changed = [k for k in _TEACHER_FIELDS if getattr(resolved.config, k) != getattr(cfg, k)]
+        if changed:  # a shipped recipe that sets how the teacher is built: a bug of ours, not the user's
+            raise AssertionError(f"shipped recipe {resolved.recipe.name} sets {', '.join(changed)}")
+        return resolved, teacher
+    resolved = resolve_config(cfg)
+    torch.manual_seed(resolved.config.seed)
+    return resolved, _build_teacher(resolved.config)
+
+
 def _build_teacher(cfg: GenerateConfig):
     teacher = create_model(cfg.teacher, num_classes=cfg.num_classes, weights=cfg.weights,
                            input_size=cfg.resolution).eval()
@@ -262,7 +276,8 @@ def _build_teacher(cfg: GenerateConfig):
     return teacher
 
 
-_TEACHER_FIELDS = ("teacher", "weights", "resolution", "num_classes")
+# the options that say how the teacher is built (and its random weights: the seed)
+_TEACHER_FIELDS = ("teacher", "weights", "resolution", "num_classes", "seed")
 
 
 def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: Compute,
@@ -271,14 +286,14 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
     spec = teacher.input_spec
     teacher_record = models.teacher_record(cfg.teacher, cfg.weights, teacher)
     teacher = compute.model(teacher)
-    method = build_method(cfg.method, cfg.method_options, spec, cfg.num_images, compute)
+    method = build_method(cfg.method, resolved.method_config, spec, cfg.num_images, compute)
     config = {k: v for k, v in options.hashed(cfg).items() if k not in _HASHED_ELSEWHERE}
     config |= {"method_config": options.hashed(method.config), "teacher_sha256": teacher_record.weights_sha256,
                "input_spec": spec.to_dict(), "compute": compute.hashed()}
     # the resolved options, without those of this invocation only (--out, --overwrite, progress, writers):
     # the manifest stays the same when the folder moves or a rerun uses other execution settings
     kept = {k: v for k, v in asdict(cfg).items() if k not in _INVOCATION_ONLY}
-    record = {"recipe": resolved.recipe.record(resolved.reason),
+    record = {"recipe": resolved.record(),
               "options": {"generate": as_dict(kept), "method": as_dict(asdict(method.config))}}
     out = Path(cfg.out)
     if dist.is_main:
@@ -456,26 +471,20 @@ def _open_val_output(out: Path, cfg: GenerateConfig, config: dict, teacher_recor
 
 
 def _config_changes(old: dict, new: dict) -> str:
-    """'--num-images: 96000 there, 50 now; ...' for the hashed settings that differ between two configs."""
+    """'--num-images 96000 there, 50 now; ...' for the hashed settings that differ between two configs."""
     def show(v):
         return "unset" if v is None else canonical_json(v)
 
-    def differs(a, b):
-        return canonical_json(a) != canonical_json(b)
-
     specs = {s.name: s for s in options.options_of(GenerateConfig)}
     parts = []
-    for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key), new.get(key)
-        if not differs(a, b):
-            continue
+    for change in options.differences(old, new):
+        key, a, b = change.name, change.old, change.new
         if key in specs:
             parts.append(f"{specs[key].flag_name} {show(a)} there, {show(b)} now")
         elif key in ("method_config", "compute") and isinstance(a, dict) and isinstance(b, dict):
-            for sub in sorted(a.keys() | b.keys()):
-                if differs(a.get(sub), b.get(sub)):
-                    what = f"method option {sub}" if key == "method_config" else f"--{sub.replace('_', '-')}"
-                    parts.append(f"{what} {show(a.get(sub))} there, {show(b.get(sub))} now")
+            for sub in options.differences(a, b):
+                what = f"method option {sub.name}" if key == "method_config" else f"--{sub.name.replace('_', '-')}"
+                parts.append(f"{what} {show(sub.old)} there, {show(sub.new)} now")
         elif key == "teacher_sha256":
             parts.append("the teacher's weights differ (--weights)")
         else:

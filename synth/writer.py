@@ -113,61 +113,131 @@ def write_shards(jobs: Iterable[ShardJob], logits_of: Callable[[torch.Tensor], t
     record once it has its final name. The pipeline runs across shard boundaries (the device starts on the
     next shard while the writers finish the last batches of this one), and each batch is split into one
     chunk per writer. `logits_of(pixels)` runs the teacher on 8-bit (B, C, H, W) pixels (a whole batch at
-    a time, so the logits do not depend on the pool); `relabel`: a sample's class is the teacher's argmax."""
+    a time, so the logits do not depend on the pool); `relabel`: a sample's class is the teacher's argmax.
+
+    A pipeline of small stages, each pulling from the one before (as webdataset's):
+        _host_batches   the jobs' batches, copied to the host, each job followed by its end
+        _as_stored      the pixels a reader decodes (lossy formats: encoded and decoded in the pool, two
+                        batches ahead) and the stored images
+        _segments       the teacher's logits and labels; each chunk's tar bytes built in the pool
+        _write          the chunks appended in order (pool.depth in flight), each shard closed at its end
+    """
+    batches = _host_batches(jobs)
+    stored = _as_stored(batches, image_format, pool)
+    segments = _segments(stored, logits_of, relabel, image_format, pool)
+    return _write(segments, pool.depth)
+
+
+@dataclass
+class _Stored:
+    """A batch as stored: the pixels a reader decodes (as it batches them) and the images to store (encoded
+    bytes for a lossy format, else the 8-bit (B, H, W, C) array)."""
+
+    job: ShardJob
+    batch: PixelBatch
+    pixels: torch.Tensor
+    images: object
+
+
+@dataclass
+class _End:
+    """A job's last batch has passed: its shard is complete once what came before is written."""
+
+    job: ShardJob
+
+
+def _chunks(n: int, pool: WriterPool) -> list[slice]:
+    """A batch of `n` split into one slice per writer."""
+    size = -(-n // max(1, min(pool.workers, n)))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _host_batches(jobs: Iterable[ShardJob]) -> Iterator[tuple[ShardJob, PixelBatch, np.ndarray] | _End]:
+    """Each job's batches with their pixels on the host as (B, H, W, C), then the job's end."""
+    for job in jobs:
+        for batch in job.batches:
+            yield job, batch, batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        yield _End(job)
+
+
+def _as_stored(items: Iterable, image_format: str, pool: WriterPool) -> Iterator[_Stored | _End]:
+    """Lossless formats (PNG, npy) store the pixels themselves; lossy ones (JPEG) are encoded in the pool and
+    decoded there too, two batches kept in flight, and a job's batches all pass before its end."""
     lossy = image_format in LOSSY_FORMATS
-    encoding: deque = deque()   # lossy formats: (job, batch, futures of (image bytes, decoded pixels) per chunk)
-    segments: deque = deque()   # (job, future of a chunk's tar bytes, its samples) or (job, None, 0): job done
-    open_shard: list[ShardFile] = []   # the shard being written (at most one)
+    encoding: deque = deque()   # (job, batch, futures of (image bytes, decoded pixels) per chunk)
 
-    def chunks(n: int) -> list[slice]:
-        return _chunks(n, pool.workers)
-
-    def finish(job: ShardJob, batch: PixelBatch, pixels: torch.Tensor, images) -> None:
-        logits = logits_of(pixels)
-        labels = (logits.argmax(1) if relabel else batch.labels).tolist()
-        logits = logits.to(torch.float16).cpu().numpy()
-        for c in chunks(len(batch.keys)):
-            segments.append((job, pool.submit(encode_segment, batch.keys[c], images[c], labels[c], logits[c],
-                                              batch.metas[c], image_format), c.stop - c.start))
-
-    def decoded(job: ShardJob, batch: PixelBatch, futures: list[Future]) -> None:
+    def decoded(job: ShardJob, batch: PixelBatch, futures: list[Future]) -> _Stored:
         parts = [f.result() for f in futures]
         pixels = as_read(np.concatenate([p for _, p in parts]), batch.pixels.device)
-        finish(job, batch, pixels, [data for images, _ in parts for data in images])
+        return _Stored(job, batch, pixels, [data for images, _ in parts for data in images])
 
-    def write_one() -> Iterator[ShardRecord]:
-        job, future, count = segments.popleft()
-        if future is None:   # the job's last chunk is written: fsync, rename, report
-            shard = open_shard.pop()
-            shard.__exit__(None, None, None)
-            yield shard.record
-            return
-        if not open_shard:
-            open_shard.append(ShardFile(job.path).__enter__())
-        open_shard[0].write(future.result(), count)
+    for item in items:
+        if isinstance(item, _End):
+            while encoding:
+                yield decoded(*encoding.popleft())
+            yield item
+            continue
+        job, batch, host = item
+        if not lossy:  # the stored pixels are these, batched as a reader batches them
+            yield _Stored(job, batch, as_read(host, batch.pixels.device), host)
+            continue
+        encoding.append((job, batch, [pool.submit(encode_images, host[c], image_format)
+                                      for c in _chunks(len(host), pool)]))
+        while len(encoding) > 2:
+            yield decoded(*encoding.popleft())
+
+
+def _segments(items: Iterable[_Stored | _End], logits_of: Callable[[torch.Tensor], torch.Tensor], relabel: bool,
+              image_format: str, pool: WriterPool) -> Iterator[tuple[ShardJob, Future | None, int]]:
+    """(job, future of a chunk's tar bytes, its samples) per chunk, all of a batch's submitted at once;
+    (job, None, 0) at a job's end."""
+    for item in items:
+        if isinstance(item, _End):
+            yield item.job, None, 0
+            continue
+        batch, images = item.batch, item.images
+        logits = logits_of(item.pixels)
+        labels = (logits.argmax(1) if relabel else batch.labels).tolist()
+        logits = logits.to(torch.float16).cpu().numpy()
+        futures = [(pool.submit(encode_segment, batch.keys[c], images[c], labels[c], logits[c], batch.metas[c],
+                                image_format), c.stop - c.start) for c in _chunks(len(batch.keys), pool)]
+        for future, count in futures:
+            yield item.job, future, count
+
+
+def _write(segments: Iterable[tuple[ShardJob, Future | None, int]], depth: int) -> Iterator[ShardRecord]:
+    """Append each chunk to its shard in order, keeping `depth` chunks in flight; at a job's end fsync,
+    rename and yield the shard's record. A stop (an error, or the caller stopped reading) removes the
+    unfinished shard's temp file."""
+    in_flight: deque = deque()
+    shard: ShardFile | None = None   # the shard being written (at most one)
+
+    def write_oldest() -> ShardRecord | None:
+        nonlocal shard
+        job, future, count = in_flight.popleft()
+        if future is None:   # the job's last chunk is written
+            done, shard = shard, None
+            done.__exit__(None, None, None)
+            return done.record
+        if shard is None:
+            shard = ShardFile(job.path).__enter__()
+        shard.write(future.result(), count)
+        return None
 
     try:
-        for job in jobs:
-            for batch in job.batches:
-                host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-                if lossy:
-                    encoding.append((job, batch, [pool.submit(encode_images, host[c], image_format)
-                                                  for c in chunks(len(host))]))
-                    while len(encoding) > 2:
-                        decoded(*encoding.popleft())
-                else:  # lossless: the stored pixels are these, batched as a reader batches them
-                    finish(job, batch, as_read(host, batch.pixels.device), host)
-                while len(segments) > pool.depth:
-                    yield from write_one()
-            while encoding:
-                decoded(*encoding.popleft())
-            segments.append((job, None, 0))
-        while segments:
-            yield from write_one()
+        for segment in segments:
+            in_flight.append(segment)
+            while len(in_flight) > depth:
+                record = write_oldest()
+                if record is not None:
+                    yield record
+        while in_flight:
+            record = write_oldest()
+            if record is not None:
+                yield record
     finally:
-        if open_shard:   # stopped (an error, or the caller stopped reading): the unfinished shard's temp goes
-            stopped = RuntimeError("shard not finished")
-            open_shard.pop().__exit__(RuntimeError, stopped, None)
+        if shard is not None:
+            shard.__exit__(RuntimeError, RuntimeError("shard not finished"), None)
 
 
 def as_read(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -180,12 +250,6 @@ def as_read(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(fresh).permute(0, 3, 1, 2).contiguous().to(device)
 
 
-def _chunks(n: int, workers: int) -> list[slice]:
-    """A batch of n samples split into one chunk per writer (one chunk without writers)."""
-    size = -(-n // max(1, min(workers, n)))
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def time_batch(batch: PixelBatch, logits_of: Callable[[torch.Tensor], torch.Tensor], relabel: bool,
                image_format: str, pool: WriterPool) -> tuple[float, float, int]:
     """One batch through `write_shards`' stages, timed apart (for `synth generate --estimate`): (seconds of
@@ -194,7 +258,7 @@ def time_batch(batch: PixelBatch, logits_of: Callable[[torch.Tensor], torch.Tens
     synthesis (drawing `batch`)."""
     start = time.perf_counter()
     host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    parts = _chunks(len(host), pool.workers)
+    parts = _chunks(len(host), pool)
     images = host
     device_s, encode_s = 0.0, 0.0
     if image_format in LOSSY_FORMATS:   # encode first: the teacher sees the decoded images

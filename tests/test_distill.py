@@ -315,6 +315,68 @@ def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
 
 
+
+def test_one_augmentation_table_serves_student_and_teacher():
+    """distill.data.augmentation is the one table of augmentations by name: the student's Augmentation,
+    the teacher trainer's --aug choices and its batches (a shift of --translate px, filled with `fill`)."""
+    from distill.data import AUGMENTATIONS, augmentation
+    from distill.teacher import TEACHER_AUGMENTATIONS
+
+    assert TEACHER_AUGMENTATIONS == ("auto", *AUGMENTATIONS)
+    assert augmentation("none", 16) is None and augmentation("translate", 16, translate=0) is None
+    x = torch.rand(6, 1, 16, 16)
+    for name in ("translate", "crop", "crop-flip"):
+        torch.manual_seed(0)
+        expected = Augmentation(name, 16)(Batch(x.clone(), torch.zeros(6), torch.zeros(6, 2))).images
+        torch.manual_seed(0)
+        assert torch.equal(augmentation(name, 16)(x.clone()), expected), name
+    moved = augmentation("translate", 16, translate=3, fill=-5.0)(torch.zeros(64, 1, 16, 16))
+    assert set(moved.unique().tolist()) <= {0.0, -5.0} and (moved == -5.0).any()  # uncovered pixels: the fill
+    with pytest.raises(UserError, match="unknown augmentation 'rotate'"):
+        augmentation("rotate", 16)
+
+
+def test_teacher_trainer_takes_the_students_step(tmp_path, monkeypatch):
+    """distill teacher updates through loop.optimizer_step, the student's step; with the disabled grad
+    scaler it is exactly the plain backward, optimiser step and schedule step."""
+    import distill.teacher as teacher_module
+    from distill.engine import build_optimizer
+    from distill.loop import optimizer_step
+    from distill.throughput import grad_scaler
+
+    nets = [torch.nn.Linear(4, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [build_optimizer(net, "sgd", 0.1, 5e-4) for net in nets]
+    schedules = [warmup_cosine(opt, 10, 2) for opt in opts]
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(nets[0](x), y)
+        opts[0].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[0].step()
+        schedules[0].step()
+        optimizer_step(torch.nn.functional.cross_entropy(nets[1](x), y), opts[1], schedules[1],
+                       grad_scaler("none", torch.device("cpu")))
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    steps = []
+    monkeypatch.setattr(teacher_module, "optimizer_step", lambda *a, **k: steps.append(1) or optimizer_step(*a, **k))
+    images = tmp_path / "images"
+    for c in range(2):
+        (images / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((28, 28), 200 * c, np.uint8)).save(images / str(c) / f"{i}.png")
+    train_teacher(TeacherConfig(model="lenet5", out=str(tmp_path / "t.pt"), data=str(images), epochs=2, batch_size=4,
+                                workers=0, progress=False))
+    assert len(steps) == 4  # 2 epochs of 8 images in batches of 4
+
+
+def test_teacher_options_are_checked_by_their_declarations(tmp_path):
+    for given, message in [({"lr": 0.0}, "--lr must be positive"), ({"aug": "rotate"}, "--aug must be one of auto"),
+                           ({"translate": -1}, "--translate must be at least 0")]:
+        with pytest.raises(UserError, match=message):
+            train_teacher(TeacherConfig(model="lenet5", out=str(tmp_path / "t.pt"), **given))
+
+
 # --------------------------------------------------------------------------- teacher
 def test_teacher_trains_on_an_imagefolder(tmp_path):
     rng = np.random.default_rng(0)

@@ -217,6 +217,22 @@ def test_option_helpers():
     json.dumps(hashed(cfg))
 
 
+
+def test_one_settings_diff_serves_both_stages():
+    """options.differences: the hashed options that differ (declaration order; tuples equal to the lists a
+    JSON record holds; a setting missing from an old record taking its default); without a class, every
+    key of either mapping. Both stages' refusals are made of it."""
+    from distill.config import setting_defaults
+
+    old = {"epochs": 10, "lr": 0.05, "workers": 2, "out": "a"}  # no `mixup`: written before it existed
+    new = {"epochs": 10, "lr": 0.2, "workers": 2, "out": "b", "mixup": 0.0}
+    assert [str(c) for c in options.differences(old, new, TrainConfig, setting_defaults())] == ["lr 0.05 -> 0.2"]
+    assert [c.name for c in options.differences({"mixup": 1.0}, new, TrainConfig, setting_defaults())] == ["lr", "mixup"]
+    assert options.differences({"scales": [0.5, 1.0]}, {"scales": (0.5, 1.0)}) == []
+    assert [(c.name, c.old, c.new) for c in options.differences({"a": 1, "b": 2}, {"b": 3, "c": 4})] == [
+        ("a", 1, None), ("b", 2, 3), ("c", None, 4)]
+
+
 # --------------------------------------------------------------------------- stage two
 def _manifest(spec: InputSpec = MNIST_SPEC, recipe: dict | None = None):
     teacher = TeacherRecord("lenet5", "none", None, "0" * 64, spec.to_dict())
@@ -226,6 +242,20 @@ def _manifest(spec: InputSpec = MNIST_SPEC, recipe: dict | None = None):
 
 def _run(manifest, **given):
     return resolve_run(TrainConfig(shards="s", student="lenet5_half", out="o", **given), manifest)
+
+
+def test_one_recipe_resolver_serves_both_stages():
+    """common.recipes.apply_recipe resolves both stages (explicit > the recipe's table > declared default);
+    each stage only picks its recipe and its table."""
+    from common.recipes import Resolved
+
+    synth = resolve_config(GenerateConfig(teacher="lenet5", num_images=7), MNIST_SPEC)
+    run = _run(_manifest(), epochs=3)
+    assert isinstance(synth, Resolved) and isinstance(run, Resolved)
+    assert synth.given == {"teacher", "num_images"} and synth.where == "recipe small-grey.toml [synth]"
+    assert (synth.config.num_images, synth.config.shard_size) == (7, 4000)  # given, the recipe's
+    assert run.where == "recipe small-grey.toml [distill]" and (run.config.epochs, run.config.lr) == (3, 0.05)
+    assert run.record()["name"] == "small-grey" and synth.record()["reason"].startswith("recipe: small-grey")
 
 
 def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
@@ -431,3 +461,53 @@ def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(
     assert [bench.synth_seed_of(s, True, "real") for s in (0, 1, 2)] == [0, 0, 0]
     assert bench.run_name(row, 2, 2) == "generator-ensemble-adversarial-synth2-seed2"
     assert bench.run_name(row, 2, 0) == "generator-ensemble-adversarial-seed2"
+
+
+def test_generate_builds_the_teacher_once(tiny_teacher_path, tmp_path, monkeypatch):
+    """The teacher is built once: after the recipe is resolved for a named recipe (one that sets the seed
+    here, which random weights depend on), before it for the automatic one, which chooses among shipped
+    recipes that never set how the teacher is built."""
+    import synth.generate as gen
+
+    for name in shipped_names():
+        assert not set(load_recipe(name).synth) & set(gen._TEACHER_FIELDS), name
+    built = []
+    real = gen.create_model
+    monkeypatch.setattr(gen, "create_model", lambda *a, **k: built.append(k) or real(*a, **k))
+    path = tmp_path / "seeded.toml"
+    path.write_text("[synth]\nseed = 3\nnum_classes = 4\n")
+    small = dict(teacher="lenet5", weights="none", num_images=8, shard_size=8, val_images=0, write_workers=0,
+                 method="noise", progress=False)
+    manifest = generate(GenerateConfig(recipe=str(path), out=str(tmp_path / "named"), **small))
+    assert len(built) == 1 and built[0]["num_classes"] == 4 and manifest.config["seed"] == 3
+    torch_seeded = generate(GenerateConfig(recipe="none", seed=3, num_classes=4, out=str(tmp_path / "plain"), **small))
+    assert torch_seeded.config["teacher_sha256"] == manifest.config["teacher_sha256"]  # the recipe's seed built it
+    built.clear()
+    generate(GenerateConfig(out=str(tmp_path / "auto"), **small))
+    assert len(built) == 1
+
+
+def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_path, tmp_path, monkeypatch):
+    """--set values over the recipe's method table are parsed once, when the config is resolved, into the
+    method's declared options dataclass; the method gets that object (nothing parses them again)."""
+    import synth.methods
+
+    resolved = resolve_config(GenerateConfig(teacher="lenet5", method_options={"steps": "3", "width": "4"}),
+                              MNIST_SPEC)
+    config = resolved.method_config
+    assert type(config) is METHODS["generator"].Config
+    assert (config.steps, config.width, config.num_generators, config.lr) == (3, 4, 8, 0.01)  # --set, recipe, default
+    assert resolved.config.method_options["steps"] == "3"  # as given: the manifest records the options so
+    with pytest.raises(UserError, match="--set steps expects an integer, got 'many'"):
+        resolve_config(GenerateConfig(teacher="lenet5", method_options={"steps": "many"}), MNIST_SPEC)
+    with pytest.raises(UserError, match="generator option width must be at least"):
+        resolve_config(GenerateConfig(teacher="lenet5", method_options={"width": "0"}), MNIST_SPEC)
+
+    def parsed_again(*args, **kwargs):
+        raise AssertionError("method options parsed a second time")
+    monkeypatch.setattr(synth.methods, "parse_config", parsed_again)
+    manifest = generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "o"),
+                                       num_images=16, val_images=0, write_workers=0, progress=False,
+                                       method_options={"num_generators": "1", "steps": "1", "train_batch_size": "8",
+                                                       "width": "4"}))
+    assert manifest.options["method"]["width"] == 4 and manifest.options["generate"]["method_options"]["width"] == "4"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from common.accel import Compute
 from common.input_spec import InputSpec
 
-from .base import SynthesisMethod, parse_config
+from .base import SynthesisMethod, make_config, parse_config
 from .deepinversion import DeepInversion
 from .generator import GeneratorEnsemble
 from .muse import Muse
@@ -18,12 +18,13 @@ METHODS: dict[str, type[SynthesisMethod]] = {
 }
 
 
-def build_method(name: str, options: dict, spec: InputSpec, num_images: int,
+def build_method(name: str, options: object, spec: InputSpec, num_images: int,
                  compute: Compute | None = None) -> SynthesisMethod:
-    """The method `name` with its config parsed from `options` and sized for `num_images` images, computing
-    as `compute` says (default: the CPU, no speed switches)."""
+    """The method `name` with its config (`options`: an instance of its Config, or a dict of `--set` values
+    to parse into one) sized for `num_images` images, computing as `compute` says (default: the CPU, no
+    speed switches)."""
     cls = METHODS[name]
-    config = parse_config(cls.Config, options)
+    config = options if type(options) is cls.Config else parse_config(cls.Config, options)
     if hasattr(config, "for_input"):  # defaults that depend on the teacher's input ("auto")
         config = config.for_input(spec)
     if hasattr(config, "for_images"):

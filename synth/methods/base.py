@@ -71,7 +71,12 @@ class SynthesisMethod:
 def parse_config(config_cls: type, options: dict[str, Any], where: str = "--set"):
     """A method config from `key=value` strings or typed values (`--set`, a recipe's method table),
     parsed and validated as the config's option declarations say (common/options.py)."""
-    config = config_cls(**parse_options(config_cls, options, where))
+    return make_config(config_cls, parse_options(config_cls, options, where))
+
+
+def make_config(config_cls: type, values: dict[str, Any]):
+    """A method config from parsed values (`parse_options`), validated as its declarations say."""
+    config = config_cls(**values)
     config.validate() if hasattr(config, "validate") else validate(config)
     return config
 

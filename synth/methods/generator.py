@@ -29,6 +29,7 @@ import contextlib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -359,19 +360,46 @@ class GeneratorEnsemble(SynthesisMethod):
                           step: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
         """One teacher pass over the images of the generators in `part`; each generator's loss over its own
         chunk, backpropagated (grads accumulate in each generator). Per generator: (terms, images, logits)."""
-        cfg, spec, compute = self.config, self.spec, self.compute
-        n, b = len(part), cfg.train_batch_size
+        b, n = self.config.train_batch_size, len(part)
         half = max(1, b // 2)  # image i and i + half share a label (mode-seeking pairs)
-        labels = (torch.arange(b) % half % spec.num_classes).to(compute.device)
+        labels = (torch.arange(b) % half % self.spec.num_classes).to(self.compute.device)
+        zs, natives, views = self._render_part(part, labels, seed, step)
+        logits, bn, extra, extra_terms, features = self._teacher_pass(teacher, hooks, views, labels, n)
+        losses, outputs = [], []
+        for i, m in enumerate(part):
+            loss, terms = self._member_loss(m, labels, logits[i], bn[i], zs[i], natives[i], views[i],
+                                            features[i] if features is not None else None,
+                                            extra[i] if extra is not None else None,
+                                            {name: v[i].detach() for name, v in extra_terms.items()})
+            losses.append(loss)
+            outputs.append((terms, views[i].detach(), logits[i].detach()))
+        total = losses[0] if n == 1 else torch.stack(losses).sum()
+        if not torch.isfinite(total):
+            self._diverged(part, losses, step)
+        scaler.scale(total).backward()
+        return outputs
+
+    def _render_part(self, part: list["_Member"], labels: torch.Tensor, seed: int, step: int
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Each generator's latents (seeded by (seed, member, step)), its images at its own resolution and
+        as the teacher sees them; the generators' gradients cleared."""
+        cfg, compute = self.config, self.compute
         zs, natives, views = [], [], []
         for m in part:
             m.opt.zero_grad(set_to_none=True)
-            z = compute.batch(torch.randn(b, cfg.latent_dim, generator=seeded_generator(seed, m.k, step)))
+            z = compute.batch(torch.randn(len(labels), cfg.latent_dim, generator=seeded_generator(seed, m.k, step)))
             with compute.autocast():
                 x_native, x = self._render(m.k, m.net, z, labels, seeded_generator(seed, m.k, step, 1))
             zs.append(z)
             natives.append(x_native.float())
             views.append(x.float())
+        return zs, natives, views
+
+    def _teacher_pass(self, teacher: nn.Module, hooks: dict, views: list[torch.Tensor], labels: torch.Tensor,
+                      n: int) -> tuple[list[torch.Tensor], torch.Tensor, Any, dict, Any]:
+        """One teacher pass over the `n` generators' images: per generator its logits, its BN-statistics
+        loss, the method's extra loss and terms (`_extra_loss`), its penultimate features (or None)."""
+        cfg, spec, compute = self.config, self.spec, self.compute
         x_all = views[0] if n == 1 else torch.cat(views)
         hooks["bn"].chunks = n
         with compute.autocast():
@@ -379,45 +407,48 @@ class GeneratorEnsemble(SynthesisMethod):
         bn = hooks["bn"].loss().reshape(n)
         extra, extra_terms = self._extra_loss(hooks, logits_all, labels.repeat(n), n)
         features = hooks["features"].value.float().chunk(n) if cfg.feature_diversity_weight else None
-        logits_chunks = logits_all.chunk(n) if n > 1 else [logits_all]
-        losses, outputs = [], []
-        for i, m in enumerate(part):
-            logits = logits_chunks[i]
-            ce = F.cross_entropy(logits, labels)
-            loss = cfg.bn_weight * bn[i] + cfg.ce_weight * ce
-            terms = {"bn": bn[i].detach(), "ce": ce.detach()}
-            if cfg.balance_weight:
-                loss = loss + cfg.balance_weight * class_balance_loss(logits)
-            if cfg.diversity_weight:
-                div = mode_seeking_loss(natives[i], zs[i])
-                loss = loss + cfg.diversity_weight * div
-                terms["div"] = div.detach()
-            if cfg.feature_diversity_weight:
-                fdiv = feature_mode_seeking_loss(features[i], zs[i])
-                loss = loss + cfg.feature_diversity_weight * fdiv
-                terms["fdiv"] = fdiv.detach()
-            if extra is not None:
-                loss = loss + extra[i]
-                terms.update({name: v[i].detach() for name, v in extra_terms.items()})
-            if m.proxy is not None:
-                m.proxy.eval()
-                with compute.autocast():
-                    student = m.proxy(compute.batch(spec.normalize(views[i]))).float()
-                adv = masked_disagreement(student, logits)
-                loss = loss - cfg.adversarial_weight * adv
-                terms["adv"] = adv.detach()
-            losses.append(loss)
-            outputs.append((terms, views[i].detach(), logits.detach()))
-        total = losses[0] if n == 1 else torch.stack(losses).sum()
-        if not torch.isfinite(total):
-            bad = next(i for i, v in enumerate(losses) if not torch.isfinite(v))
-            m = part[bad]
-            kept = f"its last checkpoint {m.path} is kept" if m.path.exists() else "no checkpoint was written"
-            raise UserError(f"{self.name} {m.k + 1} diverged at step {step + 1} (loss is {losses[bad].item()}); "
-                            f"{kept}. Lower --set lr=... (or the loss weights) and rerun with --overwrite or "
-                            "another --out")
-        scaler.scale(total).backward()
-        return outputs
+        logits = logits_all.chunk(n) if n > 1 else [logits_all]
+        return logits, bn, extra, extra_terms, features
+
+    def _member_loss(self, m: "_Member", labels: torch.Tensor, logits: torch.Tensor, bn: torch.Tensor,
+                     z: torch.Tensor, native: torch.Tensor, view: torch.Tensor, features: torch.Tensor | None,
+                     extra: torch.Tensor | None, extra_terms: dict) -> tuple[torch.Tensor, dict]:
+        """One generator's loss (BN statistics, CE, class balance, mode seeking on pixels and features, the
+        method's extra term, the adversarial term against its proxy student) and its terms, detached."""
+        cfg, spec, compute = self.config, self.spec, self.compute
+        ce = F.cross_entropy(logits, labels)
+        loss = cfg.bn_weight * bn + cfg.ce_weight * ce
+        terms = {"bn": bn.detach(), "ce": ce.detach()}
+        if cfg.balance_weight:
+            loss = loss + cfg.balance_weight * class_balance_loss(logits)
+        if cfg.diversity_weight:
+            div = mode_seeking_loss(native, z)
+            loss = loss + cfg.diversity_weight * div
+            terms["div"] = div.detach()
+        if cfg.feature_diversity_weight:
+            fdiv = feature_mode_seeking_loss(features, z)
+            loss = loss + cfg.feature_diversity_weight * fdiv
+            terms["fdiv"] = fdiv.detach()
+        if extra is not None:
+            loss = loss + extra
+            terms.update(extra_terms)
+        if m.proxy is not None:
+            m.proxy.eval()
+            with compute.autocast():
+                student = m.proxy(compute.batch(spec.normalize(view))).float()
+            adv = masked_disagreement(student, logits)
+            loss = loss - cfg.adversarial_weight * adv
+            terms["adv"] = adv.detach()
+        return loss, terms
+
+    def _diverged(self, part: list["_Member"], losses: list[torch.Tensor], step: int) -> None:
+        """UserError naming the generator whose loss is NaN/Inf and what is kept."""
+        bad = next(i for i, v in enumerate(losses) if not torch.isfinite(v))
+        m = part[bad]
+        kept = f"its last checkpoint {m.path} is kept" if m.path.exists() else "no checkpoint was written"
+        raise UserError(f"{self.name} {m.k + 1} diverged at step {step + 1} (loss is {losses[bad].item()}); "
+                        f"{kept}. Lower --set lr=... (or the loss weights) and rerun with --overwrite or "
+                        "another --out")
 
     def _train_proxy(self, m: "_Member", x: torch.Tensor, logits: torch.Tensor) -> None:
         """The proxy student learns the teacher on the generator's new images (KD)."""
