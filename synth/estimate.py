@@ -117,7 +117,8 @@ class Estimate:
     device: str
     threads: int
     method: str
-    num_images: int
+    num_images: int            # every image the run writes: --num-images and the held-out split
+    val_images: int            # of which the held-out split's
     training_steps: int        # steps of the method's training (each trains every generator); 0: none
     warmup_steps: int
     timed_steps: int
@@ -140,7 +141,8 @@ class Estimate:
                  f"(timed {self.timed_steps})" if self.training_steps else "no training stage")
         batch = (f"{self.batch_device_s:.3g} s device + {self.batch_encode_s:.3g} s encoding per batch of "
                  f"{self.write_batch_size}, {self.write_workers} writer(s)")
-        return (f"estimate for {self.num_images:,} images ({self.method} on {self.device}, {self.threads} thread(s)): "
+        held_out = f" ({self.val_images:,} of them held out)" if self.val_images else ""
+        return (f"estimate for {self.num_images:,} images{held_out} ({self.method} on {self.device}, {self.threads} thread(s)): "
                 f"synthesis {hours(self.synthesis_s)} ({train}), writing {hours(self.writing_s)} ({batch}), "
                 f"total {hours(self.total_s)}, {self.images_per_s:.3g} images/s, {disk(self.disk_bytes)} on disk")
 
@@ -197,9 +199,10 @@ def _mean(values: list[float]) -> float:
 
 
 def project(*, device: torch.device, method, num_images: int, write_batch_size: int, workers: int,
-            startup_s: float, train: Clock | None, batch_device_s: float, batch_encode_s: float,
+            startup_s: float, val_images: int = 0, train: Clock | None, batch_device_s: float, batch_encode_s: float,
             write_clock: Clock, nbytes: int, images: int, measured_s: float) -> Estimate:
-    """The Estimate from the measured steps and batches (see the module docstring)."""
+    """The Estimate from the measured steps and batches (see the module docstring); `num_images` counts every
+    image written, `val_images` of them in the held-out split."""
     steps = method.training_steps()
     training_s = train.project(steps) if train is not None and steps else 0.0
     batch_s = max(batch_device_s, batch_encode_s) if workers else batch_device_s + batch_encode_s
@@ -211,7 +214,7 @@ def project(*, device: torch.device, method, num_images: int, write_batch_size: 
     synthesis_s = startup_s + training_s
     total = synthesis_s + writing_s
     return Estimate(device=str(device), threads=torch.get_num_threads(), method=method.name, num_images=num_images,
-                    training_steps=steps, warmup_steps=train.warmup if train else 0,
+                    val_images=val_images, training_steps=steps, warmup_steps=train.warmup if train else 0,
                     timed_steps=train.timed if train else 0, step_s=train.per_step if train and steps else 0.0,
                     write_batch_size=write_batch_size, write_workers=workers, timed_batches=write_clock.done,
                     batch_device_s=batch_device_s, batch_encode_s=batch_encode_s, startup_s=startup_s,

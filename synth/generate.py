@@ -415,8 +415,9 @@ def _estimate(cfg: GenerateConfig, out: Path, method, teacher, compute: Compute,
             clock, device_s, encode_s, nbytes, images = timing.time_writing(
                 batches, lambda b: time_batch(b, logits_of, fitted.labels_from_teacher, cfg.image_format, pool),
                 compute.device, total_batches)
-    result = timing.project(device=compute.device, method=method, num_images=cfg.num_images,
-                            write_batch_size=cfg.write_batch_size, workers=workers, startup_s=startup_s,
+    # the run writes the held-out split too (cfg.val_images, resolved by _generate): it is part of the projection
+    result = timing.project(device=compute.device, method=method, num_images=cfg.num_images + (cfg.val_images or 0),
+                            val_images=cfg.val_images or 0, write_batch_size=cfg.write_batch_size, workers=workers, startup_s=startup_s,
                             train=train if method.training_steps() else None, batch_device_s=device_s,
                             batch_encode_s=encode_s, write_clock=clock, nbytes=nbytes, images=images,
                             measured_s=time.perf_counter() - started)
