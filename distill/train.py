@@ -20,7 +20,8 @@ Files in `out`: config.json (the resolved config), checkpoint.pt (after every ep
 optimiser, scheduler, EMA, grad scaler, epoch, RNG state of every rank, config, metrics so far;
 `resume` continues from it), metrics.csv (one row per epoch), steps.csv (loss and lr about 20 times
 per epoch) and student.pt (the final student, `save_model_checkpoint` format; student_ema.pt too with
-an EMA; student_best_val.pt with `keep="best-val"`, written before the checkpoint of its epoch).
+an EMA; student_best_val.pt with `keep="best-val"`, written under a pending name before the checkpoint of its
+epoch and renamed after it).
 
 Validation without real data (validation.py): with a held-out synthetic split (`val_shards`, by default
 the shards' own val/ split) every epoch also logs val_agreement and val_kl, the student against the
@@ -39,6 +40,7 @@ run_folder.py (the folder and its files), checkpoint.py (fingerprint, save, load
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -211,12 +213,15 @@ def _resume(run: _Run) -> _Resumed:
         return _Resumed()
     if not run.checkpoint.is_file():
         run.log(f"no checkpoint in {out} yet: starting at epoch 1")
+        if run.dist.is_main:
+            promote_best_val(out, 0)
         return _Resumed()
     state = load_checkpoint(run.checkpoint, run.fingerprint)
     restore(state, run.models, run.optimizer, run.scheduler, run.checkpoint, run.dist.rank)
     history = state["history"]
     if run.dist.is_main and config.keep == "best-val":
         check_same_val_set(state.get("val_set"), run.val_identity, history, out)
+        promote_best_val(out, state["epoch"])
     return _Resumed(state["epoch"], history, list(state.get("step_log", [])), state["rng"].get("ranks"),
                     state.get("val_set"))
 
@@ -272,6 +277,7 @@ def _repair_last_epoch(run: _Run, start: _Resumed) -> None:
         if config.keep == "best-val" and best_epoch(history) is history[-1]:
             save_best_val(out, student, run.fingerprint, history[-1])
         run.save(start.epoch, history, start.step_log, start.rank_rngs, run.val_identity)
+        promote_best_val(out, start.epoch)
         write_metrics(out / METRICS_FILE, history)
         run.log(f"epoch {start.epoch}: {format_val(history[-1])} (measured on resuming)")
 
@@ -332,10 +338,13 @@ def _images_per_epoch(run: _Run) -> int:
 
 def _save_epoch(run: _Run, row: dict, history: list[dict], step_log: list[dict],
                 rank_rngs: list[dict] | None) -> None:
-    """The best-val student (before the checkpoint that records it), the checkpoint, then the logs."""
+    """The best-val student (under a pending name), the checkpoint, the best-val student's final name, then
+    the logs: a kill between them leaves student_best_val.pt as the checkpoint's ranking has it."""
     if run.config.keep == "best-val" and best_epoch(history) is row:
         save_best_val(run.out, run.inputs.student, run.fingerprint, row)
+        fault_point("best-val-saved")
     run.save(row["epoch"], history, step_log, rank_rngs, run.val_identity)
+    promote_best_val(run.out, row["epoch"])
     fault_point("epoch-saved")
     write_metrics(run.out / METRICS_FILE, history)
     write_csv(run.out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
@@ -402,10 +411,24 @@ def measure_val(student: nn.Module, val: ValSet, device: torch.device, config: T
 
 
 def save_best_val(out: Path, student: nn.Module, fingerprint: dict, row: dict) -> None:
-    """student_best_val.pt: the student of epoch `row`, the best so far by the validation signal."""
+    """The student of epoch `row`, the best so far by the validation signal, under a pending name
+    (`promote_best_val` makes it student_best_val.pt once the checkpoint of that epoch is saved)."""
     extra = {"teacher_sha256": fingerprint["teacher_sha256"], "epochs": row["epoch"], "eval_top1": row["eval_top1"],
              "val_agreement": row["val_agreement"], "val_kl": row["val_kl"]}
-    save_model_checkpoint(out / BEST_VAL_FILE, student, extra=extra)
+    save_model_checkpoint(out / f"{BEST_VAL_FILE}.epoch{row['epoch']}.pending", student, extra=extra)
+
+
+def promote_best_val(out: Path, checkpointed_epoch: int) -> None:
+    """A pending best-val student of an epoch the checkpoint holds becomes student_best_val.pt; one of a later
+    epoch (killed before its checkpoint: that epoch is trained again, and may rank otherwise) is removed."""
+    pending = sorted(out.glob(f"{BEST_VAL_FILE}.epoch*.pending"),
+                     key=lambda p: int(p.name[len(BEST_VAL_FILE) + len(".epoch"):-len(".pending")]))
+    for path in pending:
+        epoch = int(path.name[len(BEST_VAL_FILE) + len(".epoch"):-len(".pending")])
+        if epoch <= checkpointed_epoch:
+            os.replace(path, out / BEST_VAL_FILE)
+        else:
+            path.unlink()
 
 
 def check_same_val_set(saved: dict | None, current: dict | None, history: list[dict], out: Path) -> None:

@@ -197,6 +197,31 @@ def test_resume_with_best_val_continues_the_ranking_and_refuses_another_split(da
     assert all(torch.equal(straight["state_dict"][k], resumed["state_dict"][k]) for k in straight["state_dict"])
 
 
+def test_a_kill_between_the_best_val_student_and_its_checkpoint_leaves_the_checkpoints_ranking(data, tmp_path,
+                                                                                                 monkeypatch):
+    """Epoch 3 ranks best, its student is written, and the run is killed before epoch 3's checkpoint. Redone
+    on resuming, epoch 3 measures lower (a redo need not measure the same: speed options may change on
+    resume): student_best_val.pt must be epoch 2's, as metrics.csv ranks it, not the killed attempt's."""
+    script = iter([(50.0, 0.9), (80.0, 0.5), (90.0, 0.1), (60.0, 0.9)])
+    monkeypatch.setattr(train_module, "measure", lambda *a, **k: dict(zip(("val_agreement", "val_kl"), next(script))))
+    saved = []
+
+    def killed_after_the_third(name):
+        if name == "best-val-saved":
+            saved.append(name)
+            if len(saved) == 3:
+                raise KeyboardInterrupt   # stands in for SIGKILL: nothing after this point runs
+    monkeypatch.setattr(train_module, "fault_point", killed_after_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data, tmp_path / "run", epochs=3, keep="best-val"))
+    train(config(data, tmp_path / "run", epochs=3, keep="best-val", resume=True))
+    rows = [{k: float(v) for k, v in row.items() if v != ""} for row in read_metrics(tmp_path / "run")]
+    assert [r["val_agreement"] for r in rows] == [50.0, 80.0, 60.0] and best_epoch(rows)["epoch"] == 2
+    kept = load_torch_safely(tmp_path / "run" / BEST_VAL_FILE, "")
+    assert kept["extra"]["epochs"] == 2 and kept["extra"]["val_agreement"] == 80.0
+    assert not list((tmp_path / "run").glob("*.pending"))
+
+
 def test_val_shards_may_change_on_resume_without_best_val(data, tmp_path, monkeypatch):
     real_epoch, calls = train_module.train_one_epoch, []
 
