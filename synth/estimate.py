@@ -199,7 +199,8 @@ def _mean(values: list[float]) -> float:
 
 
 def project(*, device: torch.device, method, num_images: int, write_batch_size: int, workers: int,
-            startup_s: float, val_images: int = 0, train: Clock | None, batch_device_s: float, batch_encode_s: float,
+            startup_s: float, val_images: int = 0, train: Clock | None, batch_device_s: float,
+            batch_encode_s: float,
             write_clock: Clock, nbytes: int, images: int, measured_s: float) -> Estimate:
     """The Estimate from the measured steps and batches (see the module docstring); `num_images` counts every
     image written, `val_images` of them in the held-out split."""

@@ -292,7 +292,9 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
                "input_spec": spec.to_dict(), "compute": compute.hashed()}
     # the resolved options, without those of this invocation only (--out, --overwrite, progress, writers):
     # the manifest stays the same when the folder moves or a rerun uses other execution settings
-    kept = {k: v for k, v in asdict(cfg).items() if k not in _INVOCATION_ONLY}
+    # (and without val_images: the held-out split's manifest records it, so the training manifest's bytes do
+    # not depend on the split)
+    kept = {k: v for k, v in asdict(cfg).items() if k not in _INVOCATION_ONLY and k != "val_images"}
     record = {"recipe": resolved.record(),
               "options": {"generate": as_dict(kept), "method": as_dict(asdict(method.config))}}
     out = Path(cfg.out)
@@ -417,7 +419,8 @@ def _estimate(cfg: GenerateConfig, out: Path, method, teacher, compute: Compute,
                 compute.device, total_batches)
     # the run writes the held-out split too (cfg.val_images, resolved by _generate): it is part of the projection
     result = timing.project(device=compute.device, method=method, num_images=cfg.num_images + (cfg.val_images or 0),
-                            val_images=cfg.val_images or 0, write_batch_size=cfg.write_batch_size, workers=workers, startup_s=startup_s,
+                            val_images=cfg.val_images or 0, write_batch_size=cfg.write_batch_size, workers=workers,
+                            startup_s=startup_s,
                             train=train if method.training_steps() else None, batch_device_s=device_s,
                             batch_encode_s=encode_s, write_clock=clock, nbytes=nbytes, images=images,
                             measured_s=time.perf_counter() - started)

@@ -145,6 +145,10 @@ def test_held_out_split_is_its_own_dataset_and_leaves_the_training_shards_alone(
     assert not (tmp_path / "plain" / "val").exists()
     assert _shard_bytes(tmp_path / "v") == _shard_bytes(tmp_path / "plain")  # training shards: the same bytes
     assert m.config_sha256 == read_manifest(tmp_path / "plain").config_sha256
+    # the training manifest does not depend on the split either (the split's own manifest records its size)
+    def without_folder(path):
+        return (path / "manifest.json").read_text().replace(str(path), "<out>")
+    assert without_folder(tmp_path / "v") == without_folder(tmp_path / "plain")
     val = read_manifest(tmp_path / "v" / "val")
     assert val.complete and [s.num_samples for s in val.shards] == [20, 5]
     assert val.config["split"] == "val" and val.config["val_images"] == 25
