@@ -26,9 +26,6 @@ from .config import TrainConfig
 _STORED_VIEW = {"aug": "none", "mixup": 0.0}
 
 
-ResolvedRun = Resolved  # a TrainConfig with its recipe applied (common.recipes.Resolved)
-
-
 def _shards_recipe(manifest: Manifest) -> tuple[Recipe, str] | None:
     """The recipe the shards were made with, when it can still be read here (None otherwise)."""
     made = manifest.recipe or {}

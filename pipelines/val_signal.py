@@ -37,7 +37,8 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     path = path / "metrics.csv" if path.is_dir() else path
     frame = pd.read_csv(path)
-    missing = [c for c in ("epoch", "eval_top1", *SIGNALS) if c not in frame.columns]
+    # a column with no value is as missing (eval_top1 is always a column; without --eval-data it is empty)
+    missing = [c for c in ("epoch", "eval_top1", *SIGNALS) if c not in frame.columns or frame[c].isna().all()]
     if missing:
         raise SystemExit(f"{path} lacks {', '.join(missing)}: train with --val-shards and --eval-data")
     return frame

@@ -315,3 +315,10 @@ def test_val_signal_spearman_matches_scipy_and_reports_the_kept_epoch(tmp_path, 
             kept["eval_top1"] - frame["eval_top1"].max())
     assert "across runs (final epochs): rho(val_agreement, eval_top1) = " in capsys.readouterr().out
     assert val_signal.spearman(pd.Series([1.0, 1.0, 1.0]), pd.Series([1.0, 2.0, 3.0])) is None
+    # a run trained without --eval-data (an empty eval_top1 column) or without a split: a one-line error
+    for empty in ("eval_top1", "val_kl"):
+        frame = runs[0][1].copy()
+        frame[empty] = None
+        frame.to_csv(tmp_path / "empty.csv", index=False)
+        with pytest.raises(SystemExit, match=f"lacks {empty}"):
+            val_signal.main([str(tmp_path / "empty.csv")])
