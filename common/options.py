@@ -10,7 +10,8 @@ Everything else is derived from these declarations: the command-line options (`c
 help text with its default, grouped by subject (`group`: common/clihelp.py), `synth methods`
 (`describe`), parsing of `--set key=value`, recipe and CLI values (`parse_value`, `parse_options`),
 validation (`validate`), the config hash (`hashed`) and what may change when a run is resumed
-(`resumable`).
+(`resumable`), and which options a recipe may not set (`recipe=False`: an invocation's own, such as its
+output folder or `--overwrite`).
 
 `effect` says what an option changes:
   "output"  what is produced (the shard bytes in stage one, the trained student in stage two): hashed,
@@ -52,6 +53,7 @@ class OptionSpec:
     cli: bool = True
     flag: str | None = None      # the command-line flag; None: --name-with-dashes
     group: str | None = None     # the subject `--help` lists it under (common/clihelp.py); needed on the CLI
+    recipe: bool = True          # False: it belongs to one invocation (a folder, overwrite), never to a recipe
 
     @property
     def required(self) -> bool:
@@ -73,14 +75,14 @@ class OptionSpec:
 
 def option(default: Any = MISSING, *, help: str, choices: tuple | None = None, min: float | None = None,
            max: float | None = None, check: Callable[[Any], str | None] | None = None, effect: str = "output",
-           cli: bool = True, flag: str | None = None, group: str | None = None,
+           cli: bool = True, flag: str | None = None, group: str | None = None, recipe: bool = True,
            default_factory: Callable[[], Any] | None = None) -> dataclasses.Field:
     """A dataclass field with the option's metadata (see the module docstring)."""
     if effect not in EFFECTS:
         raise ValueError(f"effect must be one of {EFFECTS}, not {effect!r}")
     meta = {_META_KEY: {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min,
                         "max": max, "check": check, "effect": effect, "cli": cli, "flag": flag,
-                        "group": group}}
+                        "group": group, "recipe": recipe}}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -260,6 +262,11 @@ def check_options(cls: type, mapping: Mapping[str, Any], where: str) -> dict:
     name `where` and the key: `recipe r.toml [synth] resolution must be at least 8 (got 4)`."""
     values = parse_options(cls, mapping, where)
     specs = _spec_map(cls)
+    for name in values:
+        spec = specs[name]
+        if not spec.recipe or not spec.cli:
+            fix = f"pass {spec.flag_name} on the command line" if spec.cli else "remove it"
+            raise UserError(f"{where} {name}: a recipe cannot set it (it belongs to one invocation): {fix}")
     for name, value in values.items():
         wrong = problem(specs[name], value)
         if wrong:

@@ -41,15 +41,15 @@ class TrainConfig:
     HELP_GROUPS = ("Input and output", "Teacher", "Optimisation", "Loss and regularisation", "Evaluation",
                    "Resume and faults", "Execution")
 
-    shards: str = option(group="Input and output", effect="none",
+    shards: str = option(group="Input and output", effect="none", recipe=False,
                          help="Folder written by `synth generate` (shards + manifest.json): a path, an http(s):// "
                          "URL, or a pipe: command with {name} for the file name (e.g. 'pipe:aws s3 cp "
                          "s3://b/shards/{name} -').")
     student: str = option(group="Input and output",
                           help="Student model name (e.g. lenet5_half, resnet18, timm/resnet18, my_pkg.nets:build).")
-    out: str = option(group="Input and output", effect="none",
+    out: str = option(group="Input and output", effect="none", recipe=False,
                       help="Run folder: config.json, checkpoint.pt, metrics.csv, student.pt.")
-    recipe: str = option(AUTO, group="Input and output", effect="none",
+    recipe: str = option(AUTO, group="Input and output", effect="none", recipe=False,
                          help="Settings to start from: a shipped recipe (" + ", ".join(shipped_names()) + "), a "
                          ".toml file (its [distill] table), auto (the recipe the shards were made with, else the "
                          "one chosen from the teacher's input) or none (the declared defaults). Explicit flags "
@@ -103,7 +103,7 @@ class TrainConfig:
                        "val_kl; needs --val-shards).")
     seed: int = option(0, group="Execution", help="Random seed (sample order, augmentation draws).", effect="order")
     device: str = option("auto", group="Execution", help="auto, cpu, cuda or cuda:N.", effect="none")
-    resume: bool = option(False, group="Resume and faults", effect="none",
+    resume: bool = option(False, group="Resume and faults", effect="none", recipe=False,
                           help="Continue the run in --out from its last checkpoint (starts it when there is none yet).")
     progress: bool = option(True, help="Progress bars and per-epoch lines.", effect="none", cli=False)
     # faults

@@ -92,8 +92,9 @@ class GenerateConfig:
     weights: str = option("DEFAULT", group="Teacher", effect="none",
                           help="Teacher weights: DEFAULT / a torchvision weights name (download; timm's pretrained "
                           "weights for timm/<name>), a checkpoint path, or none (random; recorded by checksum).")
-    out: str = option("shards", group="Output", effect="none", help="Output folder for shards and manifest.")
-    recipe: str = option(AUTO, group="Method", effect="none",
+    out: str = option("shards", group="Output", effect="none", recipe=False,
+                      help="Output folder for shards and manifest.")
+    recipe: str = option(AUTO, group="Method", effect="none", recipe=False,
                          help="Settings to start from: a shipped recipe (" + ", ".join(shipped_names()) + "), a "
                          ".toml file, auto (chosen from the teacher's input: channels and size) or none (the "
                          "declared defaults). Explicit flags override it.")
@@ -118,7 +119,7 @@ class GenerateConfig:
     write_batch_size: int = option(500, group="Output", min=1,
                                    help="Images per batch when writing shards (changes MUSE's and "
                                    "DeepInversion's images: part of the config a rerun must match).")
-    overwrite: bool = option(False, group="Output", effect="none",
+    overwrite: bool = option(False, group="Output", effect="none", recipe=False,
                              help="Delete earlier output in --out and start over.")
     progress: bool = option(True, effect="none", cli=False, help="Progress bars.")
     device: str = option("auto", group="Execution",
@@ -136,7 +137,7 @@ class GenerateConfig:
                                        "(none: at most 16, on a GPU the process's cores - 1, on the CPU the cores "
                                        "its torch threads leave free; 0: encode in the main process). Never "
                                        "changes the bytes.")
-    estimate: bool = option(False, group="Execution", effect="none",
+    estimate: bool = option(False, group="Execution", effect="none", recipe=False,
                             help="Write no shards: time a few training steps and writing batches on this device, "
                             "then print the projected hours, images/s and disk bytes for --num-images (also "
                             "saved as estimate.json in --out).")

@@ -115,6 +115,26 @@ def test_bad_recipes_are_user_errors(tmp_path, text, message):
         assert "bad.toml" in error.value.message and "line 1" in error.value.message
 
 
+def test_a_recipe_cannot_set_what_belongs_to_one_invocation(tmp_path):
+    """A shared recipe with `overwrite = true` would delete earlier output on every run that uses it, one with
+    `out` or `estimate` would redirect or skip the run: refused, naming the file, table and key and the fix."""
+    path = tmp_path / "shared.toml"
+    for text, fix in (("[synth]\noverwrite = true\n", "pass --overwrite on the command line"),
+                      ("[synth]\nestimate = true\n", "pass --estimate on the command line"),
+                      ("[synth]\nout = 'elsewhere'\n", "pass --out on the command line"),
+                      ("[synth]\nprogress = false\n", "remove it")):
+        path.write_text(text)
+        with pytest.raises(UserError) as error:
+            resolve_config(GenerateConfig(teacher="lenet5", recipe=str(path)), MNIST_SPEC)
+        key = text.split("\n")[1].split(" =")[0]
+        assert error.value.message == (f"recipe shared.toml [synth] {key}: a recipe cannot set it (it belongs to one "
+                                       f"invocation): {fix}")
+    for text in ("[distill]\nresume = true\n", "[distill]\nout = 'x'\n", "[distill]\nshards = 'x'\n"):
+        path.write_text(text)
+        with pytest.raises(UserError, match=r"a recipe cannot set it"):
+            _run(_manifest(), recipe=str(path))
+
+
 def test_every_recipe_value_is_checked_even_when_overridden(tmp_path):
     """A recipe is a shared file: a bad value is refused whether or not a flag (or --set, or another
     method) takes its place, and the error names the file, section and key, not a flag."""
