@@ -208,10 +208,12 @@ def project(*, device: torch.device, method, num_images: int, write_batch_size: 
     training_s = train.project(steps) if train is not None and steps else 0.0
     batch_s = max(batch_device_s, batch_encode_s) if workers else batch_device_s + batch_encode_s
     first = write_clock.times[min(write_clock.warmup, write_clock.done)] - write_clock.times[0]
-    warm_images = min(write_clock.warmup, write_clock.done) * write_batch_size
-    writing_s = first + max(0, num_images - warm_images) * batch_s / write_batch_size
+    # images per timed batch: fewer than --write-batch-size where shards are smaller (a batch ends with its shard)
+    per_batch = images / write_clock.done if images and write_clock.done else write_batch_size
+    warm_images = min(write_clock.warmup, write_clock.done) * per_batch
+    writing_s = first + max(0, num_images - warm_images) * batch_s / per_batch
     if not write_clock.timed:   # one batch only: it is the rate
-        writing_s = num_images * (first or batch_s) / max(1, min(num_images, write_batch_size))
+        writing_s = num_images * (first or batch_s) / max(1, min(num_images, per_batch))
     synthesis_s = startup_s + training_s
     total = synthesis_s + writing_s
     return Estimate(device=str(device), threads=torch.get_num_threads(), method=method.name, num_images=num_images,
@@ -228,13 +230,15 @@ class Projection:
     training's end; after its first shard, the whole run's (the same quantities as `--estimate`)."""
 
     def __init__(self, device: torch.device, num_images: int, started: float, enabled: bool,
-                 say: Callable[[str], None] | None = None):
-        self.device, self.num_images, self.started, self.enabled = device, num_images, started, enabled
+                 say: Callable[[str], None] | None = None, later_images: int = 0):
+        """`num_images`: the shards it watches; `later_images`: written after them (the held-out split)."""
+        self.device, self.started, self.enabled = device, started, enabled
+        self.num_images, self.later_images = num_images + later_images, later_images
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.train: Clock | None = None
         self.batches: Clock | None = None
         self._told_training = self._told_writing = False
-        self._steps = 0
+        self._steps = self._drawn_images = self._last_batch = 0
 
     def watch_training(self, method) -> None:
         """Time `method`'s training steps from now (its `on_step`)."""
@@ -253,13 +257,16 @@ class Projection:
         return False
 
     def watch_batches(self, batches: Iterator) -> Iterator:
-        """`batches` as drawn by the writer: the time between draws is the writing rate (pipelined)."""
+        """`batches` as drawn by the writer: the time between draws is the writing rate (pipelined). Once the
+        projection is told, the batches pass untouched."""
         for batch in batches:
-            if self.batches is None:
-                self.batches = Clock(self.device, 1 << 30)
-            else:
-                self.batches.tick()
-            self._batch_size = len(batch.keys)
+            if not self._told_writing:
+                if self.batches is None:
+                    self.batches = Clock(self.device, 1 << 30)
+                else:
+                    self.batches.tick()
+                    self._drawn_images += self._last_batch
+                self._last_batch = len(batch.keys)
             yield batch
 
     def shard_done(self, size: int, samples: int, images_left: int) -> None:
@@ -267,8 +274,10 @@ class Projection:
         if not self.enabled or self._told_writing or self.batches is None or not images_left:
             return
         self._told_writing = True
+        images_left += self.later_images
         clock = self.batches
-        per_image = clock.per_step / max(1, self._batch_size) if clock.done else 0.0
+        per_batch = self._drawn_images / clock.done if clock.done else 0   # a batch ends with its shard
+        per_image = clock.per_step / max(1, per_batch) if clock.done else 0.0
         elapsed = time.perf_counter() - self.started
         left = images_left * per_image
         total = elapsed + left

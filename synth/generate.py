@@ -328,7 +328,8 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
     if not dist.is_main:
         manifest = _open_output(out, replace(cfg, overwrite=False), config, teacher_record, record)
     progress = cfg.progress and dist.is_main
-    projection = Projection(compute.device, cfg.num_images, started - cfg.launch_s, enabled=dist.is_main)
+    projection = Projection(compute.device, cfg.num_images, started - cfg.launch_s, enabled=dist.is_main,
+                            later_images=cfg.val_images or 0)
     projection.watch_training(method)
 
     method.fit_parallel(teacher, out / STATE_DIR, progress=progress, seed=cfg.seed, rank=dist.rank,

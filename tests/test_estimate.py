@@ -81,12 +81,15 @@ def test_writing_projection_overlaps_device_and_writers_only_with_writers():
         def training_steps(self):
             return 0
     kw = dict(device=torch.device("cpu"), method=M(), num_images=10_000, write_batch_size=100, startup_s=1.0,
-              train=None, batch_device_s=1.0, batch_encode_s=0.5, write_clock=clock, nbytes=1000, images=10,
+              train=None, batch_device_s=1.0, batch_encode_s=0.5, write_clock=clock, nbytes=300_000, images=300,
               measured_s=5.0)
     pooled, alone = timing.project(workers=2, **kw), timing.project(workers=0, **kw)
     assert pooled.writing_s == pytest.approx(3.0 + 9800 * 1.0 / 100)
     assert alone.writing_s == pytest.approx(3.0 + 9800 * 1.5 / 100)
-    assert pooled.total_s == pytest.approx(1.0 + pooled.writing_s) and pooled.disk_bytes == 1_000_000
+    assert pooled.total_s == pytest.approx(1.0 + pooled.writing_s) and pooled.disk_bytes == 10_000_000
+    # shards of 50 images with --write-batch-size 100: every batch ends with its shard, so holds 50 images
+    small = timing.project(workers=2, **(kw | {"images": 150}))
+    assert small.writing_s == pytest.approx(3.0 + 9900 * 1.0 / 50)
 
 
 def test_a_plain_run_prints_its_projection_from_its_first_steps(tiny_teacher_path, tmp_path, monkeypatch, capsys):
@@ -95,7 +98,9 @@ def test_a_plain_run_prints_its_projection_from_its_first_steps(tiny_teacher_pat
     generate(_config(tiny_teacher_path, tmp_path / "out"))
     err = capsys.readouterr().err
     assert "projection: training 8 steps at" in err
-    assert "projection: 80 images left to write at" in err and "on disk" in err
+    # the held-out split (a tenth of 120 images) is written after the training shards: part of what is left
+    assert "projection: 80 images left to write at" not in err and "projection: 92 images left to write at" in err
+    assert "on disk" in err
 
 
 def test_cpu_with_an_imagenet_size_teacher_warns_at_start(tmp_path):
