@@ -142,7 +142,8 @@ class Estimate:
         batch = (f"{self.batch_device_s:.3g} s device + {self.batch_encode_s:.3g} s encoding per batch of "
                  f"{self.write_batch_size}, {self.write_workers} writer(s)")
         held_out = f" ({self.val_images:,} of them held out)" if self.val_images else ""
-        return (f"estimate for {self.num_images:,} images{held_out} ({self.method} on {self.device}, {self.threads} thread(s)): "
+        return (f"estimate for {self.num_images:,} images{held_out} ({self.method} on {self.device}, "
+                f"{self.threads} thread(s)): "
                 f"synthesis {hours(self.synthesis_s)} ({train}), writing {hours(self.writing_s)} ({batch}), "
                 f"total {hours(self.total_s)}, {self.images_per_s:.3g} images/s, {disk(self.disk_bytes)} on disk")
 

@@ -30,7 +30,8 @@ def test_estimate_writes_no_shards_and_a_positive_projection(tiny_teacher_path, 
     assert sorted(p.name for p in out.iterdir()) == ["estimate.json"]   # no shards, manifest or state
     saved = json.loads((out / "estimate.json").read_text())
     # the run writes --num-images and the held-out split (by default a tenth of 120 images here): both are projected
-    assert (saved["num_images"], saved["val_images"]) == (120 + 12, 12) and saved["training_steps"] == 8 and saved["method"] == "generator"
+    assert (saved["num_images"], saved["val_images"]) == (120 + 12, 12)
+    assert saved["training_steps"] == 8 and saved["method"] == "generator"
     assert 0 < est.step_s and 0 < est.synthesis_s and 0 < est.writing_s
     assert est.total_s == pytest.approx(est.synthesis_s + est.writing_s)
     assert est.images_per_s == pytest.approx(132 / est.total_s)
@@ -51,7 +52,8 @@ def test_estimate_cli_prints_the_projection(tiny_teacher_path, tmp_path):
                                             "--device", "cpu", "--write-workers", "1", "--method", "noise",
                                             "--out", str(out), "--estimate", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "estimate for 66 images (6 of them held out) (noise on cpu" in result.output and "no training stage" in result.output
+    assert "estimate for 66 images (6 of them held out) (noise on cpu" in result.output
+    assert "no training stage" in result.output
     assert "images/s" in result.output and "on disk" in result.output and "(no shards)" in result.output
     assert json.loads((out / "estimate.json").read_text())["write_workers"] == 1
     assert not list(out.glob("shard-*"))
