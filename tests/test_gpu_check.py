@@ -28,6 +28,7 @@ def test_dry_run_runs_every_part_on_the_cpu(tmp_path):
     # as documented, through the wrapper (with this interpreter: PYTHON)
     proc = subprocess.run(["bash", str(REPO / "pipelines" / "gpu_check.sh"), "--dry-run", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert (out / "summary.json").is_file(), (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
     parts = summary["parts"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:],
