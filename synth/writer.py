@@ -252,33 +252,25 @@ def as_read(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def time_batch(batch: PixelBatch, logits_of: Callable[[torch.Tensor], torch.Tensor], relabel: bool,
                image_format: str, pool: WriterPool) -> tuple[float, float, int]:
-    """One batch through `write_shards`' stages, timed apart (for `synth generate --estimate`): (seconds of
-    the device's part: the teacher's logits and the copy to the host, seconds of the pool's part: encoding
-    and tar members of every chunk, bytes of those members). Nothing is written. The caller times the
-    synthesis (drawing `batch`)."""
+    """One batch through `write_shards`' own stages, timed apart (for `synth generate --estimate`): (seconds of
+    the device's part: the copy to the host, the teacher's logits, for lossless formats the reader's layout;
+    seconds of the pool's part: JPEG encoding and decoding, the tar members of every chunk; bytes of those
+    members). Nothing is written. The caller times the synthesis (drawing `batch`)."""
+    job = ShardJob(Path(), [batch])
     start = time.perf_counter()
-    host = batch.pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    parts = _chunks(len(host), pool)
-    images = host
-    device_s, encode_s = 0.0, 0.0
-    if image_format in LOSSY_FORMATS:   # encode first: the teacher sees the decoded images
-        device_s += time.perf_counter() - start
-        start = time.perf_counter()
-        encoded = [f.result() for f in [pool.submit(encode_images, host[c], image_format) for c in parts]]
-        encode_s += time.perf_counter() - start
-        start = time.perf_counter()
-        pixels = as_read(np.concatenate([p for _, p in encoded]), batch.pixels.device)
-        images = [data for chunk, _ in encoded for data in chunk]
-    else:   # lossless: the stored pixels, batched as a reader batches them (as write_shards does)
-        pixels = as_read(host, batch.pixels.device)
-    logits = logits_of(pixels)
-    labels = (logits.argmax(1) if relabel else batch.labels).tolist()
-    logits = logits.to(torch.float16).cpu().numpy()
+    hosted = list(_host_batches([job]))
+    device_s = time.perf_counter() - start
+    start = time.perf_counter()
+    stored = list(_as_stored(hosted, image_format, pool))
+    if image_format in LOSSY_FORMATS:   # encoded and decoded in the pool
+        encode_s = time.perf_counter() - start
+    else:                               # the reader's layout of the pixels
+        encode_s, device_s = 0.0, device_s + time.perf_counter() - start
+    start = time.perf_counter()
+    segments = list(_segments(stored, logits_of, relabel, image_format, pool))   # the logits; chunks submitted
     device_s += time.perf_counter() - start
     start = time.perf_counter()
-    futures = [pool.submit(encode_segment, batch.keys[c], images[c], labels[c], logits[c], batch.metas[c],
-                           image_format) for c in parts]
-    nbytes = sum(len(f.result()) for f in futures)
+    nbytes = sum(len(future.result()) for _, future, _ in segments if future is not None)
     return device_s, encode_s + time.perf_counter() - start, nbytes
 
 
