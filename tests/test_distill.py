@@ -38,10 +38,12 @@ def make_teacher(path: Path, seed: int) -> torch.nn.Module:
     return teacher
 
 
-def write_shard_folder(folder: Path, teacher: torch.nn.Module, weights: Path | str, shards: int = SHARDS) -> Path:
-    """A complete synth-like folder: `shards` shards of PER_SHARD random images + the teacher's logits."""
+def write_shard_folder(folder: Path, teacher: torch.nn.Module, weights: Path | str, shards: int = SHARDS,
+                       seed: int = 0, method: str = "test") -> Path:
+    """A complete synth-like folder: `shards` shards of PER_SHARD random images (drawn with `seed`) + the
+    teacher's logits."""
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     spec = teacher.input_spec
     records = []
     for s in range(shards):
@@ -52,8 +54,8 @@ def write_shard_folder(folder: Path, teacher: torch.nn.Module, weights: Path | s
         samples = [Sample(f"sample-{s * PER_SHARD + i:08d}", images[i], int(logits[i].argmax()), logits[i])
                    for i in range(PER_SHARD)]
         records.append(write_shard(folder / f"shard-{s:06d}.tar", samples))
-    write_manifest(folder, build_manifest(teacher_record(teacher.arch, str(weights), teacher), method="test",
-                                          config={"seed": 0}, image_format="png", planned_samples=shards * PER_SHARD,
+    write_manifest(folder, build_manifest(teacher_record(teacher.arch, str(weights), teacher), method=method,
+                                          config={"seed": seed}, image_format="png", planned_samples=shards * PER_SHARD,
                                           shard_size=PER_SHARD, shards=records, complete=True))
     return folder
 

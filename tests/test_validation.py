@@ -16,36 +16,15 @@ from click.testing import CliRunner
 import distill.train as train_module
 from common.errors import UserError
 from common.fileio import load_torch_safely
-from common.models import create_model, load_model_checkpoint, save_model_checkpoint, teacher_record
-from common.shards import Sample, build_manifest, read_shard, write_manifest, write_shard
+from common.models import create_model, load_model_checkpoint, save_model_checkpoint
+from common.shards import read_shard
 from distill.cli import main
 from distill.report import report_run
 from distill.train import TrainConfig, train
 from distill.validation import BEST_VAL_FILE, best_epoch
 
-PER_SHARD = 32
-
-
-def write_folder(folder: Path, teacher: torch.nn.Module, weights: Path | str, shards: int = 2, seed: int = 0,
-                 method: str = "test") -> Path:
-    """A complete shard folder: `shards` shards of PER_SHARD random images (drawn with `seed`) + the teacher's logits."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    spec = teacher.input_spec
-    records = []
-    for s in range(shards):
-        images = rng.integers(0, 256, (PER_SHARD, spec.size, spec.size, spec.channels), dtype=np.uint8)
-        with torch.no_grad():
-            pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-            logits = teacher(spec.normalize(pixels)).numpy().astype(np.float16)
-        samples = [Sample(f"sample-{s * PER_SHARD + i:08d}", images[i], int(logits[i].argmax()), logits[i])
-                   for i in range(PER_SHARD)]
-        records.append(write_shard(folder / f"shard-{s:06d}.tar", samples))
-    write_manifest(folder, build_manifest(teacher_record(teacher.arch, str(weights), teacher), method=method,
-                                          config={"seed": seed}, image_format="png",
-                                          planned_samples=shards * PER_SHARD, shard_size=PER_SHARD, shards=records,
-                                          complete=True))
-    return folder
+from test_distill import PER_SHARD
+from test_distill import write_shard_folder as write_folder  # the stage-two tests' tiny shard folders
 
 
 @pytest.fixture(scope="module")
