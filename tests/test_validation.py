@@ -2,7 +2,6 @@
 shards (random 28 px images labelled by a random LeNet-5 teacher), and `distill report`'s view of it."""
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -20,10 +19,10 @@ from common.models import create_model, load_model_checkpoint, save_model_checkp
 from common.shards import read_shard
 from distill.cli import main
 from distill.report import report_run
-from distill.train import TrainConfig, train
+from distill.train import train
 from distill.validation import BEST_VAL_FILE, best_epoch
 
-from test_distill import PER_SHARD
+from test_distill import PER_SHARD, config, read_metrics
 from test_distill import write_shard_folder as write_folder  # the stage-two tests' tiny shard folders
 
 
@@ -37,17 +36,6 @@ def data(tmp_path_factory, tiny_teacher_path):
     other_val = write_folder(root / "other_val", teacher, tiny_teacher_path, shards=1, seed=2)
     return {"root": root, "shards": shards, "plain": plain, "other_val": other_val, "teacher": teacher,
             "weights": tiny_teacher_path}
-
-
-def config(data, out: Path, **overrides) -> TrainConfig:
-    options = dict(shards=str(data["shards"]), student="lenet5_half", out=str(out), epochs=2, batch_size_per_rank=16,
-                   workers=0, progress=False)
-    return TrainConfig(**(options | overrides))
-
-
-def read_metrics(out: Path) -> list[dict]:
-    with open(out / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def by_hand(student_file: Path, val_folder: Path) -> tuple[float, float]:
