@@ -98,7 +98,7 @@ def process_group(backend: str, timeout_min: float | None = None) -> Iterator[Di
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             raise UserError(f"WORLD_SIZE is {me.world_size} but {name} is not set: start the job with torchrun "
-                            "(e.g. torchrun --nproc_per_node=2 -m distill train ...)")
+                            "(e.g. torchrun --nproc_per_node=2 -m dfkd.distill train ...)")
     minutes = float(os.environ.get("DFKD_DIST_TIMEOUT_MIN", timeout_min or DEFAULT_TIMEOUT_MIN))
     kwargs = {}
     if backend == "nccl":

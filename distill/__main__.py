@@ -1,4 +1,4 @@
-"""`python -m distill ...` runs the `distill` command line."""
+"""`python -m dfkd.distill ...` runs the `distill` command line."""
 from .cli import main
 
 main(prog_name="distill")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
-from common.fileio import load_torch_safely, save_torch_atomic
-from common.options import differences, hashed
-from common.shards import Manifest
+from dfkd.common.errors import UserError
+from dfkd.common.fileio import load_torch_safely, save_torch_atomic
+from dfkd.common.options import differences, hashed
+from dfkd.common.shards import Manifest
 
 from .config import ORDER_CHANGES, TrainConfig, renamed, setting_defaults
 from .nets import Models

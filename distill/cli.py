@@ -5,17 +5,17 @@ Every option of `train` and `teacher` is declared once, in TrainConfig / Teacher
 default); `train`'s unset options come from the recipe (--recipe; by default the shards' own, else the
 one chosen from the teacher's input), then from those defaults. Bad input ends in a one-line
 `Error: ...` (UserError, exit code 2). Under torchrun, `distill train` is one rank of a DDP job
-(`torchrun --nproc_per_node=N -m distill train ...`); only rank 0 prints.
+(`torchrun --nproc_per_node=N -m dfkd.distill train ...`); only rank 0 prints.
 """
 from __future__ import annotations
 
 import click
 import torch
 
-from common import distributed
-from common.clihelp import GroupedCommand, grouped_option
-from common.options import click_options, explicit_values
-from common.recipes import recipe_keys
+from dfkd.common import distributed
+from dfkd.common.clihelp import GroupedCommand, grouped_option
+from dfkd.common.options import click_options, explicit_values
+from dfkd.common.recipes import recipe_keys
 
 from .config import TrainConfig
 from .teacher import TeacherConfig, train_teacher

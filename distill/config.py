@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from common.errors import UserError
-from common.options import option, options_of, track_explicit, validate
-from common.recipes import AUTO, shipped_names
-from common.shards import CHECK_LEVELS
+from dfkd.common.errors import UserError
+from dfkd.common.options import option, options_of, track_explicit, validate
+from dfkd.common.recipes import AUTO, shipped_names
+from dfkd.common.shards import CHECK_LEVELS
 
 from .data import AUGMENTATIONS
 from .engine import OPTIMIZERS

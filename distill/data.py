@@ -42,10 +42,10 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from common.errors import UserError
-from common.input_spec import InputSpec
-from common.remote import StreamError, fetch_verified, is_remote
-from common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
+from dfkd.common.errors import UserError
+from dfkd.common.input_spec import InputSpec
+from dfkd.common.remote import StreamError, fetch_verified, is_remote
+from dfkd.common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
                            shard_paths)
 
 from .datasets import ImageArrays

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from common.errors import UserError
-from common.fileio import atomic_open
-from common.input_spec import InputSpec
+from dfkd.common.errors import UserError
+from dfkd.common.fileio import atomic_open
+from dfkd.common.input_spec import InputSpec
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

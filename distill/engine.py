@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.accel import resolve_device  # noqa: F401 (re-exported)
-from common.errors import UserError
+from dfkd.common.accel import resolve_device  # noqa: F401 (re-exported)
+from dfkd.common.errors import UserError
 
 from .data import real_batches
 

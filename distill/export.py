@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
-from common.fileio import write_json_atomic
-from common.models import create_model, load_model_checkpoint
+from dfkd.common.errors import UserError
+from dfkd.common.fileio import write_json_atomic
+from dfkd.common.models import create_model, load_model_checkpoint
 
 from .run_folder import CONFIG_FILE, EMA_FILE, STUDENT_FILE, check_run_folder
 
@@ -55,8 +55,8 @@ def check_batch(run: Path, spec, size: int = CHECK_BATCH) -> tuple[torch.Tensor,
     """Normalised images to compare outputs on: the run's first shard's first `size` samples, or seeded
     random pixels when the shards are not at hand. Returns (batch, where it came from)."""
     try:
-        from common.remote import is_remote
-        from common.shards import read_manifest, read_shard, shard_paths
+        from dfkd.common.remote import is_remote
+        from dfkd.common.shards import read_manifest, read_shard, shard_paths
 
         shards = json.loads((run / CONFIG_FILE).read_text())["shards"]
         if not is_remote(shards):
@@ -126,7 +126,7 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path):
 
 def _extra(source: Path) -> dict:
     """What `distill train` recorded with the student (epochs, eval top-1, teacher checksum, shards)."""
-    from common.fileio import load_torch_safely
+    from dfkd.common.fileio import load_torch_safely
 
     obj = load_torch_safely(source, "export a checkpoint written by `distill train`")
     return obj.get("extra", {}) if isinstance(obj, dict) else {}

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import distributed
-from common.errors import UserError
-from common.shards import Manifest, check_shard_files, read_manifest
+from dfkd.common import distributed
+from dfkd.common.errors import UserError
+from dfkd.common.shards import Manifest, check_shard_files, read_manifest
 
 from .config import TrainConfig
 from .data import ShardLoader

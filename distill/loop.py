@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.faults import fault_point
+from dfkd.common.faults import fault_point
 
 from .config import TrainConfig
 from .data import ShardLoader

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from common.errors import UserError
+from dfkd.common.errors import UserError
 
 from .config import TrainConfig
 from .data import Batch

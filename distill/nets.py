@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
-from common.models import CheckpointError, ModelNameError, WeightsUnavailableError, create_model, state_dict_sha256
-from common.shards import Manifest
+from dfkd.common.errors import UserError
+from dfkd.common.models import CheckpointError, ModelNameError, WeightsUnavailableError, create_model, state_dict_sha256
+from dfkd.common.shards import Manifest
 
 from .config import TrainConfig
 from .throughput import ModelEma

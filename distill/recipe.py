@@ -15,9 +15,9 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
-from common.recipes import (AUTO, NONE, Recipe, Resolved, apply_recipe, choose_recipe, empty_recipe, load_recipe,
+from dfkd.common.recipes import (AUTO, NONE, Recipe, Resolved, apply_recipe, choose_recipe, empty_recipe, load_recipe,
                             pick_recipe, shipped_names)
-from common.shards import Manifest
+from dfkd.common.shards import Manifest
 
 from .config import TrainConfig
 

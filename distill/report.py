@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from common.errors import UserError
-from common.plots import Panel, line_panels
+from dfkd.common.errors import UserError
+from dfkd.common.plots import Panel, line_panels
 
 from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE, check_run_folder
 from .validation import BEST_VAL_FILE, VAL_COLUMNS, best_epoch

@@ -9,11 +9,11 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.errors import UserError
-from common.fileio import atomic_open
-from common.options import differences
-from common.remote import is_remote
-from common.shards import MANIFEST_NAME
+from dfkd.common.errors import UserError
+from dfkd.common.fileio import atomic_open
+from dfkd.common.options import differences
+from dfkd.common.remote import is_remote
+from dfkd.common.shards import MANIFEST_NAME
 
 from .config import TrainConfig, renamed, setting_defaults
 from .validation import VAL_COLUMNS

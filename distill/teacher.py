@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.errors import UserError
-from common.options import option, validate
-from common.models import create_model, save_model_checkpoint
+from dfkd.common.errors import UserError
+from dfkd.common.options import option, validate
+from dfkd.common.models import create_model, save_model_checkpoint
 
 from .config import positive
 from .data import AUGMENTATIONS, augmentation, real_batches, train_augmentation

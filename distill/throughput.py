@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from common.accel import (AMP_MODES, autocast, check_amp, compile_module, grad_scaler,  # noqa: F401 (re-exported)
+from dfkd.common.accel import (AMP_MODES, autocast, check_amp, compile_module, grad_scaler,  # noqa: F401 (re-exported)
                           to_layout, to_memory_format)
 
 

@@ -50,13 +50,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import distributed
-from common.errors import DiskFullError, UserError
-from common.faults import fault_point
-from common.fileio import folder_lock, remove_stale_temps, write_json_atomic
-from common.models import save_model_checkpoint
-from common.remote import is_remote
-from common.shards import ShardFormatError, read_manifest
+from dfkd.common import distributed
+from dfkd.common.errors import DiskFullError, UserError
+from dfkd.common.faults import fault_point
+from dfkd.common.fileio import folder_lock, remove_stale_temps, write_json_atomic
+from dfkd.common.models import save_model_checkpoint
+from dfkd.common.remote import is_remote
+from dfkd.common.shards import ShardFormatError, read_manifest
 
 from .checkpoint import load_checkpoint, restore, rng_states, run_fingerprint, save_checkpoint
 from .config import TrainConfig

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import UserError
-from common.remote import is_remote
-from common.shards import (MANIFEST_NAME, VAL_SPLIT, Manifest, check_shard_files, held_out_mismatch, read_manifest,
+from dfkd.common.errors import UserError
+from dfkd.common.remote import is_remote
+from dfkd.common.shards import (MANIFEST_NAME, VAL_SPLIT, Manifest, check_shard_files, held_out_mismatch, read_manifest,
                            shard_paths)
 
 from .data import Decoder, ShardSamples, collate

@@ -148,7 +148,7 @@ SETS: dict = {}   # method options over every row's own (--set), for the methods
 def _apply_recipe(cfg: dict) -> None:
     """A configuration with "recipe": its image count, method options and distillation settings from that
     shipped recipe (the variant's defining options, such as `adversarial_weight`, are not in a recipe)."""
-    from common.recipes import load_recipe
+    from dfkd.common.recipes import load_recipe
 
     recipe = load_recipe(cfg["recipe"])
     cfg["title"] += f" (the {recipe.name} recipe)"
@@ -209,8 +209,8 @@ def final_top1(run_dir: Path, epochs: int) -> float | None:
 def teacher_top1(arch: str, path: Path, data_root: str, data: str = "mnist") -> float:
     import torch
 
-    from distill.datasets import ImageArrays, real_dataset
-    from common.models import create_model
+    from dfkd.distill.datasets import ImageArrays, real_dataset
+    from dfkd.common.models import create_model
 
     torch.set_num_threads(1)
     teacher = create_model(arch, weights=str(path)).eval()
@@ -230,9 +230,9 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
     import numpy as np
     import torch
 
-    from distill.datasets import ImageArrays, real_dataset
-    from common.models import create_model, teacher_record
-    from common.shards import Sample, build_manifest, sample_key, shard_name, write_manifest, write_shard
+    from dfkd.distill.datasets import ImageArrays, real_dataset
+    from dfkd.common.models import create_model, teacher_record
+    from dfkd.common.shards import Sample, build_manifest, sample_key, shard_name, write_manifest, write_shard
 
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,8 +294,8 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
     cfg = CONFIGS[config_name]
     method, options = variant_options(config_name, source)
     if SETS and method != "real":
-        from common.options import options_of
-        from synth.methods import METHODS
+        from dfkd.common.options import options_of
+        from dfkd.synth.methods import METHODS
 
         known = {spec.name for spec in options_of(METHODS[method].Config)}
         options = {**options, **{k: v for k, v in SETS.items() if k in known}}
@@ -310,7 +310,7 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
     else:
         # --recipe none: every row sets its own options (a recipe edit must not move this table)
         sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
-        cmd = [py, "-m", "synth", "generate", "--teacher", cfg["teacher"], "--weights", str(base / "teacher.pt"),
+        cmd = [py, "-m", "dfkd.synth", "generate", "--teacher", cfg["teacher"], "--weights", str(base / "teacher.pt"),
                "--recipe", "none", "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size",
                str(cfg.get("shard_size", SHARD_SIZE)), "--image-format", IMAGE_FORMAT, "--seed", str(synth_seed), "--threads", str(THREADS), "--quiet",
                "--out", str(shards)]
@@ -339,7 +339,7 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
         run_dir = base / "runs" / run_name(variant, seed, synth_seed)
         if final_top1(run_dir, cfg["distill_epochs"]) is None and not synthesis_only:
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            run([py, "-m", "distill", "train", "--shards", str(shards_folder(base, source, synth_seed)), "--student",
+            run([py, "-m", "dfkd.distill", "train", "--shards", str(shards_folder(base, source, synth_seed)), "--student",
                  cfg["student"], "--out", str(run_dir), "--eval-data", cfg.get("data", "mnist"), "--data-root",
                  data_root, "--seed", str(seed), "--quiet", "--recipe", "none", *distill_args, *resume],
                 base / "logs" / f"distill-{run_name(variant, seed, synth_seed)}.log")
@@ -413,7 +413,6 @@ def main() -> None:
             if value is not None:
                 CONFIGS[name][key] = value
     py, seeds, started = sys.executable, list(range(args.seeds)), time.perf_counter()
-    os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
     with ThreadPoolExecutor(args.jobs) as pool:
         teachers = {}
@@ -421,7 +420,7 @@ def main() -> None:
             path = out / name / "teacher.pt"
             if not path.exists():
                 cfg = CONFIGS[name]
-                teachers[name] = pool.submit(run, [py, "-m", "distill", "teacher", "--model", cfg["teacher"],
+                teachers[name] = pool.submit(run, [py, "-m", "dfkd.distill", "teacher", "--model", cfg["teacher"],
                                                    "--data", cfg.get("data", "mnist"), "--data-root",
                                                    args.data_root, "--epochs",
                                                    str(cfg["teacher_epochs"]), "--seed", "0", "--threads", str(THREADS),

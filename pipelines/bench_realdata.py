@@ -22,7 +22,7 @@ def write_png_folder(folder: Path, data_root: str) -> None:
     import numpy as np
     from PIL import Image
 
-    from distill.datasets import load_mnist
+    from dfkd.distill.datasets import load_mnist
 
     if (folder / "done").is_file():
         return
@@ -39,9 +39,9 @@ def write_png_folder(folder: Path, data_root: str) -> None:
 def eval_throughput(teacher_path: Path, data: str, data_root: str, repeats: int = 3) -> float:
     import torch
 
-    from distill.datasets import real_dataset
-    from common.models import create_model
-    from distill.engine import evaluate_top1
+    from dfkd.distill.datasets import real_dataset
+    from dfkd.common.models import create_model
+    from dfkd.distill.engine import evaluate_top1
 
     model = create_model("lenet5", weights=str(teacher_path))
     dataset = real_dataset(data, model.input_spec, train=False, root=data_root)
@@ -64,9 +64,9 @@ def main() -> None:
 
     import torch
 
-    from distill.datasets import real_dataset
-    from common.models import create_model
-    from distill.teacher import TeacherConfig, train_teacher
+    from dfkd.distill.datasets import real_dataset
+    from dfkd.common.models import create_model
+    from dfkd.distill.teacher import TeacherConfig, train_teacher
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

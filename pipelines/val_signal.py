@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from distill.validation import best_epoch  # the ranking --keep best-val uses
+from dfkd.distill.validation import best_epoch  # the ranking --keep best-val uses
 
 SIGNALS = {"val_agreement": 1.0, "val_kl": -1.0}  # signal -> sign that makes "higher is better"
 

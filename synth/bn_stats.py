@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
+from dfkd.common.errors import UserError
 
 
 class BNStatsLoss:

@@ -8,7 +8,7 @@
     synth methods                      # each method's options (--set key=value), their meaning and defaults
     synth verify shards/mnist          # check shards against the manifest
     synth inspect shards/mnist         # contact sheet, class histogram, per-class summary table
-    torchrun --nproc_per_node=4 -m synth generate ...   # 4 processes, each writes every 4th shard
+    torchrun --nproc_per_node=4 -m dfkd.synth generate ...   # 4 processes, each writes every 4th shard
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import click
 
-from common import distributed
-from common.clihelp import GroupedCommand, grouped_option
-from common.errors import UserError
-from common.options import click_options, describe, explicit_values, options_of
-from common.recipes import recipe_keys, shipped_names
-from common.shards import (MANIFEST_NAME, TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnings, read_manifest,
+from dfkd.common import distributed
+from dfkd.common.clihelp import GroupedCommand, grouped_option
+from dfkd.common.errors import UserError
+from dfkd.common.options import click_options, describe, explicit_values, options_of
+from dfkd.common.recipes import recipe_keys, shipped_names
+from dfkd.common.shards import (MANIFEST_NAME, TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnings, read_manifest,
                            verify_dataset)
 
 from .estimate import ESTIMATE_NAME, Estimate, process_seconds

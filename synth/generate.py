@@ -27,7 +27,7 @@ and records each finished one in `state/shards/<shard>.json`; rank 0 keeps the m
 complete once every rank is done. As shard i depends only on (seed, i), the union is what one process
 writes; a rerun (with any number of ranks) keeps every finished shard.
 
-    from synth.generate import GenerateConfig, generate
+    from dfkd.synth.generate import GenerateConfig, generate
     generate(GenerateConfig(teacher="lenet5", weights="teacher.pt", out="shards/mnist", num_images=50000))
 """
 from __future__ import annotations
@@ -45,19 +45,19 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from common import distributed
-from common.accel import AMP_MODES, Compute, check_amp, compile_module, resolve_device
-from common.errors import DiskFullError, UserError
-from common.faults import fault_point
-from common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, folder_lock, is_temp_file,
+from dfkd.common import distributed
+from dfkd.common.accel import AMP_MODES, Compute, check_amp, compile_module, resolve_device
+from dfkd.common.errors import DiskFullError, UserError
+from dfkd.common.faults import fault_point
+from dfkd.common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, folder_lock, is_temp_file,
                            remove_stale_temps, sha256_file, write_json_atomic)
-from common import models, options
-from common.models import create_model
-from common.options import check_options, option, parse_options, track_explicit
-from common.options import validate as validate_options
-from common import recipes
-from common.recipes import AUTO, apply_recipe, as_dict, pick_recipe, shipped_names
-from common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
+from dfkd.common import models, options
+from dfkd.common.models import create_model
+from dfkd.common.options import check_options, option, parse_options, track_explicit
+from dfkd.common.options import validate as validate_options
+from dfkd.common import recipes
+from dfkd.common.recipes import AUTO, apply_recipe, as_dict, pick_recipe, shipped_names
+from dfkd.common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
                            TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
 from . import estimate as timing

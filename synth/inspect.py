@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common.errors import UserError
-from common.plots import bar_chart, image_grid
-from common.shards import Manifest, Sample, ShardFormatError, read_manifest, read_shard, shard_paths
+from dfkd.common.errors import UserError
+from dfkd.common.plots import bar_chart, image_grid
+from dfkd.common.shards import Manifest, Sample, ShardFormatError, read_manifest, read_shard, shard_paths
 
 CONTACT_SHEET, HISTOGRAM, SUMMARY = "contact_sheet.png", "class_histogram.png", "summary.csv"
 THUMBNAIL, PAIR_SAMPLES = 16, 128

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from common.shards import LOSSY_FORMATS, ShardFile, ShardRecord, encode_images, encode_segment
+from dfkd.common.shards import LOSSY_FORMATS, ShardFile, ShardRecord, encode_images, encode_segment
 
 
 @dataclass

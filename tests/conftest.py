@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_teacher_path(tmp_path_factory):
     """A lenet5 teacher with random weights and non-trivial BN running statistics, saved as a checkpoint."""
-    from common.models import create_model, save_model_checkpoint
+    from dfkd.common.models import create_model, save_model_checkpoint
 
     torch.manual_seed(0)
     model = create_model("lenet5")

@@ -24,16 +24,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from common.errors import UserError
-from common.fileio import folder_lock, sha256_file
-from common.models import create_model, save_model_checkpoint, teacher_record
-from common.shards import (Sample, ShardFormatError, build_manifest, decode_image, encode_sample, read_manifest,
+from dfkd.common.errors import UserError
+from dfkd.common.fileio import folder_lock, sha256_file
+from dfkd.common.models import create_model, save_model_checkpoint, teacher_record
+from dfkd.common.shards import (Sample, ShardFormatError, build_manifest, decode_image, encode_sample, read_manifest,
                            read_shard, sample_key, write_manifest, write_shard)
-from distill.cli import main as distill_cli
-from distill.data import Decoder
-from distill.train import TrainConfig, train
-from synth.cli import main as synth_cli
-from synth.generate import GenerateConfig, generate
+from dfkd.distill.cli import main as distill_cli
+from dfkd.distill.data import Decoder
+from dfkd.distill.train import TrainConfig, train
+from dfkd.synth.cli import main as synth_cli
+from dfkd.synth.generate import GenerateConfig, generate
 
 SHARDS, PER_SHARD = 2, 16
 
@@ -185,7 +185,7 @@ def test_pickled_arrays_are_refused():
         decode_image(pickled.getvalue(), "npy")
     fields = {name.split(".", 1)[1]: data for name, data in encode_sample(
         Sample(sample_key(0), np.zeros((4, 4, 1), np.uint8), 1, np.zeros(10, np.float16)))}
-    from common.shards import decode_sample
+    from dfkd.common.shards import decode_sample
 
     with pytest.raises(ShardFormatError, match="logits: not a plain .npy array"):
         decode_sample({"__key__": "sample-00000000", **fields, "logits.npy": pickled.getvalue()})
@@ -334,7 +334,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_only_what_was_there(da
     with pytest.raises(UserError, match=message):
         train(train_config(dataset, tmp_path / "new" / "run"))
     assert not (tmp_path / "new").exists()   # parents it made too
-    from distill.run_folder import FolderBefore, remove_unstarted
+    from dfkd.distill.run_folder import FolderBefore, remove_unstarted
 
     before = FolderBefore.of(tmp_path / "shared" / "run")   # a parent that another run's folder moves into
     (tmp_path / "shared" / "run").mkdir(parents=True)
@@ -349,7 +349,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_only_what_was_there(da
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     # a run that stops after its first checkpoint: nothing of it is removed
     install_shard(dataset, "shard-000001.tar", good, num_samples=PER_SHARD)
-    from distill import train as train_module
+    from dfkd.distill import train as train_module
 
     epoch_of = train_module.train_one_epoch
 
@@ -500,7 +500,7 @@ def test_damaged_teacher_training_image_is_a_one_line_error(tmp_path, monkeypatc
     """distill teacher --data FOLDER: decoded into the uint8 cache (small images) or checked (streamed);
     either way the damaged file is named before training, and no cache or checkpoint is written."""
     if not cached:
-        monkeypatch.setattr("distill.datasets.CACHE_MAX_SIZE", 0)
+        monkeypatch.setattr("dfkd.distill.datasets.CACHE_MAX_SIZE", 0)
     images = write_image_folder(tmp_path / "train")
     truncate(images / "c5" / "0.png")
     result = CliRunner().invoke(distill_cli, ["teacher", "--model", "lenet5", "--data", str(images), "--data-root",
@@ -516,13 +516,13 @@ def test_evaluation_failing_mid_run_keeps_the_trained_epoch(dataset, tmp_path, m
     """An image damaged after the start-up check (here: the check is skipped): the epoch is checkpointed
     before the error, and --resume evaluates it and ends bit-identical to an uninterrupted run."""
     # streamed, not decoded into the uint8 cache (which is the check: a cached folder cannot fail mid-run)
-    monkeypatch.setattr("distill.datasets.CACHE_MAX_SIZE", 0)
+    monkeypatch.setattr("dfkd.distill.datasets.CACHE_MAX_SIZE", 0)
     images = write_image_folder(tmp_path / "eval")
     options = dict(eval_data=str(images), teacher_logits="stored", aug="none", epochs=2, workers=workers)
     reference = train(train_config(dataset, tmp_path / "ref", **options))
     good = (images / "c3" / "1.png").read_bytes()
     truncate(images / "c3" / "1.png")
-    monkeypatch.setattr("distill.datasets.check_images", lambda *args, **kwargs: None)
+    monkeypatch.setattr("dfkd.distill.datasets.check_images", lambda *args, **kwargs: None)
     with pytest.raises(UserError, match=r"evaluating epoch 1 on .* failed \(.*c3/1.png: .*\); the epoch is saved"):
         train(train_config(dataset, tmp_path / "run", **options))
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

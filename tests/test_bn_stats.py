@@ -1,7 +1,7 @@
 import torch
 import torch.nn as nn
 
-from synth.bn_stats import BNStatsLoss
+from dfkd.synth.bn_stats import BNStatsLoss
 
 
 def test_bn_loss_matches_hand_computation():
@@ -32,7 +32,7 @@ def test_bn_loss_matches_hand_computation():
 def test_bn_loss_needs_a_forward_and_bn_layers():
     import pytest
 
-    from common.errors import UserError
+    from dfkd.common.errors import UserError
 
     with pytest.raises(UserError, match="no BatchNorm layers.*--method noise"):
         BNStatsLoss(nn.Linear(2, 2))

@@ -9,13 +9,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from common.clihelp import GroupedCommand, grouped_option
-from common.options import click_options, option, options_of
-from distill.cli import main as distill_cli
-from distill.config import TrainConfig
-from distill.teacher import TeacherConfig
-from synth.cli import main as synth_cli
-from synth.generate import GenerateConfig
+from dfkd.common.clihelp import GroupedCommand, grouped_option
+from dfkd.common.options import click_options, option, options_of
+from dfkd.distill.cli import main as distill_cli
+from dfkd.distill.config import TrainConfig
+from dfkd.distill.teacher import TeacherConfig
+from dfkd.synth.cli import main as synth_cli
+from dfkd.synth.generate import GenerateConfig
 
 COMMANDS = [(distill_cli, "train", TrainConfig), (synth_cli, "generate", GenerateConfig),
             (distill_cli, "teacher", TeacherConfig)]

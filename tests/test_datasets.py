@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import distill.datasets as data
-from common.errors import UserError
-from common.models import create_model
-from distill.data import real_batches
-from distill.teacher import TeacherConfig, train_teacher
+import dfkd.distill.datasets as data
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model
+from dfkd.distill.data import real_batches
+from dfkd.distill.teacher import TeacherConfig, train_teacher
 
 RNG = np.random.default_rng(0)
 
@@ -146,7 +146,7 @@ def test_teacher_trains_on_cifar10_stand_in(tmp_path, monkeypatch):
                         epochs=1, batch_size=16, workers=0, progress=False)
     metrics = train_teacher(cfg)
     assert metrics["epochs"] == 1 and 0 <= metrics["test_top1"] <= 100  # evaluated on CIFAR's test_batch
-    from common.models import load_model_checkpoint
+    from dfkd.common.models import load_model_checkpoint
 
     assert load_model_checkpoint(tmp_path / "t.pt")["input_spec"]["size"] == 32
     with pytest.raises(UserError, match="Put data_batch_1"):
@@ -154,7 +154,7 @@ def test_teacher_trains_on_cifar10_stand_in(tmp_path, monkeypatch):
                                     data_root=str(tmp_path / "empty"), progress=False))
     from click.testing import CliRunner
 
-    from distill.cli import main
+    from dfkd.distill.cli import main
 
     result = CliRunner().invoke(main, ["teacher", "--model", "cifar_resnet8", "--data", "cifar10", "--data-root",
                                        str(tmp_path / "empty"), "--out", str(tmp_path / "v.pt")])
@@ -167,7 +167,7 @@ def test_teacher_trains_on_cifar10_stand_in(tmp_path, monkeypatch):
 
 
 def test_crop_flip_augments_uint8_batches():
-    from distill.data import train_augmentation
+    from dfkd.distill.data import train_augmentation
 
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 32, 32)
     torch.manual_seed(0)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-import distill.datasets as data
-from common.errors import UserError
-from common.models import create_model
+import dfkd.distill.datasets as data
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model
 
 
 def _write_idx(path, array):

@@ -13,17 +13,17 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import distill.train as train_module
-from common.errors import UserError
-from common.models import create_model, load_model_checkpoint, save_model_checkpoint, teacher_record
-from common.shards import Sample, build_manifest, read_manifest, read_shard, write_manifest, write_shard
-from distill.cli import main
-from distill.data import Augmentation, Batch, EpochShardList, ShardLoader, random_crop_flip, random_translate
-from distill.engine import warmup_cosine
-from distill.throughput import batch_to
-from distill.teacher import TeacherConfig, train_teacher
-from distill.losses import kd_loss
-from distill.train import TrainConfig, train
+import dfkd.distill.train as train_module
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model, load_model_checkpoint, save_model_checkpoint, teacher_record
+from dfkd.common.shards import Sample, build_manifest, read_manifest, read_shard, write_manifest, write_shard
+from dfkd.distill.cli import main
+from dfkd.distill.data import Augmentation, Batch, EpochShardList, ShardLoader, random_crop_flip, random_translate
+from dfkd.distill.engine import warmup_cosine
+from dfkd.distill.throughput import batch_to
+from dfkd.distill.teacher import TeacherConfig, train_teacher
+from dfkd.distill.losses import kd_loss
+from dfkd.distill.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_CACHED = (REPO / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
@@ -311,7 +311,7 @@ def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
     start, done = result.output.strip().splitlines()  # the recipe's start line (stderr), then the result
     assert start.startswith("recipe: small-grey (auto: ") and done.startswith("done: eval_top1 None")
     assert read_metrics(tmp_path / "run")[0]["lr"]
-    proc = subprocess.run([sys.executable, "-m", "distill", "train", "--shards", str(tmp_path / "nothing"),
+    proc = subprocess.run([sys.executable, "-m", "dfkd.distill", "train", "--shards", str(tmp_path / "nothing"),
                            "--student", "lenet5_half", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
@@ -321,7 +321,7 @@ def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
 def test_one_augmentation_table_serves_student_and_teacher():
     """distill.data.augmentation is the one table of augmentations by name: the student's Augmentation,
     the teacher trainer's --aug choices and its batches (a shift of --translate px, filled with `fill`)."""
-    from distill.data import augmentation
+    from dfkd.distill.data import augmentation
 
     assert augmentation("none", 16) is None and augmentation("translate", 16, translate=0) is None
     x = torch.rand(6, 1, 16, 16)
@@ -339,10 +339,10 @@ def test_one_augmentation_table_serves_student_and_teacher():
 def test_teacher_trainer_takes_the_students_step(tmp_path, monkeypatch):
     """distill teacher updates through loop.optimizer_step, the student's step; with the disabled grad
     scaler it is exactly the plain backward, optimiser step and schedule step."""
-    import distill.teacher as teacher_module
-    from distill.engine import build_optimizer
-    from distill.loop import optimizer_step
-    from distill.throughput import grad_scaler
+    import dfkd.distill.teacher as teacher_module
+    from dfkd.distill.engine import build_optimizer
+    from dfkd.distill.loop import optimizer_step
+    from dfkd.distill.throughput import grad_scaler
 
     nets = [torch.nn.Linear(4, 3) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.models import load_model_checkpoint
-from common.shards import read_manifest
-from distill.data import ShardLoader
-from synth.generate import GenerateConfig, generate
+from dfkd.common.models import load_model_checkpoint
+from dfkd.common.shards import read_manifest
+from dfkd.distill.data import ShardLoader
+from dfkd.synth.generate import GenerateConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GENERATORS = {"num_generators": "3", "steps": "4", "train_batch_size": "20", "width": "4", "latent_dim": "8"}
@@ -23,7 +23,7 @@ NUM_IMAGES, SHARD_SIZE = 160, 20  # 8 shards
 
 
 def torchrun(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -41,7 +41,7 @@ def shards(tmp_path_factory, tiny_teacher_path):
 def test_two_rank_synthesis_equals_one_process(shards, tiny_teacher_path, tmp_path):
     out = tmp_path / "two"
     sets = [a for k, v in TINY_GENERATORS.items() for a in ("--set", f"{k}={v}")]
-    proc = torchrun("-m", "synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
+    proc = torchrun("-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
                     "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
                     "--write-batch-size", "20", "--quiet", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -54,7 +54,7 @@ def test_two_rank_synthesis_equals_one_process(shards, tiny_teacher_path, tmp_pa
     # rank, on the explicit CPU device); the others are kept
     (out / "shard-000003.tar").unlink()
     kept = (out / "shard-000002.tar").stat().st_mtime_ns
-    proc = torchrun("-m", "synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
+    proc = torchrun("-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
                     "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
                     "--write-batch-size", "20", "--quiet", "--device", "cpu", "--write-workers", "1", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -81,7 +81,7 @@ def test_ranks_read_disjoint_shards_each_epoch_and_other_shards_next_epoch(shard
 
 
 def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(shards):
-    from common.errors import UserError
+    from dfkd.common.errors import UserError
 
     manifest = read_manifest(shards)
     with pytest.raises(UserError, match=r"8 shards but 3 workers x 4 ranks need at least 12.*--workers 2"):
@@ -102,7 +102,7 @@ def _rank_main(rank: int, port: int, options: dict, stop_at_epoch: int | None, r
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import distill.train as train_module
+    import dfkd.distill.train as train_module
 
     if stop_at_epoch is not None:
         real = train_module.train_one_epoch
@@ -134,7 +134,7 @@ def spawn_two_ranks(options: dict, stop_at_epoch: int | None = None) -> dict:
 def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, tmp_path):
     options = ["--shards", str(shards), "--student", "lenet5_half", "--epochs", "2", "--batch-size-per-rank", "8",
                "--workers", "2", "--quiet", "--ema-decay", "0.9", "--keep", "best-val"]
-    proc = torchrun("-m", "distill", "train", *options, "--out", str(tmp_path / "straight"))
+    proc = torchrun("-m", "dfkd.distill", "train", *options, "--out", str(tmp_path / "straight"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("done: ") == 1  # rank 0 reports
     rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
@@ -155,8 +155,8 @@ def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, tmp
         resumed = load_model_checkpoint(tmp_path / "resumed" / name)["state_dict"]
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), name  # bit-identical continuation
     # another number of processes cannot continue this run
-    from common.errors import UserError
-    from distill.train import TrainConfig, train
+    from dfkd.common.errors import UserError
+    from dfkd.distill.train import TrainConfig, train
 
     with pytest.raises(UserError, match="run of 2 process"):
         train(TrainConfig(**config | {"resume": True, "epochs": 2}))

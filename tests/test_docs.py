@@ -202,9 +202,9 @@ def test_the_quick_start_parses_into_known_commands():
 def test_every_quick_start_command_runs_with_tiny_sizes(tmp_path, monkeypatch):
     """Each command of README's quick start, as written, with only sizes made tiny (and, for the ImageNet teacher,
     random weights at 32 px instead of a download, and no ImageNet evaluation set): through the same click
-    commands `python -m synth` and `python -m distill` run, in a fresh folder with a fake MNIST in data/."""
-    from distill.cli import main as distill_main
-    from synth.cli import main as synth_main
+    commands `python -m dfkd.synth` and `python -m dfkd.distill` run, in a fresh folder with a fake MNIST in data/."""
+    from dfkd.distill.cli import main as distill_main
+    from dfkd.synth.cli import main as synth_main
 
     monkeypatch.chdir(tmp_path)
     write_fake_mnist(tmp_path / "data")

@@ -1,9 +1,9 @@
 """Stage one -> shards -> stage two, through the public library functions, with tiny models."""
 import csv
 
-from common.models import load_model_checkpoint
-from distill.train import TrainConfig, train
-from synth.generate import GenerateConfig, generate
+from dfkd.common.models import load_model_checkpoint
+from dfkd.distill.train import TrainConfig, train
+from dfkd.synth.generate import GenerateConfig, generate
 
 
 def test_one_set_of_shards_trains_two_students(tiny_teacher_path, tmp_path):

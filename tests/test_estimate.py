@@ -6,11 +6,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import synth.estimate as timing
-from common.shards import read_manifest, verify_dataset
-from synth.cli import main as synth_cli
-from synth.estimate import Clock, Estimate
-from synth.generate import GenerateConfig, generate
+import dfkd.synth.estimate as timing
+from dfkd.common.shards import read_manifest, verify_dataset
+from dfkd.synth.cli import main as synth_cli
+from dfkd.synth.estimate import Clock, Estimate
+from dfkd.synth.generate import GenerateConfig, generate
 
 TINY = {"num_generators": "2", "steps": "8", "train_batch_size": "16", "width": "4", "latent_dim": "8",
         "checkpoint_every": "3"}

@@ -6,12 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.errors import UserError
-from common.models import create_model
-from distill.cli import main
-from distill.export import export_run, onnx_available
-from distill.train import TrainConfig, train
-from synth.generate import GenerateConfig, generate
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model
+from dfkd.distill.cli import main
+from dfkd.distill.export import export_run, onnx_available
+from dfkd.distill.train import TrainConfig, train
+from dfkd.synth.generate import GenerateConfig, generate
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,15 @@ from typing import Callable
 import pytest
 import torch
 
-from common.errors import UserError
-from common.faults import FAULT_ENV
-from common.fileio import folder_lock, is_temp_file
-from common.models import load_model_checkpoint
-from common.shards import read_manifest, verify_dataset
-from distill.losses import LOSSES
-from distill.train import TrainConfig, train
-from synth.generate import GenerateConfig, generate
+from dfkd.common.errors import UserError
+from dfkd.common.faults import FAULT_ENV
+from dfkd.common.fileio import folder_lock, is_temp_file
+from dfkd.common.models import load_model_checkpoint
+from dfkd.common.shards import read_manifest, verify_dataset
+from dfkd.distill.losses import LOSSES
+from dfkd.distill.train import TrainConfig, train
+from dfkd.synth.generate import GenerateConfig, generate
 
-REPO = Path(__file__).resolve().parents[1]
 # random-time kills per command line (each costs an interpreter start); more for a longer chaos run:
 # DFKD_RANDOM_KILLS=10 DFKD_RANDOM_SEED=3 python -m pytest tests/test_faults.py -k random_times
 RANDOM_KILLS = int(os.environ.get("DFKD_RANDOM_KILLS", "1"))
@@ -220,12 +219,12 @@ def kill_at_random_times(command: list[str], lock: Path, delays: list[float], en
 
 
 def cli_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_synth_cli_killed_at_random_times(reference, tmp_path):
     out = tmp_path / "shards"
-    command = [sys.executable, "-m", "synth", "generate", "--teacher", "lenet5", "--weights",
+    command = [sys.executable, "-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights",
                str(reference["teacher"]), "--out", str(out), "--num-images", "50", "--shard-size", "20",
                "--write-batch-size", "16", "--quiet", "--threads", "1"] + [f"--set={k}={v}" for k, v in TINY.items()]
     rng = random.Random(RANDOM_SEED)
@@ -242,7 +241,7 @@ def test_synth_cli_killed_at_random_times(reference, tmp_path):
 
 def test_distill_cli_killed_at_random_times(reference, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "distill", "train", "--shards", str(reference["shards"]), "--student",
+    command = [sys.executable, "-m", "dfkd.distill", "train", "--shards", str(reference["shards"]), "--student",
                "lenet5_half", "--out", str(run), "--epochs", "3", "--batch-size-per-rank", "10", "--workers", "0",
                "--quiet", "--threads", "1", "--resume"]
     rng = random.Random(RANDOM_SEED + 1)
@@ -377,7 +376,7 @@ def test_huge_learning_rate_diverges_with_a_clear_message(reference, tmp_path):
 
 
 def test_generator_nan_stops_synthesis(reference, tmp_path, monkeypatch):
-    import synth.methods.generator as generator_module
+    import dfkd.synth.methods.generator as generator_module
 
     monkeypatch.setattr(generator_module, "mode_seeking_loss", lambda x, z: torch.tensor(float("inf")))
     with pytest.raises(UserError, match=r"generator 1 diverged at step 1 \(loss is inf\); no checkpoint"):

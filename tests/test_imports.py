@@ -7,16 +7,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "synth", "distill")
+PACKAGES = ("common", "synth", "distill")   # folders of the checkout, installed as dfkd.common, dfkd.synth, dfkd.distill
 
 
 def _modules() -> dict[str, Path]:
+    """{installed module name (dfkd.common.models, ...): its file}."""
     found = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            parts = ["dfkd", *path.relative_to(ROOT).with_suffix("").parts]
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
+
+
+def _stage(module: str) -> str:
+    """dfkd.synth.methods.base -> synth"""
+    return module.split(".")[1]
 
 
 def _import_graph() -> dict[str, set[str]]:
@@ -86,9 +92,11 @@ def test_no_import_circle():
 
 def test_the_stages_never_import_each_other():
     graph = _import_graph()
+    assert {_stage(m) for m in graph} == set(PACKAGES)
+    assert {_stage(t) for m in graph if _stage(m) != "common" for t in graph[m]} >= {"common", "synth", "distill"}
     for stage, other in (("synth", "distill"), ("distill", "synth")):
-        crossing = {m: sorted(t for t in targets if t.split(".")[0] == other)
-                    for m, targets in graph.items() if m.split(".")[0] == stage}
+        crossing = {m: sorted(t for t in targets if _stage(t) == other)
+                    for m, targets in graph.items() if _stage(m) == stage}
         assert {m: t for m, t in crossing.items() if t} == {}
 
 
@@ -99,15 +107,14 @@ def test_common_holds_only_what_both_stages_share():
     graph = _import_graph()
 
     def unit(module: str) -> str:
-        return ".".join(module.split(".")[:2])
+        return ".".join(module.split(".")[:3])
 
     lonely = {}
-    for common_unit in {unit(m) for m in graph if m.startswith("common.")}:
+    for common_unit in {unit(m) for m in graph if m.startswith("dfkd.common.")}:
         users = {unit(m) for m, targets in graph.items()
                  if unit(m) != common_unit and any(unit(t) == common_unit for t in targets)}
-        stages = {u for u in users if u.split(".")[0] != "common"}
-        stages = {u.split(".")[0] for u in stages}
-        if stages != {"synth", "distill"} and not any(u.startswith("common.") for u in users):
+        stages = {_stage(u) for u in users if _stage(u) != "common"}
+        if stages != {"synth", "distill"} and not any(u.startswith("dfkd.common.") for u in users):
             lonely[common_unit] = sorted(stages)
     assert lonely == {}
 
@@ -118,7 +125,7 @@ def test_a_manifest_is_read_without_torch(tmp_path):
     script = f"""
 import sys
 sys.modules["torch"] = None  # any import of torch fails
-from common.shards import TeacherRecord, build_manifest, read_manifest, write_manifest
+from dfkd.common.shards import TeacherRecord, build_manifest, read_manifest, write_manifest
 spec = {{"channels": 1, "size": 28, "mean": [0.5], "std": [0.25], "num_classes": 10}}
 teacher = TeacherRecord("lenet5", "none", None, "0" * 64, spec)
 write_manifest({str(tmp_path)!r}, build_manifest(teacher, method="noise", config={{}}, image_format="png",

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from common.errors import UserError
-from common.plots import PALETTE
-from common.shards import Sample, TeacherRecord, build_manifest, sample_key, write_manifest, write_shard
-from distill.cli import main as distill_cli
-from distill.report import report_run
-from synth.cli import main as synth_cli
-from synth.inspect import inspect_dataset
+from dfkd.common.errors import UserError
+from dfkd.common.plots import PALETTE
+from dfkd.common.shards import Sample, TeacherRecord, build_manifest, sample_key, write_manifest, write_shard
+from dfkd.distill.cli import main as distill_cli
+from dfkd.distill.report import report_run
+from dfkd.synth.cli import main as synth_cli
+from dfkd.synth.inspect import inspect_dataset
 
 GREEN = (0, 200, 0)
 
@@ -159,8 +159,8 @@ def test_report_out_takes_a_folder_as_export_does(tmp_path):
 
 
 def test_report_of_a_real_run(tmp_path, tiny_teacher_path):
-    from distill.train import TrainConfig, train
-    from synth.generate import GenerateConfig, generate
+    from dfkd.distill.train import TrainConfig, train
+    from dfkd.synth.generate import GenerateConfig, generate
 
     generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "noise"),
                             method="noise", num_images=64, shard_size=32, progress=False))
@@ -200,15 +200,15 @@ def test_charts_are_drawn_by_matplotlib_headless_and_only_import_it_when_drawing
 
     code = (
         "import sys\n"
-        "import common.plots, distill, distill.cli, distill.report, synth, synth.cli, synth.inspect\n"
+        "import dfkd.common.plots, dfkd.distill, dfkd.distill.cli, dfkd.distill.report\n"
+        "import dfkd.synth, dfkd.synth.cli, dfkd.synth.inspect\n"
         "assert 'matplotlib' not in sys.modules, 'imported at start'\n"
-        "from common.plots import Panel, bar_chart, line_panels\n"
+        "from dfkd.common.plots import Panel, bar_chart, line_panels\n"
         "bars = bar_chart(['0', '1'], {'a': [1, 2], 'b': [2, 1]}, 'class', 'samples', width=300, height=200)\n"
         "lines = line_panels([Panel('p', 'epoch', {'s': ([1, 2], [0.5, 0.25])})], panel_width=250, height=150)\n"
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
         "print(bars.size, lines.size)\n")
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, MPLBACKEND="module://no_such_backend", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    env = dict(os.environ, MPLBACKEND="module://no_such_backend", OMP_NUM_THREADS="1")
     env.pop("DISPLAY", None)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr

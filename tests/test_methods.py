@@ -6,15 +6,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from synth.cam import ClassActivationMaps, cam_coverage
-from common.errors import UserError
-from common.models import InputSpec, create_model
-from common.shards import read_manifest, read_shard, verify_dataset
-from synth.generate import GenerateConfig, generate
-from synth.methods import build_method
-from synth.methods.deepinversion import jitter_flip, tv_l2
-from synth.methods.generator import masked_disagreement
-from synth.methods.muse import class_embeddings, noisy_embeddings
+from dfkd.synth.cam import ClassActivationMaps, cam_coverage
+from dfkd.common.errors import UserError
+from dfkd.common.models import InputSpec, create_model
+from dfkd.common.shards import read_manifest, read_shard, verify_dataset
+from dfkd.synth.generate import GenerateConfig, generate
+from dfkd.synth.methods import build_method
+from dfkd.synth.methods.deepinversion import jitter_flip, tv_l2
+from dfkd.synth.methods.generator import masked_disagreement
+from dfkd.synth.methods.muse import class_embeddings, noisy_embeddings
 
 
 class GapLinear(nn.Module):
@@ -149,7 +149,7 @@ def test_deepinversion_priors_by_hand():
 
 
 def test_deepinversion_loss_terms_combine_with_their_weights(tiny_teacher_path):
-    from synth.bn_stats import BNStatsLoss
+    from dfkd.synth.bn_stats import BNStatsLoss
 
     teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
     method = build_method("deepinversion", {"bn_weight": "0.5", "tv_weight": "0.1", "l2_weight": "0.01"},
@@ -170,7 +170,7 @@ def test_deepinversion_lowers_its_loss(tiny_teacher_path):
     method = build_method("deepinversion", {"iterations": "25", "flip": "false"}, teacher.input_spec, 10)
     method.fit(teacher, None)
     labels = torch.arange(8) % 10
-    from synth.bn_stats import BNStatsLoss
+    from dfkd.synth.bn_stats import BNStatsLoss
 
     def loss_of(images):
         with torch.no_grad(), BNStatsLoss(teacher, 10.0) as bn:

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import distill.datasets as data
-from common.errors import UserError
-from common.models import create_model
-from distill.teacher import TeacherConfig, train_teacher
+import dfkd.distill.datasets as data
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model
+from dfkd.distill.teacher import TeacherConfig, train_teacher
 
 TRAIN_COLOUR, TEST_COLOUR = (200, 100, 50), (10, 240, 120)
 
@@ -138,7 +138,7 @@ def test_teacher_trains_on_mnistm_with_crop_and_no_flip(tmp_path):
 
 
 def test_crop_is_a_shifted_window_never_a_flip():
-    from distill.data import Augmentation, Batch, train_augmentation
+    from dfkd.distill.data import Augmentation, Batch, train_augmentation
 
     x = torch.arange(4 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(4, 3, 32, 32)
     torch.manual_seed(0)

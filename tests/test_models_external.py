@@ -5,17 +5,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from common.errors import UserError
-from common.models import create_model, load_model_checkpoint, save_model_checkpoint, state_dict_sha256
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model, load_model_checkpoint, save_model_checkpoint, state_dict_sha256
 
 pytest.importorskip("timm")
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_generators": "1", "steps": "2", "train_batch_size": "10", "width": "4", "latent_dim": "8"}
 
 USER_MODULE = '''
@@ -81,8 +79,8 @@ def test_timm_errors_are_one_line(tmp_path):
 
 
 def test_timm_pretrained_offline_is_a_one_line_error(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "synth", "generate", "--teacher", "timm/resnet50.a1_in1k",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "dfkd.synth", "generate", "--teacher", "timm/resnet50.a1_in1k",
                            "--weights", "DEFAULT", "--out", str(tmp_path / "s")], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -112,7 +110,7 @@ def test_user_module_model_spec_weights_and_round_trip(user_module, tmp_path):
 
 
 def test_teacher_without_batchnorm_is_refused_by_bn_methods(user_module, tmp_path):
-    from synth.generate import GenerateConfig, generate
+    from dfkd.synth.generate import GenerateConfig, generate
 
     config = GenerateConfig(teacher="my_nets:build_without_bn", weights="none", out=str(tmp_path / "s"),
                             method_options=dict(TINY), num_images=20, shard_size=10, write_batch_size=10, progress=False)
@@ -126,9 +124,9 @@ def test_teacher_without_batchnorm_is_refused_by_bn_methods(user_module, tmp_pat
 def test_timm_teacher_to_user_student_end_to_end(user_module, tmp_path):
     """synth generate with a tiny timm teacher (random weights) -> distill train of a student from the user's
     module and of a timm student -> their checkpoints rebuild the same models -> distill export of both."""
-    from distill.export import export_run
-    from distill.train import TrainConfig, train
-    from synth.generate import GenerateConfig, generate
+    from dfkd.distill.export import export_run
+    from dfkd.distill.train import TrainConfig, train
+    from dfkd.synth.generate import GenerateConfig, generate
 
     manifest = generate(GenerateConfig(teacher="timm/test_resnet", weights="none", out=str(tmp_path / "s"),
                                        method_options=dict(TINY), num_images=40, shard_size=20, write_batch_size=20,

@@ -47,7 +47,7 @@ def test_bench_synthesis_writing_measurements_run(tmp_path, monkeypatch):
     writes a shard (its RNG, a writer process), at the smallest size."""
     import torch
 
-    from common.accel import Compute
+    from dfkd.common.accel import Compute
 
     bench = _load("bench_synthesis", monkeypatch)
     case = bench.Case("lenet5", 28, "cpu", gen_batch=4, generators=1, write_batch=10, write_images=20,

@@ -7,20 +7,20 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from common import options
-from common.errors import UserError
-from common.models import InputSpec
-from common.recipes import choose_recipe, load_recipe, shipped_names
-from common.shards import TeacherRecord, build_manifest, read_manifest
-from distill.cli import main as distill_cli
-from distill.cli import teacher_command, train_command
-from distill.config import TrainConfig
-from distill.recipe import resolve_run
-from distill.teacher import TeacherConfig
-from synth.cli import generate_cmd
-from synth.cli import main as synth_cli
-from synth.generate import GenerateConfig, generate, resolve_config
-from synth.methods import METHODS, parse_config
+from dfkd.common import options
+from dfkd.common.errors import UserError
+from dfkd.common.models import InputSpec
+from dfkd.common.recipes import choose_recipe, load_recipe, shipped_names
+from dfkd.common.shards import TeacherRecord, build_manifest, read_manifest
+from dfkd.distill.cli import main as distill_cli
+from dfkd.distill.cli import teacher_command, train_command
+from dfkd.distill.config import TrainConfig
+from dfkd.distill.recipe import resolve_run
+from dfkd.distill.teacher import TeacherConfig
+from dfkd.synth.cli import generate_cmd
+from dfkd.synth.cli import main as synth_cli
+from dfkd.synth.generate import GenerateConfig, generate, resolve_config
+from dfkd.synth.methods import METHODS, parse_config
 
 MNIST_SPEC = InputSpec(1, 28, (0.1307,), (0.3081,), 10)
 # what makes a run with the small-grey recipe short enough for a test (everything else: the recipe's)
@@ -220,7 +220,7 @@ def test_no_option_default_is_written_twice():
 
 
 def test_option_helpers():
-    from common.options import explicit_values, hashed, parse_value, resumable
+    from dfkd.common.options import explicit_values, hashed, parse_value, resumable
 
     spec = {s.name: s for s in options.options_of(METHODS["muse"].Config)}
     assert parse_value(spec["scales"], "0.5, 1") == (0.5, 1.0) and parse_value(spec["scales"], [1]) == (1.0,)
@@ -242,7 +242,7 @@ def test_one_settings_diff_serves_both_stages():
     """options.differences: the hashed options that differ (declaration order; tuples equal to the lists a
     JSON record holds; a setting missing from an old record taking its default); without a class, every
     key of either mapping. Both stages' refusals are made of it."""
-    from distill.config import setting_defaults
+    from dfkd.distill.config import setting_defaults
 
     old = {"epochs": 10, "lr": 0.05, "workers": 2, "out": "a"}  # no `mixup`: written before it existed
     new = {"epochs": 10, "lr": 0.2, "workers": 2, "out": "b", "mixup": 0.0}
@@ -267,7 +267,7 @@ def _run(manifest, **given):
 def test_one_recipe_resolver_serves_both_stages():
     """common.recipes.apply_recipe resolves both stages (explicit > the recipe's table > declared default);
     each stage only picks its recipe and its table."""
-    from common.recipes import Resolved
+    from dfkd.common.recipes import Resolved
 
     synth = resolve_config(GenerateConfig(teacher="lenet5", num_images=7), MNIST_SPEC)
     run = _run(_manifest(), epochs=3)
@@ -367,9 +367,9 @@ def test_distill_cli_options_come_from_the_declarations():
         assert set(flags) - {s.name for s in options.options_of(cls)} == {"threads", "quiet"}
     import inspect
 
-    import distill.cli
+    from dfkd.distill import cli as distill_cli
 
-    source = inspect.getsource(distill.cli)
+    source = inspect.getsource(distill_cli)
     train_part = source[source.index('@main.command("train"'):source.index('@main.command("export"')]
     assert "default=" not in train_part.replace("default=None", "")
 
@@ -443,7 +443,7 @@ def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_pa
     muse_shards.mkdir(parents=True)
     (muse_shards / "bench_timing.json").write_text('{"wall_s": 30.0, "cpu_s": 40.0}')
     result = bench.bench_variant("python", tmp_path, "mnistm64", row, [0], "data")
-    assert len(commands) == 1 and commands[0][1:4] == ["-m", "distill", "train"]   # no synthesis of its own
+    assert len(commands) == 1 and commands[0][1:4] == ["-m", "dfkd.distill", "train"]   # no synthesis of its own
     cmd = commands[0]
     assert cmd[cmd.index("--shards") + 1] == str(muse_shards)
     assert cmd[cmd.index("--teacher-view") + 1] == "native"
@@ -465,7 +465,7 @@ def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(
     monkeypatch.setattr(bench, "final_top1", lambda run_dir, epochs: 50.0)
     row = "generator ensemble + adversarial"
     result = bench.bench_variant("python", tmp_path, "mnistm32", row, [0, 1, 2], "data", paired=True)
-    synths = [c for c in commands if c[1:4] == ["-m", "synth", "generate"]]
+    synths = [c for c in commands if c[1:4] == ["-m", "dfkd.synth", "generate"]]
     assert [c[c.index("--seed") + 1] for c in synths] == ["0", "1", "2"]
     base = tmp_path / "mnistm32" / "shards"
     assert [c[c.index("--out") + 1] for c in synths] == [str(base / "generator-ensemble-adversarial"),
@@ -475,7 +475,7 @@ def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(
     # cached: a rerun synthesises nothing
     commands.clear()
     bench.bench_variant("python", tmp_path, "mnistm32", row, [0, 1, 2], "data", paired=True)
-    assert not [c for c in commands if c[1:4] == ["-m", "synth", "generate"]]
+    assert not [c for c in commands if c[1:4] == ["-m", "dfkd.synth", "generate"]]
     # unpaired: one synthesis (seed 0) for every distillation seed
     assert [bench.synth_seed_of(s, False, "generator") for s in (0, 1, 2)] == [0, 0, 0]
     assert [bench.synth_seed_of(s, True, "real") for s in (0, 1, 2)] == [0, 0, 0]
@@ -487,7 +487,7 @@ def test_generate_builds_the_teacher_once(tiny_teacher_path, tmp_path, monkeypat
     """The teacher is built once: after the recipe is resolved for a named recipe (one that sets the seed
     here, which random weights depend on), before it for the automatic one, which chooses among shipped
     recipes that never set how the teacher is built."""
-    import synth.generate as gen
+    import dfkd.synth.generate as gen
 
     for name in shipped_names():
         assert not set(load_recipe(name).synth) & set(gen._TEACHER_FIELDS), name
@@ -510,7 +510,7 @@ def test_generate_builds_the_teacher_once(tiny_teacher_path, tmp_path, monkeypat
 def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_path, tmp_path, monkeypatch):
     """--set values over the recipe's method table are parsed once, when the config is resolved, into the
     method's declared options dataclass; the method gets that object (nothing parses them again)."""
-    import synth.methods
+    from dfkd.synth import methods as synth_methods
 
     resolved = resolve_config(GenerateConfig(teacher="lenet5", method_options={"steps": "3", "width": "4"}),
                               MNIST_SPEC)
@@ -525,7 +525,7 @@ def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_
 
     def parsed_again(*args, **kwargs):
         raise AssertionError("method options parsed a second time")
-    monkeypatch.setattr(synth.methods, "parse_config", parsed_again)
+    monkeypatch.setattr(synth_methods, "parse_config", parsed_again)
     manifest = generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(tmp_path / "o"),
                                        num_images=16, val_images=0, write_workers=0, progress=False,
                                        method_options={"num_generators": "1", "steps": "1", "train_batch_size": "8",

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from common.errors import UserError
-from common.remote import is_remote, join
-from common.shards import read_manifest, shard_paths
-from distill.train import TrainConfig, train
-from synth.generate import GenerateConfig, generate
+from dfkd.common.errors import UserError
+from dfkd.common.remote import is_remote, join
+from dfkd.common.shards import read_manifest, shard_paths
+from dfkd.distill.train import TrainConfig, train
+from dfkd.synth.generate import GenerateConfig, generate
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_train_from_http_and_pipe(shard_folder, server, tmp_path):
     assert metrics["steps"] == 6
     from click.testing import CliRunner
 
-    from distill.cli import main
+    from dfkd.distill.cli import main
 
     result = CliRunner().invoke(main, ["train", "--shards", f"{url}/shards/", "--student", "lenet5_half", "--out",
                                        str(tmp_path / "cli"), "--epochs", "1", "--batch-size-per-rank", "10",
@@ -127,7 +127,7 @@ def test_weights_download_failure_names_the_url_and_the_status(server, tmp_path,
     """torchvision's pretrained weights from an address that answers 404, or from a closed port."""
     from torchvision.models._api import WeightsEnum
 
-    from common.models import create_model
+    from dfkd.common.models import create_model
 
     _, url = server
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # nothing cached

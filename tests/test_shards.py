@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from common.errors import UserError
-from common.shards import (IMAGE_FORMATS, Sample, ShardFormatError, TeacherRecord, build_manifest, decode_sample,
+from dfkd.common.errors import UserError
+from dfkd.common.shards import (IMAGE_FORMATS, Sample, ShardFormatError, TeacherRecord, build_manifest, decode_sample,
                            read_manifest,
                            read_shard, sample_key, shard_paths, verify_dataset, write_manifest, write_shard)
 
@@ -145,7 +145,7 @@ def test_truncation_at_any_block_is_detected(tmp_path):
 
 
 def test_tar_header_checksum_is_exact_and_a_flipped_header_byte_is_refused(tmp_path):
-    from common.shards.tar import _byte_sum
+    from dfkd.common.shards.tar import _byte_sum
     rng = np.random.default_rng(0)
     for block in [bytes(512), b"\xff" * 512, *(rng.integers(0, 256, 512, dtype=np.uint8).tobytes() for _ in range(200))]:
         assert _byte_sum(block) == sum(block)   # the Adler-32 shortcut never wraps on 512 bytes

@@ -6,10 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.errors import UserError
-from common.shards import read_manifest, read_shard, verify_dataset
-from synth.cli import main as synth_cli
-from synth.generate import GenerateConfig, generate
+from dfkd.common.errors import UserError
+from dfkd.common.shards import read_manifest, read_shard, verify_dataset
+from dfkd.synth.cli import main as synth_cli
+from dfkd.synth.generate import GenerateConfig, generate
 
 TINY = {"num_generators": "2", "steps": "6", "train_batch_size": "20", "width": "4", "latent_dim": "8",
         "feature_diversity_weight": "0.5", "sample_noise_scale": "1.5",
@@ -37,7 +37,7 @@ def test_generate_writes_valid_balanced_shards(tiny_teacher_path, tmp_path):
     assert {s.meta["stream"] for s in samples} == {0, 1}
     assert samples[0].image.shape == (28, 28, 1) and samples[0].logits.shape == (10,)
     # stored logits are the teacher's on exactly the stored 8-bit image
-    from common.models import create_model
+    from dfkd.common.models import create_model
     teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
     x = torch.from_numpy(samples[3].image.copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_cli_generate_and_verify(tiny_teacher_path, tmp_path):
 
 
 def test_generator_steps_auto_scale_with_dataset_size():
-    from synth.methods.generator import GeneratorEnsembleConfig
+    from dfkd.synth.methods.generator import GeneratorEnsembleConfig
 
     auto = GeneratorEnsembleConfig(train_batch_size=100)
     assert auto.for_images(64).steps == 20          # smoke runs stay short
@@ -200,7 +200,7 @@ def test_verify_checks_the_held_out_split(tiny_teacher_path, tmp_path):
 
 
 def test_held_out_split_default_size():
-    from synth.generate import val_count
+    from dfkd.synth.generate import val_count
 
     sizes = {n: val_count(GenerateConfig(teacher="lenet5", num_images=n)) for n in (50, 10_000, 96_000, 10**6)}
     assert sizes == {50: 5, 10_000: 500, 96_000: 1920, 10**6: 2000}

@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.errors import UserError
-from common.models import create_model
-from common.shards import read_manifest, read_shard, verify_dataset
-from synth.cli import main as synth_cli
-from synth.generate import GenerateConfig, generate
-from synth.methods import build_method
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model
+from dfkd.common.shards import read_manifest, read_shard, verify_dataset
+from dfkd.synth.cli import main as synth_cli
+from dfkd.synth.generate import GenerateConfig, generate
+from dfkd.synth.methods import build_method
 
 TINY = {"num_generators": "3", "steps": "5", "train_batch_size": "12", "width": "4", "latent_dim": "8",
         "feature_diversity_weight": "2", "checkpoint_every": "2"}

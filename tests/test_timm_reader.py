@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.models import InputSpec
-from common.shards import (IMAGE_FORMATS, TIMM_READABLE_FORMATS, Manifest, Sample, ShardFormatError, TeacherRecord,
+from dfkd.common.models import InputSpec
+from dfkd.common.shards import (IMAGE_FORMATS, TIMM_READABLE_FORMATS, Manifest, Sample, ShardFormatError, TeacherRecord,
                            build_manifest, read_manifest, read_shard, sample_key, write_manifest, write_shard)
 
 timm_data = pytest.importorskip("timm.data", reason="timm is a test extra: pip install -e .[test]")

@@ -7,15 +7,15 @@ import csv
 import pytest
 import torch
 
-from common.errors import UserError
-from common.models import create_model, load_model_checkpoint
-from common.shards import read_manifest
-from distill.data import Batch, ShardLoader
-from distill.loop import train_one_epoch
-from distill.losses import LOSSES, distill_loss, kd_loss
-from distill.nets import Models
-from distill.throughput import ModelEma, grad_scaler
-from distill.train import TrainConfig, train
+from dfkd.common.errors import UserError
+from dfkd.common.models import create_model, load_model_checkpoint
+from dfkd.common.shards import read_manifest
+from dfkd.distill.data import Batch, ShardLoader
+from dfkd.distill.loop import train_one_epoch
+from dfkd.distill.losses import LOSSES, distill_loss, kd_loss
+from dfkd.distill.nets import Models
+from dfkd.distill.throughput import ModelEma, grad_scaler
+from dfkd.distill.train import TrainConfig, train
 
 from test_distill import PER_SHARD, SHARDS, write_shard_folder
 
@@ -48,7 +48,7 @@ def test_stored_logits_are_the_targets_and_no_teacher_is_built(shards, tmp_path,
     loss = distill_loss(models, batch, cfg, torch.device("cpu"))["loss"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
-    import distill.inputs as inputs_module
+    import dfkd.distill.inputs as inputs_module
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("stored logits must not build the teacher")
@@ -165,8 +165,8 @@ def test_steps_and_metrics_log_every_loss_term(shards, tmp_path):
 
 def test_none_means_none_for_optional_path_options():
     """`--eval-data none` (and --teacher-weights none) mean no value, as their help says, not a folder named none."""
-    from common.options import options_of, parse_value
-    from distill.config import TrainConfig
+    from dfkd.common.options import options_of, parse_value
+    from dfkd.distill.config import TrainConfig
 
     specs = {s.name: s for s in options_of(TrainConfig)}
     assert parse_value(specs["eval_data"], "none") is None

@@ -12,15 +12,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import distill.train as train_module
-from common.errors import UserError
-from common.fileio import load_torch_safely
-from common.models import create_model, load_model_checkpoint, save_model_checkpoint
-from common.shards import read_shard
-from distill.cli import main
-from distill.report import report_run
-from distill.train import train
-from distill.validation import BEST_VAL_FILE, best_epoch
+import dfkd.distill.train as train_module
+from dfkd.common.errors import UserError
+from dfkd.common.fileio import load_torch_safely
+from dfkd.common.models import create_model, load_model_checkpoint, save_model_checkpoint
+from dfkd.common.shards import read_shard
+from dfkd.distill.cli import main
+from dfkd.distill.report import report_run
+from dfkd.distill.train import train
+from dfkd.distill.validation import BEST_VAL_FILE, best_epoch
 
 from test_distill import PER_SHARD, config, read_metrics
 from test_distill import write_shard_folder as write_folder  # the stage-two tests' tiny shard folders

@@ -1,8 +1,8 @@
 """Synthesis methods, one file each. `METHODS` maps the CLI name to the class."""
 from __future__ import annotations
 
-from common.accel import Compute
-from common.input_spec import InputSpec
+from dfkd.common.accel import Compute
+from dfkd.common.input_spec import InputSpec
 
 from .base import SynthesisMethod, make_config, parse_config
 from .deepinversion import DeepInversion

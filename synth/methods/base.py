@@ -16,9 +16,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from common.accel import Compute
-from common.errors import UserError
-from common.options import parse_options, validate
+from dfkd.common.accel import Compute
+from dfkd.common.errors import UserError
+from dfkd.common.options import parse_options, validate
 
 
 class SynthesisMethod:

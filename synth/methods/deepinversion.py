@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.accel import compile_module, grad_scaler
-from common.options import option
-from common.options import validate as validate_options
+from dfkd.common.accel import compile_module, grad_scaler
+from dfkd.common.options import option
+from dfkd.common.options import validate as validate_options
 
 from ..bn_stats import BNStatsLoss
 from .base import SynthesisMethod, require_input_size

@@ -36,14 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.accel import compile_module, grad_scaler
-from common.errors import UserError
-from common.faults import fault_point
-from common.fileio import load_torch_safely, save_torch_atomic
-from common.input_spec import InputSpec
-from common.models import create_model
-from common.options import hashed, option
-from common.options import validate as validate_options
+from dfkd.common.accel import compile_module, grad_scaler
+from dfkd.common.errors import UserError
+from dfkd.common.faults import fault_point
+from dfkd.common.fileio import load_torch_safely, save_torch_atomic
+from dfkd.common.input_spec import InputSpec
+from dfkd.common.models import create_model
+from dfkd.common.options import hashed, option
+from dfkd.common.options import validate as validate_options
 
 from ..bn_stats import BNStatsLoss
 from .base import SynthesisMethod, seeded_generator

@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import UserError
-from common.input_spec import InputSpec
-from common.options import option
+from dfkd.common.errors import UserError
+from dfkd.common.input_spec import InputSpec
+from dfkd.common.options import option
 
 from ..cam import ClassActivationMaps, cam_coverage
 from .base import require_input_size

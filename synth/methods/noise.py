@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.options import option
+from dfkd.common.options import option
 
 from .base import SynthesisMethod
 
