@@ -29,7 +29,10 @@ Parts, in order of value (each command is the product's own command line, run as
      synthesis cost, the real-data ceiling) and 64 px (MUSE 16/32/64 px against the ensemble), one seed each
 
 The installation on the GPU machine goes to a temporary folder put on PYTHONPATH (pip install --no-index
---no-deps --target); torch and the machine's other packages are not touched.
+--no-deps --target); torch and the machine's other packages are not touched. The project itself is not installed
+there: a second temporary folder on PYTHONPATH holds a package `dfkd` whose path is this checkout, so that
+`import dfkd.synth` (this script, its child processes, their workers) finds the checkout's synth/ as the
+installed distribution maps it.
 """
 from __future__ import annotations
 
@@ -53,7 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PARTS = ("a", "b", "c", "d", "e")
 CUDA_TEST_FILES = ("tests/test_synth_compute.py", "tests/test_estimate.py")
@@ -490,6 +492,17 @@ def unpack_carry(carry: Path, work: Path) -> tuple[Path | None, Path, dict]:
     return site, data, done
 
 
+def expose_checkout(folder: Path) -> Path:
+    """Make `folder` a path entry under which `import dfkd.common` / `dfkd.synth` / `dfkd.distill` finds this
+    checkout's common/, synth/ and distill/ (the mapping setup.cfg installs), without installing anything: a package
+    `dfkd` whose __path__ is the checkout root. Put `folder` first on sys.path and on the children's PYTHONPATH."""
+    package = folder / "dfkd"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(f'"""This checkout as the dfkd package (pipelines/gpu_check.py)."""\n'
+                                         f"__path__ = [{str(ROOT)!r}]\n")
+    return folder
+
+
 def importable(module: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
 
@@ -616,9 +629,20 @@ def main() -> None:
                         help="seconds for the whole run (default: 480 on a GPU, 600 dry); a part gets at most its "
                         "own cap and what is left")
     args = parser.parse_args()
-    if args.prepare:
-        prepare(Path(args.prepare), Path(args.data_root))
-        return
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    try:
+        checkout = expose_checkout(work / "checkout")
+        sys.path.insert(0, str(checkout))
+        if args.prepare:
+            prepare(Path(args.prepare), Path(args.data_root))
+            return
+        check(args, work, checkout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check(args, work: Path, checkout: Path) -> None:
+    """The parts, in order, each within its cap and what is left of the budget; exits 1 when one is not ok."""
     import torch
 
     gpu = torch.cuda.is_available() and not args.dry_run
@@ -635,60 +659,57 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     budget = args.budget or sizes.budget
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     env = {**os.environ, **sizes.env}
     setup: dict = {}
-    try:
-        if args.carry:
-            site, data_root, setup = unpack_carry(Path(args.carry), work)
-            if site is not None:
-                sys.path.insert(0, str(site))
-                env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-        else:
-            data_root = None
-        if args.dry_run:   # stand-in data: building MNIST-M from 60k digits would take the dry run's minutes
-            data_root = standin_data(work / "standin")
-            setup["dry_run_data"] = "stand-in (random digits and photographs)"
-        elif data_root is None:
-            raise SystemExit("give --carry DIR (made by --prepare): the GPU machine has no data and no network")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
-        ctx = Context(args, sizes, out, data_root, gpu)
-        ctx.summary["setup"] = setup
-        for p in PARTS:
-            part = ctx.summary["parts"][p]
-            left = budget - (time.monotonic() - started)
-            if p not in parts:
-                part["status"] = "skipped (not selected)"
-                continue
-            if left < 10:
-                part["status"] = "skipped (no time left)"
-                continue
-            cap = min(sizes.caps[p], left)
-            run = Runner(out / p, env, time.monotonic() + cap)
-            ctx.current = p
-            part["status"], part["cap_s"] = "running", round(cap)
-            ctx.write()
-            t0 = time.monotonic()
-            try:
-                part["result"] = PART_FUNCS[p](ctx, run)
-                part["status"] = "ok"
-            except PartTimeout as e:
-                part["status"], part["error"] = f"timed out (cap {cap:.0f} s)", str(e)
-            except PartFailed as e:
-                part["status"], part["error"] = "failed", e.args[0]
-                if len(e.args) > 1:
-                    part["result"] = e.args[1]
-            except Exception as e:  # noqa: BLE001 - one part's bug must not lose the others' results
-                part["status"], part["error"] = "failed", f"{type(e).__name__}: {e}"
-            part["seconds"] = round(time.monotonic() - t0, 1)
-            part["commands"] = run.commands
-            part["tables"] = [str(out / p / t) for t in TABLES.get(p, []) if (out / p / t).exists()]
-            ctx.summary["seconds"] = time.monotonic() - started
-            ctx.write()
-            print(f"part {p} ({TITLES[p]}): {part['status']} in {part['seconds']} s  {headline(p, part.get('result') or {})}",
-                  flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.carry:
+        site, data_root, setup = unpack_carry(Path(args.carry), work)
+        if site is not None:
+            sys.path.insert(0, str(site))
+            env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    else:
+        data_root = None
+    if args.dry_run:   # stand-in data: building MNIST-M from 60k digits would take the dry run's minutes
+        data_root = standin_data(work / "standin")
+        setup["dry_run_data"] = "stand-in (random digits and photographs)"
+    elif data_root is None:
+        raise SystemExit("give --carry DIR (made by --prepare): the GPU machine has no data and no network")
+    # this checkout as dfkd.*, before any installed copy of the project
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(checkout), env.get("PYTHONPATH", "")] if p)
+    ctx = Context(args, sizes, out, data_root, gpu)
+    ctx.summary["setup"] = setup
+    for p in PARTS:
+        part = ctx.summary["parts"][p]
+        left = budget - (time.monotonic() - started)
+        if p not in parts:
+            part["status"] = "skipped (not selected)"
+            continue
+        if left < 10:
+            part["status"] = "skipped (no time left)"
+            continue
+        cap = min(sizes.caps[p], left)
+        run = Runner(out / p, env, time.monotonic() + cap)
+        ctx.current = p
+        part["status"], part["cap_s"] = "running", round(cap)
+        ctx.write()
+        t0 = time.monotonic()
+        try:
+            part["result"] = PART_FUNCS[p](ctx, run)
+            part["status"] = "ok"
+        except PartTimeout as e:
+            part["status"], part["error"] = f"timed out (cap {cap:.0f} s)", str(e)
+        except PartFailed as e:
+            part["status"], part["error"] = "failed", e.args[0]
+            if len(e.args) > 1:
+                part["result"] = e.args[1]
+        except Exception as e:  # noqa: BLE001 - one part's bug must not lose the others' results
+            part["status"], part["error"] = "failed", f"{type(e).__name__}: {e}"
+        part["seconds"] = round(time.monotonic() - t0, 1)
+        part["commands"] = run.commands
+        part["tables"] = [str(out / p / t) for t in TABLES.get(p, []) if (out / p / t).exists()]
+        ctx.summary["seconds"] = time.monotonic() - started
+        ctx.write()
+        print(f"part {p} ({TITLES[p]}): {part['status']} in {part['seconds']} s  {headline(p, part.get('result') or {})}",
+              flush=True)
     print(f"wrote {out / 'summary.md'} and {out / 'summary.json'} ({time.monotonic() - started:.0f} s)")
     failed = [p for p in parts if ctx.summary["parts"][p]["status"] not in ("ok",)]
     sys.exit(1 if failed else 0)
