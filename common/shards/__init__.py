@@ -27,7 +27,7 @@ samples always give the same shard bytes and the same sha256.
 
 The package's parts: codec.py (a sample's members), tar.py (a shard's tar file), manifest.py (manifest.json,
 _info.json, the folder's layout), schema.py (the manifest's strict checks), verify.py (a folder against its
-manifest). Import the names from `common.shards`.
+manifest). Import the names from `dfkd.common.shards`.
 """
 
 from . import schema
