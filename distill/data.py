@@ -46,7 +46,7 @@ from dfkd.common.errors import UserError
 from dfkd.common.input_spec import InputSpec
 from dfkd.common.remote import StreamError, fetch_verified, is_remote
 from dfkd.common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
-                           shard_paths)
+                                shard_paths)
 
 from .datasets import ImageArrays
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dfkd.common.recipes import (AUTO, NONE, Recipe, Resolved, apply_recipe, choose_recipe, empty_recipe, load_recipe,
-                            pick_recipe, shipped_names)
+                                 pick_recipe, shipped_names)
 from dfkd.common.shards import Manifest
 
 from .config import TrainConfig

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from dfkd.common.errors import UserError
 from dfkd.common.remote import is_remote
 from dfkd.common.shards import (MANIFEST_NAME, VAL_SPLIT, Manifest, check_shard_files, held_out_mismatch, read_manifest,
-                           shard_paths)
+                                shard_paths)
 
 from .data import Decoder, ShardSamples, collate
 from .throughput import batch_to

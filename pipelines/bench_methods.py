@@ -339,9 +339,9 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
         run_dir = base / "runs" / run_name(variant, seed, synth_seed)
         if final_top1(run_dir, cfg["distill_epochs"]) is None and not synthesis_only:
             resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            run([py, "-m", "dfkd.distill", "train", "--shards", str(shards_folder(base, source, synth_seed)), "--student",
-                 cfg["student"], "--out", str(run_dir), "--eval-data", cfg.get("data", "mnist"), "--data-root",
-                 data_root, "--seed", str(seed), "--quiet", "--recipe", "none", *distill_args, *resume],
+            run([py, "-m", "dfkd.distill", "train", "--shards", str(shards_folder(base, source, synth_seed)),
+                 "--student", cfg["student"], "--out", str(run_dir), "--eval-data", cfg.get("data", "mnist"),
+                 "--data-root", data_root, "--seed", str(seed), "--quiet", "--recipe", "none", *distill_args, *resume],
                 base / "logs" / f"distill-{run_name(variant, seed, synth_seed)}.log")
         if final_top1(run_dir, cfg["distill_epochs"]) is not None:
             top1[seed] = final_top1(run_dir, cfg["distill_epochs"])

@@ -86,7 +86,7 @@ def write_shards(folder: Path, n: int, shard_size: int, size: int, channels: int
     """A complete shard folder of n smooth random images with random labels and logits."""
     from dfkd.common.models import InputSpec, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
     from dfkd.common.shards import (Sample, TeacherRecord, build_manifest, read_manifest, sample_key, shard_name,
-                               write_manifest, write_shard)
+                                    write_manifest, write_shard)
 
     if (folder / "manifest.json").is_file() and read_manifest(folder, require_complete=False).complete:
         return folder

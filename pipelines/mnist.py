@@ -56,7 +56,8 @@ def write_real_shards(teacher_path: Path, out: Path, data_root: str) -> None:
     from dfkd.distill.datasets import load_mnist
     from dfkd.common.models import create_model, teacher_record
     from dfkd.common.recipes import load_recipe
-    from dfkd.common.shards import Sample, build_manifest, read_manifest, sample_key, shard_name, write_manifest, write_shard
+    from dfkd.common.shards import (Sample, build_manifest, read_manifest, sample_key, shard_name, write_manifest,
+                                    write_shard)
 
     if (out / "manifest.json").exists() and read_manifest(out, require_complete=False).complete:
         return

@@ -23,7 +23,7 @@ from dfkd.common.errors import UserError
 from dfkd.common.options import click_options, describe, explicit_values, options_of
 from dfkd.common.recipes import recipe_keys, shipped_names
 from dfkd.common.shards import (MANIFEST_NAME, TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnings, read_manifest,
-                           verify_dataset)
+                                verify_dataset)
 
 from .estimate import ESTIMATE_NAME, Estimate, process_seconds
 from .generate import GenerateConfig, generate

@@ -50,7 +50,7 @@ from dfkd.common.accel import AMP_MODES, Compute, check_amp, compile_module, res
 from dfkd.common.errors import DiskFullError, UserError
 from dfkd.common.faults import fault_point
 from dfkd.common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, folder_lock, is_temp_file,
-                           remove_stale_temps, sha256_file, write_json_atomic)
+                                remove_stale_temps, sha256_file, write_json_atomic)
 from dfkd.common import models, options
 from dfkd.common.models import create_model
 from dfkd.common.options import check_options, option, parse_options, track_explicit
@@ -58,7 +58,7 @@ from dfkd.common.options import validate as validate_options
 from dfkd.common import recipes
 from dfkd.common.recipes import AUTO, apply_recipe, as_dict, pick_recipe, shipped_names
 from dfkd.common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
-                           TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
+                                TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
 from . import estimate as timing
 from .estimate import ESTIMATE_NAME, Estimate, Projection

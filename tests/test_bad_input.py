@@ -28,7 +28,7 @@ from dfkd.common.errors import UserError
 from dfkd.common.fileio import folder_lock, sha256_file
 from dfkd.common.models import create_model, save_model_checkpoint, teacher_record
 from dfkd.common.shards import (Sample, ShardFormatError, build_manifest, decode_image, encode_sample, read_manifest,
-                           read_shard, sample_key, write_manifest, write_shard)
+                                read_shard, sample_key, write_manifest, write_shard)
 from dfkd.distill.cli import main as distill_cli
 from dfkd.distill.data import Decoder
 from dfkd.distill.train import TrainConfig, train

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "synth", "distill")   # folders of the checkout, installed as dfkd.common, dfkd.synth, dfkd.distill
+PACKAGES = ("common", "synth", "distill")   # the checkout's folders, installed as dfkd.common, dfkd.synth, ...
 
 
 def _modules() -> dict[str, Path]:

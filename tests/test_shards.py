@@ -8,8 +8,8 @@ import webdataset as wds
 
 from dfkd.common.errors import UserError
 from dfkd.common.shards import (IMAGE_FORMATS, Sample, ShardFormatError, TeacherRecord, build_manifest, decode_sample,
-                           read_manifest,
-                           read_shard, sample_key, shard_paths, verify_dataset, write_manifest, write_shard)
+                                read_manifest, read_shard, sample_key, shard_paths, verify_dataset, write_manifest,
+                                write_shard)
 
 
 def _samples(n, channels=1, size=28, classes=10, seed=0, first=0):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dfkd.common.models import InputSpec
 from dfkd.common.shards import (IMAGE_FORMATS, TIMM_READABLE_FORMATS, Manifest, Sample, ShardFormatError, TeacherRecord,
-                           build_manifest, read_manifest, read_shard, sample_key, write_manifest, write_shard)
+                                build_manifest, read_manifest, read_shard, sample_key, write_manifest, write_shard)
 
 timm_data = pytest.importorskip("timm.data", reason="timm is a test extra: pip install -e .[test]")
 
