@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from dfkd.common.errors import UserError
 from dfkd.common.remote import is_remote
-from dfkd.common.shards import (MANIFEST_NAME, VAL_SPLIT, Manifest, check_shard_files, held_out_mismatch, read_manifest,
-                                shard_paths)
+from dfkd.common.shards import (VAL_SPLIT, Manifest, check_shard_files, held_out_folder, held_out_mismatch,
+                                read_held_out, read_manifest, shard_paths)
 
 from .data import Decoder, ShardSamples, collate
 from .throughput import batch_to
@@ -55,12 +55,11 @@ class ValSet:
 def auto_location(shards: str) -> str | None:
     """The held-out split beside local training shards (`<shards>/val` with a complete manifest), or None.
     A split still being written is left out with a note on stderr."""
-    if is_remote(shards):
-        return None  # not probed over the network: pass --val-shards URL
-    folder = Path(shards) / VAL_SPLIT
-    if not (folder / MANIFEST_NAME).is_file():
+    held_out = read_held_out(shards)   # None for remote shards too: not probed over the network (--val-shards URL)
+    if held_out is None:
         return None
-    if not read_manifest(folder, require_complete=False).complete:
+    folder = held_out_folder(shards)
+    if not held_out.complete:
         print(f"note: {folder} is unfinished (rerun the same `synth generate` to finish it): no validation signal "
               "this run", file=sys.stderr, flush=True)
         return None

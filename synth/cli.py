@@ -22,8 +22,8 @@ from dfkd.common.clihelp import GroupedCommand, grouped_option
 from dfkd.common.errors import UserError
 from dfkd.common.options import click_options, describe, explicit_values, options_of
 from dfkd.common.recipes import recipe_keys, shipped_names
-from dfkd.common.shards import (MANIFEST_NAME, TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnings, read_manifest,
-                                verify_dataset)
+from dfkd.common.shards import (TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnings, held_out_folder, read_held_out,
+                                read_manifest, verify_dataset)
 
 from .estimate import ESTIMATE_NAME, Estimate, process_seconds
 from .generate import GenerateConfig, generate
@@ -80,9 +80,9 @@ def generate_cmd(sets, threads, quiet, **flags):
     if distributed.info().is_main:
         out = given.get("out", "shards")
         click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
-        held_out = _held_out(out)
-        if held_out is not None:
-            click.echo(f"held-out split: {held_out.num_samples} images in {Path(out) / VAL_SPLIT} (for `distill train "
+        held_out = read_held_out(out)
+        if held_out is not None and held_out.complete:
+            click.echo(f"held-out split: {held_out.num_samples} images in {held_out_folder(out)} (for `distill train "
                        "--val-shards`, found there by default)")
         if manifest.image_format not in TIMM_READABLE_FORMATS:
             click.echo(f"note: {manifest.image_format} shards are read by `distill train` and plain webdataset, not by "
@@ -114,8 +114,8 @@ def verify_cmd(folder, no_decode, jobs):
     of the manifest's shape, sample counts, unique keys. Exit code 1 when something is wrong."""
     manifest = read_manifest(folder, require_complete=False)
     problems = verify_dataset(folder, decode=not no_decode, jobs=jobs)
-    held_out = _held_out(folder, require_complete=False)
-    notes = dataset_warnings(folder) + ([f"{VAL_SPLIT}/{n}" for n in dataset_warnings(Path(folder) / VAL_SPLIT)]
+    held_out = read_held_out(folder)
+    notes = dataset_warnings(folder) + ([f"{VAL_SPLIT}/{n}" for n in dataset_warnings(held_out_folder(folder))]
                                         if held_out is not None else [])
     for note in notes:
         click.echo(f"NOTE {note}")
@@ -129,16 +129,6 @@ def verify_cmd(folder, no_decode, jobs):
                + ("" if no_decode else ", all decoded")
                + (f"; held-out split {VAL_SPLIT}/: {len(held_out.shards)} shards, {held_out.num_samples} samples"
                   if held_out is not None else ""))
-
-
-def _held_out(folder, require_complete: bool = True):
-    """The manifest of FOLDER's held-out split (FOLDER/val), or None when there is none (or, with
-    `require_complete`, it is unfinished)."""
-    val = Path(folder) / VAL_SPLIT
-    if not (val / MANIFEST_NAME).is_file():
-        return None
-    manifest = read_manifest(val, require_complete=False)
-    return manifest if manifest.complete or not require_complete else None
 
 
 @main.command("inspect")

@@ -7,9 +7,9 @@ import pytest
 import webdataset as wds
 
 from dfkd.common.errors import UserError
-from dfkd.common.shards import (IMAGE_FORMATS, Sample, ShardFormatError, TeacherRecord, build_manifest, decode_sample,
-                                read_manifest, read_shard, sample_key, shard_paths, verify_dataset, write_manifest,
-                                write_shard)
+from dfkd.common.shards import (IMAGE_FORMATS, VAL_SPLIT, Sample, ShardFormatError, TeacherRecord, build_manifest,
+                                decode_sample, held_out_folder, read_held_out, read_manifest, read_shard, sample_key,
+                                shard_paths, verify_dataset, write_manifest, write_shard)
 
 
 def _samples(n, channels=1, size=28, classes=10, seed=0, first=0):
@@ -77,6 +77,41 @@ def test_manifest_round_trip_and_info_json(tmp_path):
     assert info["filenames"] == ["shard-000000.tar", "shard-000001.tar"]
     assert shard_paths(tmp_path, m)[0].endswith("shard-000000.tar")
     assert verify_dataset(tmp_path) == []
+
+
+def test_the_held_out_split_is_found_by_one_helper(tmp_path):
+    """read_held_out: the manifest of <folder>/val, finished or not; None without one or for a remote folder."""
+    assert held_out_folder(tmp_path) == tmp_path / VAL_SPLIT
+    assert read_held_out(tmp_path) is None
+    val = tmp_path / VAL_SPLIT
+    val.mkdir()
+    assert read_held_out(tmp_path) is None   # a folder without a manifest (verify_dataset reports it)
+    record = write_shard(val / "shard-000000.tar", _samples(8))
+    write_manifest(val, _manifest([record], complete=False))
+    assert read_held_out(tmp_path).complete is False
+    write_manifest(val, _manifest([record]))
+    held_out = read_held_out(tmp_path)
+    assert held_out.complete and held_out.num_samples == 8
+    assert read_held_out("http://127.0.0.1:9/shards") is None   # not probed over the network
+
+
+def test_only_the_shard_contract_says_where_the_held_out_split_is():
+    """synth verify, distill's --val-shards auto and verify_dataset find <folder>/val through read_held_out /
+    held_out_folder; only the manifest module (and synth generate, which writes the split) joins VAL_SPLIT to a
+    path."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"common/shards/manifest.py", "synth/generate.py"}
+    joins = []
+    for folder in ("common", "synth", "distill", "pipelines"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Name)
+                        and node.right.id == "VAL_SPLIT"):
+                    joins.append(f"{path.relative_to(root).as_posix()}:{node.lineno}")
+    assert [j for j in joins if j.split(":")[0] not in allowed] == []
 
 
 def test_verify_finds_truncated_and_missing_shards(tmp_path):

@@ -38,8 +38,8 @@ from .tar import (FIELD_MAX_BYTES, KEY_PATTERN, ShardFile, ShardRecord, check_me
                   end_of_archive, group_samples, iter_raw_samples, iter_tar_members, read_shard, shard_name,
                   tar_member, write_shard)
 from .manifest import (FORMAT, FORMAT_VERSION, INFO_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES, VAL_SPLIT, Manifest,
-                       TeacherRecord, build_manifest, info_json, manifest_path, read_manifest, read_remote_manifest,
-                       shard_paths, validate_manifest, write_manifest)
+                       TeacherRecord, build_manifest, held_out_folder, info_json, manifest_path, read_held_out,
+                       read_manifest, read_remote_manifest, shard_paths, validate_manifest, write_manifest)
 from .verify import (CHECK_LEVELS, ShardContent, check_shard_content, check_shard_file, check_shard_files,
                      dataset_warnings, held_out_mismatch, verify_dataset)
 
@@ -49,7 +49,7 @@ __all__ = ["CHECK_LEVELS", "FIELD_MAX_BYTES", "FORMAT", "FORMAT_VERSION", "IMAGE
            "ShardContent", "ShardFile", "ShardFormatError", "ShardRecord", "TeacherRecord", "build_manifest",
            "check_member", "check_shard_content", "check_shard_file", "check_shard_files", "dataset_warnings",
            "decode_image", "decode_sample", "encode_image", "encode_images", "encode_sample", "encode_segment",
-           "end_of_archive", "group_samples", "held_out_mismatch", "info_json", "iter_raw_samples",
-           "iter_tar_members", "manifest_path", "read_manifest", "read_remote_manifest", "read_shard", "sample_key",
+           "end_of_archive", "group_samples", "held_out_folder", "held_out_mismatch", "info_json", "iter_raw_samples",
+           "iter_tar_members", "manifest_path", "read_held_out", "read_manifest", "read_remote_manifest", "read_shard", "sample_key",
            "schema", "shard_name", "shard_paths", "tar_member", "validate_manifest", "verify_dataset",
            "write_manifest", "write_shard"]

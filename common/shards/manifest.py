@@ -160,6 +160,22 @@ def manifest_path(folder: str | os.PathLike) -> Path:
     return Path(folder) / MANIFEST_NAME
 
 
+def held_out_folder(folder: str | os.PathLike) -> Path:
+    """Where `synth generate` writes the held-out split of the shards in `folder`: `folder`/val."""
+    return Path(folder) / VAL_SPLIT
+
+
+def read_held_out(folder: str | os.PathLike) -> Manifest | None:
+    """The manifest of the held-out split beside the shards in `folder` (finished or not: see `.complete`), or None
+    when there is none (no `folder`/val/manifest.json) or `folder` is remote (not probed over the network)."""
+    if is_remote(folder):
+        return None
+    val = held_out_folder(folder)
+    if not manifest_path(val).is_file():
+        return None
+    return read_manifest(val, require_complete=False)
+
+
 def read_manifest(folder: str | os.PathLike, require_complete: bool = True) -> Manifest:
     """The manifest of a shard folder: a local path, or a URL / `pipe:` command (common.remote)."""
     if is_remote(folder):

@@ -14,7 +14,8 @@ from ..errors import UserError
 from ..fileio import is_temp_file, sha256_file
 from ..remote import is_remote
 from .codec import ShardFormatError
-from .manifest import INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, manifest_path, read_manifest, shard_paths
+from .manifest import (INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, held_out_folder, manifest_path, read_held_out,
+                       read_manifest, shard_paths)
 from .tar import ShardRecord, read_shard
 
 CHECK_LEVELS = ("full", "size", "none")
@@ -95,17 +96,16 @@ def verify_dataset(folder: str | os.PathLike, decode: bool = True, jobs: int | N
     same teacher). Returns the problems, each starting with the shard's name."""
     manifest = read_manifest(folder, require_complete=False)
     problems = _verify_one(folder, manifest, decode, jobs)
-    val = Path(folder) / VAL_SPLIT
-    if not is_remote(folder) and val.is_dir():
-        if not manifest_path(val).is_file():
-            problems.append(f"{VAL_SPLIT}/: no {MANIFEST_NAME} (not a held-out split written by `synth generate`): "
-                            "rerun the same `synth generate` or delete the folder")
-        else:
-            held_out = read_manifest(val, require_complete=False)
-            mismatch = held_out_mismatch(manifest, held_out)
-            if mismatch:
-                problems.append(f"{VAL_SPLIT}/{MANIFEST_NAME}: {mismatch}")
-            problems += [f"{VAL_SPLIT}/{p}" for p in _verify_one(val, held_out, decode, jobs)]
+    val = held_out_folder(folder)
+    if not is_remote(folder) and val.is_dir() and not manifest_path(val).is_file():
+        problems.append(f"{VAL_SPLIT}/: no {MANIFEST_NAME} (not a held-out split written by `synth generate`): "
+                        "rerun the same `synth generate` or delete the folder")
+    held_out = read_held_out(folder)
+    if held_out is not None:
+        mismatch = held_out_mismatch(manifest, held_out)
+        if mismatch:
+            problems.append(f"{VAL_SPLIT}/{MANIFEST_NAME}: {mismatch}")
+        problems += [f"{VAL_SPLIT}/{p}" for p in _verify_one(val, held_out, decode, jobs)]
     return sorted(problems)
 
 
