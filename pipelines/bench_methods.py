@@ -259,6 +259,20 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
     write_manifest(out, manifest)
 
 
+def check_sets(sets: dict) -> None:
+    """--set keys must name an option of some row's method (each row takes those its method has): any other key
+    would change nothing, silently. Refused with the keys there are."""
+    from dfkd.common.options import options_of
+    from dfkd.synth.methods import METHODS
+
+    known = {spec.name for method, _, _ in VARIANTS.values() if method in METHODS
+             for spec in options_of(METHODS[method].Config)}
+    unknown = sorted(set(sets) - known)
+    if unknown:
+        raise SystemExit(f"--set {', '.join(unknown)}: no row's method has such an option; the options are "
+                         f"{', '.join(sorted(known))} (`synth methods` explains each)")
+
+
 def variant_options(config_name: str, variant: str) -> tuple[str, dict]:
     """(method, --set options) of one row: the variant's base options, the configuration's (its recipe's) table for
     that method on top, then the variant's pinned options (what the row is about), then the configuration's own
@@ -407,6 +421,7 @@ def main() -> None:
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         SETS[key.strip()] = value.strip()
+    check_sets(SETS)
     for name in configs:   # budgets given on the command line (a GPU's, or a dry run's) win over the table's
         for key, value in (("images", args.images), ("distill_epochs", args.distill_epochs),
                            ("teacher_epochs", args.teacher_epochs)):

@@ -427,6 +427,37 @@ def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
     assert methods["separate"] and (methods["images"], methods["distill_epochs"]) == (10_000, 5)
 
 
+def test_a_set_key_no_rows_method_has_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """bench_methods --set: a key no row's method knows (a typo) stops the run with the known keys, instead of being
+    dropped from every row; the keys the GPU check's dry run passes (each known to some method) are accepted."""
+    import sys
+
+    bench = _bench_methods()
+    monkeypatch.setattr(bench, "run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
+    monkeypatch.setattr(sys, "argv", ["bench_methods.py", "--configs", "mnistm32", "--out", str(tmp_path / "out"),
+                                      "--set", "steps=2", "--set", "stpes=2"])
+    with pytest.raises(SystemExit, match=r"--set stpes: no row's method has such an option; the options are .*steps"):
+        bench.main()
+    assert not (tmp_path / "out").exists()
+    gpu_check = _load_pipeline("gpu_check", monkeypatch)
+    given = gpu_check.DRY.e_common
+    sets = dict(given[i + 1].split("=", 1) for i, a in enumerate(given) if a == "--set")
+    assert {"steps", "iterations", "low_res_iterations"} <= set(sets)
+    bench.check_sets(sets)
+
+
+def _load_pipeline(name: str, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)   # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch):
     """"muse, teacher on native views in stage two" synthesises nothing: it distils the "muse" row's shards
     (whose synthesis columns it reports) with --teacher-view native, into its own run folders."""
