@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((ROOT / "pipelines").glob("*.py"))
-LIBRARY = ("common", "synth", "distill")
+LIBRARY = ("dfkd",)   # dfkd.common, dfkd.synth, dfkd.distill
 
 
 def _load(name: str, monkeypatch):
