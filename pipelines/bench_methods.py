@@ -142,7 +142,9 @@ STAGE_TWO_ROWS = {"muse, teacher on native views in stage two": ("muse", {"teach
                   "generator ensemble, crop + colour jitter": ("generator ensemble", {"aug": "crop-colour"}),
                   "generator ensemble, cutmix instead of mixup": ("generator ensemble", {"cutmix": 1.0, "mixup": 0.0}),
                   "generator ensemble, half the epochs": ("generator ensemble", {"epochs": 0.5}),
-                  "generator ensemble, twice the epochs": ("generator ensemble", {"epochs": 2.0})}
+                  "generator ensemble, twice the epochs": ("generator ensemble", {"epochs": 2.0}),
+                  "generator ensemble, crop + colour jitter, twice the epochs": ("generator ensemble",
+                                                                                {"aug": "crop-colour", "epochs": 2.0})}
 ROWS = [*VARIANTS, *STAGE_TWO_ROWS]
 DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 1, "threads": 1}
@@ -382,6 +384,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_methods")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--seeds", type=int, default=3, help="distillation seeds per method (0 .. N-1)")
+    parser.add_argument("--seed-list", default=None, metavar="S,S",
+                        help="run only these seeds (e.g. 2 or 1,2: two invocations share the seeds of a row; the "
+                        "table shows the seeds run here, a later --seeds N invocation gathers them all)")
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one thread each)")
     parser.add_argument("--configs", default=",".join(c for c in CONFIGS if not CONFIGS[c].get("separate")),
                         help="comma-separated subset of " + ",".join(CONFIGS) + " (default: all but the longer "
@@ -430,7 +435,8 @@ def main() -> None:
                            ("teacher_epochs", args.teacher_epochs)):
             if value is not None:
                 CONFIGS[name][key] = value
-    py, seeds, started = sys.executable, list(range(args.seeds)), time.perf_counter()
+    seeds = list(range(args.seeds)) if args.seed_list is None else [int(x) for x in args.seed_list.split(",") if x]
+    py, started = sys.executable, time.perf_counter()
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
     with ThreadPoolExecutor(args.jobs) as pool:
