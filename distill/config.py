@@ -79,9 +79,13 @@ class TrainConfig:
                               help="Weight of cross-entropy on the stored labels, added to the KD loss.")
     mixup: float = option(0.0, min=0, help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online "
                           "teacher; 0 = off.", group="Loss and regularisation")
+    cutmix: float = option(0.0, min=0, help="CutMix Beta(alpha, alpha): a box of a partner image pasted into each "
+                           "image, labelled by the online teacher; 0 = off. With --mixup too, each batch takes one of "
+                           "the two at random (p 0.5).", group="Loss and regularisation")
     aug: str = option("translate", group="Loss and regularisation", choices=tuple(AUGMENTATIONS),
                       help="Student-side augmentation: translate (shift up to size/8 px), crop (reflect-pad crop by "
-                      "size/8 px, no flip: MNIST-M), crop-flip (natural images), none.")
+                      "size/8 px, no flip: MNIST-M), crop-flip (natural images), crop-colour (the crop plus per-image "
+                      "brightness, contrast and saturation jitter, the teacher labelling the jittered view), none.")
     # execution and evaluation
     workers: int = option(2, group="Execution", min=0, effect="order",
                           help="DataLoader workers reading shards (needs at least as many shards).")
@@ -157,10 +161,10 @@ class TrainConfig:
                             f"{config.epochs})")
         if config.label_smoothing > 0 and config.ce_weight == 0:
             problems.append("--label-smoothing smooths the CE term: also pass --ce-weight > 0")
-        if config.teacher_logits == "stored" and (config.aug != "none" or config.mixup > 0):
+        if config.teacher_logits == "stored" and (config.aug != "none" or config.mixup > 0 or config.cutmix > 0):
             problems.append(f"--teacher-logits stored trains on the view the logits were computed on, the stored "
-                            f"image: pass --aug none --mixup 0 (got --aug {config.aug} --mixup {config.mixup:g}), "
-                            "or use --teacher-logits online to augment")
+                            f"image: pass --aug none --mixup 0 --cutmix 0 (got --aug {config.aug} --mixup "
+                            f"{config.mixup:g} --cutmix {config.cutmix:g}), or use --teacher-logits online to augment")
         if config.teacher_logits == "stored" and config.teacher_view != "stored":
             problems.append("--teacher-view native re-labels each batch with the online teacher: it needs "
                             "--teacher-logits online")

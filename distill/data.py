@@ -50,7 +50,7 @@ from dfkd.common.shards import (Manifest, Sample, ShardFormatError, decode_sampl
 
 from .datasets import ImageArrays
 
-AUGMENTATIONS = ("none", "translate", "crop", "crop-flip")  # the names of `augmentation`
+AUGMENTATIONS = ("none", "translate", "crop", "crop-flip", "crop-colour")  # the names of `augmentation`
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
 SHUFFLE_INITIAL = 500  # samples gathered before the first one leaves the buffer
 
@@ -97,11 +97,41 @@ def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
     return x
 
 
+def colour_jitter(x: torch.Tensor, strength: float = 0.4) -> torch.Tensor:
+    """Per-image brightness, contrast and (3 channels) saturation, each a factor drawn uniformly from
+    [1 - strength, 1 + strength], in random order as torchvision's ColorJitter, of (B, C, H, W) uint8
+    pixels or floats in [0, 1]; the result keeps the input's dtype and range."""
+    as_uint8 = x.dtype == torch.uint8
+    y = x.float() / 255 if as_uint8 else x.float()
+    b, c = y.shape[:2]
+
+    def factor():
+        return torch.empty(b, 1, 1, 1).uniform_(1 - strength, 1 + strength)
+
+    def grey(t):
+        return t if c != 3 else (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
+
+    ops = [lambda t: t * factor(),                                              # brightness
+           lambda t: (t - grey(t).mean((1, 2, 3), keepdim=True)) * factor()
+           + grey(t).mean((1, 2, 3), keepdim=True)]                               # contrast
+    if c == 3:
+        ops.append(lambda t: (t - grey(t)) * factor() + grey(t))                  # saturation
+    for i in torch.randperm(len(ops)).tolist():
+        y = ops[i](y).clamp_(0, 1)
+    return (y * 255).round_().to(torch.uint8) if as_uint8 else y.to(x.dtype)
+
+
+def random_crop_colour(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Reflect-pad random crop (no flip) plus per-image colour jitter (colour_jitter) of (B, C, H, W)."""
+    return colour_jitter(random_crop(x, pad))
+
+
 # name -> (x, px, fill): the one table of augmentations by name (the student's, the teacher trainer's)
 _AUGMENT = {
     "translate": random_translate,
     "crop": lambda x, px, fill: random_crop(x, px),
     "crop-flip": lambda x, px, fill: random_crop_flip(x, px),
+    "crop-colour": lambda x, px, fill: random_crop_colour(x, px),
 }
 
 
@@ -109,7 +139,7 @@ def augmentation(name: str, size: int, translate: int | None = None, fill: float
     """The augmentation `name` (one of AUGMENTATIONS) of a batch (B, C, H, W) of `size` px images, or None
     for none: translate (random shift by up to `translate` px, default size/8, uncovered pixels `fill`;
     0 px: None), crop (reflect-pad random crop by up to size/8 px, no flip), crop-flip (the same crop +
-    horizontal flip)."""
+    horizontal flip), crop-colour (the crop + per-image brightness, contrast and saturation jitter)."""
     if name not in AUGMENTATIONS:
         raise UserError(f"unknown augmentation '{name}'; use one of {', '.join(AUGMENTATIONS)}")
     px = translate if name == "translate" and translate is not None else max(1, size // 8)

@@ -7,7 +7,7 @@ add up to "loss" (as timm's distillation task returns its loss and parts). The l
 
 "kd": KL(softmax(t/T) || softmax(s/T)) * T^2 against the online teacher on the same (mixed) view, or
 against the logits stored in the shards; plus ce_weight * CE on the stored labels (term "ce", only with
-ce_weight > 0), with optional label smoothing and mixup's lam-weighted pair of labels. With
+ce_weight > 0), with optional label smoothing and the lam-weighted pair of labels of mixup or cutmix. With
 teacher_view native the online teacher sees each image at the native resolution its shard records
 (native_view_logits), the view MUSE's native-mode streams were synthesised for.
 """
@@ -47,6 +47,33 @@ def mixup(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tenso
     return w * images + (1 - w) * images[perm], perm, lam
 
 
+def cutmix(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste into every image a box of a random partner (Yun et al. 2019), a box per pair: lam ~ Beta(alpha,
+    alpha), the box sqrt(1 - lam) of each side, centred uniformly and clipped at the borders. Returns (mixed
+    images, perm, lam of shape (B,): the share of each image's own pixels after clipping); alpha = 0: unchanged."""
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    if alpha <= 0:
+        return images, torch.arange(n, device=images.device), torch.ones(n, device=images.device)
+    lam = torch.distributions.Beta(alpha, alpha).sample((n,))
+    cut = (1 - lam).sqrt()
+    cy, cx = torch.randint(0, h, (n,)), torch.randint(0, w, (n,))
+    y0, y1 = (cy - cut * h / 2).round().clamp(0, h).long(), (cy + cut * h / 2).round().clamp(0, h).long()
+    x0, x1 = (cx - cut * w / 2).round().clamp(0, w).long(), (cx + cut * w / 2).round().clamp(0, w).long()
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = ((rows >= y0.view(-1, 1, 1)) & (rows < y1.view(-1, 1, 1))
+           & (cols >= x0.view(-1, 1, 1)) & (cols < x1.view(-1, 1, 1)))                      # (B, H, W)
+    perm = torch.randperm(n)
+    lam = 1 - box.flatten(1).float().mean(1)
+    box, perm = box.unsqueeze(1).to(images.device), perm.to(images.device)
+    return torch.where(box, images[perm], images), perm, lam.to(images.device)
+
+
+def mix(images: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's mixing: mixup, cutmix, or (both alphas > 0) one of the two at random, p 0.5 each."""
+    use_cutmix = config.cutmix > 0 and (config.mixup <= 0 or torch.rand(()).item() < 0.5)
+    return cutmix(images, config.cutmix) if use_cutmix else mixup(images, config.mixup)
+
+
 def native_view_logits(teacher: torch.nn.Module, spec, images: torch.Tensor, resolution: torch.Tensor,
                        perm: torch.Tensor) -> torch.Tensor:
     """The teacher's logits of each image at its native resolution: (B, C, S, S) images downsampled (area)
@@ -81,7 +108,7 @@ def distill_loss(models: Models, batch: Batch, config: TrainConfig, device: torc
         perm, lam = torch.arange(n, device=device), torch.ones(n, device=device)
         teacher_logits = batch.logits.to(device, non_blocking=True)
     else:
-        images, perm, lam = mixup(images, config.mixup)
+        images, perm, lam = mix(images, config)
         with torch.no_grad(), autocast(config.amp, device):
             if config.teacher_view == "native" and batch.resolution is not None:
                 teacher_logits = native_view_logits(models.teacher, models.teacher_spec, images,

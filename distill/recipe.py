@@ -23,7 +23,7 @@ from .config import TrainConfig
 
 # with --teacher-logits stored the student trains on the view the logits were computed on: these values,
 # unless the caller gave others (then TrainConfig.resolved() says why they cannot be)
-_STORED_VIEW = {"aug": "none", "mixup": 0.0}
+_STORED_VIEW = {"aug": "none", "mixup": 0.0, "cutmix": 0.0}
 
 
 def _shards_recipe(manifest: Manifest) -> tuple[Recipe, str] | None:

@@ -91,7 +91,8 @@ CONFIGS = {
     # row (MNIST is not held as uint8 arrays here): the main job measures it. A separate command
     "mnist28-recipe": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
                        "student": "lenet5_half", "recipe": "small-grey", "separate": True,
-                       "only": ["generator ensemble", "generator ensemble + adversarial"]},
+                       "only": ["generator ensemble", "generator ensemble + adversarial",
+                                "generator ensemble, crop + colour jitter", "generator ensemble, cutmix instead of mixup"]},
     # issue 12 part 4, MUSE where its claim lives: the same dataset at 64 px (digits and photo patches drawn at
     # 64 px, distill/datasets.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal
     # synthesis CPU (the table reports the measured CPU-s). The recipe's synthesis settings, but a budget that fits
@@ -135,7 +136,15 @@ CEILING = "real training images (ceiling)"
 # other stage-two flags (their synthesis columns are that row's). "teacher on the native views": the online
 # teacher sees each MUSE image at its native 16 / 32 / 64 px (the view the native-mode streams were made for)
 # instead of the upsampled one the student sees
-STAGE_TWO_ROWS = {"muse, teacher on native views in stage two": ("muse", {"teacher-view": "native"})}
+# The "generator ensemble, ..." rows: stage-two candidates on the ensemble's own shards (an "epochs" value
+# changes the distillation length, so the row's CPU moves along the budget axis)
+STAGE_TWO_ROWS = {"muse, teacher on native views in stage two": ("muse", {"teacher-view": "native"}),
+                  "generator ensemble, crop + colour jitter": ("generator ensemble", {"aug": "crop-colour"}),
+                  "generator ensemble, cutmix instead of mixup": ("generator ensemble", {"cutmix": 1.0, "mixup": 0.0}),
+                  "generator ensemble, half the epochs": ("generator ensemble", {"epochs": 0.5}),
+                  "generator ensemble, twice the epochs": ("generator ensemble", {"epochs": 2.0}),
+                  "generator ensemble, crop + colour jitter, twice the epochs": ("generator ensemble",
+                                                                                {"aug": "crop-colour", "epochs": 2.0})}
 ROWS = [*VARIANTS, *STAGE_TWO_ROWS]
 DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 1, "threads": 1}
@@ -344,25 +353,36 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
     method, _ = variant_options(config_name, source)
     base = out / config_name
     top1, timings = {}, {}
-    distill = {**distill_options(config_name), **extra, "threads": THREADS}
+    epochs = max(1, round(cfg["distill_epochs"] * extra.get("epochs", 1.0)))   # a row's "epochs": a factor
+    distill = {**distill_options(config_name), **{k: v for k, v in extra.items() if k != "epochs"},
+               "epochs": epochs, "threads": THREADS}
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
+    distill_cpu = {}
     for seed in seeds:
         synth_seed = synth_seed_of(seed, paired, method)
         if synth_seed not in timings:
             timings[synth_seed] = synthesise(py, base, config_name, source, synth_seed, data_root)
         run_dir = base / "runs" / run_name(variant, seed, synth_seed)
-        if final_top1(run_dir, cfg["distill_epochs"]) is None and not synthesis_only:
-            resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            run([py, "-m", "dfkd.distill", "train", "--shards", str(shards_folder(base, source, synth_seed)),
-                 "--student", cfg["student"], "--out", str(run_dir), "--eval-data", cfg.get("data", "mnist"),
-                 "--data-root", data_root, "--seed", str(seed), "--quiet", "--recipe", "none", *distill_args, *resume],
-                base / "logs" / f"distill-{run_name(variant, seed, synth_seed)}.log")
-        if final_top1(run_dir, cfg["distill_epochs"]) is not None:
-            top1[seed] = final_top1(run_dir, cfg["distill_epochs"])
+        if final_top1(run_dir, epochs) is None and not synthesis_only:
+            resume = (run_dir / "checkpoint.pt").exists()
+            wall, cpu = run([py, "-m", "dfkd.distill", "train", "--shards", str(shards_folder(base, source, synth_seed)),
+                             "--student", cfg["student"], "--out", str(run_dir), "--eval-data", cfg.get("data", "mnist"),
+                             "--data-root", data_root, "--seed", str(seed), "--quiet", "--recipe", "none",
+                             *distill_args, *(["--resume"] if resume else [])],
+                            base / "logs" / f"distill-{run_name(variant, seed, synth_seed)}.log")
+            # a resumed run's CPU covers only its last part: not recorded (the total column stays empty)
+            if not resume:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "bench_timing.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
+        if final_top1(run_dir, epochs) is not None:
+            top1[seed] = final_top1(run_dir, epochs)
+            if (run_dir / "bench_timing.json").exists():
+                distill_cpu[seed] = json.loads((run_dir / "bench_timing.json").read_text())["cpu_s"]
     say(f"done: {config_name} / {variant}: {top1}")
     timing = {k: statistics.mean(t[k] for t in timings.values()) for k in ("wall_s", "cpu_s")}
     return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1,
-            "syntheses": len(timings)}
+            "syntheses": len(timings), "epochs": epochs,
+            "distill_cpu_s": statistics.mean(distill_cpu.values()) if distill_cpu else None}
 
 
 def _after(before, fn, *args):
@@ -378,6 +398,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_methods")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--seeds", type=int, default=3, help="distillation seeds per method (0 .. N-1)")
+    parser.add_argument("--seed-list", default=None, metavar="S,S",
+                        help="run only these seeds (e.g. 2 or 1,2: two invocations share the seeds of a row; the "
+                        "table shows the seeds run here, a later --seeds N invocation gathers them all)")
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one thread each)")
     parser.add_argument("--configs", default=",".join(c for c in CONFIGS if not CONFIGS[c].get("separate")),
                         help="comma-separated subset of " + ",".join(CONFIGS) + " (default: all but the longer "
@@ -427,7 +450,8 @@ def main() -> None:
                            ("teacher_epochs", args.teacher_epochs)):
             if value is not None:
                 CONFIGS[name][key] = value
-    py, seeds, started = sys.executable, list(range(args.seeds)), time.perf_counter()
+    seeds = list(range(args.seeds)) if args.seed_list is None else [int(x) for x in args.seed_list.split(",") if x]
+    py, started = sys.executable, time.perf_counter()
 
     with ThreadPoolExecutor(args.jobs) as pool:
         teachers = {}
@@ -473,13 +497,16 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "method", "images", "synthesis_cpu_s", "synthesis_wall_s", "images_per_cpu_s",
-                    "student_top1_mean", "student_top1_std", "student_top1_per_seed", "teacher_top1"])
+                    "student_top1_mean", "student_top1_std", "student_top1_per_seed", "teacher_top1",
+                    "distill_epochs", "distill_cpu_s", "total_cpu_s"])
         for r in rows:
             accs = [r["top1"][s] for s in sorted(r["top1"])] or [float("nan")]
+            dcpu = r.get("distill_cpu_s")
             w.writerow([r["config"], r["method"], r["images"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}",
                         f"{r['images'] / r['cpu_s']:.1f}", f"{statistics.mean(accs):.2f}",
                         f"{statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
-                        " ".join(f"{a:.2f}" for a in accs), f"{r['teacher_top1']:.2f}"])
+                        " ".join(f"{a:.2f}" for a in accs), f"{r['teacher_top1']:.2f}", r.get("epochs", ""),
+                        "" if dcpu is None else f"{dcpu:.1f}", "" if dcpu is None else f"{r['cpu_s'] + dcpu:.1f}"])
     lines = []
     for name in dict.fromkeys(r["config"] for r in rows):
         sub = [r for r in rows if r["config"] == name]
@@ -487,16 +514,19 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
         # with a ceiling row: each row's mean as a fraction of the ceiling's mean, same run (issue 12's measure)
         ceiling = [by[CEILING]["top1"][s] for s in sorted(by[CEILING]["top1"])] if CEILING in by else []
         lines += [f"### {CONFIGS[name]['title']} (teacher top-1 {sub[0]['teacher_top1']:.2f}%)", "",
-                  "| method | images | synthesis CPU-s | synthesis wall-s | images / CPU-s | student top-1 (%), "
-                  "mean +- std over seeds | per seed |" + (" x ceiling |" if ceiling else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if ceiling else "")]
+                  "| method | images | synthesis CPU-s | synthesis wall-s | images / CPU-s | epochs | distillation "
+                  "CPU-s | total CPU-s | student top-1 (%), mean +- std over seeds | per seed |"
+                  + (" x ceiling |" if ceiling else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ceiling else "")]
         for r in sub:
             accs = [r["top1"][s] for s in sorted(r["top1"])]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             top1 = f"{statistics.mean(accs):.2f} +- {std:.2f} ({len(accs)})" if accs else "not distilled"
             ratio = (f" {statistics.mean(accs) / statistics.mean(ceiling):.3f} |" if accs else " |") if ceiling else ""
+            dcpu = r.get("distill_cpu_s")
+            cpu_cols = "- | - |" if dcpu is None else f"{dcpu:.0f} | {r['cpu_s'] + dcpu:.0f} |"
             lines.append(f"| {r['method']} | {r['images']:,} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
-                         f"{r['images'] / r['cpu_s']:.1f} | {top1} | " + " / ".join(f"{a:.2f}" for a in accs)
+                         f"{r['images'] / r['cpu_s']:.1f} | {r.get('epochs', '-')} | {cpu_cols} {top1} | " + " / ".join(f"{a:.2f}" for a in accs)
                          + " |" + ratio)
         low, full = by.get("muse low-resolution only (3 x 1/4)"), by.get("muse without multi-resolution (3 x full)")
         if low and full:

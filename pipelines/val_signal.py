@@ -6,11 +6,18 @@ metrics.csv of `distill train --val-shards ... --eval-data ...` runs.
     python pipelines/val_signal.py runs/kd-* --csv val_signal.csv
     python pipelines/val_signal.py runs/kd-* --from-epoch 3   # only the epochs after the first steep rise
 
+    python pipelines/val_signal.py runs/bench/*/runs/* --split shards/other-seed   # across runs, one split
+
 Prints, per run, the correlation across its epochs, the epoch `--keep best-val` keeps and what it costs
-against the best real epoch (top-1 of the kept epoch minus the best top-1: what a peer choosing on the
+against the best real epoch (and the same for the epoch of the lowest val_kl alone, the other ranking) (top-1 of the kept epoch minus the best top-1: what a peer choosing on the
 test set would report); with several runs also the correlation across runs of their final epochs. Spearman
 = Pearson of the ranks (ties share their mean rank), so no scipy is needed. A correlation is empty when
 one side is constant (no ranking to agree with).
+
+`--split FOLDER` ranks runs that trained without a held-out split (a benchmark's rows): each run's final
+student (student.pt) is measured on the one synthetic shard folder FOLDER (`distill.validation.measure`, as
+`distill train` does every epoch; a folder no run trained on: another synthesis seed or method) and its
+val_agreement and val_kl are correlated with the runs' final eval_top1.
 """
 from __future__ import annotations
 
@@ -44,6 +51,31 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def final_on_split(runs: list[str], split: str, limit: int | None = None) -> pd.DataFrame:
+    """Each run's final student measured on the shard folder `split`: one row per run with its final
+    eval_top1 and the split's val_agreement and val_kl (the first `limit` shards' images, or all)."""
+    import json
+
+    import torch
+
+    from dfkd.common.models import create_model
+    from dfkd.common.shards import read_manifest
+    from dfkd.distill.validation import ValSet, measure
+
+    manifest = read_manifest(split)
+    if limit:
+        manifest.shards = manifest.shards[:limit]
+    val, rows = ValSet(split, manifest), []
+    for run in runs:
+        folder = Path(run)
+        final = pd.read_csv(folder / "metrics.csv").iloc[-1]
+        arch = json.loads((folder / "config.json").read_text()).get("student")
+        student = create_model(arch, weights=str(folder / "student.pt"))
+        signal = measure(student, val, torch.device("cpu"))
+        rows.append({"run": folder.name, "eval_top1": float(final["eval_top1"]), **signal})
+    return pd.DataFrame(rows)
+
+
 def per_run(name: str, m: pd.DataFrame) -> dict:
     row = {"run": name, "epochs": f"{int(m['epoch'].iloc[0])}-{int(m['epoch'].iloc[-1])}"}
     for signal, sign in SIGNALS.items():
@@ -54,6 +86,8 @@ def per_run(name: str, m: pd.DataFrame) -> dict:
             "best_top1_epoch": int(best_real["epoch"]), "best_top1": float(best_real["eval_top1"]),
             "final_top1": float(m["eval_top1"].iloc[-1])}
     row["kept_minus_best"] = row["kept_top1"] - row["best_top1"]
+    by_kl = m.loc[m["val_kl"].idxmin()]   # the other ranking: the lowest KL alone
+    row |= {"kl_kept_epoch": int(by_kl["epoch"]), "kl_kept_minus_best": float(by_kl["eval_top1"]) - row["best_top1"]}
     return row
 
 
@@ -63,7 +97,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--csv", help="also write the per-run table here")
     parser.add_argument("--from-epoch", type=int, default=1,
                         help="leave out the epochs before this one (the first steep rise, which any signal tracks)")
+    parser.add_argument("--split", help="measure each run's final student on this synthetic shard folder and "
+                        "correlate across runs (runs trained without --val-shards)")
+    parser.add_argument("--split-shards", type=int, default=None, help="only the first N shards of --split")
     args = parser.parse_args(argv)
+    if args.split:
+        table = final_on_split(args.runs, args.split, args.split_shards)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        across = {s: spearman(sign * table[s], table["eval_top1"]) for s, sign in SIGNALS.items()}
+        print("across runs (final students, one split): " + ", ".join(
+            f"rho({'-' if sign < 0 else ''}{s}, eval_top1) = {'-' if across[s] is None else f'{across[s]:.3f}'}"
+            for s, sign in SIGNALS.items()))
+        if args.csv:
+            table.to_csv(args.csv, index=False)
+        return table
     frames = {str(r): read_metrics(r) for r in args.runs}
     frames = {name: m[m["epoch"] >= args.from_epoch].reset_index(drop=True) for name, m in frames.items()}
     empty = [name for name, m in frames.items() if m.empty]

@@ -131,6 +131,26 @@ def test_augmentations_shift_content_and_keep_shape():
         Augmentation("rotate", 16)
 
 
+def test_colour_jitter_keeps_dtype_and_range_and_changes_colours():
+    from dfkd.distill.data import colour_jitter
+
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    out = colour_jitter(pixels)
+    assert out.dtype == torch.uint8 and out.shape == pixels.shape and not torch.equal(out, pixels)
+    floats = colour_jitter(pixels.float() / 255)
+    assert floats.dtype == torch.float32 and 0 <= floats.min() and floats.max() <= 1
+    assert torch.equal(colour_jitter(pixels, strength=0.0), pixels)   # factors of 1: the image itself
+    grey = colour_jitter(torch.rand(4, 1, 8, 8))                      # 1 channel: brightness and contrast only
+    assert grey.shape == (4, 1, 8, 8)
+    # per image: two images of one batch get different factors
+    same = pixels[:1].expand(8, -1, -1, -1).contiguous()
+    assert len({colour_jitter(same)[i].float().mean().item() for i in range(8)}) > 1
+    torch.manual_seed(3)
+    batch = Batch(pixels, torch.zeros(32, dtype=torch.int64), torch.zeros(32, 10))
+    assert Augmentation("crop-colour", 8)(batch).images.dtype == torch.uint8
+
+
 # --------------------------------------------------------------------------- data pipeline
 def test_shard_list_is_shuffled_before_the_rank_split():
     urls = [f"s{i}.tar" for i in range(8)]
@@ -325,7 +345,7 @@ def test_one_augmentation_table_serves_student_and_teacher():
 
     assert augmentation("none", 16) is None and augmentation("translate", 16, translate=0) is None
     x = torch.rand(6, 1, 16, 16)
-    for name in ("translate", "crop", "crop-flip"):
+    for name in ("translate", "crop", "crop-flip", "crop-colour"):
         torch.manual_seed(0)
         expected = Augmentation(name, 16)(Batch(x.clone(), torch.zeros(6), torch.zeros(6, 2))).images
         torch.manual_seed(0)

@@ -480,7 +480,38 @@ def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_pa
     assert cmd[cmd.index("--teacher-view") + 1] == "native"
     assert cmd[cmd.index("--out") + 1].endswith("muse-teacher-on-native-views-in-stage-two-seed0")
     assert (result["cpu_s"], result["method"], result["top1"]) == (40.0, row, {0: 50.0})
+    assert result["distill_cpu_s"] == 2.0   # the distillation's own CPU, for the total-CPU column
     assert row not in [v for v in bench.ROWS if v not in bench.CONFIGS["mnist28"]["skip"]]   # LeNet-5: 28 px only
+
+
+def test_an_epochs_row_scales_the_distillation_and_a_resumed_run_records_no_cpu(tmp_path, monkeypatch):
+    """"twice the epochs" distils the ensemble's shards for 2x the configuration's epochs and judges the run
+    complete at that epoch; a run resumed from a checkpoint has no whole CPU figure, so none is recorded."""
+    bench = _bench_methods()
+    commands, asked = [], []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        return 1.0, 7.0
+
+    def fake_final(run_dir, epochs):
+        asked.append(epochs)
+        return 50.0 if commands else None
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "final_top1", fake_final)
+    shards = tmp_path / "mnistm32" / "shards" / "generator-ensemble"
+    shards.mkdir(parents=True)
+    (shards / "bench_timing.json").write_text('{"wall_s": 30.0, "cpu_s": 40.0}')
+    result = bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble, twice the epochs", [0], "data")
+    epochs = 2 * bench.CONFIGS["mnistm32"]["distill_epochs"]
+    assert commands[0][commands[0].index("--epochs") + 1] == str(epochs) and set(asked) == {epochs}
+    assert (result["epochs"], result["distill_cpu_s"]) == (epochs, 7.0)
+    commands.clear()
+    resumed = tmp_path / "mnistm32" / "runs" / "generator-ensemble-twice-the-epochs-seed1"
+    resumed.mkdir(parents=True)
+    (resumed / "checkpoint.pt").write_bytes(b"")
+    result = bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble, twice the epochs", [1], "data")
+    assert "--resume" in commands[0] and result["distill_cpu_s"] is None
 
 
 def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ persistent workers (tiny shards, one process)."""
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -36,6 +37,51 @@ def test_stored_logits_need_the_stored_view(shards, tmp_path):
         train(config(shards, tmp_path / "a", teacher_logits="stored", aug="translate"))
     with pytest.raises(UserError, match="--aug none --mixup 0"):
         train(config(shards, tmp_path / "b", teacher_logits="stored", aug="none", mixup=0.5))
+    with pytest.raises(UserError, match="--cutmix 0"):
+        train(config(shards, tmp_path / "c", teacher_logits="stored", aug="none", cutmix=1.0))
+
+
+def test_cutmix_pastes_a_partner_box_and_lam_is_the_own_share():
+    from dfkd.distill.losses import cutmix
+
+    torch.manual_seed(0)
+    images = torch.arange(16, dtype=torch.float32).view(16, 1, 1, 1).expand(16, 3, 12, 12).contiguous()
+    mixed, perm, lam = cutmix(images, 1.0)
+    assert mixed.shape == images.shape and lam.shape == (16,)
+    for i in range(16):
+        own = (mixed[i] == images[i, 0, 0, 0]).all(0).float().mean()   # pixels still the image's own value
+        other = (mixed[i] == images[perm[i], 0, 0, 0]).all(0).float().mean()
+        if perm[i] != i:
+            assert torch.isclose(own, lam[i]) and torch.isclose(own + other, torch.tensor(1.0))
+    assert (lam < 1).any() and ((lam >= 0) & (lam <= 1)).all()
+    same, perm0, lam0 = cutmix(images, 0.0)
+    assert torch.equal(same, images) and torch.equal(lam0, torch.ones(16))
+
+
+def test_mix_switches_between_mixup_and_cutmix():
+    from dfkd.distill.losses import mix
+
+    images = torch.rand(64, 3, 8, 8)
+    kinds = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mixed, perm, lam = mix(images, config("s", "o", mixup=1.0, cutmix=1.0))
+        hard = ((mixed == images) | (mixed == images[perm])).all()   # cutmix: every pixel is one of the pair's
+        kinds.add("cutmix" if hard else "mixup")
+    assert kinds == {"cutmix", "mixup"}
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    mix(images, config("s", "o", mixup=1.0))     # without cutmix: exactly mixup's draws (no extra coin)
+    after_mix = torch.get_rng_state()
+    torch.set_rng_state(state)
+    from dfkd.distill.losses import mixup
+    mixup(images, 1.0)
+    assert torch.equal(after_mix, torch.get_rng_state())
+
+
+def test_training_with_cutmix_and_colour_jitter_runs(shards, tmp_path):
+    metrics = train(config(shards, tmp_path / "run", cutmix=1.0, mixup=1.0, aug="crop-colour", epochs=1))
+    assert math.isfinite(metrics["train_loss"]) and metrics["epochs"] == 1
 
 
 def test_stored_logits_are_the_targets_and_no_teacher_is_built(shards, tmp_path, monkeypatch):

@@ -289,3 +289,24 @@ def test_val_signal_spearman_matches_scipy_and_reports_the_kept_epoch(tmp_path, 
         frame.to_csv(tmp_path / "empty.csv", index=False)
         with pytest.raises(SystemExit, match=f"lacks {empty}"):
             val_signal.main([str(tmp_path / "empty.csv")])
+
+
+def test_val_signal_split_measures_each_final_student_on_one_common_split(data, tmp_path, capsys):
+    """--split: runs trained without a held-out split (a benchmark's rows) are measured, final student by
+    final student, on one shard folder; the numbers are the split's agreement and KL computed by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("val_signal", Path(__file__).resolve().parents[1] / "pipelines"
+                                                  / "val_signal.py")
+    val_signal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(val_signal)
+    runs = []
+    for seed in (0, 1, 2):
+        run = tmp_path / f"run{seed}"
+        train(config(data, run, shards=str(data["plain"]), seed=seed, epochs=1))
+        runs.append(run)
+    table = val_signal.main([*map(str, runs), "--split", str(data["other_val"])])
+    for run, row in zip(runs, table.to_dict("records")):
+        agreement, kl = by_hand(run / "student.pt", data["other_val"])
+        assert row["val_agreement"] == pytest.approx(agreement) and row["val_kl"] == pytest.approx(kl, rel=1e-3, abs=1e-5)
+    assert "across runs (final students, one split)" in capsys.readouterr().out
