@@ -9,7 +9,7 @@ metrics.csv of `distill train --val-shards ... --eval-data ...` runs.
     python pipelines/val_signal.py runs/bench/*/runs/* --split shards/other-seed   # across runs, one split
 
 Prints, per run, the correlation across its epochs, the epoch `--keep best-val` keeps and what it costs
-against the best real epoch (and the same for the epoch of the lowest val_kl alone, the other ranking) (top-1 of the kept epoch minus the best top-1: what a peer choosing on the
+against the best real epoch (and the same for the epoch the other ranking, the highest val_agreement first, would keep) (top-1 of the kept epoch minus the best top-1: what a peer choosing on the
 test set would report); with several runs also the correlation across runs of their final epochs. Spearman
 = Pearson of the ranks (ties share their mean rank), so no scipy is needed. A correlation is empty when
 one side is constant (no ranking to agree with).
@@ -86,8 +86,10 @@ def per_run(name: str, m: pd.DataFrame) -> dict:
             "best_top1_epoch": int(best_real["epoch"]), "best_top1": float(best_real["eval_top1"]),
             "final_top1": float(m["eval_top1"].iloc[-1])}
     row["kept_minus_best"] = row["kept_top1"] - row["best_top1"]
-    by_kl = m.loc[m["val_kl"].idxmin()]   # the other ranking: the lowest KL alone
-    row |= {"kl_kept_epoch": int(by_kl["epoch"]), "kl_kept_minus_best": float(by_kl["eval_top1"]) - row["best_top1"]}
+    # the other ranking: the highest agreement first (ties: the lower KL, then the earlier epoch)
+    by_agreement = m.sort_values(["val_agreement", "val_kl", "epoch"], ascending=[False, True, True]).iloc[0]
+    row |= {"agreement_kept_epoch": int(by_agreement["epoch"]),
+            "agreement_kept_minus_best": float(by_agreement["eval_top1"]) - row["best_top1"]}
     return row
 
 

@@ -101,9 +101,10 @@ def test_an_unfinished_val_split_is_left_out_with_a_note(data, tmp_path, capsys)
 
 # --------------------------------------------------------------------------- --keep best-val
 def test_keep_best_val_keeps_the_epoch_the_signal_ranks_best(data, tmp_path, monkeypatch):
-    """Scripted signals: epoch 2 and 3 tie on agreement, epoch 3 has the lower KL: epoch 3 is kept, and
-    student_best_val.pt holds exactly the weights measured at epoch 3."""
-    script = iter([(50.0, 0.9), (80.0, 0.5), (80.0, 0.3), (70.0, 0.1)])
+    """Scripted signals: epoch 3 and 4 tie on the lowest KL, epoch 3 has the higher agreement: epoch 3 is kept
+    (not epoch 2, whose agreement is the highest), and student_best_val.pt holds exactly the weights measured
+    at epoch 3."""
+    script = iter([(50.0, 0.9), (90.0, 0.5), (80.0, 0.3), (70.0, 0.3)])
     weights = []
 
     def scripted(student, *args, **kwargs):
@@ -125,7 +126,7 @@ def test_keep_best_val_keeps_the_epoch_the_signal_ranks_best(data, tmp_path, mon
 def test_keep_best_val_matches_the_metrics_csv_ranking(data, tmp_path):
     metrics = train(config(data, tmp_path / "run", epochs=3, keep="best-val", lr=0.2))
     rows = [{k: float(v) for k, v in row.items() if v != ""} for row in read_metrics(tmp_path / "run")]
-    best = max(rows, key=lambda r: (r["val_agreement"], -r["val_kl"], -r["epoch"]))
+    best = min(rows, key=lambda r: (r["val_kl"], -r["val_agreement"], r["epoch"]))
     assert metrics["best_val_epoch"] == int(best["epoch"]) == best_epoch(rows)["epoch"]
     kept = load_torch_safely(tmp_path / "run" / BEST_VAL_FILE, "")
     assert kept["extra"]["epochs"] == int(best["epoch"])
@@ -277,7 +278,7 @@ def test_val_signal_spearman_matches_scipy_and_reports_the_kept_epoch(tmp_path, 
     for (folder, frame), row in zip(runs, table.to_dict("records")):
         assert row["rho_val_agreement"] == pytest.approx(stats.spearmanr(frame["val_agreement"], frame["eval_top1"])[0])
         assert row["rho_val_kl"] == pytest.approx(stats.spearmanr(-frame["val_kl"], frame["eval_top1"])[0])
-        kept = frame.sort_values(["val_agreement", "val_kl", "epoch"], ascending=[False, True, True]).iloc[0]
+        kept = frame.sort_values(["val_kl", "val_agreement", "epoch"], ascending=[True, False, True]).iloc[0]
         assert row["kept_epoch"] == kept["epoch"] and row["kept_minus_best"] == pytest.approx(
             kept["eval_top1"] - frame["eval_top1"].max())
     assert "across runs (final epochs): rho(val_agreement, eval_top1) = " in capsys.readouterr().out
