@@ -152,6 +152,7 @@ DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperat
 _print_lock = threading.Lock()
 THREADS = 1   # torch threads of every command (--threads)
 SETS: dict = {}   # method options over every row's own (--set), for the methods that have them
+DISTILL_SETS: dict = {}   # `distill train` flags over every configuration's own (--distill-set), e.g. {"aug": "crop-colour"}
 
 
 def _apply_recipe(cfg: dict) -> None:
@@ -294,7 +295,7 @@ def variant_options(config_name: str, variant: str) -> tuple[str, dict]:
 def distill_options(config_name: str) -> dict:
     """The `distill train` flags of a configuration's rows: {flag name: value}, epochs included."""
     cfg = CONFIGS[config_name]
-    return {**DISTILL, **cfg.get("distill", {}), "epochs": cfg["distill_epochs"]}
+    return {**DISTILL, **cfg.get("distill", {}), **DISTILL_SETS, "epochs": cfg["distill_epochs"]}
 
 
 def synth_seed_of(seed: int, paired: bool, method: str) -> int:
@@ -420,6 +421,9 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option for every row whose method has it, over the row's own (dry runs: "
                         "steps=2; a new --out)")
+    parser.add_argument("--distill-set", dest="distill_sets", action="append", default=[], metavar="FLAG=VALUE",
+                        help="a `distill train` flag for every row, over the configuration's own (e.g. aug=crop-colour; "
+                        "a stage-two row's own flags still win; a new --out)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every command (GPU machines: more)")
     parser.add_argument("--write-real", nargs=6, metavar=("ARCH", "TEACHER", "DATA", "DATA_ROOT", "N", "OUT"),
                         help=argparse.SUPPRESS)  # the ceiling row's shards, run as a child (for its rusage)
@@ -444,6 +448,11 @@ def main() -> None:
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         SETS[key.strip()] = value.strip()
+    for item in args.distill_sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--distill-set expects FLAG=VALUE, got {item!r}")
+        DISTILL_SETS[key.strip().replace("_", "-")] = value.strip()
     check_sets(SETS)
     for name in configs:   # budgets given on the command line (a GPU's, or a dry run's) win over the table's
         for key, value in (("images", args.images), ("distill_epochs", args.distill_epochs),

@@ -514,6 +514,30 @@ def test_an_epochs_row_scales_the_distillation_and_a_resumed_run_records_no_cpu(
     assert "--resume" in commands[0] and result["distill_cpu_s"] is None
 
 
+def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, monkeypatch):
+    """--distill-set aug=crop-colour reaches every row's `distill train`, over the configuration's own value;
+    a stage-two row's own flag (cutmix's --mixup 0) still wins over it."""
+    bench = _bench_methods()
+    commands = []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        return 1.0, 2.0
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "final_top1",
+                        lambda run_dir, epochs: 50.0 if any(str(run_dir) in c for c in commands) else None)
+    monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "crop-colour", "mixup": "0.5"})
+    shards = tmp_path / "mnistm32" / "shards" / "generator-ensemble"
+    shards.mkdir(parents=True)
+    (shards / "bench_timing.json").write_text('{"wall_s": 30.0, "cpu_s": 40.0}')
+    assert bench.CONFIGS["mnistm32"]["distill"]["aug"] != "crop-colour"
+    bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")
+    bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble, cutmix instead of mixup", [0], "data")
+    plain, cutmix = commands
+    assert plain[plain.index("--aug") + 1] == "crop-colour" and plain[plain.index("--mixup") + 1] == "0.5"
+    assert cutmix[cutmix.index("--aug") + 1] == "crop-colour" and cutmix[cutmix.index("--mixup") + 1] == "0.0"
+
+
 def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(tmp_path, monkeypatch):
     """--paired-seeds: seed S synthesises with --seed S into its own folder (seed 0 keeps the unpaired folder and
     run, so earlier results are reused) and distils from it with --seed S; the ceiling keeps its one subset."""
