@@ -298,6 +298,26 @@ def distill_options(config_name: str) -> dict:
     return {**DISTILL, **cfg.get("distill", {}), **DISTILL_SETS, "epochs": cfg["distill_epochs"]}
 
 
+def check_finished_run(run_dir: Path, flags: dict) -> None:
+    """A finished run is reused only if it was trained with these `distill train` flags (its config.json):
+    a run of another recipe or --distill-set in the same --out must not fill this row."""
+    saved_file = run_dir / "config.json"
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text())
+    differ = []
+    for flag, value in flags.items():
+        key = flag.replace("-", "_")
+        if key in ("threads", "workers") or key not in saved:
+            continue
+        mine = type(saved[key])(value) if isinstance(saved[key], (int, float, str)) and saved[key] is not None else value
+        if mine != saved[key]:
+            differ.append(f"--{flag} {saved[key]} there, {value} here")
+    if differ:
+        raise SystemExit(f"{run_dir} was trained with other flags ({'; '.join(differ)}): give this invocation its own "
+                         "--out, or the flags that run used (--images, --distill-epochs, --distill-set)")
+
+
 def synth_seed_of(seed: int, paired: bool, method: str) -> int:
     """The synthesis seed behind distillation seed `seed`: 0 for every seed (one synthesis, the default), or the seed
     itself with --paired-seeds (each run its own synthesis). The ceiling's real images are one seeded subset."""
@@ -326,6 +346,11 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
     shards = shards_folder(base, source, synth_seed)
     timing_file = shards / "bench_timing.json"
     if timing_file.exists():
+        manifest = shards / "manifest.json"
+        made = json.loads(manifest.read_text()).get("planned_samples") if manifest.exists() else None
+        if made is not None and made != cfg["images"]:
+            raise SystemExit(f"{shards} holds {made} images, this invocation asks for {cfg['images']}: "
+                             "give each image budget its own --out (or the --images it was made with)")
         return json.loads(timing_file.read_text())
     log = base / "logs" / (f"synth-{slug(source)}.log" if synth_seed == 0 else f"synth-{slug(source)}-synth{synth_seed}.log")
     if method == "real":
@@ -376,6 +401,7 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "bench_timing.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
         if final_top1(run_dir, epochs) is not None:
+            check_finished_run(run_dir, distill)
             top1[seed] = final_top1(run_dir, epochs)
             if (run_dir / "bench_timing.json").exists():
                 distill_cpu[seed] = json.loads((run_dir / "bench_timing.json").read_text())["cpu_s"]

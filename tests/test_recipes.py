@@ -538,6 +538,31 @@ def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, mo
     assert cutmix[cutmix.index("--aug") + 1] == "crop-colour" and cutmix[cutmix.index("--mixup") + 1] == "0.0"
 
 
+def test_a_finished_run_or_shard_folder_of_other_settings_is_not_reused(tmp_path, monkeypatch):
+    """The same --out with another aug (a recipe change, --distill-set) or another image count must not fill a
+    row with runs or shards made otherwise: a one-line error names what differs."""
+    bench = _bench_methods()
+    monkeypatch.setattr(bench, "run", lambda cmd, log: (_ for _ in ()).throw(AssertionError(f"ran {cmd}")))
+    monkeypatch.setattr(bench, "final_top1", lambda run_dir, epochs: 50.0)
+    shards = tmp_path / "mnistm32" / "shards" / "generator-ensemble"
+    shards.mkdir(parents=True)
+    (shards / "bench_timing.json").write_text('{"wall_s": 30.0, "cpu_s": 40.0}')
+    (shards / "manifest.json").write_text(json.dumps({"planned_samples": bench.CONFIGS["mnistm32"]["images"]}))
+    run = tmp_path / "mnistm32" / "runs" / "generator-ensemble-seed0"
+    run.mkdir(parents=True)
+    flags = bench.distill_options("mnistm32")
+    (run / "config.json").write_text(json.dumps({"aug": flags["aug"], "mixup": float(flags["mixup"]),
+                                                 "epochs": flags["epochs"], "workers": 2}))
+    assert bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")["top1"] == {0: 50.0}
+    monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "translate"})
+    with pytest.raises(SystemExit, match=r"trained with other flags \(--aug .* there, translate here\)"):
+        bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")
+    monkeypatch.setattr(bench, "DISTILL_SETS", {})
+    (shards / "manifest.json").write_text(json.dumps({"planned_samples": 123}))
+    with pytest.raises(SystemExit, match="holds 123 images"):
+        bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")
+
+
 def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(tmp_path, monkeypatch):
     """--paired-seeds: seed S synthesises with --seed S into its own folder (seed 0 keeps the unpaired folder and
     run, so earlier results are reused) and distils from it with --seed S; the ceiling keeps its one subset."""
