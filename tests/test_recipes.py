@@ -293,7 +293,7 @@ def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
         assert ("'gone' is not here" in run.reason) == (recipe is not None and recipe["name"] == "gone")
         assert (run.config.epochs, run.config.lr, run.config.mixup, run.config.aug) == (10, 0.05, 1.0, "translate")
     rgb = _run(_manifest(InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)))
-    assert rgb.recipe.name == "small-rgb" and rgb.config.aug == "crop"
+    assert rgb.recipe.name == "small-rgb" and rgb.config.aug == "crop-colour"
     # shards made with --recipe none: distilled with none too (the declared defaults), not small-grey
     plain = _run(_manifest(recipe=load_recipe("none").record("recipe: none (--recipe none: the declared defaults)")))
     assert plain.recipe.name == "none" and plain.reason == ("recipe: none (auto: the shards were made with --recipe "
@@ -515,7 +515,7 @@ def test_an_epochs_row_scales_the_distillation_and_a_resumed_run_records_no_cpu(
 
 
 def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, monkeypatch):
-    """--distill-set aug=crop-colour reaches every row's `distill train`, over the configuration's own value;
+    """--distill-set aug=translate reaches every row's `distill train`, over the configuration's own value;
     a stage-two row's own flag (cutmix's --mixup 0) still wins over it."""
     bench = _bench_methods()
     commands = []
@@ -526,16 +526,16 @@ def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, mo
     monkeypatch.setattr(bench, "run", fake_run)
     monkeypatch.setattr(bench, "final_top1",
                         lambda run_dir, epochs: 50.0 if any(str(run_dir) in c for c in commands) else None)
-    monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "crop-colour", "mixup": "0.5"})
+    monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "translate", "mixup": "0.5"})
     shards = tmp_path / "mnistm32" / "shards" / "generator-ensemble"
     shards.mkdir(parents=True)
     (shards / "bench_timing.json").write_text('{"wall_s": 30.0, "cpu_s": 40.0}')
-    assert bench.CONFIGS["mnistm32"]["distill"]["aug"] != "crop-colour"
+    assert bench.CONFIGS["mnistm32"]["distill"]["aug"] != "translate"
     bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")
     bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble, cutmix instead of mixup", [0], "data")
     plain, cutmix = commands
-    assert plain[plain.index("--aug") + 1] == "crop-colour" and plain[plain.index("--mixup") + 1] == "0.5"
-    assert cutmix[cutmix.index("--aug") + 1] == "crop-colour" and cutmix[cutmix.index("--mixup") + 1] == "0.0"
+    assert plain[plain.index("--aug") + 1] == "translate" and plain[plain.index("--mixup") + 1] == "0.5"
+    assert cutmix[cutmix.index("--aug") + 1] == "translate" and cutmix[cutmix.index("--mixup") + 1] == "0.0"
 
 
 def test_a_finished_run_or_shard_folder_of_other_settings_is_not_reused(tmp_path, monkeypatch):
@@ -554,8 +554,8 @@ def test_a_finished_run_or_shard_folder_of_other_settings_is_not_reused(tmp_path
     (run / "config.json").write_text(json.dumps({"aug": flags["aug"], "mixup": float(flags["mixup"]),
                                                  "epochs": flags["epochs"], "workers": 2}))
     assert bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")["top1"] == {0: 50.0}
-    monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "translate"})
-    with pytest.raises(SystemExit, match=r"trained with other flags \(--aug .* there, translate here\)"):
+    monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "none"})
+    with pytest.raises(SystemExit, match=r"trained with other flags \(--aug .* there, none here\)"):
         bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")
     monkeypatch.setattr(bench, "DISTILL_SETS", {})
     (shards / "manifest.json").write_text(json.dumps({"planned_samples": 123}))
