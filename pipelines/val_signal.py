@@ -93,6 +93,14 @@ def per_run(name: str, m: pd.DataFrame) -> dict:
     return row
 
 
+def print_across(finals: pd.DataFrame, what: str) -> None:
+    """One line: each signal's Spearman rho with eval_top1 over the rows of `finals` (one row per run)."""
+    across = {s: spearman(sign * finals[s], finals["eval_top1"]) for s, sign in SIGNALS.items()}
+    print(f"across runs ({what}): " + ", ".join(
+        f"rho({'-' if sign < 0 else ''}{s}, eval_top1) = {'-' if across[s] is None else f'{across[s]:.3f}'}"
+        for s, sign in SIGNALS.items()))
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders (or their metrics.csv)")
@@ -106,10 +114,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.split:
         table = final_on_split(args.runs, args.split, args.split_shards)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        across = {s: spearman(sign * table[s], table["eval_top1"]) for s, sign in SIGNALS.items()}
-        print("across runs (final students, one split): " + ", ".join(
-            f"rho({'-' if sign < 0 else ''}{s}, eval_top1) = {'-' if across[s] is None else f'{across[s]:.3f}'}"
-            for s, sign in SIGNALS.items()))
+        print_across(table, "final students, one split")
         if args.csv:
             table.to_csv(args.csv, index=False)
         return table
@@ -122,11 +127,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     if len(frames) >= 3:
-        finals = pd.DataFrame([m.iloc[-1] for m in frames.values()])
-        across = {s: spearman(sign * finals[s], finals["eval_top1"]) for s, sign in SIGNALS.items()}
-        print("across runs (final epochs): " + ", ".join(
-            f"rho({'-' if sign < 0 else ''}{s}, eval_top1) = {'-' if across[s] is None else f'{across[s]:.3f}'}"
-            for s, sign in SIGNALS.items()))
+        print_across(pd.DataFrame([m.iloc[-1] for m in frames.values()]), "final epochs")
     if args.csv:
         table.to_csv(args.csv, index=False)
     return table

@@ -458,17 +458,25 @@ def _load_pipeline(name: str, monkeypatch):
     return module
 
 
-def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch):
-    """"muse, teacher on native views in stage two" synthesises nothing: it distils the "muse" row's shards
-    (whose synthesis columns it reports) with --teacher-view native, into its own run folders."""
-    bench = _bench_methods()
+def _recording(bench, monkeypatch) -> list:
+    """bench.run replaced by a recorder of its command lines (1 s wall, 2 CPU-s each); a run counts as finished
+    once a command named its folder."""
     commands = []
 
     def fake_run(cmd, log):
         commands.append(cmd)
         return 1.0, 2.0
     monkeypatch.setattr(bench, "run", fake_run)
-    monkeypatch.setattr(bench, "final_top1", lambda run_dir, epochs: 50.0 if commands else None)
+    monkeypatch.setattr(bench, "final_top1",
+                        lambda run_dir, epochs: 50.0 if any(str(run_dir) in c for c in commands) else None)
+    return commands
+
+
+def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch):
+    """"muse, teacher on native views in stage two" synthesises nothing: it distils the "muse" row's shards
+    (whose synthesis columns it reports) with --teacher-view native, into its own run folders."""
+    bench = _bench_methods()
+    commands = _recording(bench, monkeypatch)
     row = "muse, teacher on native views in stage two"
     muse_shards = tmp_path / "mnistm64" / "shards" / "muse"
     muse_shards.mkdir(parents=True)
@@ -518,14 +526,7 @@ def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, mo
     """--distill-set aug=translate reaches every row's `distill train`, over the configuration's own value;
     a stage-two row's own flag (cutmix's --mixup 0) still wins over it."""
     bench = _bench_methods()
-    commands = []
-
-    def fake_run(cmd, log):
-        commands.append(cmd)
-        return 1.0, 2.0
-    monkeypatch.setattr(bench, "run", fake_run)
-    monkeypatch.setattr(bench, "final_top1",
-                        lambda run_dir, epochs: 50.0 if any(str(run_dir) in c for c in commands) else None)
+    commands = _recording(bench, monkeypatch)
     monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "translate", "mixup": "0.5"})
     shards = tmp_path / "mnistm32" / "shards" / "generator-ensemble"
     shards.mkdir(parents=True)
