@@ -99,7 +99,7 @@ def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 def colour_jitter(x: torch.Tensor, strength: float = 0.4) -> torch.Tensor:
     """Per-image brightness, contrast and (3 channels) saturation, each a factor drawn uniformly from
-    [1 - strength, 1 + strength], in random order as torchvision's ColorJitter, of (B, C, H, W) uint8
+    [1 - strength, 1 + strength], applied in an order drawn per batch, of (B, C, H, W) uint8
     pixels or floats in [0, 1]; the result keeps the input's dtype and range."""
     as_uint8 = x.dtype == torch.uint8
     y = x.float() / 255 if as_uint8 else x.float()
