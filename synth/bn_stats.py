@@ -16,8 +16,10 @@ import torch.nn as nn
 
 from dfkd.common.errors import UserError
 
+from .hooks import ForwardHooks
 
-class BNStatsLoss:
+
+class BNStatsLoss(ForwardHooks):
     """Forward hooks on every BatchNorm of `model`; `loss()` reads what the last forward recorded.
 
     Per layer l: ||mean_l - running_mean_l||_2 + ||var_l - running_var_l||_2, with the batch mean and
@@ -36,7 +38,7 @@ class BNStatsLoss:
         self.first_layer_weight = first_layer_weight
         self.per_layer: list[torch.Tensor | None] = [None] * len(self.layers)
         self.chunks = 1   # > 1: the batch is this many equal chunks, each matched on its own
-        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.layers)]
+        self.hooks(self.layers, lambda i, m: self._make_hook(i))
 
     def _make_hook(self, index: int):
         def distance(module, x):
@@ -63,14 +65,3 @@ class BNStatsLoss:
         for v in self.per_layer[1:]:
             total = total + v
         return total
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()

@@ -25,17 +25,19 @@ import torch.nn.functional as F
 
 from dfkd.common.errors import UserError
 
+from .hooks import ForwardHooks
+
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 
 
-class ClassActivationMaps:
+class ClassActivationMaps(ForwardHooks):
     """Forward hooks on the leaf modules of `model`; `maps()` reads the last feature map they saw."""
 
     def __init__(self, model: nn.Module):
         self.model_name = type(model).__name__
         self.features: torch.Tensor | None = None
         leaves = [m for m in model.modules() if not list(m.children()) and not isinstance(m, _POOLS)]
-        self._handles = [m.register_forward_hook(self._record) for m in leaves]
+        self.hooks(leaves, lambda i, m: self._record)
 
     def _record(self, module, inputs, output) -> None:
         if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
@@ -51,17 +53,6 @@ class ClassActivationMaps:
         (grad,) = torch.autograd.grad(score, a, retain_graph=True)
         alpha = grad.mean(dim=(2, 3), keepdim=True).detach()
         return F.relu((alpha * a).sum(1))
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def cam_coverage(cam: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
