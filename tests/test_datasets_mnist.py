@@ -13,10 +13,11 @@ def _write_idx(path, array):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def _fake_mnist(root, n=12):
+def _fake_mnist(root, n=12, rng=None):
+    """Tiny random MNIST IDX files under root/MNIST/raw (digits drawn from `rng`, default seed 0)."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0) if rng is None else rng
     for split in ("train", "t10k"):
         _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)

@@ -12,23 +12,16 @@ from dfkd.common.errors import UserError
 from dfkd.common.models import create_model
 from dfkd.distill.teacher import TeacherConfig, train_teacher
 
+from test_datasets_mnist import _fake_mnist  # the tiny IDX files of the MNIST loader's tests
+
 TRAIN_COLOUR, TEST_COLOUR = (200, 100, 50), (10, 240, 120)
-
-
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
 def _stand_ins(root, n=20, photos="flat", extra=0):
     """A tiny MNIST (random digits) and photographs: one flat colour per split, or random noise (`extra` px
     larger on each side for 64 px patches)."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split in ("train", "t10k"):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    raw = _fake_mnist(root, n, rng)   # the photographs below draw on from the same generator
     for split, colour in (("train", TRAIN_COLOUR), ("test", TEST_COLOUR)):
         folder = root / "mnistm" / "photos" / split
         folder.mkdir(parents=True)
