@@ -111,11 +111,13 @@ def colour_jitter(x: torch.Tensor, strength: float = 0.4) -> torch.Tensor:
     def grey(t):
         return t if c != 3 else (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
 
+    def toward(t, target):   # blend each image with `target` by its own factor (1: unchanged)
+        return (t - target) * factor() + target
+
     ops = [lambda t: t * factor(),                                              # brightness
-           lambda t: (t - grey(t).mean((1, 2, 3), keepdim=True)) * factor()
-           + grey(t).mean((1, 2, 3), keepdim=True)]                               # contrast
+           lambda t: toward(t, grey(t).mean((1, 2, 3), keepdim=True))]          # contrast
     if c == 3:
-        ops.append(lambda t: (t - grey(t)) * factor() + grey(t))                  # saturation
+        ops.append(lambda t: toward(t, grey(t)))                                  # saturation
     for i in torch.randperm(len(ops)).tolist():
         y = ops[i](y).clamp_(0, 1)
     return (y * 255).round_().to(torch.uint8) if as_uint8 else y.to(x.dtype)

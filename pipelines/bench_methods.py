@@ -310,7 +310,7 @@ def check_finished_run(run_dir: Path, flags: dict) -> None:
         key = flag.replace("-", "_")
         if key in ("threads", "workers") or key not in saved:
             continue
-        mine = type(saved[key])(value) if isinstance(saved[key], (int, float, str)) and saved[key] is not None else value
+        mine = type(saved[key])(value) if isinstance(saved[key], (int, float, str)) else value
         if mine != saved[key]:
             differ.append(f"--{flag} {saved[key]} there, {value} here")
     if differ:
@@ -400,9 +400,10 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
             if not resume:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "bench_timing.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
-        if final_top1(run_dir, epochs) is not None:
+        finished = final_top1(run_dir, epochs)
+        if finished is not None:
             check_finished_run(run_dir, distill)
-            top1[seed] = final_top1(run_dir, epochs)
+            top1[seed] = finished
             if (run_dir / "bench_timing.json").exists():
                 distill_cpu[seed] = json.loads((run_dir / "bench_timing.json").read_text())["cpu_s"]
     say(f"done: {config_name} / {variant}: {top1}")
