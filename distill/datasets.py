@@ -264,7 +264,7 @@ def fit_arrays(images_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- MNIST-M (built offline)
 MNISTM_SIZE = 32
-# the datasets by name: MNIST-M at 32 px (Ganin & Lempitsky's size) and at 64 px (issue 12: digits upsampled
+# the datasets by name: MNIST-M at 32 px (Ganin & Lempitsky's size) and at 64 px (digits upsampled
 # 32 -> 64 px, blended into 64 x 64 patches of the same photographs, for teachers that take 64 px)
 MNISTM_SIZES = {"mnistm": 32, "mnistm64": 64}
 MNISTM_VERSION = 1           # part of the cache key: bump when the construction below changes

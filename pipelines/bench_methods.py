@@ -74,7 +74,7 @@ CONFIGS = {
     "mnistm32": {"title": "MNIST-M 32 px RGB, cifar_resnet20 -> cifar_resnet8", "data": "mnistm",
                  "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8", "ceiling": True,
                  "recipe": "small-rgb"},
-    # issue 12 part 3, every method on mnistm32's test bed (same dataset, teacher command and student) at about
+    # every method on mnistm32's test bed (same dataset, teacher command and student) at about
     # equal synthesis CPU and one distillation schedule, 3 seeds each: the recipe's method settings (the ensemble's
     # 8 x 80 steps is the budget; DeepInversion's 4 full + 16 half-size iterations per image cost about the same)
     # but 10k images x 5 epochs, so that every row fits 2 CPU cores (the recipe's 20k x 10 costs ~4x per row). Equal
@@ -93,7 +93,7 @@ CONFIGS = {
                        "student": "lenet5_half", "recipe": "small-grey", "separate": True,
                        "only": ["generator ensemble", "generator ensemble + adversarial",
                                 "generator ensemble, crop + colour jitter", "generator ensemble, cutmix instead of mixup"]},
-    # issue 12 part 4, MUSE where its claim lives: the same dataset at 64 px (digits and photo patches drawn at
+    # MUSE where its claim lives: the same dataset at 64 px (digits and photo patches drawn at
     # 64 px, distill/datasets.py's mnistm64), MUSE's 16 / 32 / 64 px streams against the 64 px ensemble at about equal
     # synthesis CPU (the table reports the measured CPU-s). The recipe's synthesis settings, but a budget that fits
     # 2 CPU cores in about 1.5 h: at 64 px a ResNet-20 step costs ~5x its 32 px step (3.3 s per 128 images on one
@@ -547,7 +547,7 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
     for name in dict.fromkeys(r["config"] for r in rows):
         sub = [r for r in rows if r["config"] == name]
         by = {r["method"]: r for r in sub}
-        # with a ceiling row: each row's mean as a fraction of the ceiling's mean, same run (issue 12's measure)
+        # with a ceiling row: each row's mean as a fraction of the ceiling's mean, same run (the measure the MNIST-M tables report)
         ceiling = [by[CEILING]["top1"][s] for s in sorted(by[CEILING]["top1"])] if CEILING in by else []
         lines += [f"### {CONFIGS[name]['title']} (teacher top-1 {sub[0]['teacher_top1']:.2f}%)", "",
                   "| method | images | synthesis CPU-s | synthesis wall-s | images / CPU-s | epochs | distillation "

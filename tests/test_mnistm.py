@@ -54,7 +54,7 @@ def test_mnistm_blends_each_digit_into_its_own_splits_photographs(tmp_path):
 
 
 def test_mnistm64_draws_the_digits_at_64_px_into_64_px_patches(tmp_path):
-    """`mnistm64` (issue 12 part 4): the 32 px digits bilinearly upsampled to 64 px, then the same |p - d| rule on
+    """`mnistm64`: the 32 px digits bilinearly upsampled to 64 px, then the same |p - d| rule on
     64 x 64 patches of the split's photographs; its own cache next to the 32 px one; a teacher trains on it."""
     _stand_ins(tmp_path, extra=40)
     spec = create_model("cifar_resnet8", input_size=64).input_spec

@@ -386,7 +386,7 @@ def _bench_methods():
 
 
 def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
-    """The MNIST-M rows (issue 12) run the small-rgb recipe that `synth generate` picks for a 3-channel 32 px
+    """The MNIST-M rows run the small-rgb recipe that `synth generate` picks for a 3-channel 32 px
     teacher: same image count and method options for each method, and `distill train` gets its schedule."""
     bench = _bench_methods()
     spec = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)

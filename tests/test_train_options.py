@@ -1,4 +1,4 @@
-"""The trainer's issue-4 switches: stored teacher logits, EMA, gradient clipping, label smoothing, bf16,
+"""The trainer's switches beyond the plain KD run: stored teacher logits, EMA, gradient clipping, label smoothing, bf16,
 persistent workers (tiny shards, one process)."""
 from __future__ import annotations
 
