@@ -1,4 +1,4 @@
-"""One prepared command that turns a short GPU loan into evidence: correctness of the CUDA paths, speed against
+"""A one-command smoke and speed check of an offline GPU machine: correctness of the CUDA paths, speed against
 the limit, quality at a GPU budget. Results (markdown + JSON) go into one --out folder; every part has its own
 time cap, and summary.md / summary.json are rewritten after each part, so a run cut short keeps what it has.
 
@@ -6,7 +6,7 @@ time cap, and summary.md / summary.json are rewritten after each part, so a run 
     #    braceexpand, PyYAML and pytest, MNIST's four IDX files gzipped, MNIST-M's six photographs)
     bash pipelines/gpu_check.sh --prepare gpu_carry
     # 2. there, on the GPU machine (no network; python3 with torch, torchvision, timm, numpy, pillow, click,
-    #    pandas, tqdm), from a plain checkout with gpu_carry/ in it: about 8 minutes on one H200
+    #    pandas, tqdm), from a plain checkout with gpu_carry/ in it: parts a-d are capped at 8 minutes in all
     bash pipelines/gpu_check.sh --carry gpu_carry --out runs/gpu_check
     # part e at its full sizes needs more than one 8-minute run leaves it: give it a run of its own
     bash pipelines/gpu_check.sh --carry gpu_carry --out runs/gpu_check_e --parts e --budget 580
@@ -63,7 +63,6 @@ CUDA_TESTS = 3   # the tests marked CUDA in those files (the test of --device cu
 TITLES = {"a": "environment and CUDA tests", "b": "synth generate / verify / kill + rerun / distill train",
           "c": "torchrun, 1 process, both stages", "d": "bench_synthesis (resnet50@224), eager and compiled",
           "e": "MNIST-M quality at a GPU budget (bench_methods)"}
-CARRY_LIMIT = 64 * 2 ** 20        # carry folder + checkout
 # (requirement, module): what the GPU machine may lack, carried as wheels; installed only where not importable.
 # webdataset + braceexpand for the shards, pytest and its dependencies for part a
 WHEELS = (("webdataset==1.0.2", "webdataset"), ("braceexpand==0.1.7", "braceexpand"), ("pytest==9.2.0", "pytest"),
@@ -422,11 +421,8 @@ def prepare(folder: Path, data_root: Path) -> None:
     listing = {"files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files},
                "bytes": total, "checkout_bytes": checkout}
     (folder / "CARRY.json").write_text(json.dumps(listing, indent=2) + "\n")
-    print(f"{folder}: {len(files)} files, {total / 2 ** 20:.1f} MiB (+ checkout {checkout / 2 ** 20:.1f} MiB; "
-          f"limit {CARRY_LIMIT / 2 ** 20:.0f} MiB together)")
-    if total + checkout > CARRY_LIMIT:
-        raise SystemExit(f"{folder} and the checkout are {(total + checkout) / 2 ** 20:.1f} MiB, over the "
-                         f"{CARRY_LIMIT / 2 ** 20:.0f} MiB limit")
+    print(f"{folder}: {len(files)} files, {total / 2 ** 20:.1f} MiB (+ checkout {checkout / 2 ** 20:.1f} MiB): copy "
+          "it with the checkout to the GPU machine")
 
 
 def _skimage_photos(tmp: Path, requirement: str, names: tuple) -> list[Path]:

@@ -1,5 +1,5 @@
 """pipelines/gpu_check.py: the dry run on the CPU (every part, tiny sizes, stand-in data) so that the prepared GPU
-command cannot rot between GPU loans, and the carry folder's unpacking (wheels into a temporary site folder,
+command cannot rot between runs on a GPU, and the carry folder's unpacking (wheels into a temporary site folder,
 MNIST gunzipped, photographs copied) without network."""
 import gzip
 import importlib.util
