@@ -1,1 +1,2 @@
-"""Shared pieces of both stages: model registry, shard format, BN hooks, real-data loaders."""
+"""What both stages use: options, their command-line help and recipes; the shard format; the model registry;
+devices and speed switches; files, plots, faults, torchrun and remote shards."""

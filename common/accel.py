@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .errors import UserError
 
 AMP_MODES = ("none", "bf16", "fp16")
@@ -39,6 +40,16 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} CUDA "
                             f"GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def prepare_device(name: str, amp: str) -> torch.device:
+    """The device this process computes on: `name` resolved (`resolve_device`; under torchrun this process's
+    LOCAL_RANK GPU), checked against `amp` (`check_amp`) and, a GPU, made the current CUDA device."""
+    device = distributed.device_for(resolve_device(name))
+    check_amp(amp, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 

@@ -30,6 +30,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def make_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """`folder` and its parents, created where missing (the output folder of a command, given by `flag`);
+    UserError naming `flag` and the fix when a file stands there or the folder cannot be made."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {flag} {folder} ({e.strerror}); choose a writable folder") from None
+    return folder
+
+
 def temp_path_for(path: str | os.PathLike) -> Path:
     """Where an in-progress write of `path` goes: same folder (so rename is atomic), hidden name."""
     path = Path(path)

@@ -88,6 +88,24 @@ def option(default: Any = MISSING, *, help: str, choices: tuple | None = None, m
     return dataclasses.field(default=default, metadata=meta)
 
 
+def positive(value: float) -> str | None:
+    """A `check` for option(): the value must be above 0."""
+    return None if value > 0 else f"must be positive (got {value:g})"
+
+
+def below_one(value: float) -> str | None:
+    """A `check` for option(): the value must be below 1."""
+    return None if value < 1 else f"must be below 1 (got {value:g})"
+
+
+def one_of(registry: Mapping[str, Any]) -> Callable[[Any], str | None]:
+    """A `check` for option(): the value must be a key of `registry` as it is when checked (a plug-in
+    registered after the option was declared counts), with the message of `choices`."""
+    def check(value: Any) -> str | None:
+        return None if value in registry else f"must be one of {', '.join(registry)} (got {_show(value)})"
+    return check
+
+
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -357,12 +375,18 @@ def resolve(cls: type, declared_defaults: Mapping[str, Any] | None, recipe_secti
     missing = [s.flag_name for s in specs if s.name not in values]
     if missing:
         raise UserError(f"missing required option(s): {', '.join(missing)}")
-    config = cls(**values)
-    checker = getattr(config, "validate", None)
     try:
-        checker() if callable(checker) else validate(config)
+        return make_config(cls, values)
     except UserError as e:
         raise name_recipe_values(e, cls, recipe_section, explicit or {}, where) from None
+
+
+def make_config(cls: type, values: Mapping[str, Any]) -> Any:
+    """`cls(**values)` (parsed values), validated: its own `validate()` where it has one (checks of
+    combinations too), else `validate`."""
+    config = cls(**values)
+    checker = getattr(config, "validate", None)
+    checker() if callable(checker) else validate(config)
     return config
 
 

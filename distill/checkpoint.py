@@ -2,25 +2,22 @@
 atomically, loading it (refusing another run's) and restoring a run from it."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from dfkd.common.errors import UserError
 from dfkd.common.fileio import load_torch_safely, save_torch_atomic
-from dfkd.common.options import differences, hashed
 from dfkd.common.shards import Manifest
 
-from .config import ORDER_CHANGES, TrainConfig, renamed, setting_defaults
+from .config import ORDER_CHANGES, changed_settings
 from .nets import Models
 from .run_folder import CHECKPOINT_FILE
 
 
-def run_fingerprint(config: TrainConfig, manifest: Manifest, teacher_sha256: str, world_size: int = 1) -> dict:
-    """What a checkpoint must agree on to be resumed: run settings, shard checksums, teacher weights and
-    the number of processes (it sets the data split and the steps per epoch)."""
-    settings = hashed(config)
+def run_fingerprint(settings: dict, manifest: Manifest, teacher_sha256: str, world_size: int = 1) -> dict:
+    """What a checkpoint must agree on to be resumed: the run's hashed settings (config.run_settings), shard
+    checksums, teacher weights and the number of processes (it sets the data split and the steps per epoch)."""
     return {"settings": settings, "shards": [s.sha256 for s in manifest.shards], "teacher_sha256": teacher_sha256,
             "world_size": world_size}
 
@@ -32,15 +29,16 @@ def rng_states() -> dict:
 
 def save_checkpoint(path: Path, models: Models, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict],
-                    config: TrainConfig, fingerprint: dict, step_log: list[dict] | None = None,
+                    settings: dict, fingerprint: dict, step_log: list[dict] | None = None,
                     rank_rngs: list[dict] | None = None, val_set: dict | None = None) -> None:
     """Everything needed to continue after `epoch` completed epochs, written atomically (temp, fsync,
-    rename: a kill or a full disk leaves the previous checkpoint in place). `rank_rngs`: every rank's
+    rename: a kill or a full disk leaves the previous checkpoint in place). `settings`: the run's
+    (config.run_settings); `rank_rngs`: every rank's
     `rng_states()` (in a distributed run); `val_set`: the held-out split the epochs were measured on
     (`ValSet.identity`)."""
     state = {
         "epoch": epoch, "student": models.student.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "history": history, "config": asdict(config),
+        "scheduler": scheduler.state_dict(), "history": history, "config": settings,
         "fingerprint": fingerprint, "step_log": step_log or [],
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -62,11 +60,11 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     state = load_torch_safely(path, fix)
     try:
         saved = state["fingerprint"]
-        saved_settings, saved_shards, saved_teacher = renamed(saved["settings"]), saved["shards"], saved["teacher_sha256"]
+        saved_settings, saved_shards, saved_teacher = dict(saved["settings"]), saved["shards"], saved["teacher_sha256"]
         int(state["epoch"]), list(state["history"]), state["student"], state["rng"]["torch"]  # noqa: B018
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path} is not a `distill train` checkpoint; {fix}") from None
-    changed = differences(saved_settings, fingerprint["settings"], TrainConfig, setting_defaults())
+    changed = changed_settings(saved_settings, fingerprint["settings"])
     order = [c.name for c in changed if c.name in ORDER_CHANGES]
     if changed:
         why = (f" ({', '.join('--' + k.replace('_', '-') for k in order)} changes the sample order or augmentation "

@@ -14,10 +14,11 @@ import torch
 
 from dfkd.common import distributed
 from dfkd.common.clihelp import GroupedCommand, grouped_option
-from dfkd.common.options import click_options, explicit_values
+from dfkd.common.options import click_options, explicit_values, options_of
 from dfkd.common.recipes import recipe_keys
 
 from .config import TrainConfig
+from .losses import LOSSES
 from .teacher import TeacherConfig, train_teacher
 from .train import train
 
@@ -51,14 +52,29 @@ def main():
     """Stage two of data-free KD: distill students from synth's shards; train teachers on real data."""
 
 
+def loss_options(command):
+    """The options of every loss (`--temperature`, ...: distill/losses/), as flags of `distill train`."""
+    for name, loss in reversed(LOSSES.items()):
+        command = click_options(loss.Config, recipe_keys=recipe_keys("loss", name))(command)
+    return command
+
+
+def _with_loss_options(options: dict) -> dict:
+    """The flags of the losses' options gathered into TrainConfig's `loss_options`."""
+    names = {s.name for loss in LOSSES.values() for s in options_of(loss.Config)}
+    given = {k: options.pop(k) for k in list(options) if k in names}
+    return options | ({"loss_options": given} if given else {})
+
+
 @main.command("train", cls=GroupedCommand, groups=TrainConfig.HELP_GROUPS)
 @click_options(TrainConfig, recipe_keys=recipe_keys("distill"))
+@loss_options
 @run_options
 def train_command(**options):
     """Distill a student from a shard folder, with the teacher run online on every augmented batch
     (or from the logits stored in the shards). Under torchrun: DDP over all ranks, --batch-size-per-rank
     images per rank."""
-    metrics = train(TrainConfig(**apply_run_options(explicit_values(options))))
+    metrics = train(TrainConfig(**_with_loss_options(apply_run_options(explicit_values(options)))))
     if distributed.info().is_main:
         click.echo(f"done: {_format(metrics)}")
 

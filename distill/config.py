@@ -1,17 +1,23 @@
-"""The settings of a `distill train` run: TrainConfig, its defaults and its validation (`resolved`)."""
+"""The settings of a `distill train` run: TrainConfig, its defaults, its validation (`resolved`), its
+last step of resolution (`settle`) and what differs from a recorded run (`changed_settings`). The options
+of the chosen loss are declared by the loss (distill/losses/) and travel beside TrainConfig: as given in
+`loss_options`, resolved in the recipe's Resolved.plugin, flat beside TrainConfig's in the checkpoint's
+fingerprint and in config.json."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
 
+from dfkd.common.accel import AMP_MODES
 from dfkd.common.errors import UserError
-from dfkd.common.options import option, options_of, track_explicit, validate
+from dfkd.common.options import (Change, below_one, differences, hashed, one_of, option, options_of, positive,
+                                track_explicit, validate)
 from dfkd.common.recipes import AUTO, shipped_names
 from dfkd.common.shards import CHECK_LEVELS
 
-from .data import AUGMENTATIONS
+from .augment import AUGMENTATIONS, described
 from .engine import OPTIMIZERS
-from .loss_names import LOSS_NAMES
-from .throughput import AMP_MODES
+from .losses import LOSSES
 from .validation import KEEP
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
@@ -21,12 +27,9 @@ TEACHER_VIEWS = ("stored", "native")
 BAD_SHARD_POLICIES = ("error", "skip")
 
 
-def positive(value: float) -> str | None:
-    return None if value > 0 else f"must be positive (got {value:g})"
-
-
-def _below_one(value: float) -> str | None:
-    return None if value < 1 else f"must be below 1 (got {value:g})"
+# with --teacher-logits stored the student trains on the view the logits were computed on: these values,
+# unless the caller gave others (then TrainConfig.resolved() says why they cannot be)
+_STORED_VIEW = {"aug": "none", "mixup": 0.0, "cutmix": 0.0}
 
 
 @track_explicit
@@ -34,12 +37,14 @@ def _below_one(value: float) -> str | None:
 class TrainConfig:
     """A distillation run, each option declared once (common/options.py): the `distill train` flags, their
     help, checks, the resume rules and the checkpoint fingerprint come from here. Fields the caller does
-    not give come from the recipe (`recipe`, default auto: distill/recipe.py), else from these defaults.
+    not give come from the recipe (`recipe`, default auto: common.recipes.resolve_recipe), else from these defaults.
     `lr`/`wd` of None take the optimiser's default (DEFAULT_LR, DEFAULT_WD)."""
 
     # the subjects of `distill train --help`, in its order; every command-line option names one (group=)
     HELP_GROUPS = ("Input and output", "Teacher", "Optimisation", "Loss and regularisation", "Evaluation",
                    "Resume and faults", "Execution")
+    RECIPE_TABLE = "distill"   # the recipe's table of these options; the losses': [distill.loss.<name>]
+    PLUGINS = LOSSES
 
     shards: str = option(group="Input and output", effect="none", recipe=False,
                          help="Folder written by `synth generate` (shards + manifest.json): a path, an http(s):// "
@@ -72,20 +77,19 @@ class TrainConfig:
     warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs; then cosine decay "
                                   "per step.", min=0, group="Optimisation")
     # distillation
-    loss: str = option("kd", choices=LOSS_NAMES, help="Training loss by name (distill/losses.py); each of its "
-                       "terms is logged as loss_<name> in steps.csv and metrics.csv.", group="Loss and regularisation")
-    temperature: float = option(4.0, group="Loss and regularisation", check=positive, help="KD temperature T.")
-    ce_weight: float = option(0.0, group="Loss and regularisation", min=0,
-                              help="Weight of cross-entropy on the stored labels, added to the KD loss.")
+    loss: str = option("kd", check=one_of(LOSSES), help="Training loss by name (distill/losses/: "
+                       + ", ".join(LOSSES) + "); each of its terms is logged as loss_<name> in steps.csv and "
+                       "metrics.csv.", group="Loss and regularisation")
+    loss_options: dict = option(default_factory=dict, cli=False, effect="none",
+                                help="Options of the loss (its flags, e.g. --temperature), over the recipe's "
+                                "[distill.loss.<name>] table; hashed as the loss's own options.")
     mixup: float = option(0.0, min=0, help="Mixup Beta(alpha, alpha) of image pairs, labelled by the online "
                           "teacher; 0 = off.", group="Loss and regularisation")
     cutmix: float = option(0.0, min=0, help="CutMix Beta(alpha, alpha): a box of a partner image pasted into each "
                            "image, labelled by the online teacher; 0 = off. With --mixup too, each batch takes one of "
                            "the two at random (p 0.5).", group="Loss and regularisation")
-    aug: str = option("translate", group="Loss and regularisation", choices=tuple(AUGMENTATIONS),
-                      help="Student-side augmentation: translate (shift up to size/8 px), crop (reflect-pad crop by "
-                      "size/8 px, no flip: MNIST-M), crop-flip (natural images), crop-colour (the crop plus per-image "
-                      "brightness, contrast and saturation jitter, the teacher labelling the jittered view), none.")
+    aug: str = option("translate", group="Loss and regularisation", check=one_of(AUGMENTATIONS),
+                      help="Student-side augmentation: " + described() + ".")
     # execution and evaluation
     workers: int = option(2, group="Execution", min=0, effect="order",
                           help="DataLoader workers reading shards (needs at least as many shards).")
@@ -130,11 +134,9 @@ class TrainConfig:
                                "image at the resolution its metadata records, downsampled (area) from the "
                                "student's view (a mixed pair at the larger of its two); for shards whose teacher "
                                "saw native sizes in synthesis (MUSE with teacher_input=native).")
-    label_smoothing: float = option(0.0, group="Loss and regularisation", min=0, check=_below_one,
-                                    help="Label smoothing of the CE term (needs --ce-weight > 0).")
     clip_grad: float = option(0.0, group="Optimisation", min=0,
                               help="Clip the gradients' global norm to this; 0 = off.")
-    ema_decay: float = option(0.0, min=0, check=_below_one, help="Keep an EMA of the student's weights (per step, "
+    ema_decay: float = option(0.0, min=0, check=below_one, help="Keep an EMA of the student's weights (per step, "
                               "e.g. 0.999), evaluated and saved too; 0 = off.", group="Loss and regularisation")
     amp: str = option("none", group="Execution", choices=tuple(AMP_MODES),
                       help="Mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU).")
@@ -159,8 +161,6 @@ class TrainConfig:
         if config.warmup_epochs > config.epochs:
             problems.append(f"--warmup-epochs must not exceed --epochs (got {config.warmup_epochs:g} > "
                             f"{config.epochs})")
-        if config.label_smoothing > 0 and config.ce_weight == 0:
-            problems.append("--label-smoothing smooths the CE term: also pass --ce-weight > 0")
         if config.teacher_logits == "stored" and (config.aug != "none" or config.mixup > 0 or config.cutmix > 0):
             problems.append(f"--teacher-logits stored trains on the view the logits were computed on, the stored "
                             f"image: pass --aug none --mixup 0 --cutmix 0 (got --aug {config.aug} --mixup "
@@ -172,6 +172,18 @@ class TrainConfig:
             raise UserError("; ".join(problems))
         return config
 
+    def settle(self, run) -> None:
+        """The last step of common.recipes.resolve_recipe (`run`: this config resolved): with
+        --teacher-logits stored the stored view (aug none, mixup 0, cutmix 0, unless given: the start line
+        says so), then `resolved()`, whose errors name the options whose value came from the recipe."""
+        off = {}
+        if self.teacher_logits == "stored":  # the student must see the stored view: no augmentation, no mixup
+            off = {k: v for k, v in _STORED_VIEW.items() if k not in run.given and getattr(self, k) != v}
+            if off:
+                run.config = replace(self, **off)
+                run.reason += f"; --teacher-logits stored: {', '.join(f'{k} {v}' for k, v in off.items())}"
+        run.config = run.check(run.config.resolved, also_given=off)
+
 
 # The settings that change the order of the samples or the augmentation draws (effect "order"): refused on
 # resume with their own message (common.options.differences finds every refused change; those of effect
@@ -182,12 +194,27 @@ ORDER_CHANGES = tuple(s.name for s in options_of(TrainConfig) if s.effect == "or
 RENAMED = {"batch_size": "batch_size_per_rank"}  # old setting name -> new, in checkpoints and config.json
 
 
-def renamed(settings: dict) -> dict:
-    """Settings recorded by an older version, under today's names."""
-    return {RENAMED.get(k, k): v for k, v in settings.items()}
+def _defaults(cls: type) -> dict:
+    """A config class's declared defaults: the value of a setting added after a run was recorded."""
+    return {f.name: f.default for f in fields(cls)}
 
 
-def setting_defaults() -> dict:
-    """TrainConfig's defaults: the value of a setting added after a checkpoint or config.json was written."""
-    return {f.name: f.default for f in fields(TrainConfig)}
+def run_settings(config: TrainConfig, loss_config: Any, hashed_only: bool = False) -> dict:
+    """The settings of a run as recorded (config.json; `hashed_only`: the checkpoint's fingerprint):
+    TrainConfig's options and, flat beside them, those of its loss."""
+    if hashed_only:
+        return hashed(config) | hashed(loss_config)
+    return {s.name: getattr(config, s.name) for s in options_of(config)} | {
+        s.name: getattr(loss_config, s.name) for s in options_of(loss_config)}
 
+
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
+    """The hashed settings that differ between a recorded run (`old`: its config.json or fingerprint,
+    written by this or an older version) and this one (`new`, as `run_settings` gives them): TrainConfig's
+    and those of the loss, a setting the record lacks taking its declared default."""
+    old = {RENAMED.get(k, k): v for k, v in old.items()}
+    changed = differences(old, new, TrainConfig, _defaults(TrainConfig))
+    loss = LOSSES.get(new.get("loss"))
+    if loss is not None and old.get("loss", "kd") == new.get("loss"):
+        changed += differences(old, new, loss.Config, _defaults(loss.Config))
+    return changed

@@ -1,4 +1,4 @@
-"""Streaming input pipeline over synth's WebDataset shards, and image augmentations on tensors.
+"""Streaming input pipeline over synth's WebDataset shards (the augmentations themselves: distill/augment.py).
 
 Stages, run inside each DataLoader worker, each a small iterable over the one before (webdataset's style):
 
@@ -12,7 +12,7 @@ Stages, run inside each DataLoader worker, each a small iterable over the one be
   Decoder             common.shards.decode_sample, checked against the manifest
   batched             whole batches stacked inside the worker: pixels uint8 B x C x H x W as stored,
                       labels, logits float32
-  Augmentation        student-side augmentation on the uint8 batch, each image its own draw
+  Augmentation        student-side augmentation (distill/augment.py) on the uint8 batch, each image its own draw
 
   to_arrays           the batch as numpy arrays, for the trip to the trainer process
 
@@ -38,7 +38,6 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
@@ -48,9 +47,9 @@ from dfkd.common.remote import StreamError, fetch_verified, is_remote
 from dfkd.common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
                                 shard_paths)
 
+from .augment import augmentation
 from .datasets import ImageArrays
 
-AUGMENTATIONS = ("none", "translate", "crop", "crop-flip", "crop-colour")  # the names of `augmentation`
 SHUFFLE_BUFFER = 2000  # samples held per worker; raw bytes, so cheap
 SHUFFLE_INITIAL = 500  # samples gathered before the first one leaves the buffer
 
@@ -66,105 +65,11 @@ class Batch(NamedTuple):
     #                                         recorded); only read for --teacher-view native
 
 
-# --------------------------------------------------------------------------- augmentations
-def pad_random_crop(x: torch.Tensor, pad: int, mode: str = "constant") -> torch.Tensor:
-    """Pad each side of (B, C, H, W) by `pad` and crop an H x W window at a random offset per image."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    top = torch.randint(0, 2 * pad + 1, (b,))
-    left = torch.randint(0, 2 * pad + 1, (b,))
-    # one slice per image: far cheaper than a gather with per-pixel indices at 64 px and more
-    return torch.stack([padded[i, :, t:t + h, l:l + w] for i, (t, l) in enumerate(zip(top.tolist(), left.tolist()))])
-
-
-def random_translate(x: torch.Tensor, max_shift: int, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
-    """Shift each image of (B, C, H, W) by up to `max_shift` px in x and y; uncovered pixels get `fill`."""
-    if isinstance(fill, (int, float)) and fill == 0:
-        return pad_random_crop(x, max_shift)  # uint8 too, and no two extra passes over the batch
-    return pad_random_crop(x - fill, max_shift) + fill
-
-
-def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Reflect-pad random crop of (B, C, H, W), no flip (digits on photographs: MNIST-M)."""
-    return pad_random_crop(x, pad, mode="reflect")
-
-
-def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Reflect-pad random crop plus horizontal flip with p = 0.5 (natural images) of (B, C, H, W)."""
-    x = pad_random_crop(x, pad, mode="reflect")
-    flip = torch.rand(x.shape[0]) < 0.5
-    x[flip] = x[flip].flip(-1)
-    return x
-
-
-def colour_jitter(x: torch.Tensor, strength: float = 0.4) -> torch.Tensor:
-    """Per-image brightness, contrast and (3 channels) saturation, each a factor drawn uniformly from
-    [1 - strength, 1 + strength], applied in an order drawn per batch, of (B, C, H, W) uint8
-    pixels or floats in [0, 1]; the result keeps the input's dtype and range."""
-    as_uint8 = x.dtype == torch.uint8
-    y = x.float() / 255 if as_uint8 else x.float()
-    b, c = y.shape[:2]
-
-    def factor():
-        return torch.empty(b, 1, 1, 1).uniform_(1 - strength, 1 + strength)
-
-    def grey(t):
-        return t if c != 3 else (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
-
-    def toward(t, target):   # blend each image with `target` by its own factor (1: unchanged)
-        return (t - target) * factor() + target
-
-    ops = [lambda t: t * factor(),                                              # brightness
-           lambda t: toward(t, grey(t).mean((1, 2, 3), keepdim=True))]          # contrast
-    if c == 3:
-        ops.append(lambda t: toward(t, grey(t)))                                  # saturation
-    for i in torch.randperm(len(ops)).tolist():
-        y = ops[i](y).clamp_(0, 1)
-    return (y * 255).round_().to(torch.uint8) if as_uint8 else y.to(x.dtype)
-
-
-def random_crop_colour(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Reflect-pad random crop (no flip) plus per-image colour jitter (colour_jitter) of (B, C, H, W)."""
-    return colour_jitter(random_crop(x, pad))
-
-
-# name -> (x, px, fill): the one table of augmentations by name (the student's, the teacher trainer's)
-_AUGMENT = {
-    "translate": random_translate,
-    "crop": lambda x, px, fill: random_crop(x, px),
-    "crop-flip": lambda x, px, fill: random_crop_flip(x, px),
-    "crop-colour": lambda x, px, fill: random_crop_colour(x, px),
-}
-
-
-def augmentation(name: str, size: int, translate: int | None = None, fill: float | torch.Tensor = 0.0):
-    """The augmentation `name` (one of AUGMENTATIONS) of a batch (B, C, H, W) of `size` px images, or None
-    for none: translate (random shift by up to `translate` px, default size/8, uncovered pixels `fill`;
-    0 px: None), crop (reflect-pad random crop by up to size/8 px, no flip), crop-flip (the same crop +
-    horizontal flip), crop-colour (the crop + per-image brightness, contrast and saturation jitter)."""
-    if name not in AUGMENTATIONS:
-        raise UserError(f"unknown augmentation '{name}'; use one of {', '.join(AUGMENTATIONS)}")
-    px = translate if name == "translate" and translate is not None else max(1, size // 8)
-    if name == "none" or px == 0:
-        return None
-    return lambda x: _AUGMENT[name](x, px, fill)
-
-
-def train_augmentation(name: str, size: int, translate: int = 2):
-    """A real-data training augmentation of a uint8 batch (B, C, H, W) by name, or None (`augmentation`
-    with a shift of `translate` px, black fill)."""
-    return augmentation(name, size, translate)
-
-
+# --------------------------------------------------------------------------- pipeline stages
 @dataclass(frozen=True)
 class Augmentation:
-    """Student-side augmentation of a batch's images (B, C, H, W) in [0, 1], by name (see AUGMENTATIONS).
-
-    translate: random shift by up to size/8 px, zero (black) fill; crop: reflect-pad random crop by up
-    to size/8 px (digits on photographs); crop-flip: the same crop and a horizontal flip, for natural
-    images; none: the stored image.
-    Works on uint8 pixels (the pipeline's) and on floats.
-    """
+    """The pipeline stage of student-side augmentation: a batch's images (B, C, H, W), uint8 pixels (the
+    pipeline's) or floats in [0, 1], augmented by name (distill/augment.py's AUGMENTATIONS)."""
 
     name: str
     size: int
@@ -177,7 +82,6 @@ class Augmentation:
         return batch if augment is None else batch._replace(images=augment(batch.images))
 
 
-# --------------------------------------------------------------------------- pipeline stages
 def _worker_info() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)

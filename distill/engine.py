@@ -1,4 +1,4 @@
-"""Pieces both trainers share: device, optimiser, warmup + cosine schedule, top-1 evaluation."""
+"""Pieces both trainers share: optimiser, warmup + cosine schedule, top-1 evaluation."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from dfkd.common.accel import resolve_device  # noqa: F401 (re-exported)
 from dfkd.common.errors import UserError
 
 from .data import real_batches

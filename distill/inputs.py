@@ -1,5 +1,6 @@
 """What a run reads, built and checked before its folder is touched: the shards (checked against the
-manifest, damaged ones refused or skipped), the teacher, the student, the loader and the evaluation data."""
+manifest, damaged ones refused or skipped), the teacher, the student, the loader, the evaluation data and
+the held-out synthetic split."""
 from __future__ import annotations
 
 import sys
@@ -13,32 +14,30 @@ from dfkd.common import distributed
 from dfkd.common.errors import UserError
 from dfkd.common.shards import Manifest, check_shard_files, read_manifest
 
+from dfkd.common.accel import to_memory_format
+
 from .config import TrainConfig
 from .data import ShardLoader
 from .datasets import real_dataset
 from .nets import build_student, check_models_fit, load_teacher
-from .throughput import to_memory_format
-from .validation import ValSet
+from .validation import ValSet, open_val_set
 
 
-def select_shards(config: TrainConfig, manifest: Manifest, log,
-                  bad: dict[str, str] | None = None) -> tuple[Manifest, dict[str, str]]:
-    """Check the shard files against the manifest before the first step (`config.verify_shards`; or take
-    `bad`, the verdict of rank 0's check). Returns the manifest of the shards to train on and {skipped
-    shard: why}. With on_bad_shard 'error' any damaged shard is a UserError; with 'skip' it is left out,
-    counted and reported."""
-    if bad is None:
-        bad = check_shard_files(config.shards, manifest, config.verify_shards)
+def select_shards(shards: str, manifest: Manifest, bad: dict[str, str], on_bad_shard: str,
+                  log) -> tuple[Manifest, dict[str, str]]:
+    """The shards to train on, given `bad`, those of `shards` that do not match the manifest ({name: why}).
+    Returns their manifest and {skipped shard: why}. With `on_bad_shard` 'error' any damaged shard is a
+    UserError; with 'skip' it is left out, counted and reported."""
     if not bad:
         return manifest, {}
     listing = "; ".join(f"{name}: {why}" for name, why in list(bad.items())[:3]) + ("; ..." if len(bad) > 3 else "")
-    if config.on_bad_shard == "error":
-        raise UserError(f"{len(bad)} of {len(manifest.shards)} shards in {config.shards} do not match the manifest "
-                        f"({listing}): rerun the same `synth generate` to redo them (`synth verify {config.shards}` "
+    if on_bad_shard == "error":
+        raise UserError(f"{len(bad)} of {len(manifest.shards)} shards in {shards} do not match the manifest "
+                        f"({listing}): rerun the same `synth generate` to redo them (`synth verify {shards}` "
                         "lists them), or pass --on-bad-shard skip to train without them")
     kept = [s for s in manifest.shards if s.name not in bad]
     if not kept:
-        raise UserError(f"all {len(bad)} shards in {config.shards} are damaged ({listing}); regenerate them")
+        raise UserError(f"all {len(bad)} shards in {shards} are damaged ({listing}); regenerate them")
     lost = sum(s.num_samples for s in manifest.shards if s.name in bad)
     log(f"warning: skipping {len(bad)} of {len(manifest.shards)} shards ({lost} of {manifest.num_samples} samples) "
         f"that do not match the manifest (--on-bad-shard skip): {listing}")
@@ -63,17 +62,24 @@ class RunInputs:
 
 def prepare_inputs(config: TrainConfig, device: torch.device,
                    dist: distributed.DistInfo = distributed.DistInfo(), manifest: Manifest | None = None) -> RunInputs:
-    """Read (unless given `manifest`) and check the shards, models and evaluation data (UserError before
-    any file is written). In a distributed run rank 0 checks the shard files and the others take its verdict."""
+    """Read (unless given `manifest`) and check the shards, models, evaluation data and held-out split
+    (UserError before any file is written). In a distributed run rank 0 checks the shard files and the
+    others take its verdict."""
     manifest = read_manifest(config.shards) if manifest is None else manifest
-    bad = None
+    val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards, check_files=dist.is_main)
+    if config.keep == "best-val" and val is None:
+        raise UserError("--keep best-val ranks the epochs on a held-out synthetic split and there is none "
+                        f"(--val-shards {config.val_shards}): pass --val-shards PATH, write one with `synth generate "
+                        "--val-images N` (rerun on the same --out adds it), or use --keep last")
+    bad = check_shard_files(config.shards, manifest, config.verify_shards) if dist.is_main else None
     if dist.enabled:
-        bad = check_shard_files(config.shards, manifest, config.verify_shards) if dist.is_main else None
         bad = distributed.broadcast_object(bad)
-    manifest, skipped = select_shards(config, manifest, _warn if dist.is_main else (lambda message: None), bad)
+    manifest, skipped = select_shards(config.shards, manifest, bad, config.on_bad_shard,
+                                      _warn if dist.is_main else (lambda message: None))
     torch.manual_seed(config.seed)
     teacher = None if config.teacher_logits == "stored" else load_teacher(manifest, config.teacher_weights, device)
-    student = to_memory_format(build_student(config, manifest).to(device), config.channels_last)
+    student = to_memory_format(build_student(config.student, config.student_weights, manifest).to(device),
+                               config.channels_last)
     check_models_fit(teacher, student, manifest, config.student, device)
     if dist.enabled:  # the same initial weights everywhere (DDP also broadcasts rank 0's); then own draws
         torch.manual_seed(config.seed + dist.rank)
@@ -82,7 +88,7 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
                          pin_memory=config.pin_memory and device.type == "cuda",
                          persistent_workers=config.persistent_workers, verify=config.verify_shards,
                          with_meta=config.teacher_view == "native")
-    inputs = RunInputs(manifest, skipped, device, teacher, student, loader)
+    inputs = RunInputs(manifest, skipped, device, teacher, student, loader, val=val)
     if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now
         inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root,
                                            workers=config.workers)

@@ -1,21 +1,26 @@
-"""One epoch of training steps (loss, backward, optional clipping, optimiser and EMA step, schedule), with
-the loss logged about LOG_POINTS_PER_EPOCH times, and the checks that stop a diverged run."""
+"""One epoch of training steps (the models' logits of a mixed batch, the loss, backward, optional clipping,
+optimiser and EMA step, schedule), with the loss logged about LOG_POINTS_PER_EPOCH times, and the checks
+that stop a diverged run. `Step` is how each step runs: the pieces it needs of the run's settings, the
+loss with its own config and the batch mixing among them."""
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from dfkd.common.accel import autocast
 from dfkd.common.faults import fault_point
 
-from .config import TrainConfig
-from .data import ShardLoader
-from .losses import LOSSES
-from .nets import Models
+from .augment import Mixing
+from .data import Batch, ShardLoader
+from .losses.base import Logits, Loss
+from .nets import Models, native_view_logits
 from .run_folder import TERM_PREFIX
+from .throughput import batch_to
 
 LOG_POINTS_PER_EPOCH = 20
 
@@ -32,6 +37,42 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class Step:
+    """How each training step runs: the loss (its own config), the batch mixing, where and how the models
+    compute (`amp`, `channels_last`; `native_view`: the online teacher sees each image at the resolution
+    its shard records) and the clipping of the gradients' global norm (0: off)."""
+
+    loss: Loss
+    mixing: Mixing
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = False
+    native_view: bool = False
+    clip_grad: float = 0.0
+
+    def logits(self, models: Models, batch: Batch) -> Logits:
+        """Both models' logits of the batch: the student's view mixed, labelled by the online teacher on
+        the same view; without a teacher (stored logits) the stored view and logits, unmixed."""
+        device = self.device
+        images = batch_to(batch.images, device, self.channels_last)
+        if models.teacher is None:  # stored logits (TrainConfig.resolved() ensures: no augmentation, no mixing)
+            n = images.shape[0]
+            perm, lam = torch.arange(n, device=device), torch.ones(n, device=device)
+            teacher_logits = batch.logits.to(device, non_blocking=True)
+        else:
+            images, perm, lam = self.mixing(images)
+            with torch.no_grad(), autocast(self.amp, device):
+                if self.native_view and batch.resolution is not None:
+                    teacher_logits = native_view_logits(models.teacher, models.teacher_spec, images,
+                                                        batch.resolution.to(device), perm)
+                else:
+                    teacher_logits = models.teacher(models.teacher_spec.normalize(images))
+        with autocast(self.amp, device):
+            student_logits = models.model(models.student.input_spec.normalize(images))
+        return Logits(student_logits.float(), teacher_logits.float(), batch.labels.to(device), perm, lam)
+
+
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                    clip_grad: float = 0.0, parameters: list[nn.Parameter] | None = None, ema=None,
@@ -55,25 +96,25 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 def train_one_epoch(models: Models, loader: ShardLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, epoch: int,
-                    device: torch.device, step_log: list[dict] | None = None, show: bool = True) -> dict:
-    """One pass of `len(loader)` steps of the loss LOSSES[config.loss]. Returns train_loss (this rank's
-    mean), terms ({loss_<name>: this rank's mean of each term of the loss}), lr (of the last step),
-    seconds. Appends the mean loss, its terms and the lr of about LOG_POINTS_PER_EPOCH windows to
-    `step_log`. NonFiniteLoss as soon as a step's loss is NaN or Inf. The terms are summed on the device
-    (detached) and read only at the log points: no extra synchronisation per step."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: Step, epoch: int, epochs: int,
+                    step_log: list[dict] | None = None, show: bool = True) -> dict:
+    """One pass of `len(loader)` steps of `step` (epoch `epoch` of `epochs`; `show`: a progress bar). Returns
+    train_loss (this rank's mean), terms ({loss_<name>: this rank's mean of each term of the loss}), lr (of
+    the last step), seconds. Appends the mean loss, its terms and the lr of about LOG_POINTS_PER_EPOCH
+    windows to `step_log`. NonFiniteLoss as soon as a step's loss is NaN or Inf. The terms are summed on the
+    device (detached) and read only at the log points: no extra synchronisation per step."""
     models.model.train()
     start = time.perf_counter()
     total_loss, lr = 0.0, 0.0
     window, window_loss = max(1, len(loader) // LOG_POINTS_PER_EPOCH), 0.0
     parameters = list(models.student.parameters())
-    loss_fn, window_terms, epoch_terms = LOSSES[config.loss], {}, {}
-    with tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}",
-              disable=not (config.progress and show), leave=False) as bar:
+    window_terms, epoch_terms = {}, {}
+    with tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not show,
+              leave=False) as bar:
         for i, batch in enumerate(bar):
-            terms = loss_fn(models, batch, config, device)
+            terms = step.loss(step.logits(models, batch))
             loss = terms.pop("loss")
-            lr = optimizer_step(loss, optimizer, scheduler, models.scaler, config.clip_grad, parameters,
+            lr = optimizer_step(loss, optimizer, scheduler, models.scaler, step.clip_grad, parameters,
                                 ema=models.ema, model=models.student)
             value = loss.item()
             if not math.isfinite(value):

@@ -1,5 +1,6 @@
 """The models of a run: the frozen teacher (checked against the manifest), the student shaped for the
-shards, a trial pass of both on one batch of the shards' shape, and `Models`, what a training step runs."""
+shards, a trial pass of both on one batch of the shards' shape, `Models`, what a training step runs, and
+the teacher's view of native-resolution images (`native_view_logits`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,12 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dfkd.common.errors import UserError
 from dfkd.common.models import CheckpointError, ModelNameError, WeightsUnavailableError, create_model, state_dict_sha256
 from dfkd.common.shards import Manifest
 
-from .config import TrainConfig
 from .throughput import ModelEma
 
 
@@ -55,16 +56,17 @@ def load_teacher(manifest: Manifest, weights: str | None, device: torch.device) 
     return teacher.eval().requires_grad_(False).to(device)
 
 
-def build_student(config: TrainConfig, manifest: Manifest) -> nn.Module:
-    """The student, shaped for the shards' images and classes (UserError if its weights do not fit)."""
+def build_student(name: str, weights: str, manifest: Manifest) -> nn.Module:
+    """The student `name` with `weights` (--student, --student-weights), shaped for the shards' images and
+    classes (UserError if its weights do not fit)."""
     spec = manifest.input_spec
     try:
-        return create_model(config.student, num_classes=manifest.num_classes, weights=config.student_weights,
+        return create_model(name, num_classes=manifest.num_classes, weights=weights,
                             in_chans=spec.channels, input_size=spec.size)
     except (CheckpointError, ModelNameError, WeightsUnavailableError):
         raise  # a file that cannot be used, a name that builds no model, weights out of reach: not a misfit
     except UserError as e:
-        raise UserError(f"student {config.student} with weights '{config.student_weights}' does not fit the shards "
+        raise UserError(f"student {name} with weights '{weights}' does not fit the shards "
                         f"({spec.channels} x {spec.size} x {spec.size} images, {manifest.num_classes} classes): "
                         f"{e.message}. Pass --student-weights none, or weights made for this input and class "
                         "count") from None
@@ -99,3 +101,27 @@ def check_models_fit(teacher: nn.Module | None, student: nn.Module, manifest: Ma
             raise UserError(f"{role} outputs {tuple(logits.shape)[1:]} per image, the shards have "
                             f"{manifest.num_classes} classes; {fix}")
 
+
+def native_view_logits(teacher: torch.nn.Module, spec, images: torch.Tensor, resolution: torch.Tensor,
+                       perm: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits of each image at its native resolution: (B, C, S, S) images downsampled (area)
+    to `resolution` (B,) per image, a mixed pair (image i blended with perm[i]) at the larger of its two;
+    0 or >= S: the image as it is. One teacher pass per distinct size (eval-mode BN: per-image results)."""
+    size = images.shape[-1]
+    res = torch.where((resolution <= 0) | (resolution > size), torch.full_like(resolution, size), resolution)
+    res = torch.maximum(res, res[perm])
+    logits = None
+    for r in res.unique().tolist():
+        idx = (res == r).nonzero().squeeze(1)
+        x = images[idx] if r == size else F.interpolate(images[idx], size=(r, r), mode="area")
+        try:
+            out = teacher(spec.normalize(x))
+        except RuntimeError as e:
+            if r == size:
+                raise
+            raise UserError(f"--teacher-view native: the teacher cannot take the {r} px images these shards "
+                            f"record ({str(e).splitlines()[0]}); use --teacher-view stored") from None
+        if logits is None:
+            logits = out.new_empty((images.shape[0], out.shape[1]))
+        logits[idx] = out
+    return logits

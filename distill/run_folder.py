@@ -6,16 +6,15 @@ import contextlib
 import csv
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfkd.common.errors import UserError
 from dfkd.common.fileio import atomic_open
-from dfkd.common.options import differences
 from dfkd.common.remote import is_remote
 from dfkd.common.shards import MANIFEST_NAME
 
-from .config import TrainConfig, renamed, setting_defaults
+from .config import changed_settings
 from .validation import VAL_COLUMNS
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
@@ -26,16 +25,16 @@ STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")  # then one loss_<name> co
 TERM_PREFIX = "loss_"
 
 
-def check_out(config: TrainConfig) -> Path:
-    """The run folder, checked without touching it: refuse to start over a previous run unless resuming it."""
-    out = Path(config.out)
+def check_out(out: Path, shards: str, resume: bool, settings: dict) -> Path:
+    """The run folder `out` for a run on `shards` with `settings` (config.run_settings), checked without
+    touching it: refuse to start over a previous run unless resuming it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
-    if not is_remote(config.shards) and out.resolve() == Path(config.shards).resolve():
+    if not is_remote(shards) and out.resolve() == Path(shards).resolve():
         raise UserError(f"--out {out} is the shards folder; give the run its own folder")
-    if not config.resume and (out / CHECKPOINT_FILE).exists():
+    if not resume and (out / CHECKPOINT_FILE).exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
-    check_started_run(out, config)
+    check_started_run(out, settings)
     return out
 
 
@@ -51,14 +50,6 @@ def check_run_folder(run: Path, command: str) -> Path:
         raise UserError(f"{run} is a shards folder (written by `synth generate`), not a run folder: distill a student "
                         f"from it (`distill train --shards {run} --out RUN ...`), then `distill {command} RUN`")
     return run
-
-
-def make_out(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
-    return out
 
 
 @dataclass(frozen=True)
@@ -101,7 +92,7 @@ def remove_unstarted(out: Path, before: FolderBefore) -> None:
                 path.unlink()
 
 
-def check_started_run(out: Path, config: TrainConfig) -> None:
+def check_started_run(out: Path, settings: dict) -> None:
     """A run folder without a checkpoint but with the config.json of a run killed in its first epoch may
     be reused only by the same settings (UserError otherwise)."""
     path = out / CONFIG_FILE
@@ -109,10 +100,10 @@ def check_started_run(out: Path, config: TrainConfig) -> None:
         return
     try:
         saved = json.loads(path.read_text())
-        saved = renamed(saved) if isinstance(saved, dict) else {}
+        saved = saved if isinstance(saved, dict) else {}
     except (OSError, ValueError):
         saved = {}
-    changed = differences(saved, asdict(config), TrainConfig, setting_defaults())
+    changed = changed_settings(saved, settings)
     if changed:
         raise UserError(f"{out} holds the start of another run ({path.name} differs: {', '.join(map(str, changed[:4]))}) "
                         "without a checkpoint: choose another --out, or delete that folder to start over")

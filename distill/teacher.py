@@ -20,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dfkd.common.accel import grad_scaler, resolve_device
 from dfkd.common.errors import UserError
-from dfkd.common.options import option, validate
 from dfkd.common.models import create_model, save_model_checkpoint
+from dfkd.common.options import option, positive, validate
 
-from .config import positive
-from .data import AUGMENTATIONS, augmentation, real_batches, train_augmentation
+from .augment import AUGMENTATIONS, augmentation, train_augmentation
+from .data import real_batches
 from .datasets import MNISTM_SIZES, NAMED_DATASETS, ImageArrays, is_natural, real_dataset
 from .datasets import num_classes_of as dataset_classes
-from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
+from .engine import build_optimizer, evaluate_top1, warmup_cosine
 from .loop import optimizer_step
-from .throughput import grad_scaler
 
 MNIST_CLASSES = 10
 TEACHER_AUGMENTATIONS = ("auto", *AUGMENTATIONS)

@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dfkd.common.accel import (AMP_MODES, autocast, check_amp, compile_module, grad_scaler,  # noqa: F401 (re-exported)
-                          to_layout, to_memory_format)
+from dfkd.common.accel import compile_module, to_layout
 
 
 def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

@@ -34,15 +34,16 @@ complete checkpoint; a NaN/Inf loss stops the run before it is checkpointed; a f
 naming the file. One `distill train` at a time per run folder (a lock file).
 
 This file is the orchestration, read top to bottom; the parts live beside it: config.py (TrainConfig and
-its validation), inputs.py (shards, models and evaluation data, checked before the folder is touched),
-nets.py (teacher, student, their fit check), losses.py (the training losses), loop.py (one epoch),
-run_folder.py (the folder and its files), checkpoint.py (fingerprint, save, load, restore).
+its validation), inputs.py (shards, models, evaluation data and held-out split, checked before the folder
+is touched),
+nets.py (teacher, student, their fit check), losses/ (the training losses, one file each), augment.py
+(augmentations and batch mixing), loop.py (one epoch), run_folder.py (the folder and its files), checkpoint.py (fingerprint, save, load, restore).
 """
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,25 +53,27 @@ from tqdm import tqdm
 
 from dfkd.common import distributed
 from dfkd.common.errors import DiskFullError, UserError
+from dfkd.common.accel import grad_scaler, prepare_device, to_memory_format
 from dfkd.common.faults import fault_point
-from dfkd.common.fileio import folder_lock, remove_stale_temps, write_json_atomic
+from dfkd.common.fileio import folder_lock, make_folder, remove_stale_temps, write_json_atomic
 from dfkd.common.models import save_model_checkpoint
+from dfkd.common.recipes import resolve_recipe
 from dfkd.common.remote import is_remote
 from dfkd.common.shards import ShardFormatError, read_manifest
 
+from .augment import Mixing
 from .checkpoint import load_checkpoint, restore, rng_states, run_fingerprint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, run_settings
 from .datasets import unreadable_reason
-from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
+from .engine import build_optimizer, evaluate_top1, warmup_cosine
 from .inputs import RunInputs, prepare_inputs
-from .loop import NonFiniteLoss, check_finite_weights, train_one_epoch
+from .loop import NonFiniteLoss, Step, check_finite_weights, train_one_epoch
+from .losses import LOSSES
 from .nets import Models
-from .recipe import resolve_run
 from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, EMA_COLUMN, EMA_FILE, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE,
-                         STUDENT_FILE, FolderBefore, check_out, make_out, remove_unstarted, with_terms, write_csv,
-                         write_metrics)
-from .throughput import ModelEma, check_amp, grad_scaler, to_memory_format, wrap_student, wrap_teacher
-from .validation import BEST_VAL_FILE, NONE, VAL_COLUMNS, ValSet, best_epoch, measure, open_val_set
+                         STUDENT_FILE, FolderBefore, check_out, remove_unstarted, with_terms, write_csv, write_metrics)
+from .throughput import ModelEma, wrap_student, wrap_teacher
+from .validation import BEST_VAL_FILE, NONE, VAL_COLUMNS, ValSet, best_epoch, measure
 
 
 def train(config: TrainConfig) -> dict:
@@ -79,37 +82,28 @@ def train(config: TrainConfig) -> dict:
     ranks), images_per_s (all ranks together), skipped_shards, out. Everything that can be checked is
     checked before the run folder is created; a run that stops before its first checkpoint (damage
     found while reading a shard) removes what it created there. Under torchrun every rank calls this.
-    The recipe (`config.recipe`, distill/recipe.py) fills the options `config`'s caller did not give;
-    the start line on stderr says which one and why, config.json records it (`recipe_used`)."""
+    The recipe (`config.recipe`, common.recipes.resolve_recipe) fills the options `config`'s caller did
+    not give; the start line on stderr says which one and why, config.json records it (`recipe_used`)."""
     manifest = read_manifest(config.shards)
-    run = resolve_run(config, manifest)  # the recipe fills what the caller did not give
-    config = run.config.resolved()
+    run = resolve_recipe(config, manifest=manifest)  # the recipe fills what the caller did not give
+    config = run.config
     if distributed.info().is_main:
         print(run.reason, file=sys.stderr, flush=True)
-    val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards,
-                       check_files=distributed.info().is_main)
-    if config.keep == "best-val" and val is None:
-        raise UserError("--keep best-val ranks the epochs on a held-out synthetic split and there is none "
-                        f"(--val-shards {config.val_shards}): pass --val-shards PATH, write one with `synth generate "
-                        "--val-images N` (rerun on the same --out adds it), or use --keep last")
-    config = replace(config, val_shards=val.location if val is not None else NONE)  # config.json records it
-    out = check_out(config)
-    device = distributed.device_for(resolve_device(config.device))
-    check_amp(config.amp, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    out = check_out(Path(config.out), config.shards, config.resume, run_settings(config, run.plugin))
+    device = prepare_device(config.device, config.amp)
     with distributed.process_group(distributed.backend_for(device)) as dist:
         inputs = prepare_inputs(config, device, dist, manifest)
-        inputs.val = val if dist.is_main else None  # rank 0 measures, like the evaluation
+        config = replace(config, val_shards=inputs.val.location if inputs.val is not None else NONE)  # recorded
         if not dist.is_main:  # rank 0 makes, locks and cleans the run folder; the others wait for it
+            inputs.val = None  # rank 0 measures, like the evaluation
             distributed.barrier()
-            return _train(config, out, inputs, dist, run.record())
+            return _train(config, run.plugin, out, inputs, dist, run.record())
         before = FolderBefore.of(out)
-        with folder_lock(make_out(out), "distill train"):
+        with folder_lock(make_folder(out, "--out"), "distill train"):
             remove_stale_temps(out)
             distributed.barrier()
             try:
-                return _train(config, out, inputs, dist, run.record())
+                return _train(config, run.plugin, out, inputs, dist, run.record())
             except Exception as e:
                 remove_unstarted(out, before)  # failed before its first checkpoint: no run folder is left
                 if isinstance(e, DiskFullError):
@@ -118,12 +112,13 @@ def train(config: TrainConfig) -> dict:
                 raise
 
 
-
 @dataclass
 class _Run:
     """What the helpers of `_train` share: the run's settings, folder, models and optimisation."""
 
     config: TrainConfig
+    settings: dict                 # config.run_settings: TrainConfig's options and the loss's
+    step: Step
     out: Path
     inputs: RunInputs
     dist: distributed.DistInfo
@@ -143,7 +138,7 @@ class _Run:
 
     def save(self, epoch: int, history: list[dict], step_log: list[dict], rank_rngs: list[dict] | None,
              val_set: dict | None) -> None:
-        save_checkpoint(self.checkpoint, self.models, self.optimizer, self.scheduler, epoch, history, self.config,
+        save_checkpoint(self.checkpoint, self.models, self.optimizer, self.scheduler, epoch, history, self.settings,
                         self.fingerprint, step_log, rank_rngs, val_set)
 
 
@@ -159,10 +154,11 @@ class _Resumed:
     val_set: dict | None = None
 
 
-def _train(config: TrainConfig, out: Path, inputs: RunInputs,
+def _train(config: TrainConfig, loss_config, out: Path, inputs: RunInputs,
            dist: distributed.DistInfo = distributed.DistInfo(), recipe: dict | None = None) -> dict:
-    """The run itself, once the inputs are checked and the run folder is locked (by rank 0)."""
-    run = _set_up(config, out, inputs, dist)
+    """The run itself, once the inputs are checked and the run folder is locked (by rank 0); `loss_config`:
+    the options of the loss `config.loss`."""
+    run = _set_up(config, loss_config, out, inputs, dist)
     start = _resume(run)
     history, step_log = start.history, start.step_log
     _wrap_models(run)
@@ -192,8 +188,11 @@ def _train(config: TrainConfig, out: Path, inputs: RunInputs,
     return _finish(run, history, teacher_top1)
 
 
-def _set_up(config: TrainConfig, out: Path, inputs: RunInputs, dist: distributed.DistInfo) -> _Run:
-    """Optimiser, schedule, the models (EMA, grad scaler) and the fingerprint a resume must match."""
+def _set_up(config: TrainConfig, loss_config, out: Path, inputs: RunInputs, dist: distributed.DistInfo) -> _Run:
+    """The training step (the loss with its own config), optimiser, schedule, the models (EMA, grad scaler)
+    and the fingerprint a resume must match."""
+    step = Step(LOSSES[config.loss](loss_config), Mixing(config.mixup, config.cutmix), inputs.device, config.amp,
+                config.channels_last, config.teacher_view == "native", config.clip_grad)
     student, teacher, steps = inputs.student, inputs.teacher, len(inputs.loader)
     optimizer = build_optimizer(student, config.opt, config.lr, config.wd)
     scheduler = warmup_cosine(optimizer, config.epochs * steps, round(config.warmup_epochs * steps))
@@ -201,9 +200,11 @@ def _set_up(config: TrainConfig, out: Path, inputs: RunInputs, dist: distributed
                     teacher_spec=teacher.input_spec if teacher is not None else None,
                     scaler=grad_scaler(config.amp, inputs.device),
                     ema=ModelEma(student, config.ema_decay) if config.ema_decay > 0 else None)
-    fingerprint = run_fingerprint(config, inputs.manifest, inputs.manifest.teacher["weights_sha256"], dist.world_size)
+    fingerprint = run_fingerprint(run_settings(config, loss_config, hashed_only=True), inputs.manifest,
+                                  inputs.manifest.teacher["weights_sha256"], dist.world_size)
     log = tqdm.write if config.progress and dist.is_main else (lambda message: None)
-    return _Run(config, out, inputs, dist, models, optimizer, scheduler, fingerprint, log)
+    return _Run(config, run_settings(config, loss_config), step, out, inputs, dist, models, optimizer, scheduler,
+                fingerprint, log)
 
 
 def _resume(run: _Run) -> _Resumed:
@@ -238,8 +239,7 @@ def _write_config_and_logs(run: _Run, recipe: dict | None, history: list[dict], 
     """config.json, and the logs as of the checkpoint (a kill after it, before the logs, left them a step
     behind)."""
     out = run.out
-    write_json_atomic(out / CONFIG_FILE, asdict(run.config) | {"world_size": run.dist.world_size,
-                                                                "recipe_used": recipe})
+    write_json_atomic(out / CONFIG_FILE, run.settings | {"world_size": run.dist.world_size, "recipe_used": recipe})
     if history:
         write_metrics(out / METRICS_FILE, history)
         write_csv(out / STEPS_FILE, with_terms(STEPS_COLUMNS, step_log), step_log)
@@ -265,15 +265,17 @@ def _repair_last_epoch(run: _Run, start: _Resumed) -> None:
     if not history:
         return
     if history[-1]["eval_top1"] is None and inputs.eval_student is not None:
-        history[-1]["eval_top1"] = evaluate_student(student, inputs.eval_student, device, config, out)
+        history[-1]["eval_top1"] = evaluate_student(student, inputs.eval_student, device, config.workers,
+                                                    config.eval_data, out)
         if run.models.ema is not None:
-            history[-1][EMA_COLUMN] = evaluate_student(run.models.ema.module, inputs.eval_student, device, config, out)
+            history[-1][EMA_COLUMN] = evaluate_student(run.models.ema.module, inputs.eval_student, device,
+                                                       config.workers, config.eval_data, out)
         if run.dist.is_main:
             run.save(start.epoch, history, start.step_log, start.rank_rngs, start.val_set)
             write_metrics(out / METRICS_FILE, history)
             run.log(f"epoch {start.epoch}: top-1 {history[-1]['eval_top1']:.2f}% (evaluated on resuming)")
     if val is not None and history[-1].get("val_agreement") is None:
-        history[-1] |= measure_val(student, val, device, config, out)
+        history[-1] |= measure_val(student, val, device, config.channels_last, config.verify_shards, out)
         if config.keep == "best-val" and best_epoch(history) is history[-1]:
             save_best_val(out, student, run.fingerprint, history[-1])
         run.save(start.epoch, history, start.step_log, start.rank_rngs, run.val_identity)
@@ -287,8 +289,8 @@ def _train_epoch(run: _Run, epoch: int, step_log: list[dict]) -> dict:
     config, inputs = run.config, run.inputs
     try:
         with torch.autograd.set_detect_anomaly(config.detect_anomaly):
-            stats = train_one_epoch(run.models, inputs.loader, run.optimizer, run.scheduler, config, epoch,
-                                    inputs.device, step_log, show=run.dist.is_main)
+            stats = train_one_epoch(run.models, inputs.loader, run.optimizer, run.scheduler, run.step, epoch,
+                                    config.epochs, step_log, show=config.progress and run.dist.is_main)
         check_finite_weights(inputs.student)
     except ShardFormatError as e:
         # from a DataLoader worker the message carries the worker's traceback: keep its last line
@@ -400,10 +402,11 @@ def format_val(row: dict) -> str:
     return f"val agreement {row['val_agreement']:.2f}%, val KL {row['val_kl']:.4f}"
 
 
-def measure_val(student: nn.Module, val: ValSet, device: torch.device, config: TrainConfig, out: Path) -> dict:
+def measure_val(student: nn.Module, val: ValSet, device: torch.device, channels_last: bool, verify: str,
+                out: Path) -> dict:
     """The validation signal of a restored student (resuming an epoch that lacks it); UserError if it fails."""
     try:
-        return measure(student, val, device, config.channels_last, config.verify_shards)
+        return measure(student, val, device, channels_last, verify)
     except (ShardFormatError, OSError) as e:
         raise UserError(f"measuring the last epoch in {out / CHECKPOINT_FILE} on --val-shards {val.location} failed "
                         f"({str(e).strip().splitlines()[-1]}): check it with `synth verify {val.location}`, or pass "
@@ -442,12 +445,14 @@ def check_same_val_set(saved: dict | None, current: dict | None, history: list[d
                         f"{saved.get('location')} (the same shards), or train into another --out")
 
 
-def evaluate_student(model: nn.Module, dataset, device: torch.device, config: TrainConfig, out: Path) -> float:
-    """Top-1 of a restored student (resuming an epoch whose evaluation is missing); UserError if it fails."""
+def evaluate_student(model: nn.Module, dataset, device: torch.device, workers: int, eval_data: str,
+                     out: Path) -> float:
+    """Top-1 of a restored student on `eval_data` (resuming an epoch whose evaluation is missing); UserError
+    if it fails."""
     try:
-        return evaluate_top1(model, dataset, device, config.workers)
+        return evaluate_top1(model, dataset, device, workers)
     except OSError as e:
-        raise UserError(f"evaluating the last epoch in {out / CHECKPOINT_FILE} on {config.eval_data} failed "
+        raise UserError(f"evaluating the last epoch in {out / CHECKPOINT_FILE} on {eval_data} failed "
                         f"({unreadable_reason(e)}): replace or remove that file and rerun with --resume") from None
 
 

@@ -88,7 +88,7 @@ def sync(device: torch.device) -> None:
 def build(case: Case, method_name: str, steps: int, compute):
     """Teacher and method for `case`, as `synth generate` builds them."""
     from dfkd.common.models import create_model
-    from dfkd.synth.methods import build_method
+    from dfkd.synth.methods import method_from_options
 
     torch.manual_seed(0)
     teacher = create_model(case.teacher, weights="none", input_size=case.size).eval().requires_grad_(False)
@@ -103,7 +103,7 @@ def build(case: Case, method_name: str, steps: int, compute):
         options["num_generators"] = str(case.generators) if method_name == "generator" else "1"
         if method_name == "muse":
             options.update(case.muse_options)
-    return teacher, build_method(method_name, options, spec, 1000, compute)
+    return teacher, method_from_options(method_name, options, spec, 1000, compute)
 
 
 # --------------------------------------------------------------------------- training

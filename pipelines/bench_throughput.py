@@ -131,7 +131,8 @@ def bench_training(case: Case, shards: Path, args, workdir: Path) -> dict:
     from dfkd.common.shards import read_manifest
     from dfkd.distill.data import ShardLoader
     from dfkd.distill.engine import build_optimizer
-    from dfkd.distill.throughput import grad_scaler, to_memory_format, wrap_student, wrap_teacher
+    from dfkd.common.accel import grad_scaler, to_memory_format
+    from dfkd.distill.throughput import wrap_student, wrap_teacher
     from dfkd.distill.config import TrainConfig
     from dfkd.distill.loop import train_one_epoch
     from dfkd.distill.nets import Models

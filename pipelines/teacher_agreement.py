@@ -16,7 +16,7 @@ import torch
 from dfkd.common.errors import UserError
 from dfkd.common.models import create_model
 from dfkd.common.shards import read_manifest, read_shard
-from dfkd.distill.losses import native_view_logits
+from dfkd.distill.nets import native_view_logits
 
 
 def main() -> None:

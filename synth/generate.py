@@ -46,23 +46,22 @@ import torch
 from tqdm import tqdm
 
 from dfkd.common import distributed
-from dfkd.common.accel import AMP_MODES, Compute, check_amp, compile_module, resolve_device
+from dfkd.common.accel import AMP_MODES, Compute, compile_module, prepare_device
 from dfkd.common.errors import DiskFullError, UserError
 from dfkd.common.faults import fault_point
-from dfkd.common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, folder_lock, is_temp_file,
+from dfkd.common.fileio import (LOCK_NAME, canonical_json, canonical_json_sha256, folder_lock, is_temp_file, make_folder,
                                 remove_stale_temps, sha256_file, write_json_atomic)
 from dfkd.common import models, options
 from dfkd.common.models import create_model
-from dfkd.common.options import check_options, option, parse_options, track_explicit
+from dfkd.common.options import option, track_explicit
 from dfkd.common.options import validate as validate_options
-from dfkd.common import recipes
-from dfkd.common.recipes import AUTO, apply_recipe, as_dict, pick_recipe, shipped_names
+from dfkd.common.recipes import AUTO, Resolved, as_dict, resolve_recipe, shipped_names
 from dfkd.common.shards import (IMAGE_FORMATS, INFO_NAME, MANIFEST_NAME, VAL_SPLIT, Manifest, ShardRecord,
                                 TeacherRecord, build_manifest, read_manifest, sample_key, shard_name, write_manifest)
 
 from . import estimate as timing
 from .estimate import ESTIMATE_NAME, Estimate, Projection
-from .methods import METHODS, build_method, make_config
+from .methods import METHODS, build_method
 from .methods.base import seeded_generator
 from .writer import PixelBatch, ShardJob, WriterPool, default_workers, pixels_to_uint8, time_batch, write_shards
 
@@ -86,6 +85,8 @@ class GenerateConfig:
 
     # the subjects of `synth generate --help`, in its order; every command-line option names one (group=)
     HELP_GROUPS = ("Teacher", "Method", "Output", "Execution")
+    RECIPE_TABLE = "synth"   # the recipe's table of these options; the methods': [synth.method.<name>]
+    PLUGINS = METHODS
 
     teacher: str = option(help="Teacher architecture: lenet5, cifar_resnet20, resnet50, ..., timm/<name>, or "
                           "module.path:callable.", group="Teacher")
@@ -188,35 +189,6 @@ class Split:
         return seeded_generator(seed, *self.stream, index)
 
 
-@dataclass
-class Resolved(recipes.Resolved):
-    """A GenerateConfig with its recipe applied, and the chosen method's options parsed once into the
-    method's declared options dataclass (`method_config`, before it is sized for the teacher's input and
-    the number of images: `build_method`)."""
-
-    method_config: Any = None
-
-
-def resolve_config(cfg: GenerateConfig, spec=None) -> Resolved:
-    """Apply `cfg.recipe` to every option `cfg`'s caller did not give: explicit > recipe > declared default;
-    the method's options: `--set` (`method_options`) > the recipe's table of the chosen method > the
-    method's declared defaults. The automatic recipe needs the teacher's input spec (`spec`)."""
-    resolved = Resolved(**vars(apply_recipe(cfg, pick_recipe(cfg.recipe, spec), "synth")))
-    recipe, where = resolved.recipe, resolved.recipe.where
-    unknown = sorted(set(recipe.method) - set(METHODS))
-    if unknown:
-        raise UserError(f"{where}: [synth.method.{unknown[0]}] is not a method; methods: {', '.join(METHODS)}")
-    tables = {name: check_options(METHODS[name].Config, section, f"{where} [synth.method.{name}]")
-              for name, section in recipe.method.items()}  # every method's table checked, not only the chosen one's
-    method = METHODS[resolved.config.method]
-    given = cfg.method_options if "method_options" in resolved.given else {}
-    resolved.method_config = make_config(method.Config, tables.get(method.name, {}) | parse_options(method.Config,
-                                                                                                     given, "--set"))
-    method_options = {**recipe.method.get(method.name, {}), **given}  # as given: the manifest records them so
-    resolved.config = replace(resolved.config, method_options=method_options)
-    return resolved
-
-
 def generate(cfg: GenerateConfig) -> Manifest | Estimate:
     """Run stage one to completion (or continue an interrupted run). Returns the final manifest; with
     `cfg.estimate`, writes no shards and returns the projection instead (`synth/estimate.py`).
@@ -231,10 +203,7 @@ def generate(cfg: GenerateConfig) -> Manifest | Estimate:
     cfg = resolved.config
     if distributed.info().is_main:
         print(resolved.reason, file=sys.stderr, flush=True)
-    device = distributed.device_for(resolve_device(cfg.device))
-    check_amp(cfg.amp, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = prepare_device(cfg.device, cfg.amp)
     compute = Compute(device, cfg.amp, cfg.channels_last, cfg.compile)
     if distributed.info().is_main and not cfg.estimate:
         _warn_if_slow(cfg, device, teacher.input_spec)
@@ -259,12 +228,12 @@ def _resolve_and_build_teacher(cfg: GenerateConfig) -> tuple[Resolved, torch.nn.
     if cfg.recipe in (None, "", AUTO):
         torch.manual_seed(cfg.seed)
         teacher = _build_teacher(cfg)
-        resolved = resolve_config(cfg, teacher.input_spec)
+        resolved = resolve_recipe(cfg, teacher.input_spec)
         changed = [k for k in _TEACHER_FIELDS if getattr(resolved.config, k) != getattr(cfg, k)]
         if changed:  # a shipped recipe that sets how the teacher is built: a bug of ours, not the user's
             raise AssertionError(f"shipped recipe {resolved.recipe.name} sets {', '.join(changed)}")
         return resolved, teacher
-    resolved = resolve_config(cfg)
+    resolved = resolve_recipe(cfg)
     torch.manual_seed(resolved.config.seed)
     return resolved, _build_teacher(resolved.config)
 
@@ -287,7 +256,7 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
     spec = teacher.input_spec
     teacher_record = models.teacher_record(cfg.teacher, cfg.weights, teacher)
     teacher = compute.model(teacher)
-    method = build_method(cfg.method, resolved.method_config, spec, cfg.num_images, compute)
+    method = build_method(cfg.method, resolved.plugin, spec, cfg.num_images, compute)
     config = {k: v for k, v in options.hashed(cfg).items() if k not in _HASHED_ELSEWHERE}
     config |= {"method_config": options.hashed(method.config), "teacher_sha256": teacher_record.weights_sha256,
                "input_spec": spec.to_dict(), "compute": compute.hashed()}
@@ -300,7 +269,7 @@ def _generate(resolved: Resolved, teacher, dist: distributed.DistInfo, compute: 
               "options": {"generate": as_dict(kept), "method": as_dict(asdict(method.config))}}
     out = Path(cfg.out)
     if dist.is_main:
-        _make_folder(out)
+        make_folder(out)
     if cfg.estimate:
         return _estimate(cfg, out, method, teacher, compute, started)
     # one writer per folder: rank 0 holds the lock for the whole job, the other ranks are part of it
@@ -343,7 +312,7 @@ def _write_dataset(cfg: GenerateConfig, out: Path, method, teacher, config: dict
         val_config = config | {"split": VAL_SPLIT, "val_images": cfg.val_images}
         val_cfg = replace(cfg, num_images=val.num_images, shard_size=val.shard_size, overwrite=False)
         if dist.is_main:
-            _make_folder(val.folder)
+            make_folder(val.folder)
             val_manifest = _open_val_output(val.folder, val_cfg, val_config, teacher_record, record)
         distributed.barrier()
         if not dist.is_main:
@@ -428,15 +397,6 @@ def _estimate(cfg: GenerateConfig, out: Path, method, teacher, compute: Compute,
                             measured_s=time.perf_counter() - started)
     write_json_atomic(out / ESTIMATE_NAME, asdict(result))
     return result
-
-
-def _make_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the shards")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror}); choose a writable folder") from None
 
 
 def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: TeacherRecord,

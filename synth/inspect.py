@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from dfkd.common.errors import UserError
+from dfkd.common.fileio import make_folder
 from dfkd.common.plots import bar_chart, image_grid
 from dfkd.common.shards import Manifest, Sample, ShardFormatError, read_manifest, read_shard, shard_paths
 
@@ -176,11 +177,7 @@ def inspect_dataset(folder: str | Path, out: str | Path | None = None, per_class
         raise UserError("--per-class, --max-classes and --limit must be at least 1")
     folder = Path(folder)
     manifest = read_manifest(folder, require_complete=False)
-    out = Path(out) if out is not None else folder / "inspect"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write into {out} ({e.strerror}); pass --out to a writable folder") from None
+    out = make_folder(out if out is not None else folder / "inspect")
     scan = scan_dataset(folder, manifest, per_class, limit, seed)
     if not scan.labels:
         raise UserError(f"no readable samples in {folder} ({'; '.join(scan.skipped) or 'no shards'}); "

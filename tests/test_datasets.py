@@ -167,7 +167,7 @@ def test_teacher_trains_on_cifar10_stand_in(tmp_path, monkeypatch):
 
 
 def test_crop_flip_augments_uint8_batches():
-    from dfkd.distill.data import train_augmentation
+    from dfkd.distill.augment import train_augmentation
 
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 32, 32)
     torch.manual_seed(0)

@@ -18,11 +18,12 @@ from dfkd.common.errors import UserError
 from dfkd.common.models import create_model, load_model_checkpoint, save_model_checkpoint, teacher_record
 from dfkd.common.shards import Sample, build_manifest, read_manifest, read_shard, write_manifest, write_shard
 from dfkd.distill.cli import main
-from dfkd.distill.data import Augmentation, Batch, EpochShardList, ShardLoader, random_crop_flip, random_translate
+from dfkd.distill.augment import random_crop_flip, random_translate
+from dfkd.distill.data import Augmentation, Batch, EpochShardList, ShardLoader
 from dfkd.distill.engine import warmup_cosine
 from dfkd.distill.throughput import batch_to
 from dfkd.distill.teacher import TeacherConfig, train_teacher
-from dfkd.distill.losses import kd_loss
+from dfkd.distill.losses.kd import kd_loss
 from dfkd.distill.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_augmentations_shift_content_and_keep_shape():
 
 
 def test_colour_jitter_keeps_dtype_and_range_and_changes_colours():
-    from dfkd.distill.data import colour_jitter
+    from dfkd.distill.augment import colour_jitter
 
     torch.manual_seed(0)
     pixels = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
@@ -208,7 +209,8 @@ def test_loader_refuses_more_workers_than_shards(data):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_train_writes_run_folder(data, tmp_path, workers):
     eval_options = dict(eval_data="mnist", data_root=str(REPO / "data")) if MNIST_CACHED and workers == 0 else {}
-    metrics = train(config(data, tmp_path / "run", workers=workers, mixup=0.4, ce_weight=0.5, **eval_options))
+    metrics = train(config(data, tmp_path / "run", workers=workers, mixup=0.4, loss_options={"ce_weight": 0.5},
+                           **eval_options))
     rows = read_metrics(tmp_path / "run")
     assert [int(r["epoch"]) for r in rows] == [1, 2] and int(rows[-1]["step"]) == 2 * (SHARDS * PER_SHARD // 16)
     assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "eval_top1", "seconds", "images_per_s", "loss_kd",
@@ -294,7 +296,7 @@ def test_bad_shard_folders_are_user_errors(data, tmp_path):
     with pytest.raises(UserError, match="unknown model"):
         train(config(data, tmp_path / "run", student="no_such_net"))
     with pytest.raises(UserError, match="--temperature must be positive"):
-        train(config(data, tmp_path / "run", temperature=0))
+        train(config(data, tmp_path / "run", loss_options={"temperature": 0}))
 
 
 def test_damaged_shard_is_a_user_error(data, tmp_path):
@@ -341,7 +343,7 @@ def test_cli_trains_and_python_m_reports_errors(data, tmp_path):
 def test_one_augmentation_table_serves_student_and_teacher():
     """distill.data.augmentation is the one table of augmentations by name: the student's Augmentation,
     the teacher trainer's --aug choices and its batches (a shift of --translate px, filled with `fill`)."""
-    from dfkd.distill.data import augmentation
+    from dfkd.distill.augment import augmentation
 
     assert augmentation("none", 16) is None and augmentation("translate", 16, translate=0) is None
     x = torch.rand(6, 1, 16, 16)
@@ -362,7 +364,7 @@ def test_teacher_trainer_takes_the_students_step(tmp_path, monkeypatch):
     import dfkd.distill.teacher as teacher_module
     from dfkd.distill.engine import build_optimizer
     from dfkd.distill.loop import optimizer_step
-    from dfkd.distill.throughput import grad_scaler
+    from dfkd.common.accel import grad_scaler
 
     nets = [torch.nn.Linear(4, 3) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())

@@ -353,12 +353,13 @@ def test_distill_real_enospc_keeps_the_last_good_checkpoint(reference, small_tmp
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
     real_loss, calls = LOSSES["kd"], []
 
-    def nan_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        terms = real_loss(*args, **kwargs)
-        return terms | {"loss": terms["loss"] * float("nan")} if len(calls) == 7 else terms  # step 2 of epoch 2
+    class NanInEpochTwo(real_loss):
+        def __call__(self, logits):
+            calls.append(1)
+            terms = super().__call__(logits)
+            return terms | {"loss": terms["loss"] * float("nan")} if len(calls) == 7 else terms  # step 2 of epoch 2
 
-    monkeypatch.setitem(LOSSES, "kd", nan_in_epoch_two)
+    monkeypatch.setitem(LOSSES, "kd", NanInEpochTwo)
     run = tmp_path / "run"
     with pytest.raises(UserError, match=r"stopped in epoch 2: the loss is nan at step 2 .*checkpoint.pt still "
                                         r"holds epoch 1, the last good one.*--detect-anomaly"):

@@ -11,7 +11,7 @@ from dfkd.common.errors import UserError
 from dfkd.common.models import InputSpec, create_model
 from dfkd.common.shards import read_manifest, read_shard, verify_dataset
 from dfkd.synth.generate import GenerateConfig, generate
-from dfkd.synth.methods import build_method
+from dfkd.synth.methods import method_from_options
 from dfkd.synth.methods.deepinversion import jitter_flip, tv_l2
 from dfkd.synth.methods.generator import masked_disagreement
 from dfkd.synth.methods.muse import class_embeddings, noisy_embeddings
@@ -89,7 +89,7 @@ def test_class_embeddings_and_noisy_layer(tmp_path):
 def _muse(spec, **options):
     base = {"steps": "1", "train_batch_size": "8", "width": "4", "latent_dim": "8"}
     base.update(options)
-    return build_method("muse", base, spec, 100)
+    return method_from_options("muse", base, spec, 100)
 
 
 def test_muse_generates_low_resolution_and_upsamples_for_the_teacher_and_the_shards():
@@ -152,7 +152,7 @@ def test_deepinversion_loss_terms_combine_with_their_weights(tiny_teacher_path):
     from dfkd.synth.bn_stats import BNStatsLoss
 
     teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
-    method = build_method("deepinversion", {"bn_weight": "0.5", "tv_weight": "0.1", "l2_weight": "0.01"},
+    method = method_from_options("deepinversion", {"bn_weight": "0.5", "tv_weight": "0.1", "l2_weight": "0.01"},
                           teacher.input_spec, 10)
     method.fit(teacher, None)
     x = torch.randn(4, 1, 28, 28)
@@ -167,7 +167,7 @@ def test_deepinversion_lowers_its_loss(tiny_teacher_path):
     teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    method = build_method("deepinversion", {"iterations": "25", "flip": "false"}, teacher.input_spec, 10)
+    method = method_from_options("deepinversion", {"iterations": "25", "flip": "false"}, teacher.input_spec, 10)
     method.fit(teacher, None)
     labels = torch.arange(8) % 10
     from dfkd.synth.bn_stats import BNStatsLoss
@@ -202,7 +202,7 @@ def test_proxy_student_defaults_to_a_small_model_for_the_teachers_input(method):
     a proxy given by name is kept."""
     def proxy(model, **options):
         spec = create_model(model, weights="none").input_spec
-        return build_method(method, {"adversarial_weight": "1", **options}, spec, 100).config.proxy_student
+        return method_from_options(method, {"adversarial_weight": "1", **options}, spec, 100).config.proxy_student
 
     assert proxy("lenet5") == "lenet5_half"
     assert proxy("cifar_resnet20") == "cifar_resnet8"

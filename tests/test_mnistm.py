@@ -131,7 +131,8 @@ def test_teacher_trains_on_mnistm_with_crop_and_no_flip(tmp_path):
 
 
 def test_crop_is_a_shifted_window_never_a_flip():
-    from dfkd.distill.data import Augmentation, Batch, train_augmentation
+    from dfkd.distill.augment import train_augmentation
+    from dfkd.distill.data import Augmentation, Batch
 
     x = torch.arange(4 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(4, 3, 32, 32)
     torch.manual_seed(0)

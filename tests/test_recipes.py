@@ -1,4 +1,4 @@
-"""Recipes and the option declarations (common/options.py, common/recipes.py, distill/recipe.py), both stages."""
+"""Recipes and the option declarations (common/options.py, common/recipes.py), both stages."""
 from __future__ import annotations
 
 import json
@@ -10,16 +10,16 @@ from click.testing import CliRunner
 from dfkd.common import options
 from dfkd.common.errors import UserError
 from dfkd.common.models import InputSpec
-from dfkd.common.recipes import choose_recipe, load_recipe, shipped_names
+from dfkd.distill.losses import LOSSES
+from dfkd.common.recipes import choose_recipe, load_recipe, resolve_recipe, shipped_names
 from dfkd.common.shards import TeacherRecord, build_manifest, read_manifest
 from dfkd.distill.cli import main as distill_cli
 from dfkd.distill.cli import teacher_command, train_command
 from dfkd.distill.config import TrainConfig
-from dfkd.distill.recipe import resolve_run
 from dfkd.distill.teacher import TeacherConfig
 from dfkd.synth.cli import generate_cmd
 from dfkd.synth.cli import main as synth_cli
-from dfkd.synth.generate import GenerateConfig, generate, resolve_config
+from dfkd.synth.generate import GenerateConfig, generate
 from dfkd.synth.methods import METHODS, parse_config
 
 MNIST_SPEC = InputSpec(1, 28, (0.1307,), (0.3081,), 10)
@@ -36,7 +36,7 @@ def _generate(tiny_teacher_path, out, *args):
 
 def test_no_flags_resolve_the_small_grey_recipe(tiny_teacher_path):
     """A Python caller (and the CLI) giving only teacher and weights gets the MNIST main job's settings."""
-    resolved = resolve_config(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path)), MNIST_SPEC)
+    resolved = resolve_recipe(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path)), MNIST_SPEC)
     cfg = resolved.config
     assert resolved.recipe.name == "small-grey"
     assert resolved.reason == "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5)"
@@ -45,7 +45,7 @@ def test_no_flags_resolve_the_small_grey_recipe(tiny_teacher_path):
     assert (method.num_generators, method.steps, method.train_batch_size, method.width, method.latent_dim) == \
         (8, 200, 200, 16, 64)
     assert (method.diversity_weight, method.feature_diversity_weight, method.sample_noise_scale) == (20, 10, 2)
-    plain = resolve_config(GenerateConfig(teacher="lenet5", recipe="none"), MNIST_SPEC).config
+    plain = resolve_recipe(GenerateConfig(teacher="lenet5", recipe="none"), MNIST_SPEC).config
     assert (plain.num_images, plain.image_format, plain.method_options) == (50_000, "png", {})
 
 
@@ -109,7 +109,7 @@ def test_bad_recipes_are_user_errors(tmp_path, text, message):
         recipe = str(tmp_path / "bad.toml")
         (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(UserError) as error:
-        resolve_config(GenerateConfig(teacher="lenet5", recipe=recipe), MNIST_SPEC)
+        resolve_recipe(GenerateConfig(teacher="lenet5", recipe=recipe), MNIST_SPEC)
     assert message in error.value.message
     if text is not None and "TOML" in message:
         assert "bad.toml" in error.value.message and "line 1" in error.value.message
@@ -125,7 +125,7 @@ def test_a_recipe_cannot_set_what_belongs_to_one_invocation(tmp_path):
                       ("[synth]\nprogress = false\n", "remove it")):
         path.write_text(text)
         with pytest.raises(UserError) as error:
-            resolve_config(GenerateConfig(teacher="lenet5", recipe=str(path)), MNIST_SPEC)
+            resolve_recipe(GenerateConfig(teacher="lenet5", recipe=str(path)), MNIST_SPEC)
         key = text.split("\n")[1].split(" =")[0]
         assert error.value.message == (f"recipe shared.toml [synth] {key}: a recipe cannot set it (it belongs to one "
                                        f"invocation): {fix}")
@@ -148,11 +148,15 @@ def test_every_recipe_value_is_checked_even_when_overridden(tmp_path):
     for text, given, message in cases:
         path.write_text(text)
         with pytest.raises(UserError) as error:
-            resolve_config(GenerateConfig(teacher="lenet5", recipe=str(path), **given), MNIST_SPEC)
+            resolve_recipe(GenerateConfig(teacher="lenet5", recipe=str(path), **given), MNIST_SPEC)
         assert error.value.message.startswith(f"recipe shared.toml {message}"), error.value.message
-    path.write_text("[distill]\ntemperature = -1.0\n")
-    with pytest.raises(UserError, match=r"^recipe shared.toml \[distill\] temperature must be positive \(got -1\)$"):
-        _run(_manifest(), recipe=str(path), temperature=2.0)
+    path.write_text("[distill.loss.kd]\ntemperature = -1.0\n")
+    with pytest.raises(UserError, match=r"^recipe shared.toml \[distill.loss.kd\] temperature must be positive \(got -1\)$"):
+        _run(_manifest(), recipe=str(path), loss_options={"temperature": 2.0})
+    path.write_text("[distill]\ntemperature = 2.0\n")   # a loss's option has the loss's table
+    with pytest.raises(UserError, match=r"^recipe shared.toml \[distill\] temperature is an option of the loss kd: "
+                                        r"move it to \[distill.loss.kd\]$"):
+        _run(_manifest(), recipe=str(path))
     # values that do not work together: the flag's error, naming the recipe key that set one of them
     path.write_text("[distill]\nwarmup_epochs = 20.0\n")
     with pytest.raises(UserError, match=r"--warmup-epochs must not exceed --epochs \(got 20 > 10\) "
@@ -191,7 +195,7 @@ def test_every_shipped_recipe_parses_for_every_method():
         recipe = load_recipe(name)
         assert recipe.description and set(recipe.method) <= set(METHODS)
         for method in METHODS:
-            cfg = resolve_config(GenerateConfig(teacher="x", recipe=name, method=method), spec).config
+            cfg = resolve_recipe(GenerateConfig(teacher="x", recipe=name, method=method), spec).config
             parse_config(METHODS[method].Config, cfg.method_options)
 
 
@@ -242,12 +246,14 @@ def test_one_settings_diff_serves_both_stages():
     """options.differences: the hashed options that differ (declaration order; tuples equal to the lists a
     JSON record holds; a setting missing from an old record taking its default); without a class, every
     key of either mapping. Both stages' refusals are made of it."""
-    from dfkd.distill.config import setting_defaults
+    from dfkd.distill.config import changed_settings
 
     old = {"epochs": 10, "lr": 0.05, "workers": 2, "out": "a"}  # no `mixup`: written before it existed
-    new = {"epochs": 10, "lr": 0.2, "workers": 2, "out": "b", "mixup": 0.0}
-    assert [str(c) for c in options.differences(old, new, TrainConfig, setting_defaults())] == ["lr 0.05 -> 0.2"]
-    assert [c.name for c in options.differences({"mixup": 1.0}, new, TrainConfig, setting_defaults())] == ["lr", "mixup"]
+    new = {"epochs": 10, "lr": 0.2, "workers": 2, "out": "b", "mixup": 0.0, "loss": "kd", "temperature": 4.0}
+    assert [str(c) for c in changed_settings(old, new)] == ["lr 0.05 -> 0.2"]
+    assert [c.name for c in changed_settings({"mixup": 1.0, "temperature": 2.0}, new)] == ["lr", "mixup", "temperature"]
+    assert [c.name for c in changed_settings({"batch_size": 8}, new | {"batch_size_per_rank": 128})] == [
+        "batch_size_per_rank", "lr"]   # a record of an older version, under today's names
     assert options.differences({"scales": [0.5, 1.0]}, {"scales": (0.5, 1.0)}) == []
     assert [(c.name, c.old, c.new) for c in options.differences({"a": 1, "b": 2}, {"b": 3, "c": 4})] == [
         ("a", 1, None), ("b", 2, 3), ("c", None, 4)]
@@ -261,7 +267,7 @@ def _manifest(spec: InputSpec = MNIST_SPEC, recipe: dict | None = None):
 
 
 def _run(manifest, **given):
-    return resolve_run(TrainConfig(shards="s", student="lenet5_half", out="o", **given), manifest)
+    return resolve_recipe(TrainConfig(shards="s", student="lenet5_half", out="o", **given), manifest=manifest)
 
 
 def test_one_recipe_resolver_serves_both_stages():
@@ -269,7 +275,7 @@ def test_one_recipe_resolver_serves_both_stages():
     each stage only picks its recipe and its table."""
     from dfkd.common.recipes import Resolved
 
-    synth = resolve_config(GenerateConfig(teacher="lenet5", num_images=7), MNIST_SPEC)
+    synth = resolve_recipe(GenerateConfig(teacher="lenet5", num_images=7), MNIST_SPEC)
     run = _run(_manifest(), epochs=3)
     assert isinstance(synth, Resolved) and isinstance(run, Resolved)
     assert synth.given == {"teacher", "num_images"} and synth.where == "recipe small-grey.toml [synth]"
@@ -298,15 +304,15 @@ def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
     plain = _run(_manifest(recipe=load_recipe("none").record("recipe: none (--recipe none: the declared defaults)")))
     assert plain.recipe.name == "none" and plain.reason == ("recipe: none (auto: the shards were made with --recipe "
                                                             "none: the declared defaults)")
-    assert (plain.config.epochs, plain.config.lr, plain.config.mixup) == (10, None, 0.0)
+    assert (plain.config.epochs, plain.config.lr, plain.config.mixup) == (10, 0.1, 0.0)  # sgd's lr filled in
     assert plain.config == replace(_run(_manifest(), recipe="none").config, recipe="auto")
 
 
 def test_distill_explicit_beats_recipe_and_none_or_a_file():
     run = _run(_manifest(), lr=0.2, mixup=0.0, epochs=3)
-    assert (run.config.lr, run.config.mixup, run.config.epochs, run.config.temperature) == (0.2, 0.0, 3, 4.0)
+    assert (run.config.lr, run.config.mixup, run.config.epochs, run.plugin.temperature) == (0.2, 0.0, 3, 4.0)
     plain = _run(_manifest(), recipe="none").config
-    assert (plain.lr, plain.mixup, plain.epochs) == (None, 0.0, 10) and plain.resolved().lr == 0.1
+    assert (plain.lr, plain.mixup, plain.epochs) == (0.1, 0.0, 10)   # sgd's lr filled in
     assert _run(_manifest(), recipe="none").reason == "recipe: none (--recipe none: the declared defaults)"
 
     stored = _run(_manifest(), teacher_logits="stored")  # the stored logits are of the un-augmented image
@@ -364,7 +370,10 @@ def test_distill_cli_options_come_from_the_declarations():
                 assert spec.help in flags[spec.name].help, spec.name
                 if not spec.required:
                     assert f"default: {options._show(spec.default)}" in flags[spec.name].help, spec.name
-        assert set(flags) - {s.name for s in options.options_of(cls)} == {"threads", "quiet"}
+        losses = {s.name for loss in LOSSES.values() for s in options.options_of(loss.Config)} if cls is TrainConfig else set()
+        for spec in (s for loss in LOSSES.values() for s in options.options_of(loss.Config) if cls is TrainConfig):
+            assert flags[spec.name].default is None and spec.help in flags[spec.name].help, spec.name  # a loss's own
+        assert set(flags) - {s.name for s in options.options_of(cls)} == {"threads", "quiet"} | losses
     import inspect
 
     from dfkd.distill import cli as distill_cli
@@ -392,7 +401,7 @@ def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
     spec = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)
     for variant in ("generator ensemble", "muse", "deepinversion"):
         method, row = bench.variant_options("mnistm32", variant)
-        user = resolve_config(GenerateConfig(teacher="cifar_resnet20", method=method), spec)
+        user = resolve_recipe(GenerateConfig(teacher="cifar_resnet20", method=method), spec)
         assert user.recipe.name == "small-rgb"
         assert bench.CONFIGS["mnistm32"]["images"] == user.config.num_images
         assert parse_config(METHODS[method].Config, row) == parse_config(METHODS[method].Config,
@@ -624,16 +633,16 @@ def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_
     method's declared options dataclass; the method gets that object (nothing parses them again)."""
     from dfkd.synth import methods as synth_methods
 
-    resolved = resolve_config(GenerateConfig(teacher="lenet5", method_options={"steps": "3", "width": "4"}),
+    resolved = resolve_recipe(GenerateConfig(teacher="lenet5", method_options={"steps": "3", "width": "4"}),
                               MNIST_SPEC)
-    config = resolved.method_config
+    config = resolved.plugin
     assert type(config) is METHODS["generator"].Config
     assert (config.steps, config.width, config.num_generators, config.lr) == (3, 4, 8, 0.01)  # --set, recipe, default
     assert resolved.config.method_options["steps"] == "3"  # as given: the manifest records the options so
     with pytest.raises(UserError, match="--set steps expects an integer, got 'many'"):
-        resolve_config(GenerateConfig(teacher="lenet5", method_options={"steps": "many"}), MNIST_SPEC)
+        resolve_recipe(GenerateConfig(teacher="lenet5", method_options={"steps": "many"}), MNIST_SPEC)
     with pytest.raises(UserError, match="generator option width must be at least"):
-        resolve_config(GenerateConfig(teacher="lenet5", method_options={"width": "0"}), MNIST_SPEC)
+        resolve_recipe(GenerateConfig(teacher="lenet5", method_options={"width": "0"}), MNIST_SPEC)
 
     def parsed_again(*args, **kwargs):
         raise AssertionError("method options parsed a second time")

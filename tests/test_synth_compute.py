@@ -15,7 +15,7 @@ from dfkd.common.models import create_model
 from dfkd.common.shards import read_manifest, read_shard, verify_dataset
 from dfkd.synth.cli import main as synth_cli
 from dfkd.synth.generate import GenerateConfig, generate
-from dfkd.synth.methods import build_method
+from dfkd.synth.methods import method_from_options
 
 TINY = {"num_generators": "3", "steps": "5", "train_batch_size": "12", "width": "4", "latent_dim": "8",
         "feature_diversity_weight": "2", "checkpoint_every": "2"}
@@ -64,7 +64,7 @@ def test_concurrent_generators_train_exactly_as_one_at_a_time(case, tiny_teacher
             options.update(adversarial_weight="1", steps="3")
     runs = {}
     for mode in ("together", "alone"):
-        method = build_method(name, options, teacher.input_spec, 100)
+        method = method_from_options(name, options, teacher.input_spec, 100)
         terms = []
         original = method._forward_backward
 
@@ -91,12 +91,12 @@ def test_concurrent_training_resumes_generators_at_different_steps(tiny_teacher_
     """Generators whose checkpoints stand at different steps (another rank split, a kill) each continue from
     their own step and end as in an uninterrupted run."""
     teacher = _teacher(tiny_teacher_path)
-    reference = build_method("generator", TINY, teacher.input_spec, 100)
+    reference = method_from_options("generator", TINY, teacher.input_spec, 100)
     reference.fit(teacher, tmp_path / "ref", progress=False)
     state = tmp_path / "mixed"
     # generator 2 finished, generator 0 killed after its step-2 checkpoint, generator 1 never started
-    build_method("generator", TINY, teacher.input_spec, 100)._fit_generators([2], teacher, state, False, 0)
-    early = build_method("generator", TINY, teacher.input_spec, 100)
+    method_from_options("generator", TINY, teacher.input_spec, 100)._fit_generators([2], teacher, state, False, 0)
+    early = method_from_options("generator", TINY, teacher.input_spec, 100)
     original_save = early._save
 
     def save_then_stop(m, step):
@@ -106,7 +106,7 @@ def test_concurrent_training_resumes_generators_at_different_steps(tiny_teacher_
     early._save = save_then_stop
     with pytest.raises(KeyboardInterrupt):
         early._fit_generators([0], teacher, state, False, 0)
-    resumed = build_method("generator", TINY, teacher.input_spec, 100)
+    resumed = method_from_options("generator", TINY, teacher.input_spec, 100)
     resumed.fit(teacher, state, progress=False)
     for a, b in zip(resumed.generators, reference.generators):
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
@@ -116,7 +116,7 @@ def test_out_of_memory_halves_the_group_and_keeps_the_result(tiny_teacher_path, 
     """A GPU that cannot hold every generator's batch at once: the step is redone in smaller groups (the
     result does not depend on the grouping); with an explicit group size it is a one-line error."""
     teacher = _teacher(tiny_teacher_path)
-    reference = build_method("generator", TINY, teacher.input_spec, 100)
+    reference = method_from_options("generator", TINY, teacher.input_spec, 100)
     reference.fit(teacher, tmp_path / "ref", progress=False)
 
     def small_memory(method):
@@ -130,13 +130,13 @@ def test_out_of_memory_halves_the_group_and_keeps_the_result(tiny_teacher_path, 
         method._forward_backward = forward_backward
         return sizes
 
-    auto = build_method("generator", TINY, teacher.input_spec, 100)
+    auto = method_from_options("generator", TINY, teacher.input_spec, 100)
     sizes = small_memory(auto)
     auto.fit(teacher, tmp_path / "auto", progress=False)
     assert sizes[:3] == [3, 1, 1] and set(sizes[3:]) == {1}   # 3 -> 1 after one refusal, and it stays
     for a, b in zip(auto.generators, reference.generators):
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    fixed = build_method("generator", {**TINY, "concurrent_generators": "2"}, teacher.input_spec, 100)
+    fixed = method_from_options("generator", {**TINY, "concurrent_generators": "2"}, teacher.input_spec, 100)
     small_memory(fixed)
     with pytest.raises(UserError, match="out of GPU memory training 2 generator.*concurrent_generators"):
         fixed.fit(teacher, tmp_path / "fixed", progress=False)

@@ -14,7 +14,7 @@ from dfkd.common.errors import UserError
 from dfkd.common.models import InputSpec, create_model, save_model_checkpoint, teacher_record
 from dfkd.common.shards import Sample, build_manifest, read_manifest, write_manifest, write_shard
 from dfkd.distill.data import ShardLoader
-from dfkd.distill.losses import native_view_logits
+from dfkd.distill.nets import native_view_logits
 from dfkd.distill.train import TrainConfig, train
 
 SIZES = (7, 14, 28)   # what a MUSE synthesis at scales 1/4, 1/2, 1 records for a 28 px teacher

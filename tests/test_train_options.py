@@ -11,11 +11,15 @@ import torch
 from dfkd.common.errors import UserError
 from dfkd.common.models import create_model, load_model_checkpoint
 from dfkd.common.shards import read_manifest
+from dfkd.common.accel import grad_scaler
+from dfkd.common.options import make_config
+from dfkd.distill.augment import Mixing
 from dfkd.distill.data import Batch, ShardLoader
-from dfkd.distill.loop import train_one_epoch
-from dfkd.distill.losses import LOSSES, distill_loss, kd_loss
+from dfkd.distill.loop import Step, train_one_epoch
+from dfkd.distill.losses import LOSSES
+from dfkd.distill.losses.kd import KD, KDConfig, kd_loss
 from dfkd.distill.nets import Models
-from dfkd.distill.throughput import ModelEma, grad_scaler
+from dfkd.distill.throughput import ModelEma
 from dfkd.distill.train import TrainConfig, train
 
 from test_distill import PER_SHARD, SHARDS, write_shard_folder
@@ -27,9 +31,15 @@ def shards(tmp_path_factory, tiny_teacher_path):
     return write_shard_folder(tmp_path_factory.mktemp("options") / "shards", teacher, tiny_teacher_path, shards=4)
 
 
+LOSS_OPTIONS = ("temperature", "ce_weight", "label_smoothing")   # the kd loss's own (KDConfig)
+CPU = torch.device("cpu")
+
+
 def config(shards, out, **overrides) -> TrainConfig:
+    """A TrainConfig; the kd loss's options among `overrides` go to loss_options, as their flags do."""
+    loss = {k: overrides.pop(k) for k in LOSS_OPTIONS if k in overrides}
     return TrainConfig(**dict(shards=str(shards), student="lenet5_half", out=str(out), epochs=2, batch_size_per_rank=16,
-                              workers=0, progress=False) | overrides)
+                              workers=0, progress=False) | overrides | ({"loss_options": loss} if loss else {}))
 
 
 def test_stored_logits_need_the_stored_view(shards, tmp_path):
@@ -42,7 +52,7 @@ def test_stored_logits_need_the_stored_view(shards, tmp_path):
 
 
 def test_cutmix_pastes_a_partner_box_and_lam_is_the_own_share():
-    from dfkd.distill.losses import cutmix
+    from dfkd.distill.augment import cutmix
 
     torch.manual_seed(0)
     images = torch.arange(16, dtype=torch.float32).view(16, 1, 1, 1).expand(16, 3, 12, 12).contiguous()
@@ -59,22 +69,22 @@ def test_cutmix_pastes_a_partner_box_and_lam_is_the_own_share():
 
 
 def test_mix_switches_between_mixup_and_cutmix():
-    from dfkd.distill.losses import mix
+    from dfkd.distill.augment import Mixing
 
     images = torch.rand(64, 3, 8, 8)
     kinds = set()
     for seed in range(20):
         torch.manual_seed(seed)
-        mixed, perm, lam = mix(images, config("s", "o", mixup=1.0, cutmix=1.0))
+        mixed, perm, lam = Mixing(mixup=1.0, cutmix=1.0)(images)
         hard = ((mixed == images) | (mixed == images[perm])).all()   # cutmix: every pixel is one of the pair's
         kinds.add("cutmix" if hard else "mixup")
     assert kinds == {"cutmix", "mixup"}
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    mix(images, config("s", "o", mixup=1.0))     # without cutmix: exactly mixup's draws (no extra coin)
+    Mixing(mixup=1.0)(images)     # without cutmix: exactly mixup's draws (no extra coin)
     after_mix = torch.get_rng_state()
     torch.set_rng_state(state)
-    from dfkd.distill.losses import mixup
+    from dfkd.distill.augment import mixup
     mixup(images, 1.0)
     assert torch.equal(after_mix, torch.get_rng_state())
 
@@ -88,10 +98,10 @@ def test_stored_logits_are_the_targets_and_no_teacher_is_built(shards, tmp_path,
     torch.manual_seed(0)
     student = create_model("lenet5_half")
     batch = Batch(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.int64), torch.randn(8, 10))
-    cfg = config(shards, tmp_path, teacher_logits="stored", aug="none").resolved()
-    models = Models(student, student, None, None, grad_scaler("none", torch.device("cpu")))
-    expected = kd_loss(student(student.input_spec.normalize(batch.images)), batch.logits, cfg.temperature)
-    loss = distill_loss(models, batch, cfg, torch.device("cpu"))["loss"]
+    models = Models(student, student, None, None, grad_scaler("none", CPU))
+    expected = kd_loss(student(student.input_spec.normalize(batch.images)), batch.logits, KDConfig().temperature)
+    step = Step(KD(KDConfig()), Mixing(), CPU)
+    loss = step.loss(step.logits(models, batch))["loss"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
     import dfkd.distill.inputs as inputs_module
@@ -126,14 +136,14 @@ def test_ema_is_the_running_average_and_is_saved(shards, tmp_path):
 
 
 def _last_grad_norm(shards, tmp_path, clip: float) -> float:
-    cfg = config(shards, tmp_path, clip_grad=clip).resolved()
+    step = Step(KD(KDConfig()), Mixing(), CPU, clip_grad=clip)
     torch.manual_seed(0)
     teacher, student = create_model("lenet5").eval(), create_model("lenet5_half")
     models = Models(student, student, teacher, teacher.input_spec, grad_scaler("none", torch.device("cpu")))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loader = ShardLoader(shards, read_manifest(shards), 16, workers=0, aug="none")
-    train_one_epoch(models, loader, optimizer, scheduler, cfg, 0, torch.device("cpu"))
+    train_one_epoch(models, loader, optimizer, scheduler, step, 0, 1, show=False)
     return torch.cat([p.grad.flatten() for p in student.parameters()]).norm().item()
 
 
@@ -177,8 +187,10 @@ def test_persistent_workers_follow_the_epochs(shards):
 def test_resolved_refuses_what_the_declarations_or_their_combination_do_not_allow(shards, tmp_path, overrides, message):
     """resolved() checks each value against its declaration (no second copy of the ranges) and then the
     combinations no single declaration can express."""
+    loss = {k: overrides.pop(k) for k in LOSS_OPTIONS if k in overrides}
     with pytest.raises(UserError, match=message):
         config(shards, tmp_path, **overrides).resolved()
+        make_config(KDConfig, loss)   # the loss's options: checked by their own declarations
     assert config(shards, tmp_path).resolved().lr == 0.1   # the untouched config passes (and gets sgd's lr)
 
 # --------------------------------------------------------------------------- loss registry
@@ -188,8 +200,8 @@ def test_kd_loss_terms_add_up_to_the_loss(shards, tmp_path):
     batch = Batch(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.randn(8, 10))
     models = Models(student, student, teacher, teacher.input_spec, grad_scaler("none", torch.device("cpu")))
     for ce_weight, names in ((0.0, {"loss", "kd"}), (0.5, {"loss", "kd", "ce"})):
-        cfg = config(shards, tmp_path, ce_weight=ce_weight, mixup=1.0, label_smoothing=0.1 * (ce_weight > 0)).resolved()
-        terms = LOSSES[cfg.loss](models, batch, cfg, torch.device("cpu"))
+        loss = LOSSES["kd"](KDConfig(ce_weight=ce_weight, label_smoothing=0.1 * (ce_weight > 0)))
+        terms = loss(Step(loss, Mixing(mixup=1.0), CPU).logits(models, batch))
         assert set(terms) == names
         assert terms["loss"].item() == pytest.approx(sum(v.item() for k, v in terms.items() if k != "loss"), rel=1e-6)
     with pytest.raises(UserError, match="--loss must be one of kd"):
@@ -218,3 +230,54 @@ def test_none_means_none_for_optional_path_options():
     assert parse_value(specs["eval_data"], "none") is None
     assert parse_value(specs["teacher_weights"], "None") is None
     assert parse_value(specs["eval_data"], "mnist") == "mnist"
+
+
+# --------------------------------------------------------------------------- plug-ins: a new loss, a new augmentation
+def test_a_loss_registered_in_one_entry_trains_with_its_own_options(shards, tmp_path, monkeypatch):
+    """A loss is one class (as one file in distill/losses/ would hold) and one entry in LOSSES: its own options
+    (declared with option()) are checked, recorded flat in config.json beside TrainConfig's, and its terms logged."""
+    from dataclasses import dataclass
+
+    from dfkd.common.options import option
+    from dfkd.distill.losses.base import Logits, Loss
+
+    @dataclass
+    class L1Config:
+        weight: float = option(1.0, min=0, group="Loss and regularisation", help="Weight of the L1 term.")
+
+    class L1(Loss):
+        name, Config = "l1", L1Config
+
+        def __call__(self, logits: Logits) -> dict[str, torch.Tensor]:
+            l1 = self.config.weight * (logits.student - logits.teacher).abs().mean()
+            return {"loss": l1, "l1": l1}
+
+    monkeypatch.setitem(LOSSES, "l1", L1)
+    train(config(shards, tmp_path / "run", loss="l1", loss_options={"weight": 0.5}, epochs=1))
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert "loss_l1" in next(csv.reader(f))
+    import json
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["loss"] == "l1" and saved["weight"] == 0.5 and "temperature" not in saved
+    with pytest.raises(UserError, match="weight must be at least 0"):
+        train(config(shards, tmp_path / "bad", loss="l1", loss_options={"weight": -1.0}))
+
+
+def test_an_augmentation_registered_in_one_entry_is_an_aug_choice(shards, tmp_path, monkeypatch):
+    """An augmentation is one entry in AUGMENTATIONS: `distill train --aug NAME` takes it (the table is read when
+    the option is checked) and the pipeline applies it."""
+    from click.testing import CliRunner
+
+    from dfkd.distill.augment import AUGMENTATIONS, Augment
+    from dfkd.distill.cli import main
+
+    calls = []
+    monkeypatch.setitem(AUGMENTATIONS, "invert", Augment("255 - x", lambda x, px, fill: calls.append(px) or 255 - x))
+    args = ["train", "--shards", str(shards), "--student", "lenet5_half", "--epochs", "1", "--batch-size-per-rank",
+            "16", "--workers", "0", "--quiet", "--threads", "1"]
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "run"), "--aug", "invert"])
+    assert result.exit_code == 0, result.output
+    assert calls and calls[0] == 28 // 8
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "bad"), "--aug", "rotate"])
+    assert result.exit_code != 0 and "--aug must be one of none, translate, crop, crop-flip, crop-colour, invert" in \
+        result.output

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from dfkd.common.accel import Compute
 from dfkd.common.errors import UserError
-from dfkd.common.options import parse_options, validate
+from dfkd.common.options import make_config, parse_options
 
 
 class SynthesisMethod:
@@ -72,13 +72,6 @@ def parse_config(config_cls: type, options: dict[str, Any], where: str = "--set"
     """A method config from `key=value` strings or typed values (`--set`, a recipe's method table),
     parsed and validated as the config's option declarations say (common/options.py)."""
     return make_config(config_cls, parse_options(config_cls, options, where))
-
-
-def make_config(config_cls: type, values: dict[str, Any]):
-    """A method config from parsed values (`parse_options`), validated as its declarations say."""
-    config = config_cls(**values)
-    config.validate() if hasattr(config, "validate") else validate(config)
-    return config
 
 
 def require_input_size(teacher: nn.Module, channels: int, size: int, fix: str) -> None:
