@@ -652,3 +652,28 @@ def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_
                                        method_options={"num_generators": "1", "steps": "1", "train_batch_size": "8",
                                                        "width": "4"}))
     assert manifest.options["method"]["width"] == 4 and manifest.options["generate"]["method_options"]["width"] == "4"
+
+
+def test_the_papers_architectures_on_mnistm_take_the_recipe_their_teacher_gets_without_flags(tmp_path, monkeypatch):
+    """bench_methods' mnistm32-papers: "auto" resolves the recipe `synth generate` gives its teacher (cifar10 for the
+    papers' architectures, which carry the CIFAR bundle's normalisation), after --teacher-arch / --student-arch."""
+    import copy
+    import sys
+
+    bench = _bench_methods()
+    cfg = copy.deepcopy(bench.CONFIGS["mnistm32-papers"])
+    assert cfg["recipe"] == "auto" and "distill_epochs" not in cfg   # resolved when the run starts
+    bench._apply_recipe(cfg)
+    cifar10 = load_recipe("cifar10")
+    assert (cfg["images"], cfg["distill_epochs"]) == (cifar10.synth["num_images"], cifar10.distill["epochs"])
+    assert cfg["options"]["generator"]["width"] == cifar10.method["generator"]["width"]
+    commands = _recording(bench, monkeypatch)
+    monkeypatch.setattr(bench, "teacher_top1", lambda *a, **k: 50.0)
+    monkeypatch.setattr(sys, "argv", ["bench_methods.py", "--configs", "mnistm32-papers", "--out", str(tmp_path),
+                                      "--teacher-arch", "cifar_resnet34", "--student-arch", "cifar_resnet18",
+                                      "--seeds", "1", "--images", "64"])
+    monkeypatch.setattr(bench, "write_results", lambda *a, **k: None)
+    bench.main()
+    flat = [" ".join(c) for c in commands]
+    assert any("--model cifar_resnet34" in c for c in flat) and any("--student cifar_resnet18" in c for c in flat)
+    assert any("--set width=64" in c and "--num-images 64" in c for c in flat)
