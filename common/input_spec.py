@@ -15,6 +15,10 @@ if TYPE_CHECKING:  # annotations only
     import torch
 
 INPUT_SPEC_FIELDS = ("channels", "size", "mean", "std", "num_classes")
+# class count -> (mean, std) of the shared CIFAR-10 / CIFAR-100 teacher bundle (Fast-Datafree's training
+# normalisation, reused by CMI and NAYER): what its teachers expect, and how the recipe choice recognises them
+CIFAR_BUNDLE_STATS = {10: ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                      100: ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,13 @@ Besides the registry's names, `name` may be
                         num_classes / in_chans it accepts); weights come from a checkpoint path
 The input spec comes from the model's own metadata where it has one (timm's pretrained_cfg, or an
 `input_spec` attribute on a user model), otherwise from num_classes / in_chans / input_size.
+
+The DFKD papers' CIFAR architectures (`PAPER_CIFAR`: cifar_resnet18/34, wrn_16_1/16_2/40_1/40_2,
+cifar_vgg8/11) use the parameter names of the CIFAR teacher bundle that Fast-Datafree released and CMI,
+NAYER and others reuse, so its files (`<dataset>_<arch>.pth`, weights under `state_dict`) load as they are;
+such a file records no input spec: the classes come from its last linear layer, the mean/std from its name
+(`cifar10_` / `cifar100_`, else the class count), and the teacher record names the source. Checkpoints of
+cifar_resnet18/34 from before (torchvision's `downsample.*` / `fc.*`) are read through `LEGACY_KEYS`.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import torch.nn as nn
 
 from .errors import UserError
 from .fileio import load_torch_safely, save_torch_atomic
-from .input_spec import INPUT_SPEC_FIELDS, InputSpec
+from .input_spec import CIFAR_BUNDLE_STATS, INPUT_SPEC_FIELDS, InputSpec
 from .remote import http_reason
 from .shards import TeacherRecord
 
@@ -114,14 +121,152 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def _cifar_torchvision_resnet(name: str, num_classes: int, in_chans: int) -> nn.Module:
-    """torchvision ResNet-18/34 with the CIFAR stem (3x3 conv, stride 1, no max-pool), as in DFKD papers."""
-    import torchvision
+class _BasicBlock(_CifarBasicBlock):
+    """The papers' CIFAR ResNet block (same parameter names), its ReLUs as modules (the CAM probe sees them)."""
 
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, stride)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class PaperCifarResNet(nn.Module):
+    """ResNet-18/34 as the DFKD papers' CIFAR code has it: 3x3 stem at 64 channels, stride 1, no max-pool, four
+    stages of BasicBlocks (64/128/256/512, strides 1/2/2/2, a 1x1 conv + BN `shortcut` where the shape changes),
+    global average pool, `linear`. Parameter names: conv1, bn1, layer1..4.N.{conv1,bn1,conv2,bn2,shortcut.0/1}, linear."""
+
+    def __init__(self, blocks: tuple, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        cin = 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+            layer = []
+            for j in range(n):
+                layer.append(_BasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.linear(torch.flatten(self.pool(x), 1))
+
+
+class _WideBlock(nn.Module):
+    """Zagoruyko's pre-activation block: bn1-relu1-conv1-bn2-relu2-conv2; where the width changes a 1x1 conv
+    (`convShortcut`, no bias) takes the pre-activated input, else the input is added as it is. Dropout 0."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.equal = cin == cout
+        self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        a = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(a))))
+        return out + (x if self.equal else self.convShortcut(a))
+
+
+class _WideStage(nn.Module):
+    def __init__(self, n: int, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(*[_WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k (Zagoruyko & Komodakis 2016) as the DFKD papers' CIFAR code has it: conv1 3x3 to 16, block1..3 of
+    (d-4)/6 pre-activation blocks at 16k/32k/64k channels (strides 1/2/2), bn1 + ReLU, global average pool, `fc`.
+    Parameter names: conv1, block{1,2,3}.layer.N.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc."""
+
+    def __init__(self, depth: int, widen: int, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WRN depth must be 6n+4")
+        n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.block1 = _WideStage(n, widths[0], widths[1], 1)
+        self.block2 = _WideStage(n, widths[1], widths[2], 2)
+        self.block3 = _WideStage(n, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn1(x))), 1))
+
+
+VGG_CFGS = {"cifar_vgg8": ((64,), (128,), (256,), (512,), (512,)),                        # 'S'
+            "cifar_vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512))}         # 'A'
+
+
+class CifarVGG(nn.Module):
+    """The CIFAR VGG of CRD / Fast-Datafree (vgg8_bn, vgg11_bn): block0..4, each conv3x3 (with bias) + BN, with a
+    ReLU between the convs of a block and after the block; max-pools pool0..2 after blocks 0-2 (pool3 after block 3
+    only for inputs of 64 px or more, as theirs does at 64), global average pool, `classifier` Linear(512, classes).
+    Parameter names: block{i}.{0,1} for a block's first conv + BN, .{3,4} for its second (a ReLU at index 2)."""
+
+    def __init__(self, cfg: tuple, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        cin = in_chans
+        for i, widths in enumerate(cfg):
+            layers = []
+            for w in widths:
+                layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+                cin = w
+            setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))
+        for i in range(4):
+            setattr(self, f"pool{i}", nn.MaxPool2d(2, 2))
+        self.pool4 = nn.AdaptiveAvgPool2d(1)
+        self.relu = nn.ReLU()
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        big = x.shape[2] >= 64
+        x = self.pool0(self.relu(self.block0(x)))
+        x = self.pool1(self.relu(self.block1(x)))
+        x = self.pool2(self.relu(self.block2(x)))
+        x = self.relu(self.block3(x))
+        if big:
+            x = self.pool3(x)
+        x = self.relu(self.block4(x))
+        return self.classifier(torch.flatten(self.pool4(x), 1))
+
+
+def _paper_cifar_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
+    if name.startswith("cifar_resnet"):
+        return PaperCifarResNet({"cifar_resnet18": (2, 2, 2, 2), "cifar_resnet34": (3, 4, 6, 3)}[name], num_classes,
+                                in_chans)
+    if name.startswith("wrn_"):
+        _, depth, widen = name.split("_")
+        return WideResNet(int(depth), int(widen), num_classes, in_chans)
+    return CifarVGG(VGG_CFGS[name], num_classes, in_chans)
+
+
+# our name -> the names the bundle's code (and its files' `arch` field) uses for the same architecture
+PAPER_CIFAR = {"cifar_resnet18": ("resnet18",), "cifar_resnet34": ("resnet34",),
+               "wrn_16_1": ("wrn16_1",), "wrn_16_2": ("wrn16_2",), "wrn_40_1": ("wrn40_1",), "wrn_40_2": ("wrn40_2",),
+               "cifar_vgg8": ("vgg8", "vgg8_bn"), "cifar_vgg11": ("vgg11", "vgg11_bn")}
+# checkpoints of cifar_resnet18/34 saved when they were torchvision ResNets: their names -> the papers'
+LEGACY_KEYS = (("downsample.", "shortcut."), ("fc.", "linear."))
 
 
 @dataclass(frozen=True)
@@ -140,9 +285,9 @@ SMALL_MODELS: dict[str, _SmallModel] = {
     **{f"cifar_resnet{d}": _SmallModel((lambda d: lambda nc, ch: CifarResNet(d, nc, ch))(d), 3, 32,
                                         CIFAR_MEAN, CIFAR_STD)
        for d in (8, 14, 20, 32, 44, 56)},
-    **{f"cifar_{n}": _SmallModel((lambda n: lambda nc, ch: _cifar_torchvision_resnet(n, nc, ch))(n), 3, 32,
-                                 CIFAR_MEAN, CIFAR_STD)
-       for n in ("resnet18", "resnet34")},
+    **{n: _SmallModel((lambda n: lambda nc, ch: _paper_cifar_model(n, nc, ch))(n), 3, 32,
+                      *CIFAR_BUNDLE_STATS[10])
+       for n in PAPER_CIFAR},
 }
 
 
@@ -179,9 +324,12 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
     spec wins for the values it stores, and a conflicting explicit value is an error).
     """
     weights = "none" if weights in (None, "", "none", "None") else weights
-    checkpoint = None
+    checkpoint, source, stats_classes = None, None, None
     if weights != "none" and _looks_like_path(weights):
         checkpoint = load_model_checkpoint(weights)
+        if name in PAPER_CIFAR and checkpoint.get("input_spec") is None:
+            checkpoint, source, stats_classes = _bundle_checkpoint(name, checkpoint, weights, num_classes)
+            num_classes = checkpoint["num_classes"]
         if checkpoint.get("arch") not in (None, name):
             raise UserError(f"checkpoint {weights} holds a '{checkpoint['arch']}', not a '{name}': "
                             f"use the model '{checkpoint['arch']}' with it, or another checkpoint")
@@ -198,7 +346,10 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         entry = SMALL_MODELS[name]
         nc = num_classes or entry.num_classes
         ch = in_chans or entry.channels
-        mean, std = _stats_for_channels(entry.mean, entry.std, ch)
+        mean, std = entry.mean, entry.std
+        if name in PAPER_CIFAR:   # the bundle's CIFAR-100 normalisation for 100 classes (or a cifar100_ file)
+            mean, std = CIFAR_BUNDLE_STATS[100 if (stats_classes or nc) == 100 else 10]
+        mean, std = _stats_for_channels(mean, std, ch)
         model = entry.build(nc, ch)
         spec = InputSpec(ch, input_size or entry.size, mean, std, nc)
         if weights != "none" and checkpoint is None:
@@ -221,6 +372,8 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
 
     if checkpoint is not None:
         state = checkpoint["state_dict"]
+        if name in ("cifar_resnet18", "cifar_resnet34"):
+            state = _legacy_resnet_keys(state)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
@@ -229,7 +382,53 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
                             f"and {spec.channels} input channels ({first})") from None
     model.input_spec = spec
     model.arch = name
+    if source is not None:
+        model.weights_source = source
     return model
+
+
+def _bundle_checkpoint(name: str, checkpoint: dict, weights: str, num_classes: int | None):
+    """A checkpoint of a PAPER_CIFAR model with no recorded input spec (the shared CIFAR teacher bundle's files,
+    `<dataset>_<arch>.pth` with the weights under `state_dict`, or a bare state_dict): its `module.` prefix dropped,
+    its `arch` (the bundle's name) checked against `name`, its class count read off the last linear layer.
+    Returns (checkpoint with our arch and num_classes, the source line for the teacher record, the class count whose
+    normalisation applies: the file name's cifar10_ / cifar100_ prefix, else None)."""
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint["state_dict"].items()}
+    theirs = checkpoint.get("arch")
+    if theirs is not None and theirs != name and theirs not in PAPER_CIFAR[name]:
+        ours = next((k for k, v in PAPER_CIFAR.items() if theirs in v), None)
+        raise UserError(f"checkpoint {weights} holds a '{theirs}'" + (f" (here: {ours})" if ours else "")
+                        + f", not a '{name}': use " + (f"--teacher {ours}" if ours else "the model it was made for")
+                        + " with it, or another checkpoint")
+    heads = [k for k in ("linear.weight", "fc.weight", "classifier.weight") if k in state]
+    if not heads or getattr(state[heads[0]], "dim", lambda: 0)() != 2:
+        raise CheckpointError(f"checkpoint {weights} has no linear.weight, fc.weight or classifier.weight to read the "
+                              f"class count of a '{name}' from; give a checkpoint of that architecture")
+    found = int(state[heads[0]].shape[0])
+    if num_classes is not None and num_classes != found:
+        raise UserError(f"checkpoint {weights} has {found} classes ({heads[0]} {tuple(state[heads[0]].shape)}), "
+                        f"not {num_classes}; leave the class count out or give a checkpoint with {num_classes}")
+    file = Path(weights).name
+    prefix = next((n for n in (100, 10) if file.startswith(f"cifar{n}_")), None)
+    stats = prefix or (100 if found == 100 else 10)
+    why = f"the file name's cifar{prefix}_" if prefix else f"the class count ({found})"
+    source = (f"{file}: a checkpoint without an input spec (the shared CIFAR teacher bundle's format: weights under "
+              f"'state_dict'" + (f", arch '{theirs}'" if theirs else "") + f"); {found} classes from {heads[0]}, "
+              f"CIFAR-{stats} mean/std from {why}")
+    return {"arch": None, "state_dict": state, "num_classes": found}, source, prefix
+
+
+def _legacy_resnet_keys(state: dict) -> dict:
+    """cifar_resnet18/34 checkpoints saved when these were torchvision ResNets (`layerN.M.downsample.*`, `fc.*`):
+    renamed to the papers' `shortcut.*` / `linear.*` (the same layers and shapes)."""
+    if not any(k.startswith("fc.") or ".downsample." in k for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            key = "linear." + key[len("fc."):]
+        out[key.replace(".downsample.", ".shortcut.")] = value
+    return out
 
 
 class CheckpointError(UserError):
@@ -511,4 +710,5 @@ def teacher_record(arch: str, weights: str, model: nn.Module) -> TeacherRecord:
     """The manifest's record of a teacher built by `create_model(arch, weights=weights)`."""
     path = Path(weights)
     return TeacherRecord(arch=arch, weights=str(weights), weights_path=str(path.resolve()) if path.is_file() else None,
-                         weights_sha256=state_dict_sha256(model), input_spec=model.input_spec.to_dict())
+                         weights_sha256=state_dict_sha256(model), input_spec=model.input_spec.to_dict(),
+                         source=getattr(model, "weights_source", None))

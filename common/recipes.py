@@ -14,7 +14,8 @@
 Shipped recipes live in `common/recipes/*.toml` (`--recipe NAME`); `--recipe PATH` reads any file.
 Precedence for every option: an explicit flag (or `--set`, or a field given to the config in Python) >
 the recipe > the option's declared default. Without `--recipe` the recipe is chosen from the teacher's
-input (`choose_recipe`): small-grey (1 channel, <= 32 px), small-rgb (3 channels, <= 64 px), imagenet
+input (`choose_recipe`): small-grey (1 channel, <= 32 px), cifar10 / cifar100 (3 channels, 32 px, 10 / 100
+classes, normalised as the shared CIFAR teacher bundle's), small-rgb (other 3-channel inputs <= 64 px), imagenet
 (> 64 px); `--recipe none` uses the declared defaults only. `distill train`'s automatic choice is the
 recipe the shards were made with (`pick_for_shards`), else the same choice by input.
 
@@ -32,7 +33,7 @@ from typing import Any, Mapping
 
 from . import options
 from .errors import UserError
-from .input_spec import InputSpec
+from .input_spec import CIFAR_BUNDLE_STATS, InputSpec
 from .options import check_options, explicit_fields, make_config, parse_options, resolve
 from .shards import Manifest
 
@@ -127,6 +128,11 @@ def _measured(recipe: Recipe) -> str:
 def choose_recipe(spec: "InputSpec") -> tuple[Recipe, str]:
     """The best measured recipe for a teacher taking `spec`'s input, and the one line that says why."""
     what = f"{spec.channels}-channel {spec.size} px teacher"
+    if spec.channels == 3 and spec.size == 32 and _bundle_normalised(spec):
+        # the papers' CIFAR teachers: their protocol's budget, not small-rgb's (measured on MNIST-M with ResNet-20)
+        name = f"cifar{spec.num_classes}"
+        return load_recipe(name), (f"recipe: {name} (auto: {what}, {spec.num_classes} classes, normalised as the "
+                                   f"CIFAR-{spec.num_classes} teacher bundle; not measured on CIFAR)")
     if spec.size > 64:
         name, exact = "imagenet", True
     elif spec.channels == 1:
@@ -138,6 +144,12 @@ def choose_recipe(spec: "InputSpec") -> tuple[Recipe, str]:
         return recipe, f"recipe: {name} (auto: {what}; {_measured(recipe)})"
     return recipe, (f"recipe: {name} (auto: {what}; nothing measured for a teacher like this: using the closest, "
                     f"{name}, {_measured(recipe)})")
+
+
+def _bundle_normalised(spec: "InputSpec") -> bool:
+    """Whether `spec` has the class count and the mean/std of the shared CIFAR-10 / CIFAR-100 teacher bundle."""
+    stats = CIFAR_BUNDLE_STATS.get(spec.num_classes)
+    return stats is not None and all(abs(a - b) < 1e-4 for a, b in zip((*spec.mean, *spec.std), (*stats[0], *stats[1])))
 
 
 def pick_recipe(choice: str | None, spec: "InputSpec | None" = None) -> tuple[Recipe, str]:

@@ -108,6 +108,16 @@ CONFIGS = {
                  "separate": True,
                  "only": ["generator ensemble", "muse", "muse, full-size teacher view",
                           "muse, teacher on native views in stage two", "real training images (ceiling)"]},
+    # the DFKD papers' CIFAR architectures on the same MNIST-M test bed, with the recipe `synth generate` gives such a
+    # teacher without flags ("auto", resolved from the teacher's input spec when the run starts: cifar10 for these
+    # architectures, which carry the CIFAR teacher bundle's normalisation), against the same-run real-data ceiling.
+    # --teacher-arch / --student-arch pick the pair (default wrn_40_2 -> wrn_16_2; cifar_resnet34 -> cifar_resnet18
+    # is the other); the recipe's budget (51,200 images, 200 epochs) is a GPU's: --images, --distill-epochs and --set
+    # give a CPU's (docs/cifar.md has the commands and their CPU cost). A separate command
+    "mnistm32-papers": {"title": "MNIST-M 32 px RGB, the papers' CIFAR architectures", "data": "mnistm",
+                        "teacher": "wrn_40_2", "teacher_epochs": 2, "student": "wrn_16_2", "ceiling": True,
+                        "recipe": "auto", "separate": True, "options": {},
+                        "only": ["generator ensemble", "real training images (ceiling)"]},
 }
 SHARD_SIZE, IMAGE_FORMAT = 2_000, "npy"
 GEN = {"train_batch_size": 200, "width": 16, "latent_dim": 64, "steps": 120, "diversity_weight": 20.0,
@@ -160,7 +170,13 @@ def _apply_recipe(cfg: dict) -> None:
     shipped recipe (the variant's defining options, such as `adversarial_weight`, are not in a recipe)."""
     from dfkd.common.recipes import load_recipe
 
-    recipe = load_recipe(cfg["recipe"])
+    if cfg["recipe"] == "auto":   # the teacher's own choice (its architecture's input spec), as `synth generate` makes it
+        from dfkd.common.models import create_model
+        from dfkd.common.recipes import choose_recipe
+
+        recipe = choose_recipe(create_model(cfg["teacher"]).input_spec)[0]
+    else:
+        recipe = load_recipe(cfg["recipe"])
     cfg["title"] += f" (the {recipe.name} recipe)"
     cfg.setdefault("images", recipe.synth["num_images"])   # a configuration's own budget wins (mnistm64: the CPU)
     own = cfg.get("options", {})   # the configuration's own values win (e.g. an equal-cost generator count)
@@ -174,7 +190,7 @@ def _apply_recipe(cfg: dict) -> None:
 
 
 for _cfg in CONFIGS.values():
-    if "recipe" in _cfg:
+    if "recipe" in _cfg and _cfg["recipe"] != "auto":   # "auto" once the teacher is known (main: --teacher-arch)
         _apply_recipe(_cfg)
 
 
@@ -258,7 +274,7 @@ def write_real_shards(arch: str, teacher_path: Path, data: str, data_root: str, 
                               planned_samples=len(chosen), shard_size=SHARD_SIZE)
     for index, first in enumerate(range(0, len(chosen), SHARD_SIZE)):
         rows = torch.from_numpy(chosen[first:first + SHARD_SIZE])
-        pixels = torch.from_numpy(np.take(train.images, rows.numpy(), axis=0))   # uint8 (B, C, H, W)
+        pixels = torch.from_numpy(np.take(np.asarray(train.images), rows.numpy(), axis=0))   # uint8 (B, C, H, W): CIFAR's a tensor
         inputs, labels = train.batch(rows)
         with torch.no_grad():
             logits = teacher(inputs).half().numpy()
@@ -451,6 +467,11 @@ def main() -> None:
     parser.add_argument("--distill-set", dest="distill_sets", action="append", default=[], metavar="FLAG=VALUE",
                         help="a `distill train` flag for every row, over the configuration's own (e.g. aug=crop-colour; "
                         "a stage-two row's own flags still win; a new --out)")
+    parser.add_argument("--teacher-arch", default=None, metavar="NAME",
+                        help="the teacher architecture of every configuration instead of its own (e.g. cifar_resnet34 "
+                        "with --configs mnistm32-papers; a new --out)")
+    parser.add_argument("--student-arch", default=None, metavar="NAME",
+                        help="the student architecture instead of each configuration's own (a new --out)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every command (GPU machines: more)")
     parser.add_argument("--write-real", nargs=6, metavar=("ARCH", "TEACHER", "DATA", "DATA_ROOT", "N", "OUT"),
                         help=argparse.SUPPRESS)  # the ceiling row's shards, run as a child (for its rusage)
@@ -481,6 +502,16 @@ def main() -> None:
             raise SystemExit(f"--distill-set expects FLAG=VALUE, got {item!r}")
         DISTILL_SETS[key.strip().replace("_", "-")] = value.strip()
     check_sets(SETS)
+    for name in configs:
+        cfg = CONFIGS[name]
+        if args.teacher_arch:
+            cfg["teacher"] = args.teacher_arch
+        if args.student_arch:
+            cfg["student"] = args.student_arch
+        cfg["title"] = cfg["title"] if not (args.teacher_arch or args.student_arch) else (
+            f"{cfg['title']}: {cfg['teacher']} -> {cfg['student']}")
+        if cfg.get("recipe") == "auto":
+            _apply_recipe(cfg)
     for name in configs:   # budgets given on the command line (a GPU's, or a dry run's) win over the table's
         for key, value in (("images", args.images), ("distill_epochs", args.distill_epochs),
                            ("teacher_epochs", args.teacher_epochs)):

@@ -27,6 +27,9 @@ Parts, in order of value (each command is the product's own command line, run as
      limits, teacher share, projected GPU-hours for 1.28M images next to the published ones), then with --compile
   e  pipelines/bench_methods.py on MNIST-M: 32 px (no-flag ensemble, adversarial ensemble, MUSE at about equal
      synthesis cost, the real-data ceiling) and 64 px (MUSE 16/32/64 px against the ensemble), one seed each
+  f  optional, with --cifar DIR (DIR/data: CIFAR-10/100 in torchvision's layout, DIR/checkpoints: the teacher bundle's
+     files; too large to carry, so only where a machine has them): pipelines/bench_cifar.py --estimate on the GPU
+     (the whole table's projected time), then one pair at a reduced budget; the dry run uses stand-in files
 
 The installation on the GPU machine goes to a temporary folder put on PYTHONPATH (pip install --no-index
 --no-deps --target); torch and the machine's other packages are not touched. The project itself is not installed
@@ -57,12 +60,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = ("a", "b", "c", "d", "e")
+PARTS = ("a", "b", "c", "d", "e", "f")
 CUDA_TEST_FILES = ("tests/test_synth_compute.py", "tests/test_estimate.py")
 CUDA_TESTS = 3   # the tests marked CUDA in those files (the test of --device cuda without a GPU skips there)
 TITLES = {"a": "environment and CUDA tests", "b": "synth generate / verify / kill + rerun / distill train",
           "c": "torchrun, 1 process, both stages", "d": "bench_synthesis (resnet50@224), eager and compiled",
-          "e": "MNIST-M quality at a GPU budget (bench_methods)"}
+          "e": "MNIST-M quality at a GPU budget (bench_methods)",
+          "f": "the papers' CIFAR table (bench_cifar): estimate and one reduced pair"}
 # (requirement, module): what the GPU machine may lack, carried as wheels; installed only where not importable.
 # webdataset + braceexpand for the shards, pytest and its dependencies for part a
 WHEELS = (("webdataset==1.0.2", "webdataset"), ("braceexpand==0.1.7", "braceexpand"), ("pytest==9.2.0", "pytest"),
@@ -91,12 +95,14 @@ class Sizes:
     env: dict = field(default_factory=dict)
     e_common: list = field(default_factory=list)
     e_configs: tuple = ()    # (config, variants)
+    f_estimate: list = field(default_factory=list)   # bench_cifar --estimate arguments of part f
+    f_run: list = field(default_factory=list)        # bench_cifar arguments of part f's reduced pair
 
 
 GPU_SYNTH = ["--teacher", "resnet50", "--weights", "none", "--recipe", "imagenet", "--device", "cuda",
              "--amp", "bf16", "--channels-last", "--write-batch-size", "256", "--quiet"]
 GPU = Sizes(
-    caps={"a": 60, "b": 190, "c": 60, "d": 170, "e": 580}, budget=480,
+    caps={"a": 60, "b": 190, "c": 60, "d": 170, "e": 580, "f": 580}, budget=480,
     synth=GPU_SYNTH + ["--set", "steps=30", "--num-images", "2048", "--shard-size", "256"],
     synth_small=GPU_SYNTH + ["--set", "steps=5", "--num-images", "1024", "--shard-size", "512"],
     distill=["--student", "resnet18", "--amp", "bf16", "--channels-last", "--epochs", "1",
@@ -109,12 +115,18 @@ GPU = Sizes(
               "--teacher-epochs", "15"],
     e_configs=(("mnistm32-methods", "generator-ensemble,generator-ensemble-adversarial,muse,"
                 "real-training-images-ceiling"),
-               ("mnistm64", "generator-ensemble,muse,muse-full-size-teacher-view,real-training-images-ceiling")))
+               ("mnistm64", "generator-ensemble,muse,muse-full-size-teacher-view,real-training-images-ceiling")),
+    f_estimate=["--gpu", "--threads", "4", "--pairs", "all", "--seeds", "3", "--methods",
+                "generator-ensemble,real-training-images-ceiling"],
+    # one pair at a tenth of the recipe's stage two and a fifth of its generator steps: the pipeline on real files
+    f_run=["--gpu", "--threads", "4", "--pairs", "cifar100-wrn_40_2-wrn_16_2", "--seeds", "1", "--methods",
+           "generator-ensemble,real-training-images-ceiling", "--distill-epochs", "20", "--set", "steps=200",
+           "--distill-set", "workers=6"])
 DRY_SYNTH = ["--teacher", "resnet18", "--weights", "none", "--resolution", "32", "--recipe", "imagenet",
              "--device", "cpu", "--amp", "bf16", "--channels-last", "--set", "num_generators=2", "--set", "width=8",
              "--set", "train_batch_size=8", "--write-batch-size", "16", "--threads", "1", "--quiet"]
 DRY = Sizes(
-    caps={"a": 90, "b": 150, "c": 90, "d": 150, "e": 200}, budget=600,
+    caps={"a": 90, "b": 150, "c": 90, "d": 150, "e": 200, "f": 120}, budget=600,
     synth=DRY_SYNTH + ["--set", "steps=3", "--num-images", "96", "--shard-size", "32"],
     synth_small=DRY_SYNTH + ["--set", "steps=2", "--num-images", "32", "--shard-size", "16"],
     distill=["--student", "resnet18", "--amp", "bf16", "--channels-last", "--epochs", "1",
@@ -127,7 +139,15 @@ DRY = Sizes(
     e_common=["--seeds", "1", "--jobs", "2", "--threads", "1", "--images", "128", "--distill-epochs", "1",
               "--teacher-epochs", "1", "--set", "steps=2", "--set", "num_generators=2", "--set", "train_batch_size=8",
               "--set", "iterations=1", "--set", "low_res_iterations=0"],
-    e_configs=(("mnistm32-methods", "generator-ensemble,real-training-images-ceiling"), ("mnistm64", "muse")))
+    e_configs=(("mnistm32-methods", "generator-ensemble,real-training-images-ceiling"), ("mnistm64", "muse")),
+    f_estimate=["--threads", "1", "--pairs", "cifar100-wrn_40_2-wrn_16_2", "--seeds", "1", "--methods",
+                "generator-ensemble", "--estimate-steps", "1", "--images", "16", "--set", "num_generators=1", "--set",
+                "steps=1", "--set", "train_batch_size=4", "--synth-set", "shard-size=16", "--synth-set",
+                "val-images=0", "--distill-set", "batch-size-per-rank=8"],
+    f_run=["--threads", "1", "--pairs", "cifar100-wrn_40_2-wrn_16_2", "--seeds", "1", "--methods", "generator-ensemble",
+           "--images", "16", "--distill-epochs", "1", "--set", "num_generators=1", "--set", "steps=1", "--set",
+           "train_batch_size=4", "--synth-set", "shard-size=16", "--synth-set", "write-batch-size=16", "--synth-set",
+           "val-images=0", "--distill-set", "batch-size-per-rank=8", "--distill-set", "workers=0"])
 
 
 class PartFailed(Exception):
@@ -379,7 +399,31 @@ def finished_rows(folder: Path) -> dict:
     return rows
 
 
-PART_FUNCS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
+def part_f(ctx, run: Runner) -> dict:
+    """bench_cifar: its --estimate on this device, then one pair at a reduced budget (the CIFAR files and checkpoints
+    of --cifar DIR; the dry run: stand-ins)."""
+    out, sizes = run.folder, ctx.sizes
+    bench = python() + [str(ROOT / "pipelines" / "bench_cifar.py")]
+    where = (["--standin", str(out / "standin")] if ctx.args.dry_run else
+             ["--checkpoints", str(Path(ctx.args.cifar) / "checkpoints"), "--data-root", str(Path(ctx.args.cifar) / "data")])
+    run("bench-cifar-estimate", bench + sizes.f_estimate + where + ["--estimate", "--out", str(out / "bench")])
+    result = {"estimate": json.loads((out / "bench" / "estimate" / "estimate.json").read_text())}
+    ctx.save_partial(result)
+    run("bench-cifar", bench + sizes.f_run + where + ["--out", str(out / "bench")])
+    result["results"] = read_csv(out / "bench" / "results.csv")
+    return result
+
+
+def cifar_present(folder: str | None) -> bool:
+    """--cifar DIR holds CIFAR files (torchvision's layout under DIR/data) and a checkpoints folder."""
+    if not folder:
+        return False
+    data = Path(folder) / "data"
+    return (Path(folder) / "checkpoints").is_dir() and any(
+        (data / name).is_dir() for name in ("cifar-10-batches-py", "cifar-100-python"))
+
+
+PART_FUNCS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f}
 
 
 # --------------------------------------------------------------------------- the carry folder
@@ -604,12 +648,16 @@ def headline(p: str, r: dict) -> str:
         if p == "e":
             return ", ".join(f"{k}: {len(v) if isinstance(v, list) else 'partial'}" for k, v in r.items()
                              if k.startswith("mnistm"))
+        if p == "f":
+            return (f"table projected at {r['estimate']['total_s'] / 3600:.1f} h; reduced pair: "
+                    + ", ".join(f"{x['method']} {x['student_top1_mean']}" for x in r.get("results", [])))
     except (TypeError, ValueError, KeyError, ZeroDivisionError):
         pass
     return ""
 
 
-TABLES = {"d": ["eager/results.md", "compile/results.md"], "e": ["mnistm32-methods/results.md", "mnistm64/results.md"]}
+TABLES = {"d": ["eager/results.md", "compile/results.md"], "e": ["mnistm32-methods/results.md", "mnistm64/results.md"],
+          "f": ["bench/estimate/estimate.md", "bench/results.md"]}
 
 
 def main() -> None:
@@ -621,7 +669,10 @@ def main() -> None:
     parser.add_argument("--data-root", default="data", help="--prepare: take MNIST from here when present")
     parser.add_argument("--carry", metavar="DIR", help="the folder made by --prepare (wheels, data)")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU: tiny sizes, stand-in data, every part")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of a,b,c,d,e,f (f: only "
+                        "with --cifar DIR or --dry-run; otherwise it is skipped)")
+    parser.add_argument("--cifar", metavar="DIR", help="part f: DIR/data (CIFAR in torchvision's layout) and "
+                        "DIR/checkpoints (the teacher bundle's <dataset>_<arch>.pth files)")
     parser.add_argument("--budget", type=int, default=None,
                         help="seconds for the whole run (default: 480 on a GPU, 600 dry); a part gets at most its "
                         "own cap and what is left")
@@ -679,6 +730,10 @@ def check(args, work: Path, checkout: Path) -> None:
         left = budget - (time.monotonic() - started)
         if p not in parts:
             part["status"] = "skipped (not selected)"
+            continue
+        if p == "f" and not (args.dry_run or cifar_present(args.cifar)):
+            part["status"] = "skipped (no CIFAR files: --cifar DIR with data/ and checkpoints/)"
+            parts = [q for q in parts if q != "f"]   # optional: its absence fails nothing
             continue
         if left < 10:
             part["status"] = "skipped (no time left)"

@@ -33,7 +33,7 @@ def test_dry_run_runs_every_part_on_the_cpu(tmp_path):
     parts = summary["parts"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:],
                                   {p: (v["status"], v.get("error")) for p, v in parts.items()})
-    assert {p: v["status"] for p, v in parts.items()} == {p: "ok" for p in "abcde"}
+    assert {p: v["status"] for p, v in parts.items()} == {p: "ok" for p in "abcdef"}
     assert parts["a"]["result"]["cuda_tests"].get("skipped", 0) >= 3   # no GPU here: reported as skipped
     b = parts["b"]["result"]
     assert b["kill_rerun"] == {"shards_before_kill": 1, "kept_untouched": True, "bytes_equal_uninterrupted_run": True}
@@ -46,8 +46,10 @@ def test_dry_run_runs_every_part_on_the_cpu(tmp_path):
     e = parts["e"]["result"]
     assert {r["method"] for r in e["mnistm32-methods"]} == {"generator ensemble", "real training images (ceiling)"}
     assert [r["method"] for r in e["mnistm64"]] == ["muse"]
+    f = parts["f"]["result"]   # bench_cifar on stand-in CIFAR files: its estimate and one tiny pair
+    assert f["estimate"]["total_s"] > 0 and [r["method"] for r in f["results"]] == ["generator ensemble"]
     md = (out / "summary.md").read_text()
-    for p in "abcde":
+    for p in "abcdef":
         assert f"| {p} |" in md and f"## {p}:" in md
 
 

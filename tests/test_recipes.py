@@ -91,7 +91,7 @@ def test_recipe_file_by_path(tiny_teacher_path, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    (None, "unknown recipe 'nope'; shipped recipes: imagenet, small-grey, small-rgb"),
+    (None, "unknown recipe 'nope'; shipped recipes: cifar10, cifar100, imagenet, small-grey, small-rgb"),
     ("[synth\nnum_images = 3\n", "is not valid TOML"),
     ("[synth]\nnum_imagez = 3\n", "[synth]: unknown option 'num_imagez'; valid options:"),
     ("[synth]\nnum_images = 'many'\n", "[synth] num_images expects an integer, got 'many'"),
@@ -186,10 +186,19 @@ def test_choose_recipe_by_teacher_input():
     assert big.name == "imagenet" and "nothing measured for a teacher like this: using the closest, imagenet" in why
     grey64, why = choose_recipe(InputSpec(1, 64, (0.5,), (0.25,), 10))
     assert grey64.name == "small-grey" and "nothing measured" in why
+    # the CIFAR bundle's teachers (its normalisation and class count, 32 px): the protocol's recipes, not small-rgb
+    from dfkd.common.input_spec import CIFAR_BUNDLE_STATS
+    for classes in (10, 100):
+        recipe, why = choose_recipe(InputSpec(3, 32, *CIFAR_BUNDLE_STATS[classes], classes))
+        assert recipe.name == f"cifar{classes}" and "not measured on CIFAR" in why
+        assert choose_recipe(InputSpec(3, 64, *CIFAR_BUNDLE_STATS[classes], classes))[0].name == "small-rgb"
+    assert choose_recipe(InputSpec(3, 32, *CIFAR_BUNDLE_STATS[10], 100))[0].name == "small-rgb"   # stats of another
+    # an MNIST-M teacher of the older CIFAR ResNets (their own std) keeps the recipe measured on it
+    assert choose_recipe(InputSpec(3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10))[0].name == "small-rgb"
 
 
 def test_every_shipped_recipe_parses_for_every_method():
-    assert shipped_names() == ["imagenet", "small-grey", "small-rgb"]
+    assert shipped_names() == ["cifar10", "cifar100", "imagenet", "small-grey", "small-rgb"]
     spec = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)
     for name in shipped_names():
         recipe = load_recipe(name)
@@ -652,3 +661,28 @@ def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_
                                        method_options={"num_generators": "1", "steps": "1", "train_batch_size": "8",
                                                        "width": "4"}))
     assert manifest.options["method"]["width"] == 4 and manifest.options["generate"]["method_options"]["width"] == "4"
+
+
+def test_the_papers_architectures_on_mnistm_take_the_recipe_their_teacher_gets_without_flags(tmp_path, monkeypatch):
+    """bench_methods' mnistm32-papers: "auto" resolves the recipe `synth generate` gives its teacher (cifar10 for the
+    papers' architectures, which carry the CIFAR bundle's normalisation), after --teacher-arch / --student-arch."""
+    import copy
+    import sys
+
+    bench = _bench_methods()
+    cfg = copy.deepcopy(bench.CONFIGS["mnistm32-papers"])
+    assert cfg["recipe"] == "auto" and "distill_epochs" not in cfg   # resolved when the run starts
+    bench._apply_recipe(cfg)
+    cifar10 = load_recipe("cifar10")
+    assert (cfg["images"], cfg["distill_epochs"]) == (cifar10.synth["num_images"], cifar10.distill["epochs"])
+    assert cfg["options"]["generator"]["width"] == cifar10.method["generator"]["width"]
+    commands = _recording(bench, monkeypatch)
+    monkeypatch.setattr(bench, "teacher_top1", lambda *a, **k: 50.0)
+    monkeypatch.setattr(sys, "argv", ["bench_methods.py", "--configs", "mnistm32-papers", "--out", str(tmp_path),
+                                      "--teacher-arch", "cifar_resnet34", "--student-arch", "cifar_resnet18",
+                                      "--seeds", "1", "--images", "64"])
+    monkeypatch.setattr(bench, "write_results", lambda *a, **k: None)
+    bench.main()
+    flat = [" ".join(c) for c in commands]
+    assert any("--model cifar_resnet34" in c for c in flat) and any("--student cifar_resnet18" in c for c in flat)
+    assert any("--set width=64" in c and "--num-images 64" in c for c in flat)

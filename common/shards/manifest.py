@@ -89,14 +89,18 @@ class TeacherRecord:
     weights_path: str | None         # the resolved checkpoint file, when `weights` is one
     weights_sha256: str              # sha256 of the state dict (common.models.state_dict_sha256)
     input_spec: dict                 # InputSpec.to_dict()
+    source: str | None = None        # where weights without a recorded spec came from (the CIFAR bundle's files)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["source"] is None:   # only where there is one: manifests of other teachers stay as they were
+            del d["source"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TeacherRecord":
         return cls(str(d["arch"]), str(d["weights"]), d.get("weights_path"), str(d["weights_sha256"]),
-                   dict(d["input_spec"]))
+                   dict(d["input_spec"]), d.get("source"))
 
 
 def build_manifest(teacher: TeacherRecord, *, method: str, config: dict, image_format: str, planned_samples: int,
