@@ -3,9 +3,23 @@ import os
 import pytest
 import torch
 
-# Tests run on 2 CPU cores next to other work: one thread is faster than oversubscription.
+# Tests run one per core (pipelines/test.sh: pytest-xdist): one thread each is faster than oversubscription.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (CI does: .ci/run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow (CI runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

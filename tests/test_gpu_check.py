@@ -23,6 +23,7 @@ def _gpu_check():
     return module
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_part_on_the_cpu(tmp_path):
     out = tmp_path / "check"
     # as documented, through the wrapper (with this interpreter: PYTHON)
