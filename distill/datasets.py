@@ -265,8 +265,10 @@ def fit_arrays(images_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 # --------------------------------------------------------------------------- MNIST-M (built offline)
 MNISTM_SIZE = 32
 # the datasets by name: MNIST-M at 32 px (Ganin & Lempitsky's size) and at 64 px (digits upsampled
-# 32 -> 64 px, blended into 64 x 64 patches of the same photographs, for teachers that take 64 px)
-MNISTM_SIZES = {"mnistm": 32, "mnistm64": 64}
+# 32 -> 64 px, blended into 64 x 64 patches of the same photographs, for teachers that take 64 px), and
+# mnistm100: two digits side by side (classes 00-99, CIFAR-100's class count) blended the same way at 32 px
+MNISTM_SIZES = {"mnistm": 32, "mnistm64": 64, "mnistm100": 32}
+MNISTM_CLASSES = {"mnistm100": 100}   # the others: 10
 MNISTM_VERSION = 1           # part of the cache key: bump when the construction below changes
 MNISTM_SEED = 0
 MNISTM_PHOTO_SIDE = 320      # photos are shrunk so their shorter side is at most this (BSDS500's scale: 481 x 321)
@@ -370,51 +372,84 @@ def mnistm_digits(images_u8: torch.Tensor, size: int) -> np.ndarray:
     return digits.numpy()
 
 
-def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED,
-                 size: int = MNISTM_SIZE) -> tuple[np.ndarray, torch.Tensor]:
+def digit_pairs(images_u8: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """As many two-digit images as the split has digits, the classes 00-99 in turn (class-balanced): sample i
+    is class i mod 100, its left digit a random one of class (i mod 100) // 10, its right one of class i mod 10,
+    both zero-padded to 32 px, side by side and squeezed (area) to 32 x 32. Returns (uint8 (N, 32, 32), labels)."""
+    n = images_u8.shape[0]
+    classes = torch.arange(n) % 100
+    by_digit = [torch.nonzero(labels == d).squeeze(1) for d in range(10)]
+    if any(len(idx) == 0 for idx in by_digit):
+        raise UserError("MNIST-M's digit pairs need every digit 0-9 in the split: fetch MNIST again")
+    pick = [torch.from_numpy(rng.integers(0, len(by_digit[d]), n)) for d in range(10)]
+
+    def digits_of(tens: torch.Tensor) -> torch.Tensor:
+        chosen = torch.empty(n, dtype=torch.long)
+        for d in range(10):
+            where = tens == d
+            chosen[where] = by_digit[d][pick[d][where]]
+        return chosen
+
+    padded = pad_mnist(images_u8, MNISTM_SIZE)
+    left, right = digits_of(classes // 10), digits_of(classes % 10)
+    out = []
+    for start in range(0, n, 4096):
+        side = torch.cat([padded[left[start:start + 4096]], padded[right[start:start + 4096]]], dim=-1)  # (m, 32, 64)
+        out.append(F.interpolate(side[:, None].float(), size=(MNISTM_SIZE, MNISTM_SIZE), mode="area")
+                   .round().clamp_(0, 255).to(torch.uint8)[:, 0])
+    return torch.cat(out), classes
+
+
+def build_mnistm(root: str | Path, train: bool, seed: int = MNISTM_SEED, size: int = MNISTM_SIZE,
+                 pairs: bool = False) -> tuple[np.ndarray, torch.Tensor]:
     """MNIST-M's train (60,000) or test (10,000) split: (uint8 (N, 3, size, size), labels int64 N), from MNIST's
     own split (digits zero-padded 28 -> 32 px, upsampled to `size` when larger) and that split's photographs
-    (`mnistm_photo_paths`; `size` x `size` patches).
+    (`mnistm_photo_paths`; `size` x `size` patches). `pairs`: two digits per image, 100 classes (`digit_pairs`).
     Deterministic from `seed`; cached as `<root>/cache/mnistm-<split>-<key>.npy` (memory-mapped later), the key
     covering the seed, the construction version and the MNIST and photo files (names, sizes, contents)."""
     images, labels = load_mnist(root, train)
     paths = mnistm_photo_paths(root, train)
-    if size < MNISTM_SIZE:
-        raise UserError(f"MNIST-M is built at {MNISTM_SIZE} px or larger, not {size}")
-    tag = "" if size == MNISTM_SIZE else f"/{size}px"   # the 32 px key as before: existing caches stay valid
+    if size < MNISTM_SIZE or (pairs and size != MNISTM_SIZE):
+        raise UserError(f"MNIST-M is built at {MNISTM_SIZE} px or larger (digit pairs at {MNISTM_SIZE}), not {size}")
+    tag = ("" if size == MNISTM_SIZE else f"/{size}px") + ("/pairs" if pairs else "")   # 32 px digits: the key as before
     h = hashlib.sha256(f"mnistm/v{MNISTM_VERSION}/{seed}/{int(train)}/{images.shape[0]}{tag}".encode())
     for p in paths:
         h.update(f"{p.name}\0".encode() + hashlib.sha256(p.read_bytes()).digest())
     h.update(hashlib.sha256(images.numpy().tobytes()).digest())
     split = "train" if train else "test"
-    name = "mnistm" if size == MNISTM_SIZE else f"mnistm{size}"
+    name = "mnistm100" if pairs else "mnistm" if size == MNISTM_SIZE else f"mnistm{size}"
     cache = Path(root) / "cache" / f"{name}-{split}-{h.hexdigest()[:24]}.npy"
     shape = (images.shape[0], 3, size, size)
+    classes = torch.arange(images.shape[0]) % 100 if pairs else labels   # digit_pairs' classes, in turn
     if cache.is_file():
         try:
             arr = np.load(cache, mmap_mode="r", allow_pickle=False)
             if arr.shape == shape and arr.dtype == np.uint8:
-                return arr, labels
+                return arr, classes
         except (OSError, ValueError):
             pass  # damaged: build again
     photos = [_load_photo(p, size) for p in paths]
     rng = np.random.default_rng([seed, int(train)])
-    arr = blend_mnistm(mnistm_digits(images, size), photos, rng)
+    digits = digit_pairs(images, labels, rng)[0].numpy() if pairs else mnistm_digits(images, size)
+    arr = blend_mnistm(digits, photos, rng)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(cache, "wb") as f:
             np.save(f, arr, allow_pickle=False)
     except OSError:
         pass  # a read-only data folder: keep it in memory only
-    return arr, labels
+    return arr, classes
 
 
-def mnistm_dataset(root: str | Path, train: bool, spec: InputSpec, size: int = MNISTM_SIZE) -> "ImageArrays":
-    """MNIST-M built at `size` px as ImageArrays in the model's input space (as built when the model takes `size`
-    px RGB; other sizes / grey via fit_arrays)."""
-    if spec.num_classes != 10:
-        raise UserError(f"MNIST-M has 10 classes but the model has {spec.num_classes}")
-    images, labels = build_mnistm(root, train, size=size)
+def mnistm_dataset(root: str | Path, train: bool, spec: InputSpec, size: int = MNISTM_SIZE,
+                   name: str = "mnistm") -> "ImageArrays":
+    """MNIST-M (`name`: mnistm, mnistm64, mnistm100) built at `size` px as ImageArrays in the model's input space
+    (as built when the model takes `size` px RGB; other sizes / grey via fit_arrays)."""
+    classes = MNISTM_CLASSES.get(name, 10)
+    if spec.num_classes != classes:
+        raise UserError(f"{'MNIST-M' if classes == 10 else name} has {classes} classes but the model has "
+                        f"{spec.num_classes}")
+    images, labels = build_mnistm(root, train, size=size, pairs=name in MNISTM_CLASSES)
     if spec.channels != 3 or spec.size != size:
         images = fit_arrays(torch.from_numpy(np.array(images)), spec)  # a copy: the cache is read-only
     return ImageArrays(images, labels, spec)
@@ -459,7 +494,7 @@ def num_classes_of(name: str, root: str | Path = "data") -> int:
     """Class count of a dataset by name, an ImageNet-layout folder or an ImageFolder tree."""
     key = name.lower()
     if key == "mnist" or key in MNISTM_SIZES:
-        return 10
+        return MNISTM_CLASSES.get(key, 10)
     if key in NAMED_DATASETS:
         return NAMED_DATASETS[key].num_classes
     folder = _imagenet_split(name, root, True) if key == "imagenet" or _has_splits(Path(name)) else Path(name)
@@ -694,7 +729,7 @@ def real_dataset(name: str, spec: InputSpec, train: bool = False, root: str | Pa
     if key == "mnist":
         return mnist_dataset(root, train, spec)
     if key in MNISTM_SIZES:
-        return mnistm_dataset(root, train, spec, MNISTM_SIZES[key])
+        return mnistm_dataset(root, train, spec, MNISTM_SIZES[key], key)
     if key in NAMED_DATASETS:
         return named_dataset(key, spec, train, root)
     cache_dir = Path(root) / "cache"

@@ -144,3 +144,32 @@ def test_crop_is_a_shifted_window_never_a_flip():
         assert windows, "not a window of the reflect-padded image"
     batch = Batch(x.clone(), torch.zeros(4, dtype=torch.int64), torch.zeros(4, 10))
     assert Augmentation("crop", 32)(batch).images.shape == x.shape
+
+
+def test_mnistm100_pairs_two_digits_of_its_split_into_one_of_100_balanced_classes(tmp_path):
+    """`mnistm100`: sample i is class i mod 100, its left digit of class (i mod 100) // 10 and its right one of class
+    i mod 10 (both from the split's own digits, padded to 32 px, side by side, squeezed by area to 32 x 32), then the
+    MNIST-M rule on the split's photographs; the same bytes on a rebuild; its own cache; a 100-class teacher trains
+    on it and a 10-class model is refused."""
+    _stand_ins(tmp_path, n=30)
+    spec = create_model("cifar_resnet8", num_classes=100).input_spec
+    train = data.real_dataset("mnistm100", spec, train=True, root=tmp_path)
+    assert train.images.shape == (30, 3, 32, 32) and train.labels.tolist() == [i % 100 for i in range(30)]
+    digits, labels = data.load_mnist(tmp_path, train=True)
+    padded = F.pad(digits, (2, 2, 2, 2)).float()
+    photo = np.array(TRAIN_COLOUR, np.int16)[:, None, None]
+    for i in range(30):   # which digits were drawn: a pair of the right classes whose squeezed image gives this sample
+        cands = [(a, b) for a in torch.nonzero(labels == (i % 100) // 10).squeeze(1).tolist()
+                 for b in torch.nonzero(labels == i % 10).squeeze(1).tolist()]
+        squeezed = [F.interpolate(torch.cat([padded[a], padded[b]], -1)[None, None], size=(32, 32), mode="area")
+                    .round()[0, 0].numpy() for a, b in cands]
+        assert any(np.array_equal(np.asarray(train.images[i]), np.abs(photo - s.astype(np.int16))) for s in squeezed), i
+    again = data.build_mnistm(tmp_path, True, pairs=True)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(train.images))
+    assert len(list((tmp_path / "cache").glob("mnistm100-train-*.npy"))) == 1
+    assert data.num_classes_of("mnistm100") == 100 and "mnistm100" in data.dataset_names()
+    with pytest.raises(UserError, match="mnistm100 has 100 classes but the model has 10"):
+        data.real_dataset("mnistm100", create_model("cifar_resnet8").input_spec, train=False, root=tmp_path)
+    cfg = TeacherConfig(model="cifar_resnet8", out=str(tmp_path / "t.pt"), data="mnistm100", data_root=str(tmp_path),
+                        epochs=1, batch_size=16, workers=0, progress=False)
+    assert train_teacher(cfg)["test_top1"] is not None
