@@ -1,26 +1,28 @@
 """What a run reads, built and checked before its folder is touched: the shards (checked against the
 manifest, damaged ones refused or skipped), the teacher, the student, the loader, the evaluation data and
-the held-out synthetic split."""
+the held-out synthetic split (found beside the shards or named, checked against them: validation.py)."""
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from dfkd.common import distributed
-from dfkd.common.errors import UserError
-from dfkd.common.shards import Manifest, check_shard_files, read_manifest
-
 from dfkd.common.accel import to_memory_format
+from dfkd.common.errors import UserError
+from dfkd.common.remote import is_remote
+from dfkd.common.shards import (VAL_SPLIT, Manifest, check_shard_files, held_out_folder, held_out_mismatch,
+                                read_held_out, read_manifest)
 
 from .config import TrainConfig
 from .data import ShardLoader
 from .datasets import real_dataset
 from .nets import build_student, check_models_fit, load_teacher
-from .validation import ValSet, open_val_set
+from .validation import AUTO, NONE, ValSet
 
 
 def select_shards(shards: str, manifest: Manifest, bad: dict[str, str], on_bad_shard: str,
@@ -43,6 +45,54 @@ def select_shards(shards: str, manifest: Manifest, bad: dict[str, str], on_bad_s
         f"that do not match the manifest (--on-bad-shard skip): {listing}")
     return replace(manifest, shards=kept, planned_samples=manifest.planned_samples - lost), bad
 
+
+def auto_location(shards: str) -> str | None:
+    """The held-out split beside local training shards (`<shards>/val` with a complete manifest), or None.
+    A split still being written is left out with a note on stderr."""
+    held_out = read_held_out(shards)   # None for remote shards too: not probed over the network (--val-shards URL)
+    if held_out is None:
+        return None
+    folder = held_out_folder(shards)
+    if not held_out.complete:
+        print(f"note: {folder} is unfinished (rerun the same `synth generate` to finish it): no validation signal "
+              "this run", file=sys.stderr, flush=True)
+        return None
+    return str(folder)
+
+
+def open_val_set(value: str, shards: str, train_manifest: Manifest, verify: str = "full",
+                 check_files: bool = True) -> ValSet | None:
+    """The split `--val-shards value` names (auto: `auto_location`; none: None), checked: a complete shard
+    folder of the same teacher, classes and image size as the training shards, synthetic, not the
+    training shards themselves, its files matching its manifest (`verify`, when `check_files`)."""
+    if value == NONE:
+        return None
+    location = auto_location(shards) if value == AUTO else value
+    if location is None:
+        return None
+    fix = f"pass the {VAL_SPLIT}/ split `synth generate` wrote beside --shards, or --val-shards none"
+    try:
+        manifest = read_manifest(location)
+    except UserError as e:
+        raise UserError(f"--val-shards {location}: {e.message}; or {fix}") from None
+    same = (location.rstrip("/") == str(shards).rstrip("/") if is_remote(location) or is_remote(shards)
+            else Path(location).resolve() == Path(shards).resolve())
+    if same:
+        raise UserError(f"--val-shards {location} is the training shards; {fix}")
+    if manifest.method.startswith("real"):
+        raise UserError(f"--val-shards {location} holds real images ({manifest.method}): the validation signal "
+                        f"is synthetic, so that no real data chooses the checkpoint; {fix}")
+    mismatch = held_out_mismatch(train_manifest, manifest)
+    if mismatch:
+        raise UserError(f"--val-shards {location} does not fit the training shards ({mismatch}); {fix}")
+    if check_files:
+        bad = check_shard_files(location, manifest, verify)
+        if bad:
+            name, why = next(iter(bad.items()))
+            raise UserError(f"--val-shards {location}: {len(bad)} shard(s) do not match its manifest ({name}: {why}); "
+                            f"check it with `synth verify {location}` and rerun the same `synth generate`, or "
+                            "pass --val-shards none")
+    return ValSet(location, manifest)
 
 
 @dataclass

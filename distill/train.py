@@ -37,7 +37,8 @@ This file is the orchestration, read top to bottom; the parts live beside it: co
 its validation), inputs.py (shards, models, evaluation data and held-out split, checked before the folder
 is touched),
 nets.py (teacher, student, their fit check), losses/ (the training losses, one file each), augment.py
-(augmentations and batch mixing), loop.py (one epoch), run_folder.py (the folder and its files), checkpoint.py (fingerprint, save, load, restore).
+(augmentations and batch mixing), loop.py (one epoch), run_folder.py (the folder and its files, the checkpoint among
+them), evaluation.py (top-1 on real data, the held-out split's signal).
 """
 from __future__ import annotations
 
@@ -62,18 +63,19 @@ from dfkd.common.remote import is_remote
 from dfkd.common.shards import ShardFormatError, read_manifest
 
 from .augment import Mixing
-from .checkpoint import load_checkpoint, restore, rng_states, run_fingerprint, save_checkpoint
 from .config import TrainConfig, run_settings
 from .datasets import unreadable_reason
-from .engine import build_optimizer, evaluate_top1, warmup_cosine
+from .engine import ModelEma, build_optimizer, warmup_cosine
+from .evaluation import evaluate_top1, measure
 from .inputs import RunInputs, prepare_inputs
 from .loop import NonFiniteLoss, Step, check_finite_weights, train_one_epoch
 from .losses import LOSSES
 from .nets import Models
 from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, EMA_COLUMN, EMA_FILE, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE,
-                         STUDENT_FILE, FolderBefore, check_out, remove_unstarted, with_terms, write_csv, write_metrics)
-from .throughput import ModelEma, wrap_student, wrap_teacher
-from .validation import BEST_VAL_FILE, NONE, VAL_COLUMNS, ValSet, best_epoch, measure
+                         STUDENT_FILE, FolderBefore, check_out, load_checkpoint, remove_unstarted, restore, rng_states,
+                         run_fingerprint, save_checkpoint, with_terms, write_csv, write_metrics)
+from .throughput import wrap_student, wrap_teacher
+from .validation import BEST_VAL_FILE, NONE, VAL_COLUMNS, ValSet, best_epoch
 
 
 def train(config: TrainConfig) -> dict:
