@@ -21,6 +21,7 @@ from dfkd.common.shards import (VAL_SPLIT, Manifest, check_shard_files, held_out
 from .config import TrainConfig
 from .data import ShardLoader
 from .datasets import real_dataset
+from .evaluation import Evaluation
 from .nets import build_student, check_models_fit, load_teacher
 from .validation import AUTO, NONE, ValSet
 
@@ -105,16 +106,15 @@ class RunInputs:
     teacher: nn.Module | None       # None: stored logits
     student: nn.Module
     loader: ShardLoader
-    eval_student: object = None     # real evaluation data in each model's input space, or None (and on ranks > 0)
-    eval_teacher: object = None
-    val: ValSet | None = None       # the held-out synthetic split (--val-shards), or None
+    evaluation: Evaluation          # the real evaluation data and the held-out split (rank 0's; none elsewhere)
+    val_shards: str = NONE          # where the held-out split is (--val-shards resolved), or none
 
 
 def prepare_inputs(config: TrainConfig, device: torch.device,
                    dist: distributed.DistInfo = distributed.DistInfo(), manifest: Manifest | None = None) -> RunInputs:
     """Read (unless given `manifest`) and check the shards, models, evaluation data and held-out split
     (UserError before any file is written). In a distributed run rank 0 checks the shard files and the
-    others take its verdict."""
+    others take its verdict; rank 0 alone evaluates."""
     manifest = read_manifest(config.shards) if manifest is None else manifest
     val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards, check_files=dist.is_main)
     if config.keep == "best-val" and val is None:
@@ -138,16 +138,17 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
                          pin_memory=config.pin_memory and device.type == "cuda",
                          persistent_workers=config.persistent_workers, verify=config.verify_shards,
                          with_meta=config.teacher_view == "native")
-    inputs = RunInputs(manifest, skipped, device, teacher, student, loader, val=val)
+    evaluation = Evaluation(device, config.workers, config.channels_last, config.verify_shards, config.eval_data,
+                            val=val if dist.is_main else None)
     if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now
-        inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root,
-                                           workers=config.workers)
+        evaluation.student_data = real_dataset(config.eval_data, student.input_spec, train=False,
+                                               root=config.data_root, workers=config.workers)
         if teacher is not None:
-            inputs.eval_teacher = inputs.eval_student if teacher.input_spec == student.input_spec else real_dataset(
-                config.eval_data, teacher.input_spec, train=False, root=config.data_root, check=False,
-                workers=config.workers)  # streamed: checked above; cached at the teacher's size: decoded here
-    return inputs
-
+            evaluation.teacher_data = evaluation.student_data if teacher.input_spec == student.input_spec else (
+                real_dataset(config.eval_data, teacher.input_spec, train=False, root=config.data_root, check=False,
+                             workers=config.workers))  # streamed: checked above; cached at the teacher's size: decoded here
+    return RunInputs(manifest, skipped, device, teacher, student, loader, evaluation,
+                     val.location if val is not None else NONE)
 
 
 def _warn(message: str) -> None:
