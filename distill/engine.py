@@ -1,18 +1,16 @@
-"""Pieces both trainers share: optimiser, warmup + cosine schedule, top-1 evaluation."""
+"""The optimisation: the optimiser and the warmup + cosine schedule both trainers share, and the EMA of the
+student's weights (`ema_decay`; evaluated and saved beside the student)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
 
 from dfkd.common.errors import UserError
 
-from .data import real_batches
-
 OPTIMIZERS = ("sgd", "adamw")
-EVAL_BATCH_SIZE = 512
 
 
 def build_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -38,16 +36,24 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@torch.no_grad()
-def evaluate_top1(model: nn.Module, dataset: Dataset, device: torch.device, workers: int = 0) -> float:
-    """Top-1 accuracy in percent of `model` on (normalised input, label) pairs; restores train/eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    # a private generator for the loader's worker seed: evaluating never moves the training RNG
-    for inputs, labels in real_batches(dataset, EVAL_BATCH_SIZE, workers=workers, generator=torch.Generator()):
-        predictions = model(inputs.to(device, non_blocking=True)).argmax(1)
-        correct += (predictions.cpu() == labels).sum().item()
-        total += labels.numel()
-    model.train(was_training)
-    return 100.0 * correct / max(total, 1)
+class ModelEma:
+    """Exponential moving average of a model's parameters: ema = decay * ema + (1 - decay) * param after
+    every optimiser step; buffers (BatchNorm statistics) are copied. `module` is evaluated and saved."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)

@@ -1,26 +1,29 @@
 """What a run reads, built and checked before its folder is touched: the shards (checked against the
 manifest, damaged ones refused or skipped), the teacher, the student, the loader, the evaluation data and
-the held-out synthetic split."""
+the held-out synthetic split (found beside the shards or named, checked against them: validation.py)."""
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from dfkd.common import distributed
-from dfkd.common.errors import UserError
-from dfkd.common.shards import Manifest, check_shard_files, read_manifest
-
 from dfkd.common.accel import to_memory_format
+from dfkd.common.errors import UserError
+from dfkd.common.remote import is_remote
+from dfkd.common.shards import (VAL_SPLIT, Manifest, check_shard_files, held_out_folder, held_out_mismatch,
+                                read_held_out, read_manifest)
 
 from .config import TrainConfig
 from .data import ShardLoader
 from .datasets import real_dataset
+from .evaluation import Evaluation
 from .nets import build_student, check_models_fit, load_teacher
-from .validation import ValSet, open_val_set
+from .validation import AUTO, NONE, ValSet
 
 
 def select_shards(shards: str, manifest: Manifest, bad: dict[str, str], on_bad_shard: str,
@@ -44,6 +47,54 @@ def select_shards(shards: str, manifest: Manifest, bad: dict[str, str], on_bad_s
     return replace(manifest, shards=kept, planned_samples=manifest.planned_samples - lost), bad
 
 
+def auto_location(shards: str) -> str | None:
+    """The held-out split beside local training shards (`<shards>/val` with a complete manifest), or None.
+    A split still being written is left out with a note on stderr."""
+    held_out = read_held_out(shards)   # None for remote shards too: not probed over the network (--val-shards URL)
+    if held_out is None:
+        return None
+    folder = held_out_folder(shards)
+    if not held_out.complete:
+        print(f"note: {folder} is unfinished (rerun the same `synth generate` to finish it): no validation signal "
+              "this run", file=sys.stderr, flush=True)
+        return None
+    return str(folder)
+
+
+def open_val_set(value: str, shards: str, train_manifest: Manifest, verify: str = "full",
+                 check_files: bool = True) -> ValSet | None:
+    """The split `--val-shards value` names (auto: `auto_location`; none: None), checked: a complete shard
+    folder of the same teacher, classes and image size as the training shards, synthetic, not the
+    training shards themselves, its files matching its manifest (`verify`, when `check_files`)."""
+    if value == NONE:
+        return None
+    location = auto_location(shards) if value == AUTO else value
+    if location is None:
+        return None
+    fix = f"pass the {VAL_SPLIT}/ split `synth generate` wrote beside --shards, or --val-shards none"
+    try:
+        manifest = read_manifest(location)
+    except UserError as e:
+        raise UserError(f"--val-shards {location}: {e.message}; or {fix}") from None
+    same = (location.rstrip("/") == str(shards).rstrip("/") if is_remote(location) or is_remote(shards)
+            else Path(location).resolve() == Path(shards).resolve())
+    if same:
+        raise UserError(f"--val-shards {location} is the training shards; {fix}")
+    if manifest.method.startswith("real"):
+        raise UserError(f"--val-shards {location} holds real images ({manifest.method}): the validation signal "
+                        f"is synthetic, so that no real data chooses the checkpoint; {fix}")
+    mismatch = held_out_mismatch(train_manifest, manifest)
+    if mismatch:
+        raise UserError(f"--val-shards {location} does not fit the training shards ({mismatch}); {fix}")
+    if check_files:
+        bad = check_shard_files(location, manifest, verify)
+        if bad:
+            name, why = next(iter(bad.items()))
+            raise UserError(f"--val-shards {location}: {len(bad)} shard(s) do not match its manifest ({name}: {why}); "
+                            f"check it with `synth verify {location}` and rerun the same `synth generate`, or "
+                            "pass --val-shards none")
+    return ValSet(location, manifest)
+
 
 @dataclass
 class RunInputs:
@@ -55,16 +106,15 @@ class RunInputs:
     teacher: nn.Module | None       # None: stored logits
     student: nn.Module
     loader: ShardLoader
-    eval_student: object = None     # real evaluation data in each model's input space, or None (and on ranks > 0)
-    eval_teacher: object = None
-    val: ValSet | None = None       # the held-out synthetic split (--val-shards), or None
+    evaluation: Evaluation          # the real evaluation data and the held-out split (rank 0's; none elsewhere)
+    val_shards: str = NONE          # where the held-out split is (--val-shards resolved), or none
 
 
 def prepare_inputs(config: TrainConfig, device: torch.device,
                    dist: distributed.DistInfo = distributed.DistInfo(), manifest: Manifest | None = None) -> RunInputs:
     """Read (unless given `manifest`) and check the shards, models, evaluation data and held-out split
     (UserError before any file is written). In a distributed run rank 0 checks the shard files and the
-    others take its verdict."""
+    others take its verdict; rank 0 alone evaluates."""
     manifest = read_manifest(config.shards) if manifest is None else manifest
     val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards, check_files=dist.is_main)
     if config.keep == "best-val" and val is None:
@@ -88,16 +138,17 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
                          pin_memory=config.pin_memory and device.type == "cuda",
                          persistent_workers=config.persistent_workers, verify=config.verify_shards,
                          with_meta=config.teacher_view == "native")
-    inputs = RunInputs(manifest, skipped, device, teacher, student, loader, val=val)
+    evaluation = Evaluation(device, config.workers, config.channels_last, config.verify_shards, config.eval_data,
+                            val=val if dist.is_main else None)
     if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now
-        inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root,
-                                           workers=config.workers)
+        evaluation.student_data = real_dataset(config.eval_data, student.input_spec, train=False,
+                                               root=config.data_root, workers=config.workers)
         if teacher is not None:
-            inputs.eval_teacher = inputs.eval_student if teacher.input_spec == student.input_spec else real_dataset(
-                config.eval_data, teacher.input_spec, train=False, root=config.data_root, check=False,
-                workers=config.workers)  # streamed: checked above; cached at the teacher's size: decoded here
-    return inputs
-
+            evaluation.teacher_data = evaluation.student_data if teacher.input_spec == student.input_spec else (
+                real_dataset(config.eval_data, teacher.input_spec, train=False, root=config.data_root, check=False,
+                             workers=config.workers))  # streamed: checked above; cached at the teacher's size: decoded here
+    return RunInputs(manifest, skipped, device, teacher, student, loader, evaluation,
+                     val.location if val is not None else NONE)
 
 
 def _warn(message: str) -> None:

@@ -1,19 +1,25 @@
 """One epoch of training steps (the models' logits of a mixed batch, the loss, backward, optional clipping,
-optimiser and EMA step, schedule), with the loss logged about LOG_POINTS_PER_EPOCH times, and the checks
-that stop a diverged run. `Step` is how each step runs: the pieces it needs of the run's settings, the
-loss with its own config and the batch mixing among them."""
+optimiser and EMA step, schedule), with the loss logged about LOG_POINTS_PER_EPOCH times, the checks
+that stop a diverged run and the faults an epoch can meet as UserErrors (`epoch_faults`). `Step` is how
+each step runs: the pieces it needs of the run's settings, the loss with its own config and the batch
+mixing among them."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from dfkd.common.accel import autocast
+from dfkd.common.errors import UserError
 from dfkd.common.faults import fault_point
+from dfkd.common.shards import ShardFormatError
 
 from .augment import Mixing
 from .data import Batch, ShardLoader
@@ -34,6 +40,34 @@ def check_finite_weights(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise NonFiniteLoss(f"parameter {name} holds NaN/Inf after the last step")
+
+
+def diverged(checkpoint: Path, epoch: int, reason: str) -> UserError:
+    """The error that stops a run whose loss or weights became NaN/Inf in epoch `epoch` (0-based)."""
+    kept = (f"{checkpoint} still holds epoch {epoch}, the last good one" if epoch > 0
+            else "no checkpoint was written")
+    return UserError(f"training stopped in epoch {epoch + 1}: {reason}; {kept}. Lower --lr (or --temperature, "
+                     "--mixup) and train into a new --out, or rerun with --detect-anomaly to find the operation")
+
+
+@contextlib.contextmanager
+def epoch_faults(epoch: int, shards: str, checkpoint: Path, detect_anomaly: bool = False) -> Iterator[None]:
+    """Epoch `epoch` (0-based) of a run on `shards` that checkpoints into `checkpoint`, with the faults it
+    can meet as UserErrors: bad shard data, a loss or weights gone NaN/Inf (NonFiniteLoss; with
+    `detect_anomaly`, torch.autograd's anomaly detection names the operation)."""
+    try:
+        with torch.autograd.set_detect_anomaly(detect_anomaly):
+            yield
+    except ShardFormatError as e:
+        # from a DataLoader worker the message carries the worker's traceback: keep its last line
+        reason = str(e).strip().splitlines()[-1].split("ShardFormatError: ", 1)[-1]
+        raise UserError(f"bad shard data in {shards}: {reason}; check the folder with `synth verify {shards}`") from None
+    except NonFiniteLoss as e:
+        raise diverged(checkpoint, epoch, str(e)) from None
+    except RuntimeError as e:
+        if detect_anomaly and "nan" in str(e).lower():
+            raise diverged(checkpoint, epoch, str(e).strip().splitlines()[0][:200]) from None
+        raise
 
 
 # --------------------------------------------------------------------------- training

@@ -14,7 +14,7 @@ from dfkd.common.errors import UserError
 from dfkd.common.models import CheckpointError, ModelNameError, WeightsUnavailableError, create_model, state_dict_sha256
 from dfkd.common.shards import Manifest
 
-from .throughput import ModelEma
+from .engine import ModelEma
 
 
 @dataclass

@@ -29,7 +29,8 @@ from .augment import AUGMENTATIONS, augmentation, train_augmentation
 from .data import real_batches
 from .datasets import MNISTM_SIZES, NAMED_DATASETS, ImageArrays, is_natural, real_dataset
 from .datasets import num_classes_of as dataset_classes
-from .engine import build_optimizer, evaluate_top1, warmup_cosine
+from .engine import build_optimizer, warmup_cosine
+from .evaluation import evaluate_top1
 from .loop import optimizer_step
 
 MNIST_CLASSES = 10

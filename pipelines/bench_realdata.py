@@ -41,7 +41,7 @@ def eval_throughput(teacher_path: Path, data: str, data_root: str, repeats: int 
 
     from dfkd.distill.datasets import real_dataset
     from dfkd.common.models import create_model
-    from dfkd.distill.engine import evaluate_top1
+    from dfkd.distill.evaluation import evaluate_top1
 
     model = create_model("lenet5", weights=str(teacher_path))
     dataset = real_dataset(data, model.input_spec, train=False, root=data_root)

@@ -15,7 +15,7 @@ test set would report); with several runs also the correlation across runs of th
 one side is constant (no ranking to agree with).
 
 `--split FOLDER` ranks runs that trained without a held-out split (a benchmark's rows): each run's final
-student (student.pt) is measured on the one synthetic shard folder FOLDER (`distill.validation.measure`, as
+student (student.pt) is measured on the one synthetic shard folder FOLDER (`distill.evaluation.measure`, as
 `distill train` does every epoch; a folder no run trained on: another synthesis seed or method) and its
 val_agreement and val_kl are correlated with the runs' final eval_top1.
 """
@@ -60,7 +60,8 @@ def final_on_split(runs: list[str], split: str, limit: int | None = None) -> pd.
 
     from dfkd.common.models import create_model
     from dfkd.common.shards import read_manifest
-    from dfkd.distill.validation import ValSet, measure
+    from dfkd.distill.evaluation import measure
+    from dfkd.distill.validation import ValSet
 
     manifest = read_manifest(split)
     if limit:

@@ -19,7 +19,7 @@ from dfkd.distill.loop import Step, train_one_epoch
 from dfkd.distill.losses import LOSSES
 from dfkd.distill.losses.kd import KD, KDConfig, kd_loss
 from dfkd.distill.nets import Models
-from dfkd.distill.throughput import ModelEma
+from dfkd.distill.engine import ModelEma
 from dfkd.distill.train import TrainConfig, train
 
 from test_distill import PER_SHARD, SHARDS, write_shard_folder

@@ -12,6 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dfkd.distill.evaluation as evaluation_module
+import dfkd.distill.run_folder as run_folder_module
 import dfkd.distill.train as train_module
 from dfkd.common.errors import UserError
 from dfkd.common.fileio import load_torch_safely
@@ -112,7 +114,7 @@ def test_keep_best_val_keeps_the_epoch_the_signal_ranks_best(data, tmp_path, mon
         agreement, kl = next(script)
         return {"val_agreement": agreement, "val_kl": kl}
 
-    monkeypatch.setattr(train_module, "measure", scripted)
+    monkeypatch.setattr(evaluation_module, "measure", scripted)
     metrics = train(config(data, tmp_path / "run", epochs=4, keep="best-val"))
     assert metrics["best_val_epoch"] == 3
     kept = load_torch_safely(tmp_path / "run" / BEST_VAL_FILE, "")
@@ -171,7 +173,7 @@ def test_a_kill_between_the_best_val_student_and_its_checkpoint_leaves_the_check
     on resuming, epoch 3 measures lower (a redo need not measure the same: speed options may change on
     resume): student_best_val.pt must be epoch 2's, as metrics.csv ranks it, not the killed attempt's."""
     script = iter([(50.0, 0.9), (80.0, 0.5), (90.0, 0.1), (60.0, 0.9)])
-    monkeypatch.setattr(train_module, "measure", lambda *a, **k: dict(zip(("val_agreement", "val_kl"), next(script))))
+    monkeypatch.setattr(evaluation_module, "measure", lambda *a, **k: dict(zip(("val_agreement", "val_kl"), next(script))))
     saved = []
 
     def killed_after_the_third(name):
@@ -179,7 +181,7 @@ def test_a_kill_between_the_best_val_student_and_its_checkpoint_leaves_the_check
             saved.append(name)
             if len(saved) == 3:
                 raise KeyboardInterrupt   # stands in for SIGKILL: nothing after this point runs
-    monkeypatch.setattr(train_module, "fault_point", killed_after_the_third)
+    monkeypatch.setattr(run_folder_module, "fault_point", killed_after_the_third)
     with pytest.raises(KeyboardInterrupt):
         train(config(data, tmp_path / "run", epochs=3, keep="best-val"))
     train(config(data, tmp_path / "run", epochs=3, keep="best-val", resume=True))
