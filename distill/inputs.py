@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from dfkd.common import distributed
 from dfkd.common.errors import UserError
+from dfkd.common.remote import Retry
 from dfkd.common.shards import Manifest, check_shard_files, read_manifest
 
 from .config import TrainConfig
@@ -61,6 +62,12 @@ class RunInputs:
     val: ValSet | None = None       # the held-out synthetic split (--val-shards), or None
 
 
+def stream_retry(config: TrainConfig) -> Retry:
+    """How a failed transfer of a remote shard is retried (--shard-attempts, --shard-retry-seconds,
+    --shard-read-timeout)."""
+    return Retry(config.shard_attempts, config.shard_retry_seconds, config.shard_read_timeout)
+
+
 def prepare_inputs(config: TrainConfig, device: torch.device,
                    dist: distributed.DistInfo = distributed.DistInfo(), manifest: Manifest | None = None) -> RunInputs:
     """Read (unless given `manifest`) and check the shards, models and evaluation data (UserError before
@@ -81,7 +88,7 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
                          rank=dist.rank, world_size=dist.world_size, skip_bad=config.on_bad_shard == "skip",
                          pin_memory=config.pin_memory and device.type == "cuda",
                          persistent_workers=config.persistent_workers, verify=config.verify_shards,
-                         with_meta=config.teacher_view == "native")
+                         with_meta=config.teacher_view == "native", retry=stream_retry(config))
     inputs = RunInputs(manifest, skipped, device, teacher, student, loader)
     if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now
         inputs.eval_student = real_dataset(config.eval_data, student.input_spec, train=False, root=config.data_root,

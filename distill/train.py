@@ -62,7 +62,7 @@ from .checkpoint import load_checkpoint, restore, rng_states, run_fingerprint, s
 from .config import TrainConfig
 from .datasets import unreadable_reason
 from .engine import build_optimizer, evaluate_top1, resolve_device, warmup_cosine
-from .inputs import RunInputs, prepare_inputs
+from .inputs import RunInputs, prepare_inputs, stream_retry
 from .loop import NonFiniteLoss, check_finite_weights, train_one_epoch
 from .nets import Models
 from .recipe import resolve_run
@@ -87,7 +87,7 @@ def train(config: TrainConfig) -> dict:
     if distributed.info().is_main:
         print(run.reason, file=sys.stderr, flush=True)
     val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards,
-                       check_files=distributed.info().is_main)
+                       check_files=distributed.info().is_main, retry=stream_retry(config))
     if config.keep == "best-val" and val is None:
         raise UserError("--keep best-val ranks the epochs on a held-out synthetic split and there is none "
                         f"(--val-shards {config.val_shards}): pass --val-shards PATH, write one with `synth generate "
@@ -293,8 +293,8 @@ def _train_epoch(run: _Run, epoch: int, step_log: list[dict]) -> dict:
     except ShardFormatError as e:
         # from a DataLoader worker the message carries the worker's traceback: keep its last line
         reason = str(e).strip().splitlines()[-1].split("ShardFormatError: ", 1)[-1]
-        raise UserError(f"bad shard data in {config.shards}: {reason}; check the folder with "
-                        f"`synth verify {config.shards}`") from None
+        fix = "" if "--on-bad-shard skip" in reason else f"; check the folder with `synth verify {config.shards}`"
+        raise UserError(f"bad shard data in {config.shards}: {reason}{fix}") from None
     except NonFiniteLoss as e:
         raise diverged(run.out, epoch, str(e)) from None
     except RuntimeError as e:

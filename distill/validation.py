@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dfkd.common.errors import UserError
-from dfkd.common.remote import is_remote
+from dfkd.common.remote import Retry, is_remote
 from dfkd.common.shards import (VAL_SPLIT, Manifest, check_shard_files, held_out_folder, held_out_mismatch,
                                 read_held_out, read_manifest, shard_paths)
 
@@ -45,6 +45,7 @@ class ValSet:
 
     location: str
     manifest: Manifest
+    retry: Retry = Retry()  # of its remote shards' transfers
 
     @property
     def identity(self) -> dict:
@@ -67,7 +68,7 @@ def auto_location(shards: str) -> str | None:
 
 
 def open_val_set(value: str, shards: str, train_manifest: Manifest, verify: str = "full",
-                 check_files: bool = True) -> ValSet | None:
+                 check_files: bool = True, retry: Retry = Retry()) -> ValSet | None:
     """The split `--val-shards value` names (auto: `auto_location`; none: None), checked: a complete shard
     folder of the same teacher, classes and image size as the training shards, synthetic, not the
     training shards themselves, its files matching its manifest (`verify`, when `check_files`)."""
@@ -98,7 +99,7 @@ def open_val_set(value: str, shards: str, train_manifest: Manifest, verify: str 
             raise UserError(f"--val-shards {location}: {len(bad)} shard(s) do not match its manifest ({name}: {why}); "
                             f"check it with `synth verify {location}` and rerun the same `synth generate`, or "
                             "pass --val-shards none")
-    return ValSet(location, manifest)
+    return ValSet(location, manifest, retry)
 
 
 def _batches(val: ValSet, verify: str) -> Iterator:
@@ -106,7 +107,8 @@ def _batches(val: ValSet, verify: str) -> Iterator:
     counted against the manifest; remote shards checked before use)."""
     urls = shard_paths(val.location, val.manifest)
     records = dict(zip(urls, val.manifest.shards))
-    reader = ShardSamples({u: r.num_samples for u, r in records.items()}, records=records, verify=verify)
+    reader = ShardSamples({u: r.num_samples for u, r in records.items()}, records=records, verify=verify,
+                          retry=val.retry)
     decode = Decoder(val.manifest.input_spec)
     batch = []
     for fields in reader({"url": u} for u in urls):
