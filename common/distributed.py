@@ -103,7 +103,15 @@ def process_group(backend: str, timeout_min: float | None = None) -> Iterator[Di
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-    td.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes), **kwargs)
+    timeout = datetime.timedelta(minutes=minutes)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # torchrun's elastic agent keeps one store for every restart of the job: the keys the killed attempt's
+        # ranks wrote (their addresses) are still there and a restarted rank may connect to a dead one. Each
+        # attempt gets keys of its own.
+        store, rank, world = next(td.rendezvous("env://", timeout=timeout))
+        kwargs.update(store=td.PrefixStore(f"dfkd/attempt-{restart}", store), rank=rank, world_size=world)
+    td.init_process_group(backend, timeout=timeout, **kwargs)
     try:
         yield me
     finally:
