@@ -1,16 +1,18 @@
 """The run folder: its files, the checks before it is touched (a previous run is continued only with
---resume, the start of another run is refused), its creation and the CSV logs written into it."""
+--resume, or by torchrun's restart of the job that started it; the start of another run is refused), its
+creation and the CSV logs written into it."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
+import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dfkd.common.errors import UserError
-from dfkd.common.fileio import atomic_open
+from dfkd.common.fileio import atomic_open, write_bytes_atomic
 from dfkd.common.options import differences
 from dfkd.common.remote import is_remote
 from dfkd.common.shards import MANIFEST_NAME
@@ -24,6 +26,38 @@ METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_top1", "seconds", 
 EMA_COLUMN = "ema_top1"  # appended with ema_decay > 0
 STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")  # then one loss_<name> column per term of the loss
 TERM_PREFIX = "loss_"
+# the torchrun job (TORCHELASTIC_RUN_ID) that last started or continued the run in this folder: its restarts
+# continue the run without --resume
+JOB_FILE = ".torchrun-job"
+RESTART_ENV, MAX_RESTARTS_ENV, JOB_ENV = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID"
+
+
+def elastic_restart(config: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """Under torchrun's restart of a failed job (`--max-restarts N`; TORCHELASTIC_RESTART_COUNT > 0): `config`
+    with resume on, when the run in --out is this job's own (its JOB_FILE names TORCHELASTIC_RUN_ID) or
+    there is none yet, and the words for the start line. Otherwise (a first start, --resume given, a run
+    another job left) `config` as it is: a restart never continues a run it did not start."""
+    restart = os.environ.get(RESTART_ENV, "0")
+    if config.resume or not restart.isdigit() or int(restart) == 0:
+        return config, None
+    out = Path(config.out)
+    job = os.environ.get(JOB_ENV, "")
+    try:
+        ours = (out / JOB_FILE).read_text().strip() == job
+    except OSError:
+        ours = False
+    if (out / CHECKPOINT_FILE).exists() and not ours:
+        return config, None
+    limit = os.environ.get(MAX_RESTARTS_ENV, "?")
+    return replace(config, resume=True), (f"torchrun restart {restart} of {limit}: continuing the run in {out} from "
+                                          "its last checkpoint, as with --resume")
+
+
+def mark_job(out: Path) -> None:
+    """Record the torchrun job that runs in `out` (JOB_FILE; nothing outside torchrun's elastic agent)."""
+    job = os.environ.get(JOB_ENV)
+    if job:
+        write_bytes_atomic(out / JOB_FILE, f"{job}\n".encode())
 
 
 def check_out(config: TrainConfig) -> Path:

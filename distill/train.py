@@ -67,8 +67,8 @@ from .loop import NonFiniteLoss, check_finite_weights, train_one_epoch
 from .nets import Models
 from .recipe import resolve_run
 from .run_folder import (CHECKPOINT_FILE, CONFIG_FILE, EMA_COLUMN, EMA_FILE, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE,
-                         STUDENT_FILE, FolderBefore, check_out, make_out, remove_unstarted, with_terms, write_csv,
-                         write_metrics)
+                         STUDENT_FILE, FolderBefore, check_out, elastic_restart, make_out, mark_job, remove_unstarted,
+                         with_terms, write_csv, write_metrics)
 from .throughput import ModelEma, check_amp, grad_scaler, to_memory_format, wrap_student, wrap_teacher
 from .validation import BEST_VAL_FILE, NONE, VAL_COLUMNS, ValSet, best_epoch, measure, open_val_set
 
@@ -83,9 +83,9 @@ def train(config: TrainConfig) -> dict:
     the start line on stderr says which one and why, config.json records it (`recipe_used`)."""
     manifest = read_manifest(config.shards)
     run = resolve_run(config, manifest)  # the recipe fills what the caller did not give
-    config = run.config.resolved()
+    config, restarted = elastic_restart(run.config.resolved())  # torchrun's restart of this job: as --resume
     if distributed.info().is_main:
-        print(run.reason, file=sys.stderr, flush=True)
+        print(run.reason + (f"; {restarted}" if restarted else ""), file=sys.stderr, flush=True)
     val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards,
                        check_files=distributed.info().is_main, retry=stream_retry(config))
     if config.keep == "best-val" and val is None:
@@ -107,6 +107,7 @@ def train(config: TrainConfig) -> dict:
         before = FolderBefore.of(out)
         with folder_lock(make_out(out), "distill train"):
             remove_stale_temps(out)
+            mark_job(out)
             distributed.barrier()
             try:
                 return _train(config, out, inputs, dist, run.record())
