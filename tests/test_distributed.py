@@ -41,8 +41,8 @@ KILLS = int(os.environ.get("DFKD_ELASTIC_KILLS", "1"))
 SEED = int(os.environ.get("DFKD_ELASTIC_SEED", "0"))
 
 
-def torchrun(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(*args: str, cwd: Path = REPO, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -310,3 +310,33 @@ def test_a_restart_continues_only_its_own_job_and_only_with_the_same_settings(sh
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")        # another job's restart: not its run
     with pytest.raises(UserError, match="already holds a run: pass --resume"):
         train(config())
+
+
+# --------------------------------------------------------------------------- a full disk under 2 ranks
+def test_synth_disk_full_under_two_ranks_names_the_file_and_the_rerun_is_identical(shards, tiny_teacher_path, tmp_path):
+    """ENOSPC (injected: common/faults.py) while rank 1 writes a generator checkpoint, then its shard, then
+    while rank 0 replaces the manifest: each time one line naming the file and the fix, from the rank that
+    met it, and no traceback of ours; the rerun (here one process) ends byte-identical."""
+    out = tmp_path / "full"
+    sets = [f"--set={k}={v}" for k, v in TINY_GENERATORS.items()]
+    command = ["-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path), "--out",
+               str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE), "--write-batch-size", "20",
+               "--quiet", "--write-workers", "0", *sets]
+    for fault, name in (("enospc@commit:generator-001.pt:1", "state/generator-001.pt"),  # generator 1: rank 1's
+                        ("enospc@commit:shard-000001.tar:1", "shard-000001.tar"),        # shard 1: rank 1's
+                        ("enospc@commit:manifest.json:1", "manifest.json")):             # the manifest: rank 0's
+        proc = torchrun(*command, DFKD_FAULT=fault)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+        assert errors[0] == (f"Error: cannot write {out / name}: no space left on the device (nothing was left under "
+                             "that name); make room (free space, or raise the quota or limit) and rerun the same `synth "
+                             "generate`: finished shards are kept"), output
+        # the other rank, if it met the end of the first in a collective before torchrun stopped it: one line too
+        assert all(" stopped: another process of this job ended first" in line for line in errors[1:]), output
+        assert f'File "{REPO}' not in output, output  # no traceback through our code, on either rank
+        assert not [p for p in out.rglob(".*.tmp*")]
+        assert all(p.read_bytes() == (shards / p.name).read_bytes() for p in out.glob("shard-*.tar"))
+    generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), num_images=NUM_IMAGES,
+                            shard_size=SHARD_SIZE, write_batch_size=20, progress=False, method_options=TINY_GENERATORS))
+    assert shard_files(out) == shard_files(shards) and verify_dataset(out) == []
