@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -24,6 +25,9 @@ from .errors import UserError
 # Ranks wait for each other at barriers; stage one's ranks wait while rank 0 fits a method, which
 # can take hours, so its barriers get a long limit. Override with DFKD_DIST_TIMEOUT_MIN.
 DEFAULT_TIMEOUT_MIN = 30
+# what gloo and NCCL say when the process at the other end of a collective is gone
+_PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker|Broken pipe|ncclRemoteError|"
+                        r"NCCL communicator was aborted|DistNetworkError|Socket Timeout", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,23 @@ def process_group(backend: str, timeout_min: float | None = None) -> Iterator[Di
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-    td.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes), **kwargs)
+    timeout = datetime.timedelta(minutes=minutes)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # torchrun's elastic agent keeps one store for every restart of the job: the keys the killed attempt's
+        # ranks wrote (their addresses) are still there and a restarted rank may connect to a dead one. Each
+        # attempt gets keys of its own.
+        store, rank, world = next(td.rendezvous("env://", timeout=timeout))
+        kwargs.update(store=td.PrefixStore(f"dfkd/attempt-{restart}", store), rank=rank, world_size=world)
+    td.init_process_group(backend, timeout=timeout, **kwargs)
     try:
         yield me
+    except RuntimeError as e:
+        if not _PEER_LOST.search(str(e)):
+            raise
+        # another rank stopped (its own one-line error is above): one line here too, not a traceback
+        raise UserError(f"rank {me.rank} stopped: another process of this job ended first (its error is above; "
+                        "torchrun names it as the root cause)") from None
     finally:
         td.destroy_process_group()
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import socket
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -186,10 +187,12 @@ def canonical_json_sha256(obj) -> str:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (its `.lock` file) while `command` writes there, so that a second
-    writer (a job requeued while the old one still runs) is refused. A POSIX record lock: the kernel drops
-    it when the holder dies, however it dies, and forked children (DataLoader workers) do not inherit it,
-    so a killed run's lingering workers do not block its rerun. It also works on NFS. File systems
-    without locking are used unlocked."""
+    writer (a job requeued while the old one still runs) is refused, naming the holder (pid and host, which
+    the holder writes into the file). A POSIX record lock: the kernel drops it when the holder dies, however
+    it dies, and forked children (DataLoader workers) do not inherit it, so a killed run's lingering workers
+    do not block its rerun, and the pid a killed run left in the file is only a stale note that the next
+    writer replaces (the lock, not the file's text, decides). It also works on NFS. File systems without
+    locking are used unlocked."""
     folder = Path(folder)
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -199,14 +202,20 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise UserError(f"{folder} is being written by another running `{command}` (pid {holder}): wait for "
-                            "it to end or stop it, or choose another output folder") from None
+            raise UserError(f"{folder} is being written by another running `{command}` ({lock_holder(fd)}): wait "
+                            "for it to end or stop it, or choose another output folder") from None
         except OSError:
             pass  # no locking on this file system (ENOLCK)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def lock_holder(fd: int) -> str:
+    """`pid 123 on host h`, from what the holder of a lock file wrote into it."""
+    words = os.pread(fd, 300, 0).decode(errors="replace").split()
+    pid = words[0] if words else "?"
+    return f"pid {pid} on host {words[1]}" if len(words) > 1 else f"pid {pid}"

@@ -122,6 +122,17 @@ class TrainConfig:
     on_bad_shard: str = option("error", group="Resume and faults", choices=BAD_SHARD_POLICIES, effect="none",
                                help="A shard that is missing or does not match the manifest: stop with an error, or "
                                "skip it (counted and reported).")
+    shard_attempts: int = option(6, group="Resume and faults", min=1, effect="none",
+                                 help="Tries per remote shard, the first included: a transfer that fails or is cut "
+                                 "short (dropped connection, HTTP 408/429/5xx, read timeout) is fetched again from "
+                                 "its start after 1, 2, 4, ... s (at most 60); bytes that arrive whole but differ "
+                                 "from the manifest are not retried.")
+    shard_retry_seconds: float = option(600.0, group="Resume and faults", min=0, effect="none",
+                                        help="No new try of a remote shard starts later than this many seconds after "
+                                        "its first; then the shard is bad (--on-bad-shard).")
+    shard_read_timeout: float = option(60.0, group="Resume and faults", min=0.1, effect="none",
+                                       help="An http(s) shard read that receives no byte for this many seconds fails "
+                                       "(and is tried again).")
     detect_anomaly: bool = option(False, group="Resume and faults", effect="none",
                                   help="torch.autograd anomaly detection (slow): names the operation that made a NaN.")
     # stored teacher logits, regularisation (change results; off by default)

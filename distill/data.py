@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from dfkd.common.errors import UserError
 from dfkd.common.input_spec import InputSpec
-from dfkd.common.remote import StreamError, fetch_verified, is_remote
+from dfkd.common.remote import Retry, StreamError, fetch_verified, is_remote
 from dfkd.common.shards import (Manifest, Sample, ShardFormatError, decode_sample, group_samples, iter_raw_samples,
                                 shard_paths)
 
@@ -210,6 +210,7 @@ class ShardSamples:
     skip_bad: bool = False
     records: dict | None = None  # remote url -> ShardRecord: streamed shards are checked before use
     verify: str = "full"         # of streamed shards: full (size + sha256), size, none
+    retry: Retry = Retry()       # of streamed shards: a failed transfer is fetched again from its start
 
     def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
         failures_in_a_row = 0
@@ -239,9 +240,9 @@ class ShardSamples:
         """Raw samples of a remote shard, fetched whole and checked against the manifest first."""
         record = self.records[url]
         try:
-            spool = fetch_verified(url, record.sha256, record.size, self.verify)
+            spool = fetch_verified(url, record.sha256, record.size, self.verify, self.retry)
         except StreamError as e:
-            raise ShardFormatError(f"{record.name} {e}") from None
+            raise ShardFormatError(f"{record.name} {e}; pass --on-bad-shard skip to train without it") from None
         with spool:
             yield from group_samples(spool, record.name, url)
 
@@ -259,7 +260,8 @@ class ShardLoader:
     def __init__(self, folder: str | os.PathLike, manifest: Manifest, batch_size: int, workers: int = 2,
                  aug: str = "translate", seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = SHUFFLE_BUFFER, skip_bad: bool = False, pin_memory: bool = False,
-                 persistent_workers: bool = False, verify: str = "full", with_meta: bool = False):
+                 persistent_workers: bool = False, verify: str = "full", with_meta: bool = False,
+                 retry: Retry = Retry()):
         urls = shard_paths(folder, manifest)
         missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
         if missing:
@@ -282,7 +284,7 @@ class ShardLoader:
         dataset = wds.DataPipeline(
             self.shard_list,
             ShardSamples({u: r.num_samples for u, r in zip(urls, manifest.shards)}, skip_bad,
-                         {u: r for u, r in zip(urls, manifest.shards)}, verify),
+                         {u: r for u, r in zip(urls, manifest.shards)}, verify, retry),
             EpochShuffle(self.shard_list, bufsize=shuffle_buffer, initial=min(SHUFFLE_INITIAL, shuffle_buffer)),
             wds.map(Decoder(spec, skip_bad, with_meta)),
             wds.select(is_sample),

@@ -53,7 +53,8 @@ def _batches(val: ValSet, verify: str) -> Iterator:
     counted against the manifest; remote shards checked before use)."""
     urls = shard_paths(val.location, val.manifest)
     records = dict(zip(urls, val.manifest.shards))
-    reader = ShardSamples({u: r.num_samples for u, r in records.items()}, records=records, verify=verify)
+    reader = ShardSamples({u: r.num_samples for u, r in records.items()}, records=records, verify=verify,
+                          retry=val.retry)
     decode = Decoder(val.manifest.input_spec)
     batch = []
     for fields in reader({"url": u} for u in urls):

@@ -8,12 +8,16 @@ installed). Every written file is loaded back and run on a check batch (images f
 when they are local and readable, else seeded random pixels), and its logits must match the trained
 model's within `atol` + `rtol` x |logits|; the argmax must agree. The JSON beside them records the
 input spec the exported model expects (float32 N x C x H x W, (pixels / 255 - mean) / std), the classes,
-each file and its measured largest difference.
+each file and its measured largest difference. Every file is written atomically (a temp file renamed
+when complete): a full disk leaves no half-written model under a final name, and names the file.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dfkd.common.errors import UserError
-from dfkd.common.fileio import write_json_atomic
+from dfkd.common.errors import DiskFullError, UserError
+from dfkd.common.faults import fault_point
+from dfkd.common.fileio import DISK_FULL_REASONS, temp_path_for, write_bytes_atomic, write_json_atomic
 from dfkd.common.models import create_model, load_model_checkpoint
 
 from .run_folder import CONFIG_FILE, EMA_FILE, STUDENT_FILE, check_run_folder
@@ -94,7 +99,9 @@ def _export_pt2(model: nn.Module, x: torch.Tensor, path: Path) -> nn.Module:
         program = export(model, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=1 << 16)},))
     except Exception:  # a model that specialises on the batch size: export it for this batch size
         program = export(model, (x,))
-    torch.export.save(program, str(path))
+    buffer = io.BytesIO()  # serialised in memory, written atomically: a full disk is an OSError on our write
+    torch.export.save(program, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
     return torch.export.load(str(path)).module()
 
 
@@ -102,20 +109,32 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> nn.Mod
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices
         traced = torch.jit.trace(model, x, check_trace=False)
-        torch.jit.save(traced, str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        write_bytes_atomic(path, buffer.getbuffer())
         return torch.jit.load(str(path))
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path):
     import onnx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # torch's torch.export-based exporter needs onnxscript; without it, the TorchScript-based one
-        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          dynamo=importlib.util.find_spec("onnxscript") is not None)
-    onnx.checker.check_model(onnx.load(str(path)))
+    temp = temp_path_for(path)  # the exporter writes a path: its temp name, renamed once checked
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # torch's torch.export-based exporter needs onnxscript; without it, the TorchScript-based one
+            torch.onnx.export(model, (x,), str(temp), input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=importlib.util.find_spec("onnxscript") is not None)
+        onnx.checker.check_model(onnx.load(str(temp)))
+        fault_point(f"commit:{path.name}")
+        os.replace(temp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL_REASONS:
+            raise DiskFullError(path, DISK_FULL_REASONS[e.errno]) from None
+        raise
     if importlib.util.find_spec("onnxruntime") is None:
         return None  # checked for validity only
     import onnxruntime
@@ -168,6 +187,9 @@ def export_run(run: str | Path, out: str | Path | None = None, formats: tuple[st
         path = out / FILES[name]
         try:
             loaded = writers[name](model, x, path)
+        except DiskFullError as e:
+            raise e.with_fix("make room (free space, or raise the quota or limit) and rerun the same `distill export`: "
+                             "the files written before it are complete") from None
         except UserError:
             raise
         except Exception as e:
@@ -192,5 +214,8 @@ def export_run(run: str | Path, out: str | Path | None = None, formats: tuple[st
         "trained": _extra(source),
     }
     result.spec_file = out / SPEC_FILE
-    write_json_atomic(result.spec_file, spec_doc)
+    try:
+        write_json_atomic(result.spec_file, spec_doc)
+    except DiskFullError as e:
+        raise e.with_fix("make room (free space, or raise the quota or limit) and rerun the same `distill export`") from None
     return result

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from dfkd.common import distributed
 from dfkd.common.accel import to_memory_format
 from dfkd.common.errors import UserError
-from dfkd.common.remote import is_remote
+from dfkd.common.remote import Retry, is_remote
 from dfkd.common.shards import (VAL_SPLIT, Manifest, check_shard_files, held_out_folder, held_out_mismatch,
                                 read_held_out, read_manifest)
 
@@ -62,7 +62,7 @@ def auto_location(shards: str) -> str | None:
 
 
 def open_val_set(value: str, shards: str, train_manifest: Manifest, verify: str = "full",
-                 check_files: bool = True) -> ValSet | None:
+                 check_files: bool = True, retry: Retry = Retry()) -> ValSet | None:
     """The split `--val-shards value` names (auto: `auto_location`; none: None), checked: a complete shard
     folder of the same teacher, classes and image size as the training shards, synthetic, not the
     training shards themselves, its files matching its manifest (`verify`, when `check_files`)."""
@@ -93,7 +93,7 @@ def open_val_set(value: str, shards: str, train_manifest: Manifest, verify: str 
             raise UserError(f"--val-shards {location}: {len(bad)} shard(s) do not match its manifest ({name}: {why}); "
                             f"check it with `synth verify {location}` and rerun the same `synth generate`, or "
                             "pass --val-shards none")
-    return ValSet(location, manifest)
+    return ValSet(location, manifest, retry)
 
 
 @dataclass
@@ -110,13 +110,21 @@ class RunInputs:
     val_shards: str = NONE          # where the held-out split is (--val-shards resolved), or none
 
 
+def stream_retry(config: TrainConfig) -> Retry:
+    """How a failed transfer of a remote shard is retried (--shard-attempts, --shard-retry-seconds,
+    --shard-read-timeout)."""
+    return Retry(config.shard_attempts, config.shard_retry_seconds, config.shard_read_timeout)
+
+
 def prepare_inputs(config: TrainConfig, device: torch.device,
                    dist: distributed.DistInfo = distributed.DistInfo(), manifest: Manifest | None = None) -> RunInputs:
     """Read (unless given `manifest`) and check the shards, models, evaluation data and held-out split
     (UserError before any file is written). In a distributed run rank 0 checks the shard files and the
     others take its verdict; rank 0 alone evaluates."""
     manifest = read_manifest(config.shards) if manifest is None else manifest
-    val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards, check_files=dist.is_main)
+    retry = stream_retry(config)
+    val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards, check_files=dist.is_main,
+                       retry=retry)
     if config.keep == "best-val" and val is None:
         raise UserError("--keep best-val ranks the epochs on a held-out synthetic split and there is none "
                         f"(--val-shards {config.val_shards}): pass --val-shards PATH, write one with `synth generate "
@@ -137,7 +145,7 @@ def prepare_inputs(config: TrainConfig, device: torch.device,
                          rank=dist.rank, world_size=dist.world_size, skip_bad=config.on_bad_shard == "skip",
                          pin_memory=config.pin_memory and device.type == "cuda",
                          persistent_workers=config.persistent_workers, verify=config.verify_shards,
-                         with_meta=config.teacher_view == "native")
+                         with_meta=config.teacher_view == "native", retry=retry)
     evaluation = Evaluation(device, config.workers, config.channels_last, config.verify_shards, config.eval_data,
                             val=val if dist.is_main else None)
     if config.eval_data and dist.is_main:  # an ImageFolder is decoded once here: a damaged image stops the run now

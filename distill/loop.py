@@ -61,7 +61,8 @@ def epoch_faults(epoch: int, shards: str, checkpoint: Path, detect_anomaly: bool
     except ShardFormatError as e:
         # from a DataLoader worker the message carries the worker's traceback: keep its last line
         reason = str(e).strip().splitlines()[-1].split("ShardFormatError: ", 1)[-1]
-        raise UserError(f"bad shard data in {shards}: {reason}; check the folder with `synth verify {shards}`") from None
+        fix = "" if "--on-bad-shard skip" in reason else f"; check the folder with `synth verify {shards}`"
+        raise UserError(f"bad shard data in {shards}: {reason}{fix}") from None
     except NonFiniteLoss as e:
         raise diverged(checkpoint, epoch, str(e)) from None
     except RuntimeError as e:

@@ -29,7 +29,7 @@ from dfkd.common import distributed
 from dfkd.common.errors import DiskFullError, UserError
 from dfkd.common.faults import fault_point
 from dfkd.common.fileio import (atomic_open, folder_lock, load_torch_safely, make_folder, remove_stale_temps,
-                                save_torch_atomic, write_json_atomic)
+                                save_torch_atomic, write_bytes_atomic, write_json_atomic)
 from dfkd.common.models import save_model_checkpoint
 from dfkd.common.remote import is_remote
 from dfkd.common.shards import MANIFEST_NAME, Manifest
@@ -44,6 +44,37 @@ METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_top1", "seconds", 
 EMA_COLUMN = "ema_top1"  # appended with ema_decay > 0
 STEPS_COLUMNS = ("epoch", "step", "lr", "train_loss")  # then one loss_<name> column per term of the loss
 TERM_PREFIX = "loss_"
+# the torchrun job (TORCHELASTIC_RUN_ID) that last started or continued the run in this folder: its restarts
+# continue the run without --resume
+JOB_FILE = ".torchrun-job"
+RESTART_ENV, MAX_RESTARTS_ENV, JOB_ENV = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID"
+
+
+def elastic_restart(out: Path, resume: bool) -> tuple[bool, str | None]:
+    """Under torchrun's restart of a failed job (`--max-restarts N`; TORCHELASTIC_RESTART_COUNT > 0): resume
+    (True) when the run in `out` is this job's own (its JOB_FILE names TORCHELASTIC_RUN_ID) or there is none
+    yet, and the words for the start line. Otherwise (a first start, --resume given, a run another job left)
+    `resume` as it is: a restart never continues a run it did not start."""
+    restart = os.environ.get(RESTART_ENV, "0")
+    if resume or not restart.isdigit() or int(restart) == 0:
+        return resume, None
+    job = os.environ.get(JOB_ENV, "")
+    try:
+        ours = (out / JOB_FILE).read_text().strip() == job
+    except OSError:
+        ours = False
+    if (out / CHECKPOINT_FILE).exists() and not ours:
+        return resume, None
+    limit = os.environ.get(MAX_RESTARTS_ENV, "?")
+    return True, (f"torchrun restart {restart} of {limit}: continuing the run in {out} from its last checkpoint, "
+                  "as with --resume")
+
+
+def mark_job(out: Path) -> None:
+    """Record the torchrun job that runs in `out` (JOB_FILE; nothing outside torchrun's elastic agent)."""
+    job = os.environ.get(JOB_ENV)
+    if job:
+        write_bytes_atomic(out / JOB_FILE, f"{job}\n".encode())
 
 
 def check_out(out: Path, shards: str, resume: bool, settings: dict) -> Path:
@@ -317,6 +348,7 @@ class RunFolder:
         before = FolderBefore.of(self.path)
         with folder_lock(make_folder(self.path, "--out"), "distill train"):
             remove_stale_temps(self.path)
+            mark_job(self.path)
             distributed.barrier()
             try:
                 yield

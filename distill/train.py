@@ -63,7 +63,7 @@ from .inputs import prepare_inputs
 from .loop import Step, check_finite_weights, epoch_faults, train_one_epoch
 from .losses import LOSSES
 from .nets import Models
-from .run_folder import Resumed, RunFolder, check_out, rng_states, run_fingerprint
+from .run_folder import Resumed, RunFolder, check_out, elastic_restart, rng_states, run_fingerprint
 from .throughput import wrap_student, wrap_teacher
 from .validation import VAL_COLUMNS, best_epoch
 
@@ -78,10 +78,11 @@ def train(config: TrainConfig) -> dict:
     not give; the start line on stderr says which one and why, config.json records it (`recipe_used`)."""
     manifest = read_manifest(config.shards)
     run = resolve_recipe(config, manifest=manifest)  # the recipe fills what the caller did not give
-    config = run.config
+    resume, restarted = elastic_restart(Path(run.config.out), run.config.resume)   # torchrun's restart: as --resume
+    config = replace(run.config, resume=resume)
     loss_config = run.plugin          # the options of the loss config.loss
     if distributed.info().is_main:
-        print(run.reason, file=sys.stderr, flush=True)
+        print(run.reason + (f"; {restarted}" if restarted else ""), file=sys.stderr, flush=True)
     out = check_out(Path(config.out), config.shards, config.resume, run_settings(config, loss_config))
     device = prepare_device(config.device, config.amp)
     with distributed.process_group(distributed.backend_for(device)) as dist:

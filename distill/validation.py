@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from dfkd.common.remote import Retry
 from dfkd.common.shards import Manifest
 
 AUTO, NONE = "auto", "none"
@@ -33,6 +34,7 @@ class ValSet:
 
     location: str
     manifest: Manifest
+    retry: Retry = Retry()  # of its remote shards' transfers
 
     @property
     def identity(self) -> dict:

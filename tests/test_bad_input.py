@@ -585,7 +585,7 @@ def test_second_writer_into_a_folder_is_refused(dataset, tmp_path, tiny_teacher_
     config = GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), num_images=8,
                             shard_size=8, progress=False, method="noise")
     with locked_by_another_process(out, "synth generate") as pid:  # a run still writing there
-        with pytest.raises(UserError, match=rf"being written by another running `synth generate` \(pid {pid}\)"):
+        with pytest.raises(UserError, match=rf"being written by another running `synth generate` \(pid {pid} on host "):
             generate(config)
     assert generate(config).complete  # the holder has ended: the folder is free again
     run = tmp_path / "run"

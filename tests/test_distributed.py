@@ -1,29 +1,48 @@
 """Both stages as 2-process jobs on the CPU (gloo): torchrun on the command line, plus spawned ranks
-for what needs a monkeypatch (an interruption); the rank split of the shards."""
+for what needs a monkeypatch (an interruption); the rank split of the shards; torchrun's elastic restarts
+after one rank is SIGKILLed at a random time (`--max-restarts`: both stages continue without flags and end
+identical to an undisturbed run).
+
+The random kills: one job per stage with ELASTIC_KILLS kills in CI; more for a longer chaos run (each kill
+costs a restart, about 5 s of interpreter start-up on 2 busy cores), which prints what each kill hit:
+    DFKD_ELASTIC_TRIALS=4 DFKD_ELASTIC_KILLS=3 DFKD_ELASTIC_SEED=1 python -m pytest tests/test_distributed.py -s -k killed
+"""
 from __future__ import annotations
 
+import contextlib
+import csv
 import multiprocessing
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from dfkd.common.models import load_model_checkpoint
-from dfkd.common.shards import read_manifest
+from dfkd.common.errors import UserError
+from dfkd.common.shards import read_manifest, verify_dataset
 from dfkd.distill.data import ShardLoader
 from dfkd.synth.generate import GenerateConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_GENERATORS = {"num_generators": "3", "steps": "4", "train_batch_size": "20", "width": "4", "latent_dim": "8"}
+TINY_GENERATORS = {"num_generators": "3", "steps": "4", "train_batch_size": "20", "width": "4", "latent_dim": "8",
+                   "checkpoint_every": "2"}
 NUM_IMAGES, SHARD_SIZE = 160, 20  # 8 shards
+TRAIN = ["--student", "lenet5_half", "--epochs", "2", "--batch-size-per-rank", "8", "--workers", "2", "--quiet",
+         "--ema-decay", "0.9", "--mixup", "0.2", "--keep", "best-val"]
+TRIALS = int(os.environ.get("DFKD_ELASTIC_TRIALS", "1"))
+KILLS = int(os.environ.get("DFKD_ELASTIC_KILLS", "1"))
+SEED = int(os.environ.get("DFKD_ELASTIC_SEED", "0"))
 
 
-def torchrun(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(*args: str, cwd: Path = REPO, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -38,18 +57,24 @@ def shards(tmp_path_factory, tiny_teacher_path):
 
 
 # --------------------------------------------------------------------------- stage one
-def test_two_rank_synthesis_equals_one_process(shards, tiny_teacher_path, tmp_path):
-    out = tmp_path / "two"
+def test_two_rank_synthesis_equals_one_process_even_with_ranks_killed(shards, tiny_teacher_path, tmp_path):
+    """torchrun --max-restarts KILLS, one rank SIGKILLed KILLS times at random (TRIALS jobs): the restarted
+    job keeps what was finished and ends with the bytes one undisturbed process writes."""
     sets = [a for k, v in TINY_GENERATORS.items() for a in ("--set", f"{k}={v}")]
-    proc = torchrun("-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
-                    "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
-                    "--write-batch-size", "20", "--quiet", *sets)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("wrote 160 images in 8 shards") == 1  # rank 0 reports, once
-    # each rank wrote its own shards (and trained its own generators): 0, 2, ... and 1, 3, ...
-    one, two = read_manifest(shards), read_manifest(out)
-    assert two.complete and two.shards == one.shards  # names, sample counts, sha256: the same bytes
-    assert sorted(p.name for p in out.glob("shard-*.tar")) == sorted(p.name for p in shards.glob("shard-*.tar"))
+    rng = random.Random(SEED)
+    for trial in range(TRIALS):
+        out = tmp_path / f"two-{trial}"
+        proc = start_torchrun(["-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
+                               "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
+                               "--write-batch-size", "20", "--quiet", *sets], KILLS)
+        outcomes = kill_ranks_at_random_times(proc, out / ".lock", KILLS, rng, (0.0, 3.0))
+        output = finish(proc)
+        print(f"synth generate, trial {trial}:", outcomes)
+        # rank 0 reports, once per attempt that got to the end (a kill can land after its report, in the teardown)
+        assert 1 <= output.count("wrote 160 images in 8 shards") <= 1 + sum("killed" in o for o in outcomes)
+        # each rank wrote its own shards (and trained its own generators): 0, 2, ... and 1, 3, ...
+        assert read_manifest(out).complete and shard_files(out) == shard_files(shards) and verify_dataset(out) == []
+    out = tmp_path / "two-0"
     # resume per rank: a lost shard of rank 1 is rewritten, identical (here by a writer process of that
     # rank, on the explicit CPU device); the others are kept
     (out / "shard-000003.tar").unlink()
@@ -58,6 +83,7 @@ def test_two_rank_synthesis_equals_one_process(shards, tiny_teacher_path, tmp_pa
                     "--out", str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE),
                     "--write-batch-size", "20", "--quiet", "--device", "cpu", "--write-workers", "1", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("wrote 160 images in 8 shards") == 1   # rank 0 alone reports
     assert (out / "shard-000003.tar").read_bytes() == (shards / "shard-000003.tar").read_bytes()
     assert (out / "shard-000002.tar").stat().st_mtime_ns == kept
 
@@ -131,32 +157,180 @@ def spawn_two_ranks(options: dict, stop_at_epoch: int | None = None) -> dict:
     return out
 
 
-def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, tmp_path):
-    options = ["--shards", str(shards), "--student", "lenet5_half", "--epochs", "2", "--batch-size-per-rank", "8",
-               "--workers", "2", "--quiet", "--ema-decay", "0.9", "--keep", "best-val"]
-    proc = torchrun("-m", "dfkd.distill", "train", *options, "--out", str(tmp_path / "straight"))
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory):
+    """An undisturbed 2-rank training on torchrun: (its folder, its output)."""
+    out = tmp_path_factory.mktemp("dist") / "straight"
+    proc = torchrun("-m", "dfkd.distill", "train", "--shards", str(shards), *TRAIN, "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("done: ") == 1  # rank 0 reports
-    rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
+    return out, proc.stdout
+
+
+def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, straight, tmp_path):
+    reference, stdout = straight
+    assert stdout.count("done: ") == 1  # rank 0 reports
+    rows = (reference / "metrics.csv").read_text().splitlines()
     # the held-out split synth wrote beside the shards is found and measured (by rank 0); then the loss terms
     assert rows[0].endswith("ema_top1,val_agreement,val_kl,loss_kd") and len(rows) == 3
     assert all(row.split(",")[8] and row.split(",")[9] for row in rows[1:])
     assert rows[2].split(",")[1] == str(2 * NUM_IMAGES // (8 * 2))  # steps: the global batch is 2 x 8
 
     config = dict(shards=str(shards), student="lenet5_half", out=str(tmp_path / "resumed"), epochs=2,
-                  batch_size_per_rank=8, workers=2, progress=False, ema_decay=0.9, keep="best-val")
+                  batch_size_per_rank=8, workers=2, progress=False, ema_decay=0.9, mixup=0.2, keep="best-val")
     assert spawn_two_ranks(config, stop_at_epoch=1) == {0: "interrupted", 1: "interrupted"}
     assert len((tmp_path / "resumed" / "metrics.csv").read_text().splitlines()) == 2  # epoch 1 was saved
     results = spawn_two_ranks(config | {"resume": True})
     assert results[0]["epochs"] == results[1]["epochs"] == 2
     assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"])  # averaged over ranks
-    for name in ("student.pt", "student_ema.pt", "student_best_val.pt"):
-        straight = load_model_checkpoint(tmp_path / "straight" / name)["state_dict"]
-        resumed = load_model_checkpoint(tmp_path / "resumed" / name)["state_dict"]
-        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name  # bit-identical continuation
+    assert same_run(tmp_path / "resumed", reference)  # bit-identical continuation
     # another number of processes cannot continue this run
-    from dfkd.common.errors import UserError
     from dfkd.distill.train import TrainConfig, train
 
     with pytest.raises(UserError, match="run of 2 process"):
-        train(TrainConfig(**config | {"resume": True, "epochs": 2}))
+        train(TrainConfig(**config | {"resume": True}))
+
+
+def read_rows(path: Path, drop=("seconds", "images_per_s")) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def same_run(run: Path, reference: Path) -> bool:
+    """The same students (final, EMA, best on the held-out split) bit for bit, the same logs."""
+    for name in ("student.pt", "student_ema.pt", "student_best_val.pt"):
+        got, want = (load_model_checkpoint(r / name)["state_dict"] for r in (run, reference))
+        if got.keys() != want.keys() or not all(torch.equal(got[k], want[k]) for k in want):
+            return False
+    return all(read_rows(run / f) == read_rows(reference / f) for f in ("metrics.csv", "steps.csv"))
+
+
+# --------------------------------------------------------------------------- elastic restarts (torchrun --max-restarts)
+def start_torchrun(args: list[str], max_restarts: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *args]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def rank_pids(agent: int, attempt: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes that torchrun (pid `agent`, started here) runs in restart `attempt`:
+    its own children only."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent:
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode().split("\0") if "=" in v)
+            if env.get("TORCHELASTIC_RESTART_COUNT") == str(attempt) and "RANK" in env:
+                found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+def kill_ranks_at_random_times(proc: subprocess.Popen, lock: Path, kills: int, rng: random.Random,
+                               delay: tuple[float, float]) -> list[str]:
+    """SIGKILL one rank (drawn) of the job `proc` runs, `kills` times, each `delay` (drawn) seconds after that
+    attempt's rank 0 took the output folder's lock (so that it lands in the work). Returns what happened."""
+    outcomes = []
+    for attempt in range(kills):
+        deadline, pids = time.monotonic() + 120, {}
+        while proc.poll() is None and time.monotonic() < deadline:
+            pids = rank_pids(proc.pid, attempt)
+            with contextlib.suppress(OSError, IndexError):
+                if len(pids) == 2 and lock.read_text().split()[0] == str(pids[0]):
+                    break
+            time.sleep(0.02)
+        else:
+            outcomes.append(f"attempt {attempt}: the job ended before its rank 0 took the lock")
+            break
+        wait, rank = rng.uniform(*delay), rng.randrange(2)
+        time.sleep(wait)
+        try:
+            os.kill(pids[rank], signal.SIGKILL)
+            outcomes.append(f"attempt {attempt}: killed rank {rank} {wait:.2f} s into the work")
+        except ProcessLookupError:
+            outcomes.append(f"attempt {attempt}: rank {rank} had ended within {wait:.2f} s")
+            break
+    return outcomes
+
+
+def finish(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    return output
+
+
+def shard_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and (p.suffix == ".tar" or p.name == "manifest.json")}
+
+
+def test_distill_ranks_killed_under_torchrun_continue_without_resume(shards, straight, tmp_path):
+    reference, _ = straight
+    rng = random.Random(SEED + 1)
+    for trial in range(TRIALS):
+        run = tmp_path / f"killed-{trial}"
+        proc = start_torchrun(["-m", "dfkd.distill", "train", "--shards", str(shards), *TRAIN, "--out", str(run)],
+                              KILLS)
+        outcomes = kill_ranks_at_random_times(proc, run / ".lock", KILLS, rng, (0.0, 2.0))
+        output = finish(proc)
+        print(f"distill train, trial {trial}:", outcomes)
+        restarts = sum("killed" in o for o in outcomes)
+        if restarts:
+            assert f"torchrun restart {restarts} of {KILLS}: continuing the run in {run}" in output, output
+        assert same_run(run, reference)
+
+
+def test_a_restart_continues_only_its_own_job_and_only_with_the_same_settings(shards, tmp_path, monkeypatch, capfd):
+    """The decision itself, in one process: torchrun's variables set by hand."""
+    from dfkd.distill.train import TrainConfig, train
+
+    def config(**kw) -> TrainConfig:
+        return TrainConfig(**dict(shards=str(shards), student="lenet5_half", out=str(tmp_path / "run"), epochs=1,
+                                  batch_size_per_rank=16, workers=0, progress=False) | kw)
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    train(config())                                           # the first start records its job
+    assert (tmp_path / "run" / ".torchrun-job").read_text() == "job-a\n"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    train(config())                                           # its restart continues the run (here: already done)
+    assert "torchrun restart 1 of 3: continuing the run in" in capfd.readouterr().err
+    with pytest.raises(UserError, match="belongs to a run with other settings"):
+        train(config(lr=0.5))                                 # ... as --resume does: not with other settings
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")        # another job's restart: not its run
+    with pytest.raises(UserError, match="already holds a run: pass --resume"):
+        train(config())
+
+
+# --------------------------------------------------------------------------- a full disk under 2 ranks
+def test_synth_disk_full_under_two_ranks_names_the_file_and_the_rerun_is_identical(shards, tiny_teacher_path, tmp_path):
+    """ENOSPC (injected: common/faults.py) while rank 1 writes a generator checkpoint, then its shard, then
+    while rank 0 replaces the manifest: each time one line naming the file and the fix, from the rank that
+    met it, and no traceback of ours; the rerun (here one process) ends byte-identical."""
+    out = tmp_path / "full"
+    sets = [f"--set={k}={v}" for k, v in TINY_GENERATORS.items()]
+    command = ["-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path), "--out",
+               str(out), "--num-images", str(NUM_IMAGES), "--shard-size", str(SHARD_SIZE), "--write-batch-size", "20",
+               "--quiet", "--write-workers", "0", *sets]
+    for fault, name in (("enospc@commit:generator-001.pt:1", "state/generator-001.pt"),  # generator 1: rank 1's
+                        ("enospc@commit:shard-000001.tar:1", "shard-000001.tar"),        # shard 1: rank 1's
+                        ("enospc@commit:manifest.json:1", "manifest.json")):             # the manifest: rank 0's
+        proc = torchrun(*command, DFKD_FAULT=fault)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+        assert errors[0] == (f"Error: cannot write {out / name}: no space left on the device (nothing was left under "
+                             "that name); make room (free space, or raise the quota or limit) and rerun the same `synth "
+                             "generate`: finished shards are kept"), output
+        # the other rank, if it met the end of the first in a collective before torchrun stopped it: one line too
+        assert all(" stopped: another process of this job ended first" in line for line in errors[1:]), output
+        # no traceback through our code, on either rank (torchrun's own agent prints one of its own)
+        assert not [d for d in ("common", "synth", "distill") if f'File "{REPO / d}' in output], output
+        assert not [p for p in out.rglob(".*.tmp*")]
+        assert all(p.read_bytes() == (shards / p.name).read_bytes() for p in out.glob("shard-*.tar"))
+    generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), num_images=NUM_IMAGES,
+                            shard_size=SHARD_SIZE, write_batch_size=20, progress=False, method_options=TINY_GENERATORS))
+    assert shard_files(out) == shard_files(shards) and verify_dataset(out) == []

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -186,7 +187,7 @@ def wait_for_lock(lock: Path, proc: subprocess.Popen, timeout: float = 120) -> b
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if lock.read_text().strip() == str(proc.pid):
+            if lock.read_text().split()[:1] == [str(proc.pid)]:
                 return True
         except OSError:
             pass
@@ -318,6 +319,73 @@ def test_distill_disk_full_at_a_checkpoint_then_resumed(reference, tmp_path):
     assert not (run / "checkpoint.pt").exists() and temp_files(run) == []
     train(train_config(reference["shards"], run, resume=True))
     assert_same_student(run, reference["run"])
+
+
+def test_distill_enospc_at_a_checkpoint_or_the_metrics_then_resumed(reference, tmp_path):
+    """A full disk (ENOSPC, injected at the write: `enospc@<point>:<n>`) while the epoch-2 checkpoint, or
+    the epoch-2 metrics.csv after its checkpoint, is written: one line naming the file and the fix; the
+    files finished before are intact; --resume ends bit-identical."""
+    for fault, name, saved in (("enospc@commit:checkpoint.pt:2", "checkpoint.pt", 1),
+                               ("enospc@commit:metrics.csv:2", "metrics.csv", 2)):
+        run = tmp_path / name
+        code, message = run_forked(lambda: train(train_config(reference["shards"], run)), fault=fault)
+        assert code == 1 and "\n" not in message, message
+        assert message == (f"DiskFullError: cannot write {run / name}: no space left on the device (nothing was left "
+                           "under that name); make room (free space, or raise the quota or limit) and rerun with "
+                           "--resume: the run continues from its last checkpoint"), message
+        assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == saved and temp_files(run) == []
+        assert len(read_rows(run / "metrics.csv")) == 1  # the epoch-1 row, complete
+        train(train_config(reference["shards"], run, resume=True))
+        assert_same_student(run, reference["run"])
+
+
+def test_export_enospc_names_the_file_and_keeps_what_was_written(reference, tmp_path):
+    from dfkd.distill.export import export_run
+
+    out = tmp_path / "export"
+    code, message = run_forked(lambda: export_run(reference["run"], out, ("torchscript", "export")),
+                               fault="enospc@commit:student.pt2:1")
+    assert code == 1 and "\n" not in message, message
+    assert message.startswith(f"DiskFullError: cannot write {out / 'student.pt2'}: no space left on the device")
+    assert message.endswith("rerun the same `distill export`: the files written before it are complete"), message
+    assert sorted(p.name for p in out.iterdir()) == ["student.torchscript.pt"]  # complete; no temp file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        torch.jit.load(str(out / "student.torchscript.pt"))
+    export_run(reference["run"], out, ("torchscript", "export"))
+    assert sorted(p.name for p in out.iterdir()) == ["student.json", "student.pt2", "student.torchscript.pt"]
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(reference, tmp_path):
+    import socket
+
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    for folder in (shards, run):
+        folder.mkdir()
+        (folder / ".lock").write_text("4242 node-that-died\n")  # left by a killed run: no process holds the lock
+    read_end, write_end = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # takes both folders over, then holds them
+        with folder_lock(shards, "synth generate"), folder_lock(run, "distill train"):
+            os.write(write_end, b"1")
+            time.sleep(60)
+        os._exit(0)
+    try:
+        os.read(read_end, 1)
+        host = socket.gethostname()
+        assert (shards / ".lock").read_text() == (run / ".lock").read_text() == f"{holder} {host}\n"
+        with pytest.raises(UserError) as error:
+            generate(synth_config(reference["teacher"], shards))
+        assert error.value.message == (f"{shards} is being written by another running `synth generate` (pid {holder} "
+                                       f"on host {host}): wait for it to end or stop it, or choose another output "
+                                       "folder")
+        with pytest.raises(UserError, match=rf"{run} is being written by another running `distill train` \(pid "
+                                            rf"{holder} on host {host}\)"):
+            train(train_config(reference["shards"], run))
+        assert [p.name for p in shards.iterdir()] == [p.name for p in run.iterdir()] == [".lock"]  # nothing written
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
 
 
 @pytest.fixture

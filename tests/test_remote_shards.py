@@ -138,3 +138,80 @@ def test_weights_download_failure_names_the_url_and_the_status(server, tmp_path,
             create_model("resnet18", weights="DEFAULT")
         assert f"could not download resnet18 weights IMAGENET1K_V1 from {address} ({reason})" in error.value.message
         assert "urlopen" not in error.value.message and "<" not in error.value.message, error.value.message
+
+
+# --------------------------------------------------------------------------- a flaky object store
+def _fault_server_module():
+    """pipelines/fault_server.py: the local HTTP server that injects network faults (shared with
+    pipelines/faults_streamed.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "fault_server.py"
+    spec = importlib.util.spec_from_file_location("fault_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fault_server = _fault_server_module()
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """Waits between attempts of 10 ms instead of 1 s, 2 s, ... (the server's Retry-After still counts)."""
+    from dfkd.common import remote
+
+    monkeypatch.setattr(remote, "FIRST_WAIT", 0.01)
+
+
+def _same_student(a, b) -> bool:
+    import torch
+
+    from dfkd.common.models import load_model_checkpoint
+
+    x, y = (load_model_checkpoint(p / "student.pt")["state_dict"] for p in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_transient_faults_are_retried_to_the_same_student(shard_folder, tmp_path, quick_retries, capfd):
+    """A connection dropped mid-body, a body cut short, a 503, a stall past the read timeout, a reset:
+    each shard fetched again from its start, the student bit-identical to one trained from the files."""
+    faults = {"shard-000000.tar": ["drop", "503"], "shard-000001.tar": ["stall", "reset"],
+              "shard-000002.tar": ["truncate"]}
+    train(_config(str(shard_folder), tmp_path / "local", epochs=2))
+    with fault_server.FaultServer(shard_folder, fault_server.scripted(faults), stall_s=1.0) as server:
+        metrics = train(_config(server.url + "/", tmp_path / "streamed", epochs=2, shard_read_timeout=0.3))
+    assert sum(server.injected.values()) == 5 and set(server.injected) == set(fault_server.TRANSIENT_KINDS)
+    assert metrics["skipped_shards"] == 0 and _same_student(tmp_path / "streamed", tmp_path / "local")
+    assert (tmp_path / "streamed" / "metrics.csv").read_text().count("\n") == 3
+    err = capfd.readouterr().err
+    assert "shard-000001.tar: attempt 1 of 6 failed (no data for 0.3 s (read timeout))" in err, err
+    assert "shard-000000.tar: attempt 2 of 6 failed (HTTP 503 Service Unavailable); retrying" in err, err
+
+
+def test_a_shard_that_keeps_failing_names_the_url_the_attempts_and_skip(shard_folder, tmp_path, quick_retries):
+    faults = {"shard-000001.tar": ["503", "reset", "drop", "reset", "stall", "truncate"]}
+    with fault_server.FaultServer(shard_folder, fault_server.scripted(faults)) as server:
+        with pytest.raises(UserError) as error:
+            train(_config(server.url + "/", tmp_path / "stop", shard_attempts=3))
+        message = error.value.message
+        assert (f"shard-000001.tar cannot be streamed from {server.url}/shard-000001.tar: 3 attempt(s) in " in message
+                and "failed (last: the connection closed before the end of the body after " in message), message
+        assert "pass --on-bad-shard skip to train without it" in message and "\n" not in message, message
+        assert server.requests["shard-000001.tar"] == 3 and not (tmp_path / "stop").exists()
+        # the time bound: no second try starts after --shard-retry-seconds
+        with pytest.raises(UserError, match=r"shard-000001.tar cannot be streamed .*: 1 attempt\(s\) in 0 s failed"):
+            train(_config(server.url + "/", tmp_path / "stop", shard_attempts=5, shard_retry_seconds=0))
+        metrics = train(_config(server.url + "/", tmp_path / "skip", shard_attempts=1, shard_read_timeout=0.3,
+                                on_bad_shard="skip"))
+    assert metrics["skipped_shards"] == 0 and metrics["steps"] == 6  # the epoch is filled from the other two
+
+
+def test_a_changed_shard_is_never_retried_into_success(shard_folder, tmp_path, quick_retries):
+    """Bytes that arrive whole but differ from the manifest are what the store holds: not asked for again."""
+    faults = {"shard-000002.tar": ["changed"] * 6}
+    with fault_server.FaultServer(shard_folder, fault_server.scripted(faults)) as server:
+        with pytest.raises(UserError, match=r"shard-000002.tar sha256 of the streamed bytes differs from the manifest"):
+            train(_config(server.url + "/", tmp_path / "stop"))
+        assert server.requests["shard-000002.tar"] == 1 and server.injected == {"changed": 1}
