@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import pickle
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_methods import run, say   # a child command with its log and CPU seconds; a line of progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +66,6 @@ BUNDLE_NAMES = {"cifar_resnet18": ["resnet18"], "cifar_resnet34": ["resnet34"], 
                 "cifar_vgg11": ["vgg11", "vgg11_bn"], "cifar_vgg8": ["vgg8", "vgg8_bn"]}
 
 
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
@@ -88,22 +83,6 @@ def checkpoint_file(folder: Path, dataset: str, arch: str) -> Path:
     raise SystemExit(f"no checkpoint of {arch} on {dataset} in {folder} (looked for "
                      f"{', '.join(f'{dataset}_{n}.pth' for n in dict.fromkeys(names))}): put the teacher bundle's file "
                      "there, or choose other --pairs")
-
-
-def run(cmd: list[str], log: Path, threads: int) -> tuple[float, float]:
-    """A child command with its output in `log`: (wall seconds, CPU seconds)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    say("$ " + " ".join(shlex.quote(c) for c in cmd))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n--- last lines of {log}:\n"
-                         + "\n".join(log.read_text().splitlines()[-15:]))
-    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime
 
 
 def final_top1(run_dir: Path) -> float | None:

@@ -210,11 +210,13 @@ def say(text: str) -> None:
         print(text, flush=True)
 
 
-def run(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run a command line with its output in `log`; return (wall seconds, CPU seconds of the child)."""
+def run(cmd: list[str], log: Path, threads: int | None = None) -> tuple[float, float]:
+    """Run a command line with its output in `log` (OMP threads: `threads`, default --threads); return (wall
+    seconds, CPU seconds of the child)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     say("$ " + " ".join(shlex.quote(c) for c in cmd))
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    threads = THREADS if threads is None else threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)

@@ -26,8 +26,8 @@ def _bench_cifar(monkeypatch):
     from dfkd.distill.cli import main as distill_main
     from dfkd.synth.cli import main as synth_main
 
+    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))   # as a script: bench_methods, results_header beside it
     bench = _load("bench_cifar", monkeypatch)
-    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))   # as a script: results_header beside it
     methods = _load("bench_methods", monkeypatch)
 
     def run_here(cmd, log, threads):
