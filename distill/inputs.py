@@ -110,19 +110,14 @@ class RunInputs:
     val_shards: str = NONE          # where the held-out split is (--val-shards resolved), or none
 
 
-def stream_retry(config: TrainConfig) -> Retry:
-    """How a failed transfer of a remote shard is retried (--shard-attempts, --shard-retry-seconds,
-    --shard-read-timeout)."""
-    return Retry(config.shard_attempts, config.shard_retry_seconds, config.shard_read_timeout)
-
-
 def prepare_inputs(config: TrainConfig, device: torch.device,
                    dist: distributed.DistInfo = distributed.DistInfo(), manifest: Manifest | None = None) -> RunInputs:
     """Read (unless given `manifest`) and check the shards, models, evaluation data and held-out split
     (UserError before any file is written). In a distributed run rank 0 checks the shard files and the
     others take its verdict; rank 0 alone evaluates."""
     manifest = read_manifest(config.shards) if manifest is None else manifest
-    retry = stream_retry(config)
+    # how a failed transfer of a remote shard is retried (--shard-attempts, --shard-retry-seconds, --shard-read-timeout)
+    retry = Retry(config.shard_attempts, config.shard_retry_seconds, config.shard_read_timeout)
     val = open_val_set(config.val_shards, config.shards, manifest, config.verify_shards, check_files=dist.is_main,
                        retry=retry)
     if config.keep == "best-val" and val is None:
