@@ -125,7 +125,8 @@ def test_a_cifar_resnet_checkpoint_of_torchvision_names_still_loads(tmp_path):
     assert not hasattr(again, "weights_source")   # our own checkpoint: its recorded spec, no bundle source
 
 
-def _bench_cifar():
+def _bench_cifar(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))   # as a script: bench_methods beside it
     spec = importlib.util.spec_from_file_location("bench_cifar", ROOT / "pipelines" / "bench_cifar.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -139,7 +140,7 @@ def test_the_no_flag_commands_run_with_a_bundle_teacher_on_standin_cifar(tmp_pat
     from dfkd.distill.cli import main as distill_main
     from dfkd.synth.cli import main as synth_main
 
-    _bench_cifar().write_standin_cifar(tmp_path / "data", 10, n=8)
+    _bench_cifar(monkeypatch).write_standin_cifar(tmp_path / "data", 10, n=8)
     weights, _ = bundle_file(tmp_path, "cifar10", "wrn_40_2", "wrn40_2")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(synth_main, ["generate", "--teacher", "wrn_40_2", "--weights", weights.name,
