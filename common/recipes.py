@@ -249,7 +249,7 @@ def resolve_recipe(config: Any, spec: InputSpec | None = None, manifest: Manifes
                                                                                                         spec)
     given = explicit_fields(config)
     run = Resolved(config, recipe, reason, section, frozenset(given))
-    _refuse_moved_keys(getattr(recipe, section), plugins, kind, run.where)
+    _refuse_moved_keys(getattr(recipe, section), plugins, section, kind, run.where)
     explicit = {name: getattr(config, name) for name in given} | {"recipe": config.recipe}
     run.config = resolve(type(config), None, getattr(recipe, section), explicit, where=run.where)
     tables = getattr(recipe, kind)
@@ -269,13 +269,13 @@ def resolve_recipe(config: Any, spec: InputSpec | None = None, manifest: Manifes
     return run
 
 
-def _refuse_moved_keys(table: Mapping[str, Any], plugins: Mapping[str, Any], kind: str, where: str) -> None:
+def _refuse_moved_keys(table: Mapping[str, Any], plugins: Mapping[str, Any], section: str, kind: str,
+                       where: str) -> None:
     """UserError for a key of the stage's table that is an option of a plug-in (it has a table of its own)."""
     for key in table:
         name = str(key).strip().replace("-", "_")
         owners = [p for p, cls in plugins.items() if name in {s.name for s in options.options_of(cls.Config)}]
         if owners:
-            section = where.rsplit("[", 1)[-1].rstrip("]")
             raise UserError(f"{where} {key} is an option of the {kind} {owners[0]}: move it to "
                             f"[{section}.{kind}.{owners[0]}]")
 

@@ -4,11 +4,13 @@ reference shards are test_distributed.py's (stage two's 2-rank tests); a file of
 run side by side. More kills: DFKD_ELASTIC_TRIALS / _KILLS / _SEED as in test_distributed.py, with -k killed."""
 from __future__ import annotations
 
+import random
+
 from dfkd.common.shards import read_manifest, verify_dataset
 from dfkd.synth.generate import GenerateConfig, generate
 
 from test_distributed import (KILLS, NUM_IMAGES, SEED, SHARD_SIZE, TINY_GENERATORS, TRIALS, REPO,  # noqa: F401
-                              finish, kill_ranks_at_random_times, random, shard_files, shards, start_torchrun, torchrun)
+                              finish, kill_ranks_at_random_times, shard_files, shards, start_torchrun, torchrun)
 
 
 # --------------------------------------------------------------------------- stage one
