@@ -463,6 +463,9 @@ def main() -> None:
                         help="comma-separated subset of " + ",".join(CONFIGS) + " (default: all but the longer "
                         + ", ".join(c for c in CONFIGS if CONFIGS[c].get("separate")) + ")")
     parser.add_argument("--variants", default=None, help="comma-separated subset of the method rows (by slug)")
+    parser.add_argument("--ceiling-seeds", type=int, default=None, metavar="N",
+                        help="the real-data ceiling's row runs only the first N of the seeds (its spread over "
+                        "distillation seeds is small; the CPU goes to the data-free rows)")
     parser.add_argument("--paired-seeds", action="store_true",
                         help="seed S also synthesises its own shards with --seed S (default: one synthesis, seed 0, "
                         "for every distillation seed): the spread then covers both stages")
@@ -557,7 +560,8 @@ def main() -> None:
                         v == CEILING and not CONFIGS[c].get("ceiling")):
                     continue
                 source = submitted.get((c, STAGE_TWO_ROWS[v][0])) if v in STAGE_TWO_ROWS else None
-                submitted[c, v] = pool.submit(_after, source, bench_variant, py, out, c, v, seeds, args.data_root,
+                row_seeds = seeds[:args.ceiling_seeds] if v == CEILING and args.ceiling_seeds else seeds
+                submitted[c, v] = pool.submit(_after, source, bench_variant, py, out, c, v, row_seeds, args.data_root,
                                               args.synthesis_only, args.paired_seeds)
         rows = sorted((j.result() for j in submitted.values()), key=lambda r: (configs.index(r["config"]),
                                                                               ROWS.index(r["method"])))
