@@ -45,6 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # a configuration's per-row options that put a row at about the ensemble's (8 x 80) synthesis cost: with the teacher on
 # the full-size view every MUSE stream costs about a full-size step, so 3 per resolution x 70 steps
 EQUAL_COST_ROWS = {"muse, full-size teacher view": {"num_generators": 3, "steps": 70}}
+# rows that synthesise as "generator ensemble" does plus these `synth generate` flags (top-level options: `--set`
+# carries method options only): the teacher's choice among twice the images (`--select`). They run only on the
+# configurations whose "only" names them (LISTED_ONLY)
+SYNTH_FLAGS = {"generator ensemble, boundary selection (2x candidates)": {"select": "boundary", "oversample": 2},
+               "generator ensemble, confident selection (2x candidates)": {"select": "confident", "oversample": 2}}
 CONFIGS = {
     "mnist28": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
                 "student": "lenet5_half", "images": 10_000, "distill_epochs": 5, "options": {},
@@ -121,10 +126,10 @@ CONFIGS = {
     "mnistm100": {"title": "MNIST-M digit pairs (100 classes) 32 px RGB, cifar_resnet20 -> cifar_resnet8",
                   "data": "mnistm100", "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8",
                   "ceiling": True, "recipe": "small-rgb", "separate": True,
-                  "only": ["generator ensemble", "real training images (ceiling)"]},
+                  "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS]},
     "mnistm-grey": {"title": "MNIST-M in grey 28 px, lenet5 -> lenet5_half", "data": "mnistm", "teacher": "lenet5",
                     "teacher_epochs": 8, "student": "lenet5_half", "ceiling": True, "recipe": "small-grey",
-                    "separate": True, "only": ["generator ensemble", "real training images (ceiling)"]},
+                    "separate": True, "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS]},
     "mnistm32-papers": {"title": "MNIST-M 32 px RGB, the papers' CIFAR architectures", "data": "mnistm",
                         "teacher": "wrn_40_2", "teacher_epochs": 2, "student": "wrn_16_2", "ceiling": True,
                         "recipe": "auto", "separate": True, "options": {},
@@ -151,7 +156,11 @@ VARIANTS = {
     "muse, full-size teacher view": ("muse", dict(GEN), {"teacher_input": "upsampled"}),
     # not a synthesis method: real training images with the teacher's logits (configurations with "ceiling")
     "real training images (ceiling)": ("real", {}, {}),
+    # the ensemble's method options; SYNTH_FLAGS adds the selection
+    **{row: ("generator", {**GEN, "num_generators": 3}, {}) for row in SYNTH_FLAGS},
 }
+# rows that run only on a configuration whose "only" list names them (a configuration without one runs the others)
+LISTED_ONLY = set(SYNTH_FLAGS)
 CEILING = "real training images (ceiling)"
 # name -> (row, `distill train` flags): rows with no synthesis of their own, distilling another row's shards with
 # other stage-two flags (their synthesis columns are that row's). "teacher on the native views": the online
@@ -388,8 +397,9 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
     else:
         # --recipe none: every row sets its own options (a recipe edit must not move this table)
         sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
+        flags = [a for k, v in SYNTH_FLAGS.get(source, {}).items() for a in (f"--{k}", str(v))]
         cmd = [py, "-m", "dfkd.synth", "generate", "--teacher", cfg["teacher"], "--weights", str(base / "teacher.pt"),
-               "--recipe", "none", "--method", method, *sets, "--num-images", str(cfg["images"]), "--shard-size",
+               "--recipe", "none", "--method", method, *sets, *flags, "--num-images", str(cfg["images"]), "--shard-size",
                str(cfg.get("shard_size", SHARD_SIZE)), "--image-format", IMAGE_FORMAT, "--seed", str(synth_seed), "--threads", str(THREADS), "--quiet",
                "--out", str(shards)]
     wall, cpu = run(cmd, log)
@@ -440,6 +450,15 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
     return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1,
             "syntheses": len(timings), "epochs": epochs,
             "distill_cpu_s": statistics.mean(distill_cpu.values()) if distill_cpu else None}
+
+
+def runs_on(config_name: str, row: str) -> bool:
+    """Whether configuration `config_name` runs `row`: not in its "skip", in its "only" (a LISTED_ONLY row: named
+    there), the ceiling only where it has one."""
+    cfg = CONFIGS[config_name]
+    if row in cfg.get("skip", []) or row not in cfg.get("only", [r for r in ROWS if r not in LISTED_ONLY]):
+        return False
+    return row != CEILING or bool(cfg.get("ceiling"))
 
 
 def _after(before, fn, *args):
@@ -556,8 +575,7 @@ def main() -> None:
         submitted = {}
         for c in reversed(configs):
             for v in sorted(variants, key=lambda v: v in STAGE_TWO_ROWS):
-                if v in CONFIGS[c].get("skip", []) or v not in CONFIGS[c].get("only", ROWS) or (
-                        v == CEILING and not CONFIGS[c].get("ceiling")):
+                if not runs_on(c, v):
                     continue
                 source = submitted.get((c, STAGE_TWO_ROWS[v][0])) if v in STAGE_TWO_ROWS else None
                 row_seeds = seeds[:args.ceiling_seeds] if v == CEILING and args.ceiling_seeds else seeds

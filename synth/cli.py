@@ -28,6 +28,7 @@ from dfkd.common.shards import (TIMM_READABLE_FORMATS, VAL_SPLIT, dataset_warnin
 from .estimate import ESTIMATE_NAME, Estimate, process_seconds
 from .generate import GenerateConfig, generate
 from .methods import METHODS
+from .select import summary_line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,6 +81,8 @@ def generate_cmd(sets, threads, quiet, **flags):
     if distributed.info().is_main:
         out = given.get("out", "shards")
         click.echo(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {out}")
+        if manifest.selection is not None:
+            click.echo(summary_line(manifest.selection))
         held_out = read_held_out(out)
         if held_out is not None and held_out.complete:
             click.echo(f"held-out split: {held_out.num_samples} images in {held_out_folder(out)} (for `distill train "
@@ -145,8 +148,9 @@ def verify_cmd(folder, no_decode, jobs):
               help="Summarise the readable shards and exit 0 even if some are damaged (default: exit code 1).")
 def inspect_cmd(folder, out, per_class, max_classes, limit, seed, skip_bad_shards):
     """Look at FOLDER: a contact sheet (a row of samples per class), a class histogram and a per-class table
-    (samples, teacher agreement, confidence, entropy, duplicates). Damaged shards are left out and listed;
-    the exit code is then 1 (as for `synth verify`) unless --skip-bad-shards."""
+    (samples, teacher agreement, confidence, entropy, duplicates), and what --select kept where it was used.
+    Damaged shards are left out and listed; the exit code is then 1 (as for `synth verify`) unless
+    --skip-bad-shards."""
     from .inspect import inspect_dataset
 
     report = inspect_dataset(folder, out, per_class=per_class, max_classes=max_classes, limit=limit, seed=seed)
@@ -154,6 +158,8 @@ def inspect_cmd(folder, out, per_class, max_classes, limit, seed, skip_bad_shard
         click.echo(f"warning: skipped damaged shard {skipped}", err=True)
     with pd_options():
         click.echo(report.summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    if report.selection:
+        click.echo(report.selection)
     for path in report.files:
         click.echo(f"wrote {path}")
     if report.skipped:

@@ -16,6 +16,18 @@ manifest, state) made the same way, with each shard's RNG seeded by (seed, VAL_S
 (seed, shard): no image in common with the training shards, whose bytes it never changes.
 `distill train --val-shards` ranks epochs on it without real data.
 
+Selection (`select`, `oversample`; synth/select.py): by default every image drawn is written. With `select`
+boundary or confident, each writing batch of n slots draws ceil(oversample x n) candidates from the shard's
+RNG, in rounds of the batch's own class pattern (class balance stays exact), runs the teacher on them
+(`teacher_logits_fn`, as for the stored logits) and keeps per slot one candidate of the slot's class: of
+those the teacher assigns to the class, the smallest margins (boundary: near a decision boundary, the
+informative ones for distillation) or the largest (confident); too few such candidates and the class's
+others fill the slot, nearest first, and are counted. Labels and stored logits are as without selection;
+a shard still depends only on (seed, shard) and the config, the held-out split is selected the same way,
+and the manifest's `selection` records the candidates, the images kept and the slots filled. Cost: the
+method samples oversample x the images (DeepInversion optimises every candidate batch) and the teacher
+sees each candidate once more. Not a recipe default: not yet measured against writing every image.
+
 Computing (`device`, `amp`, `channels_last`, `compile`; common/accel.py): the teacher, the method and the
 teacher's logits run on the device, noise is drawn from seeded CPU generators, and `synth/writer.py`
 encodes and writes the shards in a pool of processes while the device works.
@@ -40,7 +52,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -63,6 +75,7 @@ from . import estimate as timing
 from .estimate import ESTIMATE_NAME, Estimate, Projection
 from .methods import METHODS, build_method
 from .methods.base import seeded_generator
+from .select import COUNT_KEYS, SELECT_MODES, SelectionCount, select_batch
 from .writer import PixelBatch, ShardJob, WriterPool, default_workers, pixels_to_uint8, time_batch, write_shards
 
 STATE_DIR = "state"
@@ -104,6 +117,14 @@ class GenerateConfig:
     method_options: dict = option(default_factory=dict, cli=False,
                                   help="Options of the method (`--set key=value`), over the recipe's method table.")
     num_images: int = option(50_000, group="Output", min=1, help="Images to synthesise.")
+    select: str = option("none", group="Output", choices=SELECT_MODES,
+                         help="Which images are written: none (every image drawn), or of --oversample x as many "
+                         "candidates, per requested class, those the teacher assigns to the class with the smallest "
+                         "margin (boundary: near a decision boundary) or the largest (confident). Costs the method's "
+                         "sampling and a teacher pass per candidate; not a recipe default (unmeasured).")
+    oversample: float = option(2.0, group="Output", min=1.0,
+                               help="Candidates drawn per written image with --select boundary or confident "
+                               "(ignored with none).")
     shard_size: int = option(5_000, group="Output", min=1, help="Images per shard.")
     image_format: str = option("png", group="Output", choices=IMAGE_FORMATS,
                                help="png (lossless), jpg (smaller, lossy) or npy (raw uint8, fastest to read; "
@@ -119,7 +140,8 @@ class GenerateConfig:
                                     f"and at most {VAL_MAX} but at most a tenth of --num-images; 0: none.")
     write_batch_size: int = option(500, group="Output", min=1,
                                    help="Images per batch when writing shards (changes MUSE's and "
-                                   "DeepInversion's images: part of the config a rerun must match).")
+                                   "DeepInversion's images, and with --select which ones are kept: part of the "
+                                   "config a rerun must match).")
     overwrite: bool = option(False, group="Output", effect="none", recipe=False,
                              help="Delete earlier output in --out and start over.")
     progress: bool = option(True, effect="none", cli=False, help="Progress bars.")
@@ -336,8 +358,11 @@ def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, 
     workers = _writer_count(cfg, compute)
     todo = [index for index in mine if index not in done]
     watch = projection.watch_batches if projection is not None else (lambda batches: batches)
+    counts = {shard_name(i): SelectionCount() for i in todo} if cfg.select != "none" else {}
     jobs = (ShardJob(out / shard_name(i), watch(shard_batches(cfg, method, split.rng(cfg.seed, i), split.indices(i),
-                                                               split.meta))) for i in todo)
+                                                               split.meta, logits_of=logits_of,
+                                                               count=counts.get(shard_name(i)))))
+            for i in todo)
     bar.update(len(mine) - len(todo))
     images_left = sum(len(split.indices(i)) for i in todo) * dist.world_size  # about: every rank's share
     with WriterPool(workers if todo else 0) as pool:
@@ -347,14 +372,14 @@ def _write_split(cfg: GenerateConfig, split: Split, manifest: Manifest, method, 
                 projection.shard_done(record.size or 0, record.num_samples, max(0, images_left))
             bar.update(1)
             fault_point("shard-done")
-            _write_shard_record(out, record)
+            _write_shard_record(out, record, counts.get(record.name))
             if dist.is_main:  # the manifest has one writer; it lists every rank's shards finished so far
-                manifest.shards = _collect_records(out, manifest)
+                _update_manifest(out, manifest, cfg.select)
                 write_manifest(out, manifest)
             fault_point("shard-listed")
     distributed.barrier()  # every rank's shards are written
     if dist.is_main:
-        manifest.shards = _collect_records(out, manifest)
+        _update_manifest(out, manifest, cfg.select)
         missing = sorted(set(shard_name(i) for i in range(num_shards)) - {r.name for r in manifest.shards})
         if missing:
             raise UserError(f"{len(missing)} shards have no record after all ranks finished (first: {missing[0]}); "
@@ -382,7 +407,8 @@ def _estimate(cfg: GenerateConfig, out: Path, method, teacher, compute: Compute,
         logits_of = teacher_logits_fn(teacher, compute)
         split = Split(out, cfg.num_images, cfg.shard_size)
         batches = (b for i in range(split.num_shards)
-                   for b in shard_batches(cfg, fitted, split.rng(cfg.seed, i), split.indices(i), split.meta))
+                   for b in shard_batches(cfg, fitted, split.rng(cfg.seed, i), split.indices(i), split.meta,
+                                          logits_of=logits_of))
         total_batches = sum(-(-len(split.indices(i)) // cfg.write_batch_size) for i in range(split.num_shards))
         with WriterPool(workers) as pool:
             clock, device_s, encode_s, nbytes, images = timing.time_writing(
@@ -402,12 +428,11 @@ def _estimate(cfg: GenerateConfig, out: Path, method, teacher, compute: Compute,
 def _open_output(out: Path, cfg: GenerateConfig, config: dict, teacher_record: TeacherRecord,
                  record: dict) -> Manifest:
     """A fresh manifest for a new folder, or the existing one for a resumed run of the same config."""
-    config_sha = canonical_json_sha256(config)
     if cfg.overwrite and out.exists():
         _clear_output(out)
     if out.exists() and (out / MANIFEST_NAME).exists():
         manifest = read_manifest(out, require_complete=False)
-        if manifest.config_sha256 != config_sha:
+        if not _made_with(manifest, config):
             raise UserError(f"{out} holds shards made with other settings ({_config_changes(manifest.config, config)}); "
                             "rerun with the same flags and recipe to continue it, --overwrite to delete them and "
                             "start over, or another --out")
@@ -429,21 +454,33 @@ def _open_val_output(out: Path, cfg: GenerateConfig, config: dict, teacher_recor
     with its own fix: deleting it costs only the held-out images."""
     if (out / MANIFEST_NAME).exists():
         manifest = read_manifest(out, require_complete=False)
-        if manifest.config_sha256 != canonical_json_sha256(config):
+        if not _made_with(manifest, config):
             raise UserError(f"{out} holds a held-out split made with other settings "
                             f"({_config_changes(manifest.config, config)}); rerun with the same flags, or delete "
                             f"{out} to write it anew (the training shards are kept), or pass --val-images 0")
     return _open_output(out, cfg, config, teacher_record, record)
 
 
+def _made_with(manifest: Manifest, config: dict) -> bool:
+    """Whether a folder's shards were made with `config`: the same hash, or the same but for options declared
+    since the folder was written that are at their declared defaults (those write what was written before)."""
+    if manifest.config_sha256 == canonical_json_sha256(config):
+        return True
+    added = {s.name for s in options.options_of(GenerateConfig)
+             if s.name in config and s.name not in manifest.config and config[s.name] == s.default}
+    return bool(added) and manifest.config_sha256 == canonical_json_sha256(
+        {k: v for k, v in config.items() if k not in added})
+
+
 def _config_changes(old: dict, new: dict) -> str:
-    """'--num-images 96000 there, 50 now; ...' for the hashed settings that differ between two configs."""
+    """'--num-images 96000 there, 50 now; ...' for the hashed settings that differ between two configs (an
+    option the older config lacks counts as its declared default)."""
     def show(v):
         return "unset" if v is None else canonical_json(v)
 
     specs = {s.name: s for s in options.options_of(GenerateConfig)}
     parts = []
-    for change in options.differences(old, new):
+    for change in options.differences(old, new, defaults={name: spec.default for name, spec in specs.items()}):
         key, a, b = change.name, change.old, change.new
         if key in specs:
             parts.append(f"{specs[key].flag_name} {show(a)} there, {show(b)} now")
@@ -477,11 +514,38 @@ def _record_path(out: Path, name: str) -> Path:
     return out / STATE_DIR / SHARD_RECORDS_DIR / f"{name}.json"
 
 
-def _write_shard_record(out: Path, record: ShardRecord) -> None:
-    """Mark one shard finished (its rank's note for rank 0, which owns the manifest)."""
+def _write_shard_record(out: Path, record: ShardRecord, count: SelectionCount | None = None) -> None:
+    """Mark one shard finished (its rank's note for rank 0, which owns the manifest), with what the
+    selection did in it (`count`; --select)."""
     path = _record_path(out, record.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, asdict(record))
+    write_json_atomic(path, asdict(record) | ({"selection": count.to_dict()} if count is not None else {}))
+
+
+def _update_manifest(out: Path, manifest: Manifest, select: str) -> None:
+    """The manifest's shards and selection record brought up to date with every rank's notes."""
+    manifest.shards = _collect_records(out, manifest)
+    manifest.selection = _collect_selection(out, manifest, select)
+
+
+def _collect_selection(out: Path, manifest: Manifest, select: str) -> dict | None:
+    """The manifest's `selection` record (None without --select): per listed shard what the selection did
+    there (from the manifest, updated with the per-shard notes; a shard kept from an earlier run keeps its
+    counts) and the totals."""
+    if select == "none":
+        return None
+    shards = dict((manifest.selection or {}).get("shards", {}))
+    folder = out / STATE_DIR / SHARD_RECORDS_DIR
+    for path in sorted(folder.glob("shard-*.tar.json")) if folder.is_dir() else []:
+        try:
+            d = json.loads(path.read_text())
+            shards[str(d["name"])] = {key: int(d["selection"][key]) for key in COUNT_KEYS}
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged note, or one without selection
+    listed = {r.name for r in manifest.shards}
+    shards = {name: shards[name] for name in sorted(shards) if name in listed}
+    totals = {key: sum(counts[key] for counts in shards.values()) for key in COUNT_KEYS}
+    return {"select": select, **totals, "shards": shards}
 
 
 def _collect_records(out: Path, manifest: Manifest) -> list[ShardRecord]:
@@ -524,18 +588,26 @@ def teacher_logits_fn(teacher, compute: Compute):
     return logits_of
 
 
-def shard_batches(cfg: GenerateConfig, method, rng: torch.Generator, indices: range,
-                  meta: dict | None = None) -> Iterator[PixelBatch]:
+def shard_batches(cfg: GenerateConfig, method, rng: torch.Generator, indices: range, meta: dict | None = None, *,
+                  logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  count: SelectionCount | None = None) -> Iterator[PixelBatch]:
     """The batches of one shard: class-balanced labels, round-robin ensemble members, images from the
     shard's own RNG `rng` (so a shard depends only on its seed), as 8-bit pixels on the device. `meta` is
-    added to every sample's metadata."""
+    added to every sample's metadata. With `cfg.select` each batch keeps the candidates the teacher
+    (`logits_of`, as `teacher_logits_fn` gives it) chooses (synth/select.py; `count` is told how); a sample's
+    `stream` is then the member that made the candidate kept."""
+    if cfg.select != "none" and logits_of is None:
+        raise TypeError(f"select={cfg.select!r} needs the teacher's logits_of")
     spec = method.spec
     all_idx = torch.tensor(list(indices))
     for start in range(0, len(all_idx), cfg.write_batch_size):
         idx = all_idx[start:start + cfg.write_batch_size]
         labels = idx % spec.num_classes
         streams = (idx // spec.num_classes) % method.num_streams
-        pixels = pixels_to_uint8(method.synthesize(labels, streams, rng))
+        if cfg.select == "none":
+            pixels = pixels_to_uint8(method.synthesize(labels, streams, rng))
+        else:
+            pixels, streams = select_batch(method, labels, streams, rng, logits_of, cfg.select, cfg.oversample, count)
         metas = [{"stream": int(k), "shard_seed": int(rng.initial_seed()),
                   "resolution": method.stream_resolution(int(k)), "method": cfg.method} | (meta or {})
                  for k in streams.tolist()]

@@ -5,6 +5,8 @@ Reads every shard (or the first `limit` samples) and writes into `out`:
   class_histogram.png  samples per class: the stored label and the teacher's argmax side by side
   summary.csv          per class: samples, share, how often the teacher's argmax is the label, mean
                        teacher confidence (max softmax) and entropy (nats), exact duplicates, pair distance
+and, for shards written with `synth generate --select`, says from the manifest how many candidates the
+selection drew and how many slots it filled with images the teacher assigns to another class.
 
 Exact duplicates: samples with the same pixels as an earlier sample. Pair distance: the mean absolute
 difference (pixels in [0, 1]) between two samples of the class, over all pairs of up to 128 random
@@ -29,6 +31,8 @@ from dfkd.common.errors import UserError
 from dfkd.common.fileio import make_folder
 from dfkd.common.plots import bar_chart, image_grid
 from dfkd.common.shards import Manifest, Sample, ShardFormatError, read_manifest, read_shard, shard_paths
+
+from .select import summary_line
 
 CONTACT_SHEET, HISTOGRAM, SUMMARY = "contact_sheet.png", "class_histogram.png", "summary.csv"
 THUMBNAIL, PAIR_SAMPLES = 16, 128
@@ -57,6 +61,7 @@ class InspectReport:
     skipped: list[str]           # damaged shards left out: "name: why"
     skipped_samples: int = 0     # samples the manifest lists in them
     shards_read: int = 0         # shards opened, the damaged ones included
+    selection: str | None = None  # what --select kept (synth/select.py's summary_line); None: no selection
 
     def skipped_line(self, total_samples: int) -> str:
         """How much was left out, e.g. '1 of 2 shards (9 of 18 samples)'."""
@@ -190,7 +195,8 @@ def inspect_dataset(folder: str | Path, out: str | Path | None = None, per_class
         summary.to_csv(files[2], float_format="%.4f")
     except OSError as e:
         raise UserError(f"cannot write into {out} ({e.strerror or e}); pass --out to a folder with room") from None
-    return InspectReport(summary, files, scan.skipped, scan.skipped_samples, scan.shards_read)
+    selection = summary_line(manifest.selection) if manifest.selection is not None else None
+    return InspectReport(summary, files, scan.skipped, scan.skipped_samples, scan.shards_read, selection)
 
 
 def contact_sheet(scan: Scan, manifest: Manifest, folder: Path, per_class: int, max_classes: int) -> Image.Image:

@@ -74,3 +74,22 @@ def test_synth_disk_full_under_two_ranks_names_the_file_and_the_rerun_is_identic
     generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out), num_images=NUM_IMAGES,
                             shard_size=SHARD_SIZE, write_batch_size=20, progress=False, method_options=TINY_GENERATORS))
     assert shard_files(out) == shard_files(shards) and verify_dataset(out) == []
+
+
+# --------------------------------------------------------------------------- write-time selection under 2 ranks
+def test_two_rank_selection_equals_one_process(tiny_teacher_path, tmp_path):
+    """--select under torchrun: each rank chooses within its own shards and notes what it did; the union, and rank
+    0's manifest with its selection record (training and held-out split), are what one process writes."""
+    one = tmp_path / "one"
+    generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(one), num_images=80,
+                            shard_size=SHARD_SIZE, write_batch_size=20, progress=False, select="boundary",
+                            val_images=30, method_options=TINY_GENERATORS))
+    out = tmp_path / "two"
+    sets = [a for k, v in TINY_GENERATORS.items() for a in ("--set", f"{k}={v}")]
+    proc = torchrun("-m", "dfkd.synth", "generate", "--teacher", "lenet5", "--weights", str(tiny_teacher_path),
+                    "--out", str(out), "--num-images", "80", "--shard-size", str(SHARD_SIZE), "--write-batch-size",
+                    "20", "--select", "boundary", "--val-images", "30", "--quiet", *sets)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "selected 80 of 160 candidates (boundary)" in proc.stdout
+    assert read_manifest(out).selection["shards"].keys() == {f"shard-00000{i}.tar" for i in range(4)}
+    assert shard_files(out) == shard_files(one) and verify_dataset(out) == []

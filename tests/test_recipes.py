@@ -490,6 +490,30 @@ def _recording(bench, monkeypatch) -> list:
     return commands
 
 
+def test_the_selection_rows_synthesise_as_the_ensemble_plus_select_flags_where_listed(tmp_path, monkeypatch):
+    """The two --select rows run on mnistm-grey and mnistm100 only (rows listed nowhere else stay off the default
+    configurations); their `synth generate` is the ensemble row's plus --select and --oversample as flags, not
+    --set (they are not method options)."""
+    bench = _bench_methods()
+    rows = {"generator ensemble, boundary selection (2x candidates)": "boundary",
+            "generator ensemble, confident selection (2x candidates)": "confident"}
+    for config in bench.CONFIGS:
+        assert all(bench.runs_on(config, row) == (config in ("mnistm-grey", "mnistm100")) for row in rows), config
+    assert [r for r in bench.ROWS if r not in rows and bench.runs_on("mnistm32", r)] == [
+        r for r in bench.ROWS if r not in rows and r not in bench.CONFIGS["mnistm32"].get("skip", [])]
+    commands = _recording(bench, monkeypatch)
+    for row in ("generator ensemble", *rows):
+        bench.bench_variant("python", tmp_path, "mnistm-grey", row, [0], "data")
+    synths = [c for c in commands if c[1:4] == ["-m", "dfkd.synth", "generate"]]
+    plain, *selecting = synths
+    for cmd, mode in zip(selecting, rows.values()):
+        at = cmd.index("--select")
+        assert cmd[at:at + 4] == ["--select", mode, "--oversample", "2"]
+        rest = cmd[:at] + cmd[at + 4:]
+        assert [a for a in rest if "shards" not in a] == [a for a in plain if "shards" not in a]   # but --out
+        assert not any(a.startswith(("select=", "oversample=")) for a in cmd)
+
+
 def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch):
     """"muse, teacher on native views in stage two" synthesises nothing: it distils the "muse" row's shards
     (whose synthesis columns it reports) with --teacher-view native, into its own run folders."""

@@ -79,6 +79,25 @@ def test_manifest_round_trip_and_info_json(tmp_path):
     assert verify_dataset(tmp_path) == []
 
 
+def test_the_selection_record_is_optional_and_checked(tmp_path):
+    """`selection` (synth generate --select) is written only where there is one, so manifests without it keep
+    their bytes and older ones read; where present its counts are checked like every other field."""
+    records = [write_shard(tmp_path / "shard-000000.tar", _samples(8))]
+    write_manifest(tmp_path, _manifest(records))
+    assert "selection" not in json.loads((tmp_path / "manifest.json").read_text())
+    assert read_manifest(tmp_path).selection is None
+    manifest = _manifest(records)
+    manifest.selection = {"select": "boundary", "candidates": 16, "selected": 8, "filled": 1,
+                          "shards": {"shard-000000.tar": {"candidates": 16, "selected": 8, "filled": 1}}}
+    write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path).selection == manifest.selection
+    d = manifest.to_dict()
+    d["selection"]["shards"]["shard-000000.tar"]["filled"] = -1
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(UserError, match=r"selection.shards.shard-000000.tar.filled must be an integer >= 0"):
+        read_manifest(tmp_path)
+
+
 def test_the_held_out_split_is_found_by_one_helper(tmp_path):
     """read_held_out: the manifest of <folder>/val, finished or not; None without one or for a remote folder."""
     assert held_out_folder(tmp_path) == tmp_path / VAL_SPLIT

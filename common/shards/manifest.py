@@ -43,6 +43,8 @@ class Manifest:
     complete: bool = False
     recipe: dict | None = None     # the recipe applied: name, path, sha256, reason, measured_on (not hashed)
     options: dict | None = None    # every option as resolved (stage one's config and method config)
+    # what `synth generate --select` did (select, candidates, selected, filled, per-shard counts); None: no selection
+    selection: dict | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -63,6 +65,8 @@ class Manifest:
         d["num_samples"] = self.num_samples
         d["timm_readable"] = self.image_format in TIMM_READABLE_FORMATS  # informative; not read back
         d["shards"] = [{k: v for k, v in s.items() if v is not None} for s in d["shards"]]
+        if d["selection"] is None:   # only where there is one: manifests without selection stay as they were
+            del d["selection"]
         return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
 
     @classmethod
@@ -144,11 +148,27 @@ def validate_manifest(d: dict) -> Manifest:
                         shard_size=schema.integer(d, "shard_size", minimum=1), shards=shards,
                         complete=schema.boolean(d, "complete"),
                         recipe=schema.obj(d, "recipe") if d.get("recipe") is not None else None,
-                        options=schema.obj(d, "options") if d.get("options") is not None else None)
+                        options=schema.obj(d, "options") if d.get("options") is not None else None,
+                        selection=_selection(d) if d.get("selection") is not None else None)
     if manifest.complete and manifest.num_samples != manifest.planned_samples:
         raise schema.SchemaError(f"it is marked complete but its shards hold {manifest.num_samples} samples, "
                                  f"not the planned {manifest.planned_samples}")
     return manifest
+
+
+_SELECTION_COUNTS = ("candidates", "selected", "filled")
+
+
+def _selection(d: dict) -> dict:
+    """The optional `selection` record (`synth generate --select`): the mode, the totals and per-shard counts."""
+    selection = schema.obj(d, "selection")
+    schema.string(selection, "select", "selection")
+    for key in _SELECTION_COUNTS:
+        schema.integer(selection, key, "selection")
+    for name, counts in schema.obj(selection, "shards", "selection").items():
+        for key in _SELECTION_COUNTS:
+            schema.integer(counts, key, f"selection.shards.{name}")
+    return selection
 
 
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
