@@ -116,7 +116,7 @@ class TrainConfig:
                              "the student's agreement with the teacher's stored logits (val_agreement, %) and "
                              "KL(teacher || student) at T = 1 (val_kl) on them; auto: the val/ split `synth "
                              "generate` writes beside --shards, if there is one; none: off. May change on resume, "
-                             "except with --keep best-val.")
+                             "except with --keep best-val or --stop-patience.")
     keep: str = option("last", group="Evaluation", choices=KEEP,
                        help="Students saved besides the final student.pt: last (none), best-val (also "
                        "student_best_val.pt, the epoch with the highest val_agreement, ties broken by the lower "

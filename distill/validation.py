@@ -12,7 +12,9 @@ logits stored with it:
                     whatever --temperature the run trains at, so runs compare
 
 `--keep best-val` keeps the student of the epoch ranked best (`best_epoch`): the lowest val_kl, ties
-broken by the higher val_agreement, then by the earlier epoch. The real evaluation data never takes part.
+broken by the higher val_agreement, then by the earlier epoch; `--stop-patience` ends the run once val_kl
+stops falling (stopping.py; `has_val_split` says before the run whether it has a split to stop on). The real
+evaluation data never takes part.
 """
 from __future__ import annotations
 
