@@ -18,6 +18,7 @@ from dfkd.common.shards import CHECK_LEVELS
 from .augment import AUGMENTATIONS, described
 from .engine import OPTIMIZERS
 from .losses import LOSSES
+from .stopping import settle_stop_rule
 from .validation import KEEP
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
@@ -76,6 +77,17 @@ class TrainConfig:
                               f"for sgd, {DEFAULT_WD['adamw']} for adamw).", group="Optimisation")
     warmup_epochs: float = option(1.0, help="Linear warm-up of the learning rate, in epochs; then cosine decay "
                                   "per step.", min=0, group="Optimisation")
+    stop_patience: int = option(0, min=0, group="Optimisation",
+                                help="Stop on the held-out KL (val_kl; needs the held-out split, --val-shards): once "
+                                "the best val_kl of the last N epochs is not --stop-min-delta below the best before "
+                                "them, the learning rate anneals to 0 over a cool-down (--stop-cooldown) and the run "
+                                "ends; --epochs is the cap. 0 = the fixed schedule of --epochs.")
+    stop_min_delta: float = option(0.05, min=0, group="Optimisation",
+                                   help="The relative fall of the held-out KL that counts as an improvement for "
+                                   "--stop-patience (0.05: 5% below the best before).")
+    stop_cooldown: float = option(0.2, check=positive, max=1, group="Optimisation",
+                                  help="The cool-down after --stop-patience triggers, as a fraction of the epochs run "
+                                  "so far (at least 1 epoch, at most what is left of --epochs).")
     # distillation
     loss: str = option("kd", check=one_of(LOSSES), help="Training loss by name (distill/losses/: "
                        + ", ".join(LOSSES) + "); each of its terms is logged as loss_<name> in steps.csv and "
@@ -104,7 +116,7 @@ class TrainConfig:
                              "the student's agreement with the teacher's stored logits (val_agreement, %) and "
                              "KL(teacher || student) at T = 1 (val_kl) on them; auto: the val/ split `synth "
                              "generate` writes beside --shards, if there is one; none: off. May change on resume, "
-                             "except with --keep best-val.")
+                             "except with --keep best-val or --stop-patience.")
     keep: str = option("last", group="Evaluation", choices=KEEP,
                        help="Students saved besides the final student.pt: last (none), best-val (also "
                        "student_best_val.pt, the epoch with the highest val_agreement, ties broken by the lower "
@@ -186,13 +198,16 @@ class TrainConfig:
     def settle(self, run) -> None:
         """The last step of common.recipes.resolve_recipe (`run`: this config resolved): with
         --teacher-logits stored the stored view (aug none, mixup 0, cutmix 0, unless given: the start line
-        says so), then `resolved()`, whose errors name the options whose value came from the recipe."""
+        says so), the stopping rule checked against the held-out split (stopping.settle_stop_rule: the start
+        line states it, or says why a recipe's falls back), then `resolved()`, whose errors name the options
+        whose value came from the recipe."""
         off = {}
         if self.teacher_logits == "stored":  # the student must see the stored view: no augmentation, no mixup
             off = {k: v for k, v in _STORED_VIEW.items() if k not in run.given and getattr(self, k) != v}
             if off:
                 run.config = replace(self, **off)
                 run.reason += f"; --teacher-logits stored: {', '.join(f'{k} {v}' for k, v in off.items())}"
+        settle_stop_rule(run)  # needs a held-out split: a recipe's rule falls back to the fixed schedule without one
         run.config = run.check(run.config.resolved, also_given=off)
 
 

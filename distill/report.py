@@ -5,7 +5,8 @@ and `config.json` from a `distill train` folder; writes `curves.png` with three 
 (per window and per epoch), top-1 on the evaluation data per epoch (and the student's agreement with the
 teacher on the held-out synthetic split, when the run measured it), and the learning rate; a fourth,
 KL(teacher || student) on that split, when there is one. The summary names the epoch the validation
-signal ranks best (the one `--keep best-val` keeps).
+signal ranks best (the one `--keep best-val` keeps) and why the run ended: the fixed epochs, the cap, or
+the stopping rule on the held-out KL (stopping.py; its trigger as metrics.csv's phase column records it).
 
     report = report_run("runs/kd")
     print(report.table)
@@ -23,6 +24,7 @@ from dfkd.common.errors import UserError
 from dfkd.common.plots import Panel, line_panels
 
 from .run_folder import CONFIG_FILE, METRICS_COLUMNS, METRICS_FILE, STEPS_COLUMNS, STEPS_FILE, check_run_folder
+from .stopping import StopRule, recorded_trigger, run_end
 from .validation import BEST_VAL_FILE, VAL_COLUMNS, best_epoch
 
 CURVES_FILE = "curves.png"
@@ -130,7 +132,18 @@ def summary_line(log: RunLog) -> str:
                      f"{best['val_agreement']:.2f}%, KL {best['val_kl']:.4f}{kept})")
     minutes = m["seconds"].sum() / 60
     parts.append(f"{minutes:.1f} min of training, {m['images_per_s'].iloc[-1]:.0f} img/s in the last epoch")
-    return "final: " + ", ".join(parts)
+    ended = end_reason(log)
+    return "final: " + ", ".join(parts) + (f"; {ended}" if ended else "")
+
+
+def end_reason(log: RunLog) -> str | None:
+    """Why the run ended (stopping.run_end), from config.json's epochs and stopping rule and the trigger that
+    metrics.csv records; None for a run that has not ended, or whose config.json is missing."""
+    cap = log.config.get("epochs")
+    if not isinstance(cap, int):
+        return None
+    rows = log.metrics.to_dict("records")
+    return run_end(int(rows[-1]["epoch"]), cap, StopRule.of_record(log.config), recorded_trigger(rows))
 
 
 def curves_path(run: Path, out: str | Path | None) -> Path:

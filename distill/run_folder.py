@@ -36,6 +36,7 @@ from dfkd.common.shards import MANIFEST_NAME, Manifest
 
 from .config import ORDER_CHANGES, changed_settings
 from .nets import Models
+from .stopping import PHASE_COLUMN
 from .validation import BEST_VAL_FILE, VAL_COLUMNS, best_epoch
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, STUDENT_FILE = "config.json", "checkpoint.pt", "metrics.csv", "student.pt"
@@ -170,9 +171,11 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
 
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.csv: METRICS_COLUMNS, then ema_top1 (with an EMA), val_agreement and val_kl (when some epoch
-    has a validation signal; empty for the others), then the loss terms."""
+    has a validation signal; empty for the others), phase (with the stopping rule: train, then cool-down
+    after its trigger), then the loss terms."""
     columns = METRICS_COLUMNS + ((EMA_COLUMN,) if history and EMA_COLUMN in history[0] else ())
     columns += VAL_COLUMNS if any(VAL_COLUMNS[0] in row for row in history) else ()
+    columns += (PHASE_COLUMN,) if any(PHASE_COLUMN in row for row in history) else ()
     write_csv(path, with_terms(columns, history), history)
 
 
@@ -295,13 +298,15 @@ def promote_best_val(out: Path, checkpointed_epoch: int) -> None:
             path.unlink()
 
 
-def check_same_val_set(saved: dict | None, current: dict | None, history: list[dict], out: Path) -> None:
-    """With --keep best-val the epochs of a run must be ranked on one held-out split: UserError when the
-    checkpoint's epochs were measured on another one than the resumed run measures on."""
+def check_same_val_set(saved: dict | None, current: dict | None, history: list[dict], out: Path,
+                       uses: str = "ranked its epochs for --keep best-val") -> None:
+    """With --keep best-val (or the stopping rule, --stop-patience) the epochs of a run must be compared on one
+    held-out split: UserError when the checkpoint's epochs were measured on another one than the resumed run
+    measures on. `uses`: what the run did with the split, for the message."""
     if best_epoch(history) is None or saved is None or current is None:
         return
     if saved.get("shards") != current["shards"]:
-        raise UserError(f"{out / CHECKPOINT_FILE} ranked its epochs for --keep best-val on the held-out split "
+        raise UserError(f"{out / CHECKPOINT_FILE} {uses} on the held-out split "
                         f"{saved.get('location')}, not on {current['location']}: resume with --val-shards "
                         f"{saved.get('location')} (the same shards), or train into another --out")
 
@@ -324,13 +329,15 @@ class RunFolder:
     """What a run writes into its folder `path` (rank 0 alone saves; every rank resumes): `settings` (the
     run's, config.run_settings) go into config.json and the checkpoint, `fingerprint` (run_fingerprint) is
     what a resume must agree on, `val_set` the held-out split the epochs are measured on (ValSet.identity;
-    None without one), by which `keep_best_val` keeps the best-val student."""
+    None without one), by which `keep_best_val` keeps the best-val student and `stop_rule` (--stop-patience)
+    decides when the run ends."""
 
     path: Path
     settings: dict
     fingerprint: dict
     keep_best_val: bool = False
     val_set: dict | None = None
+    stop_rule: bool = False
 
     @property
     def checkpoint(self) -> Path:
@@ -371,8 +378,11 @@ class RunFolder:
         state = load_checkpoint(self.checkpoint, self.fingerprint)
         restore(state, models, optimizer, scheduler, self.checkpoint, rank)
         history = state["history"]
+        if is_main and (self.keep_best_val or self.stop_rule):
+            uses = " and ".join(use for use, on in (("ranked its epochs for --keep best-val", self.keep_best_val),
+                                                    ("compared its epochs for --stop-patience", self.stop_rule)) if on)
+            check_same_val_set(state.get("val_set"), self.val_set, history, self.path, uses)
         if is_main and self.keep_best_val:
-            check_same_val_set(state.get("val_set"), self.val_set, history, self.path)
             promote_best_val(self.path, state["epoch"])
         return Resumed(state["epoch"], history, list(state.get("step_log", [])), state["rng"].get("ranks"),
                        state.get("val_set"))

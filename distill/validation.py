@@ -12,7 +12,9 @@ logits stored with it:
                     whatever --temperature the run trains at, so runs compare
 
 `--keep best-val` keeps the student of the epoch ranked best (`best_epoch`): the lowest val_kl, ties
-broken by the higher val_agreement, then by the earlier epoch. The real evaluation data never takes part.
+broken by the higher val_agreement, then by the earlier epoch; `--stop-patience` ends the run once val_kl
+stops falling (stopping.py; `has_val_split` says before the run whether it has a split to stop on). The real
+evaluation data never takes part.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from dfkd.common.remote import Retry
-from dfkd.common.shards import Manifest
+from dfkd.common.shards import Manifest, read_held_out
 
 AUTO, NONE = "auto", "none"
 KEEP = ("last", "best-val")
@@ -40,6 +42,17 @@ class ValSet:
     def identity(self) -> dict:
         """What a checkpoint records of the split its epochs were ranked on."""
         return {"location": self.location, "shards": [s.sha256 for s in self.manifest.shards]}
+
+
+def has_val_split(value: str, shards: str) -> bool:
+    """Whether `--val-shards value` gives the run a split, known before anything is read but a manifest: a named
+    one (opened and checked with the run's inputs), or with auto a complete val/ split beside local `shards`."""
+    if value == NONE:
+        return False
+    if value != AUTO:
+        return True
+    held_out = read_held_out(shards)
+    return held_out is not None and held_out.complete
 
 
 def _measured(row: dict) -> bool:

@@ -20,8 +20,10 @@ the configuration's dataset, final epoch. Each command is the product's own comm
 slows the wall clock but barely moves the CPU column.
 
 Writes <out>/results.csv and <out>/results.md (one row per configuration x method: images, synthesis
-CPU-seconds and wall seconds, images per synthesis CPU-second, student top-1 mean +- std over seeds and
-each seed, teacher top-1), plus the low-resolution cost ratio. A rerun skips what is finished.
+CPU-seconds and wall seconds, images per synthesis CPU-second, the distillation's epochs and CPU-seconds,
+student top-1 mean +- std over seeds and each seed, teacher top-1), plus the low-resolution cost ratio. A
+row with the stopping rule (STOP_ROWS) shows the epochs each seed ran of its cap when the rule ended a run
+early, and that run counts as finished. A rerun skips what is finished.
 """
 from __future__ import annotations
 
@@ -47,9 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EQUAL_COST_ROWS = {"muse, full-size teacher view": {"num_generators": 3, "steps": 70}}
 # rows that synthesise as "generator ensemble" does plus these `synth generate` flags (top-level options: `--set`
 # carries method options only): the teacher's choice among twice the images (`--select`). They run only on the
-# configurations whose "only" names them (LISTED_ONLY)
+# configurations whose "only" names them (LISTED_ONLY, as the stopping rows below)
 SYNTH_FLAGS = {"generator ensemble, boundary selection (2x candidates)": {"select": "boundary", "oversample": 2},
                "generator ensemble, confident selection (2x candidates)": {"select": "confident", "oversample": 2}}
+# the stopping rule on the held-out KL (`distill train --stop-patience`) on the ensemble's shards: --epochs becomes the
+# cap, a run may end earlier (its epochs and distillation CPU-s show what it saved); with twice the epochs as the cap,
+# whether the rule finds a better end than the fixed schedule when it is let run longer
+STOP_ROWS = {"generator ensemble, stop on the held-out KL": ("generator ensemble", {"stop-patience": 2}),
+             "generator ensemble, stop on the held-out KL, cap twice the epochs": ("generator ensemble",
+                                                                                  {"stop-patience": 2, "epochs": 2.0})}
 CONFIGS = {
     "mnist28": {"title": "MNIST 28 px, lenet5 -> lenet5_half", "teacher": "lenet5", "teacher_epochs": 8,
                 "student": "lenet5_half", "images": 10_000, "distill_epochs": 5, "options": {},
@@ -126,10 +134,11 @@ CONFIGS = {
     "mnistm100": {"title": "MNIST-M digit pairs (100 classes) 32 px RGB, cifar_resnet20 -> cifar_resnet8",
                   "data": "mnistm100", "teacher": "cifar_resnet20", "teacher_epochs": 4, "student": "cifar_resnet8",
                   "ceiling": True, "recipe": "small-rgb", "separate": True,
-                  "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS]},
+                  "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS, *STOP_ROWS]},
     "mnistm-grey": {"title": "MNIST-M in grey 28 px, lenet5 -> lenet5_half", "data": "mnistm", "teacher": "lenet5",
                     "teacher_epochs": 8, "student": "lenet5_half", "ceiling": True, "recipe": "small-grey",
-                    "separate": True, "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS]},
+                    "separate": True,
+                    "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS, *STOP_ROWS]},
     "mnistm32-papers": {"title": "MNIST-M 32 px RGB, the papers' CIFAR architectures", "data": "mnistm",
                         "teacher": "wrn_40_2", "teacher_epochs": 2, "student": "wrn_16_2", "ceiling": True,
                         "recipe": "auto", "separate": True, "options": {},
@@ -160,7 +169,7 @@ VARIANTS = {
     **{row: ("generator", {**GEN, "num_generators": 3}, {}) for row in SYNTH_FLAGS},
 }
 # rows that run only on a configuration whose "only" list names them (a configuration without one runs the others)
-LISTED_ONLY = set(SYNTH_FLAGS)
+LISTED_ONLY = set(SYNTH_FLAGS) | set(STOP_ROWS)
 CEILING = "real training images (ceiling)"
 # name -> (row, `distill train` flags): rows with no synthesis of their own, distilling another row's shards with
 # other stage-two flags (their synthesis columns are that row's). "teacher on the native views": the online
@@ -174,7 +183,8 @@ STAGE_TWO_ROWS = {"muse, teacher on native views in stage two": ("muse", {"teach
                   "generator ensemble, half the epochs": ("generator ensemble", {"epochs": 0.5}),
                   "generator ensemble, twice the epochs": ("generator ensemble", {"epochs": 2.0}),
                   "generator ensemble, crop + colour jitter, twice the epochs": ("generator ensemble",
-                                                                                {"aug": "crop-colour", "epochs": 2.0})}
+                                                                                {"aug": "crop-colour", "epochs": 2.0}),
+                  **STOP_ROWS}
 ROWS = [*VARIANTS, *STAGE_TWO_ROWS]
 DISTILL = {"batch-size-per-rank": 128, "lr": 0.05, "warmup-epochs": 1, "temperature": 4.0, "mixup": 1.0,
            "aug": "translate", "workers": 1, "threads": 1}
@@ -243,15 +253,42 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def final_top1(run_dir: Path, epochs: int) -> float | None:
+def _metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.csv ([] before its first epoch)."""
     path = run_dir / "metrics.csv"
     if not path.exists():
-        return None
+        return []
     with open(path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows or int(rows[-1]["epoch"]) < epochs:
+        return list(csv.DictReader(f))
+
+
+def final_top1(run_dir: Path, epochs: int) -> float | None:
+    """The last epoch's top-1 of a finished run (None while it is not): one that reached `epochs`, or that the
+    stopping rule ended earlier (`--stop-patience`: its last row in the cool-down, and student.pt, the last file a
+    run writes, is there)."""
+    rows = _metrics(run_dir)
+    if not rows:
+        return None
+    stopped = rows[-1].get("phase") == "cool-down" and (run_dir / "student.pt").is_file()
+    if int(rows[-1]["epoch"]) < epochs and not stopped:
         return None
     return float(rows[-1]["eval_top1"])
+
+
+def epochs_run(run_dir: Path) -> int | None:
+    """The epochs a run trained (fewer than asked when the stopping rule ended it), or None without its metrics."""
+    rows = _metrics(run_dir)
+    return int(rows[-1]["epoch"]) if rows else None
+
+
+def epochs_cell(row: dict) -> str:
+    """The table's epochs: the configured number, or with runs that stopped early the epochs each seed ran of the
+    cap (`7 / 8 of 20`)."""
+    ran = [row.get("epochs_run", {})[s] for s in sorted(row.get("epochs_run", {}))]
+    cap = row.get("epochs", "-")
+    if all(n == cap for n in ran):
+        return str(cap)
+    return f"{' / '.join(map(str, ran))} of {cap}"
 
 
 def teacher_top1(arch: str, path: Path, data_root: str, data: str = "mnist") -> float:
@@ -422,7 +459,7 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
     distill = {**distill_options(config_name), **{k: v for k, v in extra.items() if k != "epochs"},
                "epochs": epochs, "threads": THREADS}
     distill_args = [a for k, v in distill.items() for a in (f"--{k}", str(v))]
-    distill_cpu = {}
+    distill_cpu, ran = {}, {}
     for seed in seeds:
         synth_seed = synth_seed_of(seed, paired, method)
         if synth_seed not in timings:
@@ -443,12 +480,13 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
         if finished is not None:
             check_finished_run(run_dir, distill)
             top1[seed] = finished
+            ran[seed] = epochs_run(run_dir) or epochs
             if (run_dir / "bench_timing.json").exists():
                 distill_cpu[seed] = json.loads((run_dir / "bench_timing.json").read_text())["cpu_s"]
     say(f"done: {config_name} / {variant}: {top1}")
     timing = {k: statistics.mean(t[k] for t in timings.values()) for k in ("wall_s", "cpu_s")}
     return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1,
-            "syntheses": len(timings), "epochs": epochs,
+            "syntheses": len(timings), "epochs": epochs, "epochs_run": ran,
             "distill_cpu_s": statistics.mean(distill_cpu.values()) if distill_cpu else None}
 
 
@@ -600,7 +638,7 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
         w = csv.writer(f)
         w.writerow(["config", "method", "images", "synthesis_cpu_s", "synthesis_wall_s", "images_per_cpu_s",
                     "student_top1_mean", "student_top1_std", "student_top1_per_seed", "teacher_top1",
-                    "distill_epochs", "distill_cpu_s", "total_cpu_s"])
+                    "distill_epochs", "distill_cpu_s", "total_cpu_s", "distill_epochs_run"])
         for r in rows:
             accs = [r["top1"][s] for s in sorted(r["top1"])] or [float("nan")]
             dcpu = r.get("distill_cpu_s")
@@ -608,7 +646,8 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
                         f"{r['images'] / r['cpu_s']:.1f}", f"{statistics.mean(accs):.2f}",
                         f"{statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
                         " ".join(f"{a:.2f}" for a in accs), f"{r['teacher_top1']:.2f}", r.get("epochs", ""),
-                        "" if dcpu is None else f"{dcpu:.1f}", "" if dcpu is None else f"{r['cpu_s'] + dcpu:.1f}"])
+                        "" if dcpu is None else f"{dcpu:.1f}", "" if dcpu is None else f"{r['cpu_s'] + dcpu:.1f}",
+                        " ".join(str(r.get("epochs_run", {})[s]) for s in sorted(r.get("epochs_run", {})))])
     lines = []
     for name in dict.fromkeys(r["config"] for r in rows):
         sub = [r for r in rows if r["config"] == name]
@@ -628,7 +667,7 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
             dcpu = r.get("distill_cpu_s")
             cpu_cols = "- | - |" if dcpu is None else f"{dcpu:.0f} | {r['cpu_s'] + dcpu:.0f} |"
             lines.append(f"| {r['method']} | {r['images']:,} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
-                         f"{r['images'] / r['cpu_s']:.1f} | {r.get('epochs', '-')} | {cpu_cols} {top1} | " + " / ".join(f"{a:.2f}" for a in accs)
+                         f"{r['images'] / r['cpu_s']:.1f} | {epochs_cell(r)} | {cpu_cols} {top1} | " + " / ".join(f"{a:.2f}" for a in accs)
                          + " |" + ratio)
         low, full = by.get("muse low-resolution only (3 x 1/4)"), by.get("muse without multi-resolution (3 x full)")
         if low and full:

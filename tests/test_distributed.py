@@ -158,6 +158,25 @@ def test_two_rank_training_on_torchrun_and_resume_after_interruption(shards, str
         train(TrainConfig(**config | {"resume": True}))
 
 
+def test_every_rank_takes_rank_0s_stopping_decision_and_a_resume_makes_it_again(shards, tmp_path):
+    """--stop-patience on 2 ranks: rank 0 alone measures the held-out split, the other rank takes its decision
+    (min delta 1: it triggers after epoch 2, the cool-down of 1 epoch ends the run at 3 of at most 4; a rank
+    that trained on would wait for its peer for ever). Interrupted in the cool-down and resumed, the run ends
+    with the same student and logs as straight."""
+    config = dict(shards=str(shards), student="lenet5_half", epochs=4, batch_size_per_rank=8, workers=2,
+                  progress=False, stop_patience=1, stop_min_delta=1.0, stop_cooldown=0.5)
+    straight = spawn_two_ranks(config | {"out": str(tmp_path / "straight")})
+    assert [(straight[r]["stopped_epoch"], straight[r]["epochs"]) for r in (0, 1)] == [(3, 3), (3, 3)]
+    resumed = config | {"out": str(tmp_path / "resumed")}
+    assert spawn_two_ranks(resumed, stop_at_epoch=2) == {0: "interrupted", 1: "interrupted"}
+    assert [r["stopped_epoch"] for r in spawn_two_ranks(resumed | {"resume": True}).values()] == [3, 3]
+    got, want = (load_model_checkpoint(tmp_path / r / "student.pt")["state_dict"] for r in ("resumed", "straight"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(read_rows(tmp_path / "resumed" / f) == read_rows(tmp_path / "straight" / f)
+               for f in ("metrics.csv", "steps.csv"))
+    assert [row["phase"] for row in read_rows(tmp_path / "straight" / "metrics.csv")] == ["train"] * 2 + ["cool-down"]
+
+
 def read_rows(path: Path, drop=("seconds", "images_per_s")) -> list[dict]:
     with open(path) as f:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
