@@ -26,7 +26,8 @@ others fill the slot, nearest first, and are counted. Labels and stored logits a
 a shard still depends only on (seed, shard) and the config, the held-out split is selected the same way,
 and the manifest's `selection` records the candidates, the images kept and the slots filled. Cost: the
 method samples oversample x the images (DeepInversion optimises every candidate batch) and the teacher
-sees each candidate once more. Not a recipe default: not yet measured against writing every image.
+sees each candidate once more. Not a recipe default: both modes lost to writing every image on the grey test
+bed (results/mnistm-grey.md).
 
 Computing (`device`, `amp`, `channels_last`, `compile`; common/accel.py): the teacher, the method and the
 teacher's logits run on the device, noise is drawn from seeded CPU generators, and `synth/writer.py`
@@ -121,7 +122,7 @@ class GenerateConfig:
                          help="Which images are written: none (every image drawn), or of --oversample x as many "
                          "candidates, per requested class, those the teacher assigns to the class with the smallest "
                          "margin (boundary: near a decision boundary) or the largest (confident). Costs the method's "
-                         "sampling and a teacher pass per candidate; not a recipe default (unmeasured).")
+                         "sampling and a teacher pass per candidate; not a recipe default (results/mnistm-grey.md).")
     oversample: float = option(2.0, group="Output", min=1.0,
                                help="Candidates drawn per written image with --select boundary or confident "
                                "(ignored with none).")
