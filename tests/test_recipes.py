@@ -711,3 +711,20 @@ def test_the_papers_architectures_on_mnistm_take_the_recipe_their_teacher_gets_w
     flat = [" ".join(c) for c in commands]
     assert any("--model cifar_resnet34" in c for c in flat) and any("--student cifar_resnet18" in c for c in flat)
     assert any("--set width=64" in c and "--num-images 64" in c for c in flat)
+
+
+def test_a_finished_ceiling_from_a_smaller_split_is_reused_and_another_budget_refused(tmp_path):
+    """The ceiling's real images are at most the training split (MNIST-M: 60,000 for a 96,000 budget): a rerun
+    reuses them by the budget they were asked for, and an --out made for another budget is still refused."""
+    bench = _bench_methods()
+    shards = bench.shards_folder(tmp_path / "mnistm-grey", bench.CEILING, 0)
+    shards.mkdir(parents=True)
+    (shards / "bench_timing.json").write_text(json.dumps({"wall_s": 3.0, "cpu_s": 2.0}))
+    manifest = {"config": {"method": "real-mnistm-train", "num_images": 96000}, "planned_samples": 60000}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert bench.CONFIGS["mnistm-grey"]["images"] == 96000
+    assert bench.synthesise("python", tmp_path / "mnistm-grey", "mnistm-grey", bench.CEILING, 0, "data")["cpu_s"] == 2.0
+    manifest["config"]["num_images"] = 40000
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="holds 40000 images, this invocation asks for 96000"):
+        bench.synthesise("python", tmp_path / "mnistm-grey", "mnistm-grey", bench.CEILING, 0, "data")
