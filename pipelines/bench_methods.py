@@ -423,7 +423,8 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
     if timing_file.exists():
         manifest = shards / "manifest.json"
         # the budget asked for (config.num_images): a ceiling's split may hold fewer images than that (planned_samples)
-        made = (json.loads(manifest.read_text()).get("config", {}).get("num_images") if manifest.exists() else None)
+        written = json.loads(manifest.read_text()) if manifest.exists() else {}
+        made = written.get("config", {}).get("num_images", written.get("planned_samples"))
         if made is not None and made != cfg["images"]:
             raise SystemExit(f"{shards} holds {made} images, this invocation asks for {cfg['images']}: "
                              "give each image budget its own --out (or the --images it was made with)")
