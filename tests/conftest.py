@@ -1,7 +1,13 @@
+import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tests run one per core (pipelines/test.sh: pytest-xdist): one thread each is faster than oversubscription.
 torch.set_num_threads(1)
@@ -36,3 +42,46 @@ def tiny_teacher_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "lenet5.pt"
     save_model_checkpoint(path, model.eval())
     return path
+
+
+@pytest.fixture
+def load_pipeline(monkeypatch):
+    """load_pipeline(name): pipelines/<name>.py as a module, as it runs as a script: its folder on sys.path (a
+    pipeline imports the ones beside it) and itself registered while the test runs (its dataclasses look it up)."""
+    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
+def killed_at_epoch(monkeypatch):
+    """`with killed_at_epoch(n) as epochs: train(...)`: the n-th epoch the training starts raises KeyboardInterrupt
+    (a kill between epochs: the epochs before it finished), which the block expects; `epochs` lists the epochs
+    started. After the block training runs as usual."""
+    import dfkd.distill.train as train_module
+
+    @contextlib.contextmanager
+    def killed(n: int):
+        real, started = train_module.train_one_epoch, []
+
+        def interrupted(*args, **kwargs):
+            started.append(kwargs.get("epoch", args[5] if len(args) > 5 else None))
+            if len(started) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield started
+        finally:
+            monkeypatch.setattr(train_module, "train_one_epoch", real)
+
+    return killed

@@ -1,34 +1,22 @@
 """pipelines/bench_cifar.py, the one command that reproduces the papers' CIFAR table: its CPU smoke (the whole
 command at tiny sizes on stand-in CIFAR files and random bundle-format checkpoints) and its --estimate."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--pairs", "cifar100-wrn_40_2-wrn_16_2", "--seeds", "1", "--images", "16", "--real-images", "16",
         "--distill-epochs", "1", "--set", "num_generators=1", "--set", "steps=1", "--set", "train_batch_size=4",
         "--synth-set", "shard-size=16", "--synth-set", "write-batch-size=16", "--synth-set", "val-images=0",
         "--distill-set", "batch-size-per-rank=8", "--distill-set", "workers=0"]
 
 
-def _load(name, monkeypatch):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _bench_cifar(monkeypatch):
+def _bench_cifar(monkeypatch, load_pipeline):
     """The pipeline, its child commands run in this process (each child would spend seconds importing torch; the
     GPU check's dry run runs them as child processes): the same command lines, through the same CLIs."""
     from dfkd.distill.cli import main as distill_main
     from dfkd.synth.cli import main as synth_main
 
-    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))   # as a script: bench_methods, results_header beside it
-    bench = _load("bench_cifar", monkeypatch)
-    methods = _load("bench_methods", monkeypatch)
+    bench = load_pipeline("bench_cifar")
+    methods = load_pipeline("bench_methods")
 
     def run_here(cmd, log, threads):
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -48,8 +36,8 @@ def _bench_cifar(monkeypatch):
     return bench
 
 
-def test_the_reproduce_command_runs_on_standin_cifar_and_writes_the_published_numbers_beside_ours(tmp_path, monkeypatch):
-    bench = _bench_cifar(monkeypatch)
+def test_the_reproduce_command_runs_on_standin_cifar_and_writes_the_published_numbers_beside_ours(tmp_path, monkeypatch, load_pipeline):
+    bench = _bench_cifar(monkeypatch, load_pipeline)
     results = tmp_path / "cifar.md"
     bench.main(["--standin", str(tmp_path / "standin"), "--out", str(tmp_path / "out"), "--results", str(results),
                 *TINY])

@@ -2,9 +2,7 @@
 format (its parameter names, written here from the peers' public model definitions, random values; weights under
 `state_dict`, its own `arch` spelling and training extras) loads for each architecture, with the class count from the
 file and the mean/std from its name; the no-flag commands run with such a teacher on stand-in CIFAR files."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,6 @@ from click.testing import CliRunner
 from dfkd.common.errors import UserError
 from dfkd.common.input_spec import CIFAR_BUNDLE_STATS
 from dfkd.common.models import PAPER_CIFAR, create_model, save_model_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bn(prefix, c):
@@ -125,22 +121,14 @@ def test_a_cifar_resnet_checkpoint_of_torchvision_names_still_loads(tmp_path):
     assert not hasattr(again, "weights_source")   # our own checkpoint: its recorded spec, no bundle source
 
 
-def _bench_cifar(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))   # as a script: bench_methods beside it
-    spec = importlib.util.spec_from_file_location("bench_cifar", ROOT / "pipelines" / "bench_cifar.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_no_flag_commands_run_with_a_bundle_teacher_on_standin_cifar(tmp_path, monkeypatch):
+def test_the_no_flag_commands_run_with_a_bundle_teacher_on_standin_cifar(tmp_path, monkeypatch, load_pipeline):
     """`synth generate --teacher wrn_40_2 --weights cifar10_wrn_40_2.pth` and `distill train --student wrn_16_2`
     with nothing else but tiny sizes: the cifar10 recipe is chosen, the manifest names the source, the student is
     evaluated on (stand-in) CIFAR-10."""
     from dfkd.distill.cli import main as distill_main
     from dfkd.synth.cli import main as synth_main
 
-    _bench_cifar(monkeypatch).write_standin_cifar(tmp_path / "data", 10, n=8)
+    load_pipeline("bench_cifar").write_standin_cifar(tmp_path / "data", 10, n=8)
     weights, _ = bundle_file(tmp_path, "cifar10", "wrn_40_2", "wrn40_2")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(synth_main, ["generate", "--teacher", "wrn_40_2", "--weights", weights.name,

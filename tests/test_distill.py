@@ -13,7 +13,6 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import dfkd.distill.train as train_module
 from dfkd.common.errors import UserError
 from dfkd.common.models import create_model, load_model_checkpoint, save_model_checkpoint, teacher_record
 from dfkd.common.shards import Sample, build_manifest, read_manifest, read_shard, write_manifest, write_shard
@@ -224,21 +223,11 @@ def test_train_writes_run_folder(data, tmp_path, workers):
     assert student["arch"] == "lenet5_half" and student["input_spec"]["num_classes"] == 10
 
 
-def test_resume_continues_where_it_stopped(data, tmp_path, monkeypatch):
+def test_resume_continues_where_it_stopped(data, tmp_path, killed_at_epoch):
     train(config(data, tmp_path / "straight"))
-    real_epoch, calls = train_module.train_one_epoch, []
-
-    def interrupted_after_one_epoch(*args, **kwargs):
-        calls.append(kwargs.get("epoch", args[5]))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_after_one_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_epoch(2) as calls:
         train(config(data, tmp_path / "resumed"))
     assert [int(r["epoch"]) for r in read_metrics(tmp_path / "resumed")] == [1]
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     metrics = train(config(data, tmp_path / "resumed", resume=True))
     assert calls == [0, 1] and metrics["epochs"] == 2
     assert [int(r["epoch"]) for r in read_metrics(tmp_path / "resumed")] == [1, 2]

@@ -2,7 +2,6 @@
 command cannot rot between runs on a GPU, and the carry folder's unpacking (wheels into a temporary site folder,
 MNIST gunzipped, photographs copied) without network."""
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,14 +12,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "pipelines" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module   # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -65,8 +56,8 @@ def _wheel(folder: Path, name: str, module: str) -> Path:
     return path
 
 
-def test_carry_wheels_go_to_a_temporary_site_folder_and_data_is_unpacked(tmp_path, monkeypatch):
-    gpu_check = _gpu_check()
+def test_carry_wheels_go_to_a_temporary_site_folder_and_data_is_unpacked(tmp_path, monkeypatch, load_pipeline):
+    gpu_check = load_pipeline("gpu_check")
     carry = tmp_path / "carry"
     (carry / "wheels").mkdir(parents=True)
     _wheel(carry / "wheels", "pyyaml", "yaml")   # a stand-in wheel: its `yaml` module says 42
@@ -89,8 +80,8 @@ def test_carry_wheels_go_to_a_temporary_site_folder_and_data_is_unpacked(tmp_pat
     assert (data / "mnistm" / "photos" / "train" / "a.png").read_bytes() == b"png"
 
 
-def test_carry_without_wheels_for_a_missing_package_is_a_clear_error(tmp_path, monkeypatch):
-    gpu_check = _gpu_check()
+def test_carry_without_wheels_for_a_missing_package_is_a_clear_error(tmp_path, monkeypatch, load_pipeline):
+    gpu_check = load_pipeline("gpu_check")
     monkeypatch.setattr(gpu_check, "importable", lambda module: module != "webdataset")
     with pytest.raises(SystemExit, match="--prepare DIR"):
         gpu_check.unpack_carry(tmp_path / "empty", tmp_path / "work")

@@ -2,8 +2,6 @@
 no sys.path edits (they run in the project's environment, where the package is installed), and the
 synthesis-speed benchmark's writing measurements run."""
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,15 +9,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((ROOT / "pipelines").glob("*.py"))
 LIBRARY = ("dfkd",)   # dfkd.common, dfkd.synth, dfkd.distill
-
-
-def _load(name: str, monkeypatch):
-    """A pipeline script as a module (registered while the test runs: its dataclasses look it up)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 # pipelines that run where the project's environment is not installed, and why: they put the checkout (and the
@@ -42,14 +31,14 @@ def test_a_pipeline_imports_only_public_names_and_leaves_sys_path_alone(path):
         assert path_edits == [], f"{path.name} edits sys.path (lines {path_edits})"
 
 
-def test_bench_synthesis_writing_measurements_run(tmp_path, monkeypatch):
+def test_bench_synthesis_writing_measurements_run(tmp_path, load_pipeline):
     """The writing rows time `synth.generate.shard_batches` + `synth.writer.write_shard` as `synth generate`
     writes a shard (its RNG, a writer process), at the smallest size."""
     import torch
 
     from dfkd.common.accel import Compute
 
-    bench = _load("bench_synthesis", monkeypatch)
+    bench = load_pipeline("bench_synthesis")
     case = bench.Case("lenet5", 28, "cpu", gen_batch=4, generators=1, write_batch=10, write_images=20,
                       di_iterations=1, di_low_res=False)
     compute = Compute(torch.device("cpu"))
@@ -60,11 +49,10 @@ def test_bench_synthesis_writing_measurements_run(tmp_path, monkeypatch):
     assert bench.time_encoding(setup, compute) > 0
 
 
-def test_budget_curve_tables_and_draws_the_rows_of_bench_outputs(tmp_path, monkeypatch):
+def test_budget_curve_tables_and_draws_the_rows_of_bench_outputs(tmp_path, load_pipeline):
     """Rows of two bench_methods outputs of one configuration: the total CPU and the share of the ceiling in the
     table, the chart beside the results file; an output written before the CPU columns is a one-line error."""
-    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))   # its `from results_header import ...`, as when run
-    curve = _load("budget_curve", monkeypatch)
+    curve = load_pipeline("budget_curve")
     header = ("config,method,images,synthesis_cpu_s,synthesis_wall_s,images_per_cpu_s,student_top1_mean,"
               "student_top1_std,student_top1_per_seed,teacher_top1,distill_epochs,distill_cpu_s,total_cpu_s\n")
     a, b = tmp_path / "a", tmp_path / "b"

@@ -392,21 +392,10 @@ def test_distill_cli_options_come_from_the_declarations():
     assert "default=" not in train_part.replace("default=None", "")
 
 
-def _bench_methods():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_methods.py"
-    spec = importlib.util.spec_from_file_location("bench_methods", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
+def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets(load_pipeline):
     """The MNIST-M rows run the small-rgb recipe that `synth generate` picks for a 3-channel 32 px
     teacher: same image count and method options for each method, and `distill train` gets its schedule."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     spec = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)
     for variant in ("generator ensemble", "muse", "deepinversion"):
         method, row = bench.variant_options("mnistm32", variant)
@@ -445,35 +434,23 @@ def test_the_mnistm_benchmark_measures_what_a_user_without_flags_gets():
     assert methods["separate"] and (methods["images"], methods["distill_epochs"]) == (10_000, 5)
 
 
-def test_a_set_key_no_rows_method_has_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+def test_a_set_key_no_rows_method_has_is_refused_before_any_work(tmp_path, monkeypatch, capsys, load_pipeline):
     """bench_methods --set: a key no row's method knows (a typo) stops the run with the known keys, instead of being
     dropped from every row; the keys the GPU check's dry run passes (each known to some method) are accepted."""
     import sys
 
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     monkeypatch.setattr(bench, "run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
     monkeypatch.setattr(sys, "argv", ["bench_methods.py", "--configs", "mnistm32", "--out", str(tmp_path / "out"),
                                       "--set", "steps=2", "--set", "stpes=2"])
     with pytest.raises(SystemExit, match=r"--set stpes: no row's method has such an option; the options are .*steps"):
         bench.main()
     assert not (tmp_path / "out").exists()
-    gpu_check = _load_pipeline("gpu_check", monkeypatch)
+    gpu_check = load_pipeline("gpu_check")
     given = gpu_check.DRY.e_common
     sets = dict(given[i + 1].split("=", 1) for i, a in enumerate(given) if a == "--set")
     assert {"steps", "iterations", "low_res_iterations"} <= set(sets)
     bench.check_sets(sets)
-
-
-def _load_pipeline(name: str, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)   # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _recording(bench, monkeypatch) -> list:
@@ -490,11 +467,11 @@ def _recording(bench, monkeypatch) -> list:
     return commands
 
 
-def test_the_selection_rows_synthesise_as_the_ensemble_plus_select_flags_where_listed(tmp_path, monkeypatch):
+def test_the_selection_rows_synthesise_as_the_ensemble_plus_select_flags_where_listed(tmp_path, monkeypatch, load_pipeline):
     """The two --select rows run on mnistm-grey and mnistm100 only (they and the stopping rule's rows, listed nowhere
     else, stay off the default configurations); their `synth generate` is the ensemble row's plus --select and --oversample as flags, not
     --set (they are not method options)."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     rows = {"generator ensemble, boundary selection (2x candidates)": "boundary",
             "generator ensemble, confident selection (2x candidates)": "confident"}
     for config in bench.CONFIGS:
@@ -515,10 +492,10 @@ def test_the_selection_rows_synthesise_as_the_ensemble_plus_select_flags_where_l
         assert not any(a.startswith(("select=", "oversample=")) for a in cmd)
 
 
-def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch):
+def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_path, monkeypatch, load_pipeline):
     """"muse, teacher on native views in stage two" synthesises nothing: it distils the "muse" row's shards
     (whose synthesis columns it reports) with --teacher-view native, into its own run folders."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     commands = _recording(bench, monkeypatch)
     row = "muse, teacher on native views in stage two"
     muse_shards = tmp_path / "mnistm64" / "shards" / "muse"
@@ -535,10 +512,10 @@ def test_a_stage_two_row_distils_the_shards_of_its_row_with_its_own_flags(tmp_pa
     assert row not in [v for v in bench.ROWS if v not in bench.CONFIGS["mnist28"]["skip"]]   # LeNet-5: 28 px only
 
 
-def test_an_epochs_row_scales_the_distillation_and_a_resumed_run_records_no_cpu(tmp_path, monkeypatch):
+def test_an_epochs_row_scales_the_distillation_and_a_resumed_run_records_no_cpu(tmp_path, monkeypatch, load_pipeline):
     """"twice the epochs" distils the ensemble's shards for 2x the configuration's epochs and judges the run
     complete at that epoch; a run resumed from a checkpoint has no whole CPU figure, so none is recorded."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     commands, asked = [], []
 
     def fake_run(cmd, log):
@@ -565,10 +542,10 @@ def test_an_epochs_row_scales_the_distillation_and_a_resumed_run_records_no_cpu(
     assert "--resume" in commands[0] and result["distill_cpu_s"] is None
 
 
-def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, monkeypatch):
+def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, monkeypatch, load_pipeline):
     """--distill-set aug=translate reaches every row's `distill train`, over the configuration's own value;
     a stage-two row's own flag (cutmix's --mixup 0) still wins over it."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     commands = _recording(bench, monkeypatch)
     monkeypatch.setattr(bench, "DISTILL_SETS", {"aug": "translate", "mixup": "0.5"})
     shards = tmp_path / "mnistm32" / "shards" / "generator-ensemble"
@@ -582,10 +559,10 @@ def test_distill_set_flags_go_to_every_row_and_a_rows_own_flags_win(tmp_path, mo
     assert cutmix[cutmix.index("--aug") + 1] == "translate" and cutmix[cutmix.index("--mixup") + 1] == "0.0"
 
 
-def test_a_finished_run_or_shard_folder_of_other_settings_is_not_reused(tmp_path, monkeypatch):
+def test_a_finished_run_or_shard_folder_of_other_settings_is_not_reused(tmp_path, monkeypatch, load_pipeline):
     """The same --out with another aug (a recipe change, --distill-set) or another image count must not fill a
     row with runs or shards made otherwise: a one-line error names what differs."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     monkeypatch.setattr(bench, "run", lambda cmd, log: (_ for _ in ()).throw(AssertionError(f"ran {cmd}")))
     monkeypatch.setattr(bench, "final_top1", lambda run_dir, epochs: 50.0)
     shards = tmp_path / "mnistm32" / "shards" / "generator-ensemble"
@@ -607,10 +584,10 @@ def test_a_finished_run_or_shard_folder_of_other_settings_is_not_reused(tmp_path
         bench.bench_variant("python", tmp_path, "mnistm32", "generator ensemble", [0], "data")
 
 
-def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(tmp_path, monkeypatch):
+def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(tmp_path, monkeypatch, load_pipeline):
     """--paired-seeds: seed S synthesises with --seed S into its own folder (seed 0 keeps the unpaired folder and
     run, so earlier results are reused) and distils from it with --seed S; the ceiling keeps its one subset."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     commands = []
 
     def fake_run(cmd, log):
@@ -688,13 +665,13 @@ def test_method_options_are_parsed_once_into_the_methods_dataclass(tiny_teacher_
     assert manifest.options["method"]["width"] == 4 and manifest.options["generate"]["method_options"]["width"] == "4"
 
 
-def test_the_papers_architectures_on_mnistm_take_the_recipe_their_teacher_gets_without_flags(tmp_path, monkeypatch):
+def test_the_papers_architectures_on_mnistm_take_the_recipe_their_teacher_gets_without_flags(tmp_path, monkeypatch, load_pipeline):
     """bench_methods' mnistm32-papers: "auto" resolves the recipe `synth generate` gives its teacher (cifar10 for the
     papers' architectures, which carry the CIFAR bundle's normalisation), after --teacher-arch / --student-arch."""
     import copy
     import sys
 
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     cfg = copy.deepcopy(bench.CONFIGS["mnistm32-papers"])
     assert cfg["recipe"] == "auto" and "distill_epochs" not in cfg   # resolved when the run starts
     bench._apply_recipe(cfg)
@@ -713,10 +690,10 @@ def test_the_papers_architectures_on_mnistm_take_the_recipe_their_teacher_gets_w
     assert any("--set width=64" in c and "--num-images 64" in c for c in flat)
 
 
-def test_a_finished_ceiling_from_a_smaller_split_is_reused_and_another_budget_refused(tmp_path):
+def test_a_finished_ceiling_from_a_smaller_split_is_reused_and_another_budget_refused(tmp_path, load_pipeline):
     """The ceiling's real images are at most the training split (MNIST-M: 60,000 for a 96,000 budget): a rerun
     reuses them by the budget they were asked for, and an --out made for another budget is still refused."""
-    bench = _bench_methods()
+    bench = load_pipeline("bench_methods")
     shards = bench.shards_folder(tmp_path / "mnistm-grey", bench.CEILING, 0)
     shards.mkdir(parents=True)
     (shards / "bench_timing.json").write_text(json.dumps({"wall_s": 3.0, "cpu_s": 2.0}))

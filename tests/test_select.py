@@ -1,7 +1,6 @@
 """synth generate --select: over-sample, keep per requested slot the candidate the teacher's margin ranks first;
 class counts, sizes and determinism as without selection, and the default writes what it always wrote."""
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,6 @@ import torch
 from click.testing import CliRunner
 
 import dfkd.distill.evaluation as evaluation_module
-import dfkd.distill.train as train_module
 from dfkd.common.errors import UserError
 from dfkd.common.models import create_model
 from dfkd.distill.cli import main
@@ -250,19 +249,9 @@ def test_a_recipes_rule_falls_back_to_the_fixed_schedule_without_a_split(data, t
     assert with_split["stopped_epoch"] == 3 and "stopping rule: " in capsys.readouterr().err
 
 
-def test_resume_refuses_another_rule_or_another_split(data, tmp_path, monkeypatch):
-    real_epoch, calls = train_module.train_one_epoch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+def test_resume_refuses_another_rule_or_another_split(data, tmp_path, killed_at_epoch):
+    with killed_at_epoch(2):
         train(config(data, tmp_path / "run", epochs=4, stop_patience=2))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     for change, old_new in (({"stop_patience": 3}, "stop_patience 2 -> 3"), ({"stop_patience": 0}, "stop_patience 2 -> 0"),
                             ({"stop_min_delta": 0.1}, "stop_min_delta 0.05 -> 0.1"),
                             ({"stop_cooldown": 0.5}, "stop_cooldown 0.2 -> 0.5")):
@@ -275,19 +264,9 @@ def test_resume_refuses_another_rule_or_another_split(data, tmp_path, monkeypatc
 
 
 # --------------------------------------------------------------------------- the benchmark
-def _bench_methods():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_methods.py"
-    spec = importlib.util.spec_from_file_location("bench_methods", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_benchmark_counts_a_stopped_run_as_finished_and_shows_its_epochs(data, uninterrupted, tmp_path,
-                                                                               monkeypatch):
-    bench = _bench_methods()
+                                                                               monkeypatch, load_pipeline):
+    bench = load_pipeline("bench_methods")
     # a run the rule ended at epoch 4 of at most 6 is finished; before its student.pt, or before the cool-down, not
     stopped = tmp_path / "stopped"
     stopped.mkdir()

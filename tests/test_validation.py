@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 import dfkd.distill.evaluation as evaluation_module
 import dfkd.distill.run_folder as run_folder_module
-import dfkd.distill.train as train_module
 from dfkd.common.errors import UserError
 from dfkd.common.fileio import load_torch_safely
 from dfkd.common.models import create_model, load_model_checkpoint, save_model_checkpoint
@@ -24,7 +23,7 @@ from dfkd.distill.report import report_run
 from dfkd.distill.train import train
 from dfkd.distill.validation import BEST_VAL_FILE, best_epoch
 
-from test_distill import PER_SHARD, config, read_metrics
+from test_distill import config, read_metrics
 from test_distill import write_shard_folder as write_folder  # the stage-two tests' tiny shard folders
 
 
@@ -138,20 +137,10 @@ def test_keep_best_val_matches_the_metrics_csv_ranking(data, tmp_path):
     assert list(report.table.columns[-3:]) == ["val_agreement", "val_kl", "loss_kd"] and report.image.is_file()
 
 
-def test_resume_with_best_val_continues_the_ranking_and_refuses_another_split(data, tmp_path, monkeypatch):
+def test_resume_with_best_val_continues_the_ranking_and_refuses_another_split(data, tmp_path, killed_at_epoch):
     train(config(data, tmp_path / "straight", epochs=3, keep="best-val"))
-    real_epoch, calls = train_module.train_one_epoch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_epoch(3):
         train(config(data, tmp_path / "resumed", epochs=3, keep="best-val"))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     with pytest.raises(UserError, match=r"ranked its epochs for --keep best-val on the held-out split .*shards/val, "
                                         r"not on .*other_val: resume with --val-shards"):
         train(config(data, tmp_path / "resumed", epochs=3, keep="best-val", resume=True,
@@ -192,19 +181,9 @@ def test_a_kill_between_the_best_val_student_and_its_checkpoint_leaves_the_check
     assert not list((tmp_path / "run").glob("*.pending"))
 
 
-def test_val_shards_may_change_on_resume_without_best_val(data, tmp_path, monkeypatch):
-    real_epoch, calls = train_module.train_one_epoch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+def test_val_shards_may_change_on_resume_without_best_val(data, tmp_path, killed_at_epoch):
+    with killed_at_epoch(2):
         train(config(data, tmp_path / "run", val_shards="none"))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     train(config(data, tmp_path / "run", resume=True, val_shards=str(data["other_val"])))
     rows = read_metrics(tmp_path / "run")
     # epoch 1 (run without a split) is measured when the run resumes, on the split given now
