@@ -1,5 +1,7 @@
 """MUSE, DeepInversion and the adversarial term: loss pieces against hand computations, and each method
 writing valid, deterministic shards from a tiny teacher."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from dfkd.common.shards import read_manifest, read_shard, verify_dataset
 from dfkd.synth.generate import GenerateConfig, generate
 from dfkd.synth.methods import method_from_options
 from dfkd.synth.methods.deepinversion import jitter_flip, tv_l2
-from dfkd.synth.methods.generator import masked_disagreement
+from dfkd.synth.methods.generator import masked_disagreement, seeded_generator, training_labels
 from dfkd.synth.methods.muse import class_embeddings, noisy_embeddings
 
 
@@ -193,6 +195,36 @@ def test_masked_disagreement_counts_only_agreeing_images():
     assert masked_disagreement(s_disagree, t).item() == 0.0
     mixed = torch.stack([s_agree[0], s_disagree[1]])
     torch.testing.assert_close(masked_disagreement(mixed, t), kl[0] / 2)
+
+
+@pytest.mark.parametrize("batch,classes", [(100, 100), (64, 1000), (8, 10), (256, 100), (200, 10), (100, 10)])
+def test_generator_training_batches_take_every_class_in_turn(batch, classes):
+    """A half batch smaller than the class count (ImageNet's 1,000 classes at 64, 100 at 100) still trains every
+    class: the next half-batch of classes each step, evenly over the steps; image i + half repeats image i's
+    label. Where the half batch is a multiple of the class count, every step is the pattern it always was."""
+    half = batch // 2
+    cycle = classes // math.gcd(half, classes)   # steps after which every class has come equally often
+    steps = [training_labels(step, batch, classes) for step in range(cycle)]
+    for labels in steps:
+        assert labels.shape == (batch,) and torch.equal(labels[:half], labels[half:])
+    covered = torch.cat(steps[:-(-classes // half)])
+    assert set(covered.tolist()) == set(range(classes))
+    counts = torch.bincount(torch.cat(steps), minlength=classes)
+    assert counts.min() == counts.max()
+    if half % classes == 0:
+        assert all(torch.equal(labels, torch.arange(batch) % half % classes) for labels in steps)
+
+
+def test_every_class_embedding_of_the_ensemble_trains_when_the_batch_holds_fewer_classes(tmp_path):
+    """20 classes at a training batch of 8 (4 per half): after 5 steps every class's embedding has moved."""
+    teacher = create_model("lenet5", num_classes=20).eval().requires_grad_(False)
+    method = method_from_options("generator", {"num_generators": "1", "steps": "5", "train_batch_size": "8",
+                                               "width": "4", "latent_dim": "8"}, teacher.input_spec, 100)
+    torch.manual_seed(seeded_generator(0, 0).initial_seed())   # as the ensemble seeds member 0
+    start = method._new_generator(0).embed.weight.detach().clone()
+    method.fit(teacher, tmp_path, progress=False)
+    moved = (method.generators[0].embed.weight.detach() - start).abs().sum(1) > 0
+    assert moved.all(), f"classes never trained: {(~moved).nonzero().flatten().tolist()}"
 
 
 @pytest.mark.parametrize("method", ["generator", "muse"])

@@ -140,6 +140,18 @@ class ConditionalGenerator(nn.Module):
         return torch.sigmoid(self.out(h))
 
 
+def training_labels(step: int, batch: int, num_classes: int) -> torch.Tensor:
+    """The labels of training step `step`'s batch: its first half takes the next `batch // 2` classes in turn,
+    starting where the previous step stopped (step x half, modulo the class count), and image i + half repeats
+    image i's label (the mode-seeking pairs). Every class is trained: all of them in each step when the half
+    batch holds them, in turn over ceil(classes / half) steps when it does not (100 classes at a batch of 100,
+    1,000 at 64), and evenly over the steps. Where the half batch is a multiple of the class count (MNIST's 10
+    at 200 or 100) every step's batch is 0, 1, ..., C-1, 0, 1, ... as it always was."""
+    half = max(1, batch // 2)
+    first = (step * half + torch.arange(half)) % num_classes
+    return first.repeat(-(-batch // half))[:batch]
+
+
 def mode_seeking_loss(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """-mean |x_i - x_j| / |z_i - z_j| over pairs (i, i + B/2) (the training batch gives pairs one label)."""
     half = x.shape[0] // 2
@@ -361,8 +373,7 @@ class GeneratorEnsemble(SynthesisMethod):
         """One teacher pass over the images of the generators in `part`; each generator's loss over its own
         chunk, backpropagated (grads accumulate in each generator). Per generator: (terms, images, logits)."""
         b, n = self.config.train_batch_size, len(part)
-        half = max(1, b // 2)  # image i and i + half share a label (mode-seeking pairs)
-        labels = (torch.arange(b) % half % self.spec.num_classes).to(self.compute.device)
+        labels = training_labels(step, b, self.spec.num_classes).to(self.compute.device)
         zs, natives, views = self._render_part(part, labels, seed, step)
         logits, bn, extra, extra_terms, features = self._teacher_pass(teacher, hooks, views, labels, n)
         losses, outputs = [], []
