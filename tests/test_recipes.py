@@ -39,12 +39,12 @@ def test_no_flags_resolve_the_small_grey_recipe(tiny_teacher_path):
     resolved = resolve_recipe(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path)), MNIST_SPEC)
     cfg = resolved.config
     assert resolved.recipe.name == "small-grey"
-    assert resolved.reason == "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5)"
+    assert resolved.reason == "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5, MNIST-M grey lenet5)"
     assert (cfg.num_images, cfg.shard_size, cfg.image_format, cfg.method) == (96_000, 4_000, "npy", "generator")
     method = parse_config(METHODS["generator"].Config, cfg.method_options)
     assert (method.num_generators, method.steps, method.train_batch_size, method.width, method.latent_dim) == \
         (8, 200, 200, 16, 64)
-    assert (method.diversity_weight, method.feature_diversity_weight, method.sample_noise_scale) == (20, 10, 2)
+    assert (method.diversity_weight, method.feature_diversity_weight, method.sample_noise_scale) == (20, 10, 1)
     plain = resolve_recipe(GenerateConfig(teacher="lenet5", recipe="none"), MNIST_SPEC).config
     assert (plain.num_images, plain.image_format, plain.method_options) == (50_000, "png", {})
 
@@ -52,28 +52,28 @@ def test_no_flags_resolve_the_small_grey_recipe(tiny_teacher_path):
 def test_cli_start_line_and_manifest_record_the_recipe(tiny_teacher_path, tmp_path):
     result = _generate(tiny_teacher_path, tmp_path / "auto")
     assert result.exit_code == 0, result.output
-    assert "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5)" in result.output
+    assert "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5, MNIST-M grey lenet5)" in result.output
     manifest = read_manifest(tmp_path / "auto")
     assert manifest.recipe["name"] == "small-grey" and len(manifest.recipe["sha256"]) == 64
     assert manifest.recipe["path"].endswith("small-grey.toml") and manifest.recipe["reason"].startswith("recipe: ")
     resolved, method = manifest.options["generate"], manifest.options["method"]
     assert (resolved["num_images"], resolved["shard_size"], resolved["image_format"]) == (16, 4000, "npy")
-    assert (method["steps"], method["diversity_weight"], method["sample_noise_scale"]) == (1, 20.0, 2.0)
+    assert (method["steps"], method["diversity_weight"], method["sample_noise_scale"]) == (1, 20.0, 1.0)
     # naming the recipe gives the same config (hash) and bytes as choosing it automatically
     named = _generate(tiny_teacher_path, tmp_path / "named", "--recipe", "small-grey")
     assert named.exit_code == 0, named.output
     again = read_manifest(tmp_path / "named")
     assert again.config_sha256 == manifest.config_sha256 and again.shards == manifest.shards
-    assert "recipe: small-grey (--recipe small-grey; measured on MNIST lenet5)" in named.output
+    assert "recipe: small-grey (--recipe small-grey; measured on MNIST lenet5, MNIST-M grey lenet5)" in named.output
 
 
 def test_explicit_flags_override_the_recipe(tiny_teacher_path, tmp_path):
-    result = _generate(tiny_teacher_path, tmp_path / "o", "--image-format", "png", "--set", "sample_noise_scale=1",
+    result = _generate(tiny_teacher_path, tmp_path / "o", "--image-format", "png", "--set", "sample_noise_scale=1.5",
                        "--shard-size", "8")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "o")
     assert (manifest.image_format, manifest.shard_size, len(manifest.shards)) == ("png", 8, 2)
-    assert manifest.options["method"]["sample_noise_scale"] == 1.0
+    assert manifest.options["method"]["sample_noise_scale"] == 1.5
     assert manifest.options["method"]["diversity_weight"] == 20.0   # still the recipe's
 
 
