@@ -136,8 +136,10 @@ def bench_row(args, pair: str, method_row: str) -> dict:
             cmd = [py, "-m", "dfkd.synth", "generate", "--teacher", teacher, "--weights", str(weights), "--method",
                    method, "--out", str(shards), "--seed", "0", "--quiet", *args.synth_flags,
                    *[a for k, v in args.sets.items() for a in ("--set", f"{k}={v}")]]
+        resumed = shards.is_dir() and any(shards.iterdir())   # a stopped run's rest: its time is not the whole
         wall, cpu = run(cmd, base / "logs" / f"synth-{slug(method_row)}.log", args.threads)
-        timing_file.write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
+        timing_file.write_text(json.dumps({"wall_s": None, "cpu_s": None, "resumed": True} if resumed
+                                          else {"wall_s": wall, "cpu_s": cpu}))
     timing = json.loads(timing_file.read_text())
     top1 = {}
     for seed in range(args.seeds):
@@ -162,7 +164,7 @@ def write_results(out: Path, rows: list[dict], teachers: dict, seconds: float) -
             accs = [r["top1"][s] for s in sorted(r["top1"])]
             w.writerow([r["pair"], dataset, teacher, student, r["method"], f"{statistics.mean(accs):.2f}",
                         f"{statistics.stdev(accs) if len(accs) > 1 else 0:.2f}", " ".join(f"{a:.2f}" for a in accs),
-                        f"{teachers[r['pair']]:.2f}", f"{r['wall_s']:.1f}",
+                        f"{teachers[r['pair']]:.2f}", "" if r["wall_s"] is None else f"{r['wall_s']:.1f}",
                         "; ".join(f"{k} {v}" for k, v in published.items())])
     lines = []
     for pair in dict.fromkeys(r["pair"] for r in rows):
@@ -178,7 +180,7 @@ def write_results(out: Path, rows: list[dict], teachers: dict, seconds: float) -
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             ratio = f"{statistics.mean(accs) / ceiling:.3f}" if ceiling else "-"
             lines.append(f"| ours: {r['method']} | {statistics.mean(accs):.2f} +- {std:.2f} ({len(accs)}) | "
-                         + " / ".join(f"{a:.2f}" for a in accs) + f" | {ratio} | {r['wall_s']:.0f} |")
+                         + " / ".join(f"{a:.2f}" for a in accs) + f" | {ratio} | {'-' if r['wall_s'] is None else format(r['wall_s'], '.0f')} |")
         for name, value in published.items():
             lines.append(f"| published: {name} | {value:.2f} | - | - | - |")
         lines.append("")

@@ -441,8 +441,11 @@ def synthesise(py: str, base: Path, config_name: str, source: str, synth_seed: i
                "--recipe", "none", "--method", method, *sets, *flags, "--num-images", str(cfg["images"]), "--shard-size",
                str(cfg.get("shard_size", SHARD_SIZE)), "--image-format", IMAGE_FORMAT, "--seed", str(synth_seed), "--threads", str(THREADS), "--quiet",
                "--out", str(shards)]
+    # a folder with files from a stopped run: `synth generate` resumes it, and the child's CPU covers only the rest,
+    # so the timing is not recorded (the row's synthesis and total columns stay empty, as for a resumed distillation)
+    resumed = shards.is_dir() and any(shards.iterdir())
     wall, cpu = run(cmd, log)
-    timing = {"wall_s": wall, "cpu_s": cpu}
+    timing = {"wall_s": None, "cpu_s": None, "resumed": True} if resumed else {"wall_s": wall, "cpu_s": cpu}
     shards.mkdir(parents=True, exist_ok=True)
     timing_file.write_text(json.dumps(timing))
     return timing
@@ -486,7 +489,9 @@ def bench_variant(py: str, out: Path, config_name: str, variant: str, seeds: lis
             if (run_dir / "bench_timing.json").exists():
                 distill_cpu[seed] = json.loads((run_dir / "bench_timing.json").read_text())["cpu_s"]
     say(f"done: {config_name} / {variant}: {top1}")
-    timing = {k: statistics.mean(t[k] for t in timings.values()) for k in ("wall_s", "cpu_s")}
+    # the mean over the syntheses, or None where one of them was resumed (its CPU was not measured whole)
+    timing = {k: None if any(t[k] is None for t in timings.values()) else statistics.mean(t[k] for t in timings.values())
+              for k in ("wall_s", "cpu_s")}
     return {"config": config_name, "method": variant, "images": cfg["images"], **timing, "top1": top1,
             "syntheses": len(timings), "epochs": epochs, "epochs_run": ran,
             "distill_cpu_s": statistics.mean(distill_cpu.values()) if distill_cpu else None}
@@ -635,6 +640,11 @@ def main() -> None:
         write_results_file(args.results, (out / "results.md").read_text(), title="Synthesis methods side by side")
 
 
+def _cell(value: float | None, fmt: str, missing: str = "") -> str:
+    """A number for a table cell, or `missing` where it was not measured (a resumed step's CPU)."""
+    return missing if value is None else format(value, fmt)
+
+
 def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired: bool = False) -> None:
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -643,12 +653,12 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
                     "distill_epochs", "distill_cpu_s", "total_cpu_s", "distill_epochs_run"])
         for r in rows:
             accs = [r["top1"][s] for s in sorted(r["top1"])] or [float("nan")]
-            dcpu = r.get("distill_cpu_s")
-            w.writerow([r["config"], r["method"], r["images"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}",
-                        f"{r['images'] / r['cpu_s']:.1f}", f"{statistics.mean(accs):.2f}",
+            dcpu, scpu = r.get("distill_cpu_s"), r["cpu_s"]
+            w.writerow([r["config"], r["method"], r["images"], _cell(scpu, ".1f"), _cell(r["wall_s"], ".1f"),
+                        _cell(scpu and r["images"] / scpu, ".1f"), f"{statistics.mean(accs):.2f}",
                         f"{statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
                         " ".join(f"{a:.2f}" for a in accs), f"{r['teacher_top1']:.2f}", r.get("epochs", ""),
-                        "" if dcpu is None else f"{dcpu:.1f}", "" if dcpu is None else f"{r['cpu_s'] + dcpu:.1f}",
+                        _cell(dcpu, ".1f"), _cell(None if dcpu is None or scpu is None else scpu + dcpu, ".1f"),
                         " ".join(str(r.get("epochs_run", {})[s]) for s in sorted(r.get("epochs_run", {})))])
     lines = []
     for name in dict.fromkeys(r["config"] for r in rows):
@@ -666,13 +676,14 @@ def write_results(out: Path, rows: list[dict], seconds: float, jobs: int, paired
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             top1 = f"{statistics.mean(accs):.2f} +- {std:.2f} ({len(accs)})" if accs else "not distilled"
             ratio = (f" {statistics.mean(accs) / statistics.mean(ceiling):.3f} |" if accs else " |") if ceiling else ""
-            dcpu = r.get("distill_cpu_s")
-            cpu_cols = "- | - |" if dcpu is None else f"{dcpu:.0f} | {r['cpu_s'] + dcpu:.0f} |"
-            lines.append(f"| {r['method']} | {r['images']:,} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
-                         f"{r['images'] / r['cpu_s']:.1f} | {epochs_cell(r)} | {cpu_cols} {top1} | " + " / ".join(f"{a:.2f}" for a in accs)
+            dcpu, scpu = r.get("distill_cpu_s"), r["cpu_s"]
+            total = None if dcpu is None or scpu is None else scpu + dcpu
+            lines.append(f"| {r['method']} | {r['images']:,} | {_cell(scpu, '.0f', '-')} | {_cell(r['wall_s'], '.0f', '-')} | "
+                         f"{_cell(scpu and r['images'] / scpu, '.1f', '-')} | {epochs_cell(r)} | {_cell(dcpu, '.0f', '-')} | "
+                         f"{_cell(total, '.0f', '-')} | {top1} | " + " / ".join(f"{a:.2f}" for a in accs)
                          + " |" + ratio)
         low, full = by.get("muse low-resolution only (3 x 1/4)"), by.get("muse without multi-resolution (3 x full)")
-        if low and full:
+        if low and full and low["cpu_s"] and full["cpu_s"]:
             lines += ["", f"Low-resolution cost: MUSE at 1/4 resolution used {low['cpu_s']:.0f} CPU-s against "
                       f"{full['cpu_s']:.0f} CPU-s at full resolution for the same images and steps: "
                       f"**{100 * low['cpu_s'] / full['cpu_s']:.0f}%**."]

@@ -615,6 +615,29 @@ def test_paired_seeds_synthesise_once_per_seed_and_distil_from_their_own_shards(
     assert bench.run_name(row, 2, 0) == "generator-ensemble-adversarial-seed2"
 
 
+def test_a_resumed_synthesis_records_no_cpu_and_the_row_shows_none(tmp_path, monkeypatch, load_pipeline):
+    """A synthesis into a folder a stopped run left files in resumes it: the child's CPU covers only the rest, so
+    the row's synthesis and total cells stay empty (not a part passed off as the whole); a fresh one is timed."""
+    bench = load_pipeline("bench_methods")
+    monkeypatch.setattr(bench, "run", lambda cmd, log: (5.0, 7.0))
+    monkeypatch.setattr(bench, "final_top1", lambda run_dir, epochs: 50.0)
+    monkeypatch.setattr(bench, "DISTILL_SETS", {})
+    row = "generator ensemble"
+    partial = bench.shards_folder(tmp_path / "mnistm32", row, 1)
+    partial.mkdir(parents=True)
+    (partial / "shard-000000.tar").write_bytes(b"")      # what a stopped synthesis left
+    result = bench.bench_variant("python", tmp_path, "mnistm32", row, [0, 1], "data", paired=True)
+    assert json.loads((partial / "bench_timing.json").read_text())["cpu_s"] is None
+    assert json.loads((bench.shards_folder(tmp_path / "mnistm32", row, 0) / "bench_timing.json").read_text()) == \
+        {"wall_s": 5.0, "cpu_s": 7.0}
+    assert result["cpu_s"] is None and result["wall_s"] is None
+    bench.write_results(tmp_path, [{**result, "teacher_top1": 99.0}], 60.0, 1, paired=True)
+    line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith(f"| {row} |"))
+    assert line.split(" | ")[2:5] == ["-", "-", "-"], line
+    csv_row = (tmp_path / "results.csv").read_text().splitlines()[1].split(",")
+    assert csv_row[3:6] == ["", "", ""] and csv_row[12] == ""
+
+
 def test_generate_builds_the_teacher_once(tiny_teacher_path, tmp_path, monkeypatch):
     """The teacher is built once: after the recipe is resolved for a named recipe (one that sets the seed
     here, which random weights depend on), before it for the automatic one, which chooses among shipped
