@@ -195,6 +195,13 @@ SETS: dict = {}   # method options over every row's own (--set), for the methods
 DISTILL_SETS: dict = {}   # `distill train` flags over every configuration's own (--distill-set), e.g. {"aug": "crop-colour"}
 
 
+def retitled(title: str, teacher: str, student: str, new_teacher: str, new_student: str) -> str:
+    """A configuration's title with its teacher -> student pair replaced by the one given on the command line
+    (appended where the title names no pair)."""
+    pair, new_pair = f"{teacher} -> {student}", f"{new_teacher} -> {new_student}"
+    return title.replace(pair, new_pair) if pair in title else f"{title}: {new_pair}"
+
+
 def _apply_recipe(cfg: dict) -> None:
     """A configuration with "recipe": its image count, method options and distillation settings from that
     shipped recipe (the variant's defining options, such as `adversarial_weight`, are not in a recipe)."""
@@ -584,12 +591,10 @@ def main() -> None:
     check_sets(SETS)
     for name in configs:
         cfg = CONFIGS[name]
-        if args.teacher_arch:
-            cfg["teacher"] = args.teacher_arch
-        if args.student_arch:
-            cfg["student"] = args.student_arch
-        cfg["title"] = cfg["title"] if not (args.teacher_arch or args.student_arch) else (
-            f"{cfg['title']}: {cfg['teacher']} -> {cfg['student']}")
+        if args.teacher_arch or args.student_arch:
+            cfg["title"] = retitled(cfg["title"], cfg["teacher"], cfg["student"], args.teacher_arch or cfg["teacher"],
+                                    args.student_arch or cfg["student"])
+            cfg["teacher"], cfg["student"] = args.teacher_arch or cfg["teacher"], args.student_arch or cfg["student"]
         if cfg.get("recipe") == "auto":
             _apply_recipe(cfg)
     for name in configs:   # budgets given on the command line (a GPU's, or a dry run's) win over the table's

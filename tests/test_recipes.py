@@ -453,6 +453,19 @@ def test_a_set_key_no_rows_method_has_is_refused_before_any_work(tmp_path, monke
     bench.check_sets(sets)
 
 
+def test_an_architecture_override_replaces_the_titles_pair_instead_of_following_it(load_pipeline):
+    """--teacher-arch / --student-arch: the table's title names the pair that ran, once (not the configuration's
+    default pair with the override after it); a title that names no pair gets it appended."""
+    bench = load_pipeline("bench_methods")
+    title = bench.CONFIGS["mnistm100"]["title"]
+    new = bench.retitled(title, "cifar_resnet20", "cifar_resnet8", "cifar_resnet14", "cifar_resnet8")
+    assert "cifar_resnet14 -> cifar_resnet8" in new and "cifar_resnet20" not in new
+    assert new.startswith("MNIST-M digit pairs (100 classes)")
+    papers = bench.CONFIGS["mnistm32-papers"]
+    assert bench.retitled(papers["title"], papers["teacher"], papers["student"], "wrn_40_2", "wrn_16_1") == (
+        f"{papers['title']}: wrn_40_2 -> wrn_16_1")
+
+
 def _recording(bench, monkeypatch) -> list:
     """bench.run replaced by a recorder of its command lines (1 s wall, 2 CPU-s each); a run counts as finished
     once a command named its folder."""
