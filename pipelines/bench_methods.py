@@ -139,6 +139,12 @@ CONFIGS = {
                     "teacher_epochs": 8, "student": "lenet5_half", "ceiling": True, "recipe": "small-grey",
                     "separate": True,
                     "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS, *STOP_ROWS]},
+    # the 100-class pairs seen in grey by a 28 px LeNet-5 with the small-grey recipe: a second 100-class dataset and
+    # teacher beside mnistm100, as mnistm-grey is beside mnistm32
+    "mnistm100-grey": {"title": "MNIST-M digit pairs (100 classes) in grey 28 px, lenet5 -> lenet5_half",
+                       "data": "mnistm100", "teacher": "lenet5", "teacher_epochs": 8, "student": "lenet5_half",
+                       "ceiling": True, "recipe": "small-grey", "separate": True,
+                       "only": ["generator ensemble", "real training images (ceiling)", *SYNTH_FLAGS, *STOP_ROWS]},
     "mnistm32-papers": {"title": "MNIST-M 32 px RGB, the papers' CIFAR architectures", "data": "mnistm",
                         "teacher": "wrn_40_2", "teacher_epochs": 2, "student": "wrn_16_2", "ceiling": True,
                         "recipe": "auto", "separate": True, "options": {},
