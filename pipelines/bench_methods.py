@@ -598,9 +598,9 @@ def main() -> None:
     for name in configs:
         cfg = CONFIGS[name]
         if args.teacher_arch or args.student_arch:
-            cfg["title"] = retitled(cfg["title"], cfg["teacher"], cfg["student"], args.teacher_arch or cfg["teacher"],
-                                    args.student_arch or cfg["student"])
-            cfg["teacher"], cfg["student"] = args.teacher_arch or cfg["teacher"], args.student_arch or cfg["student"]
+            teacher, student = args.teacher_arch or cfg["teacher"], args.student_arch or cfg["student"]
+            cfg["title"] = retitled(cfg["title"], cfg["teacher"], cfg["student"], teacher, student)
+            cfg["teacher"], cfg["student"] = teacher, student
         if cfg.get("recipe") == "auto":
             _apply_recipe(cfg)
     for name in configs:   # budgets given on the command line (a GPU's, or a dry run's) win over the table's
