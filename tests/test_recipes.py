@@ -453,6 +453,27 @@ def test_a_set_key_no_rows_method_has_is_refused_before_any_work(tmp_path, monke
     bench.check_sets(sets)
 
 
+def test_a_variant_that_names_no_row_or_runs_on_none_of_the_configurations_is_refused(tmp_path, monkeypatch,
+                                                                                        load_pipeline):
+    """bench_methods --variants: a slug that is no row, or a row none of the chosen configurations runs (not in a
+    test bed's "only" list), stops the run before any work with what to choose, instead of finishing with an empty
+    table; a row the test beds list (twice the epochs) runs there."""
+    import sys
+
+    bench = load_pipeline("bench_methods")
+    monkeypatch.setattr(bench, "run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
+    for variants, error in (("generator-ensembel", r"unknown variant\(s\) \['generator-ensembel'\]; choose from .*"
+                                                   r"'generator-ensemble'"),
+                            ("generator-ensemble-half-the-epochs", r"run on none of the configurations \['mnistm100'\]")):
+        monkeypatch.setattr(sys, "argv", ["bench_methods.py", "--configs", "mnistm100", "--out", str(tmp_path / "out"),
+                                          "--variants", variants])
+        with pytest.raises(SystemExit, match=error):
+            bench.main()
+    assert not (tmp_path / "out").exists()
+    assert all(bench.runs_on(c, "generator ensemble, twice the epochs")
+               for c in ("mnistm32", "mnistm100", "mnistm-grey", "mnistm100-grey"))
+
+
 def test_an_architecture_override_replaces_the_titles_pair_instead_of_following_it(load_pipeline):
     """--teacher-arch / --student-arch: the table's title names the pair that ran, once (not the configuration's
     default pair with the override after it); a title that names no pair gets it appended."""
