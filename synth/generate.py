@@ -469,8 +469,15 @@ def _made_with(manifest: Manifest, config: dict) -> bool:
         return True
     added = {s.name for s in options.options_of(GenerateConfig)
              if s.name in config and s.name not in manifest.config and config[s.name] == s.default}
-    return bool(added) and manifest.config_sha256 == canonical_json_sha256(
-        {k: v for k, v in config.items() if k not in added})
+    trimmed = {k: v for k, v in config.items() if k not in added}
+    method, recorded = config.get("method_config"), manifest.config.get("method_config")
+    if isinstance(method, dict) and isinstance(recorded, dict) and config.get("method") in METHODS:
+        new_options = {s.name for s in options.options_of(METHODS[config["method"]].Config)
+                       if s.name in method and s.name not in recorded and method[s.name] == s.default}
+        if new_options:
+            added |= new_options
+            trimmed["method_config"] = {k: v for k, v in method.items() if k not in new_options}
+    return bool(added) and manifest.config_sha256 == canonical_json_sha256(trimmed)
 
 
 def _config_changes(old: dict, new: dict) -> str:
@@ -486,7 +493,10 @@ def _config_changes(old: dict, new: dict) -> str:
         if key in specs:
             parts.append(f"{specs[key].flag_name} {show(a)} there, {show(b)} now")
         elif key in ("method_config", "compute") and isinstance(a, dict) and isinstance(b, dict):
-            for sub in options.differences(a, b):
+            method_cls = METHODS[new["method"]].Config if new.get("method") in METHODS else None
+            defaults = ({s.name: s.default for s in options.options_of(method_cls)}
+                        if key == "method_config" and method_cls is not None else None)
+            for sub in options.differences(a, b, defaults=defaults):
                 what = f"method option {sub.name}" if key == "method_config" else f"--{sub.name.replace('_', '-')}"
                 parts.append(f"{what} {show(sub.old)} there, {show(sub.new)} now")
         elif key == "teacher_sha256":

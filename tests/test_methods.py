@@ -1,5 +1,6 @@
 """MUSE, DeepInversion and the adversarial term: loss pieces against hand computations, and each method
 writing valid, deterministic shards from a tiny teacher."""
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from dfkd.synth.cam import ClassActivationMaps, cam_coverage
 from dfkd.common.errors import UserError
+from dfkd.common.fileio import canonical_json_sha256
 from dfkd.common.models import InputSpec, create_model
 from dfkd.common.shards import read_manifest, read_shard, verify_dataset
 from dfkd.synth.generate import GenerateConfig, generate
@@ -252,6 +254,63 @@ def test_adversarial_proxy_of_an_rgb_resnet_teacher_is_not_a_lenet(tmp_path):
     assert manifest.config["method_config"]["proxy_student"] == "cifar_resnet8"
     state = torch.load(next((tmp_path / "s" / "state").glob("*.pt")), weights_only=True)
     assert state["proxy"]["conv1.weight"].shape == (16, 3, 3, 3)   # CifarResNet's stem, on RGB input
+
+
+def test_the_contrastive_loss_is_ln_batch_when_nothing_tells_images_apart_and_falls_as_they_separate():
+    """CMI's InfoNCE over the batch: identical features for every image give ln(B) (a crop matches any image as
+    well as its own); distinct features give less; a crop is a differentiable resampling of its image."""
+    from dfkd.synth.methods.base import seeded_generator
+    from dfkd.synth.methods.generator import ProjectionHead, contrastive_loss, random_resized_crops
+
+    torch.manual_seed(0)
+    head = ProjectionHead(16)
+    same = torch.randn(1, 16).repeat(8, 1)
+    assert contrastive_loss(head, same, same).item() == pytest.approx(math.log(8), abs=1e-5)
+    apart = torch.randn(8, 16) * 5
+    assert contrastive_loss(head, apart, apart).item() < math.log(8) - 1
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    crops = random_resized_crops(x, seeded_generator(0, 1))
+    assert crops.shape == x.shape and torch.equal(crops, random_resized_crops(x, seeded_generator(0, 1)))
+    assert not torch.equal(crops, random_resized_crops(x, seeded_generator(0, 2)))
+    crops.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_the_contrastive_term_trains_a_head_kept_in_the_checkpoint_and_changes_the_images(tiny_teacher_path,
+                                                                                          tmp_path):
+    """`--set contrastive_weight=1`: the term is trained (its head is in each generator's checkpoint and moved
+    from its initial weights), the shards are valid and differ from the same run without the term; a checkpoint
+    or manifest written before the option was declared (no contrastive_weight recorded) resumes as the default."""
+    options = {"num_generators": "1", "steps": "4", "train_batch_size": "8", "width": "4", "latent_dim": "8",
+               "checkpoint_every": "2"}
+
+    def run(out, **extra):
+        return generate(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path), out=str(out),
+                                       method_options={**options, **extra}, num_images=16, shard_size=8,
+                                       write_batch_size=8, image_format="npy", progress=False, recipe="none"))
+
+    with_term, without = run(tmp_path / "con", contrastive_weight="1"), run(tmp_path / "plain")
+    assert verify_dataset(tmp_path / "con") == []
+    assert [s.sha256 for s in with_term.shards] != [s.sha256 for s in without.shards]
+    state = torch.load(tmp_path / "con" / "state" / "generator-000.pt", weights_only=True)
+    head = {k: v for k, v in state["generator"].items() if k.startswith("contrast_head.")}
+    assert head and head["contrast_head.2.weight"].shape == (128, 84)   # LeNet-5's penultimate: 84 features
+    plain_state = torch.load(tmp_path / "plain" / "state" / "generator-000.pt", weights_only=True)
+    assert not any(k.startswith("contrast_head.") for k in plain_state["generator"])
+    # what an earlier version wrote: no contrastive_weight in the checkpoint's or the manifest's method options
+    del plain_state["config"]["contrastive_weight"]
+    torch.save(plain_state, tmp_path / "plain" / "state" / "generator-000.pt")
+    manifest_path = tmp_path / "plain" / "manifest.json"
+    recorded = json.loads(manifest_path.read_text())
+    del recorded["config"]["method_config"]["contrastive_weight"]
+    recorded["config_sha256"] = canonical_json_sha256(recorded["config"])
+    manifest_path.write_text(json.dumps(recorded))
+    again = run(tmp_path / "plain")   # the same settings: nothing to redo, not "made with other settings"
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in without.shards]
+    teacher = create_model("lenet5", weights=str(tiny_teacher_path)).eval().requires_grad_(False)
+    method = method_from_options("generator", options, teacher.input_spec, 16)
+    method.fit(teacher, tmp_path / "plain" / "state", progress=False)   # restored, not refused or retrained
+    assert all(torch.equal(v, plain_state["generator"][k]) for k, v in method.generators[0].state_dict().items())
 
 
 TINY_OPTIONS = {

@@ -48,7 +48,8 @@ def _cifar_teacher():
 
 
 # --------------------------------------------------------------------------- concurrent generator training
-@pytest.mark.parametrize("case", ["ensemble", "adversarial", "muse-native", "muse-native-adversarial"])
+@pytest.mark.parametrize("case", ["ensemble", "adversarial", "contrastive", "muse-native", "muse-native-adversarial",
+                                  "muse-native-contrastive"])
 def test_concurrent_generators_train_exactly_as_one_at_a_time(case, tiny_teacher_path, tmp_path):
     """All generators sharing each teacher pass against each generator trained alone, one after the other:
     every generator's per-step loss terms and final weights are bit-identical on the CPU."""
@@ -58,10 +59,14 @@ def test_concurrent_generators_train_exactly_as_one_at_a_time(case, tiny_teacher
                                                             "teacher_input": "native", "scales": "0.5,1"}
         if case.endswith("adversarial"):
             options["adversarial_weight"] = "1"
+        if case.endswith("contrastive"):
+            options["contrastive_weight"] = "1"
     else:
         name, teacher, options = "generator", _teacher(tiny_teacher_path), dict(TINY)
         if case == "adversarial":
             options.update(adversarial_weight="1", steps="3")
+        if case == "contrastive":
+            options.update(contrastive_weight="1", steps="3")
     runs = {}
     for mode in ("together", "alone"):
         method = method_from_options(name, options, teacher.input_spec, 100)

@@ -11,6 +11,10 @@ noise z, images x = G_k(z, y) in [0, 1] are normalised for the teacher and
                                                                        class: mode seeking, same y)
          + feature_diversity_weight * -mean_i (1 - cos(f_i, f_j)) / |z_i - z_j|_1   (the same on the
                                                                        teacher's penultimate features)
+         + contrastive_weight * InfoNCE(h(f(x_i)), h(f(crop(x_i))))     (optional, CMI's contrastive term:
+                                                                       each image told apart from the batch's
+                                                                       others through a projection head h
+                                                                       trained alongside; see below)
          + adversarial_weight * -mean_i [argmax s(x_i) = argmax t(x_i)] KL(t(x_i) || s(x_i))
                                                                       (optional, Fast-DFKD/CMI's masked
                                                                        disagreement: hard samples for a
@@ -22,6 +26,13 @@ BN -> LeakyReLU -> n x (nearest x2, conv3x3, BN, LeakyReLU) -> conv3x3 -> sigmoi
 Our choices (not in the paper, which does not publish them): a learned class embedding instead of a
 one-hot, a sigmoid to [0, 1] pixels (so the stored PNG is exactly what the teacher saw, up to 8-bit
 quantisation) instead of tanh + a final BN, the diversity and adversarial terms, and all weights.
+
+The contrastive term (after Fang et al. 2021, CMI): the teacher also sees a random resized crop (flipped at
+random) of each image; h (linear, ReLU, linear to 128, L2-normalised) maps the penultimate features of both
+views, and the loss is the cross-entropy of picking image i's crop among the batch's crops at temperature
+0.1, both ways. h is a part of the generator (trained by the same optimiser, kept in its checkpoint, unused
+when sampling). Our simplifications: negatives from the generator's batch only (CMI also keeps a memory
+bank of earlier images), and the penultimate features only (CMI concatenates BN layers' features).
 """
 from __future__ import annotations
 
@@ -42,7 +53,7 @@ from dfkd.common.faults import fault_point
 from dfkd.common.fileio import load_torch_safely, save_torch_atomic
 from dfkd.common.input_spec import InputSpec
 from dfkd.common.models import create_model
-from dfkd.common.options import hashed, option
+from dfkd.common.options import differences, hashed, option, options_of
 from dfkd.common.options import validate as validate_options
 
 from ..bn_stats import BNStatsLoss
@@ -70,6 +81,10 @@ class GeneratorEnsembleConfig:
                                      "class: |x_i - x_j| / |z_i - z_j|).")
     feature_diversity_weight: float = option(0.0, min=0.0, help="Weight of mode seeking on the teacher's "
                                              "penultimate features (cosine distance); 0 = off.")
+    contrastive_weight: float = option(0.0, min=0.0, help="Weight of CMI's contrastive term (each image told "
+                                       "apart from the batch's others by the teacher's features of a crop of it, "
+                                       "through a projection head trained alongside; one more teacher pass per "
+                                       "step); 0 = off.")
     adversarial_weight: float = option(0.0, min=0.0, help="Weight of the adversarial term (Fast-DFKD/CMI masked "
                                        "disagreement with a proxy student trained alongside); 0 = off.")
     proxy_student: str = option("auto", help="The proxy student (used only when adversarial_weight > 0); auto: "
@@ -172,17 +187,57 @@ class PenultimateFeatures:
     """Records the input of the teacher's last linear layer (its penultimate features) on each forward."""
 
     def __init__(self, model: nn.Module):
+        self.value = None
+        self._handle = self.classifier(model).register_forward_hook(
+            lambda m, inputs, out: setattr(self, "value", inputs[0]))
+
+    @staticmethod
+    def classifier(model: nn.Module) -> nn.Linear:
+        """The model's last linear layer (its input: the penultimate features)."""
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
-            raise UserError(f"{type(model).__name__} has no linear classifier: feature_diversity_weight needs one")
-        self.value = None
-        self._handle = linears[-1].register_forward_hook(lambda m, inputs, out: setattr(self, "value", inputs[0]))
+            raise UserError(f"{type(model).__name__} has no linear classifier: feature_diversity_weight and "
+                            "contrastive_weight need one (set them to 0)")
+        return linears[-1]
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self._handle.remove()
+
+
+class ProjectionHead(nn.Sequential):
+    """The contrastive term's head on the teacher's penultimate features: linear, ReLU, linear to 128."""
+
+    def __init__(self, dim: int, out: int = 128):
+        super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out))
+
+
+def random_resized_crops(x: torch.Tensor, generator: torch.Generator, min_area: float = 0.25) -> torch.Tensor:
+    """Per image: a square crop of a random area in [min_area, 1] of the image at a random place, flipped
+    left-right at random, resized back to the image's size (bilinear; differentiable in x). The draws are
+    made on the CPU from `generator` (the same crops on every device)."""
+    b = x.shape[0]
+    side = torch.sqrt(torch.empty(b).uniform_(min_area, 1.0, generator=generator))
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - side).unsqueeze(1)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = side * flip, side
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def contrastive_loss(head: nn.Module, features: torch.Tensor, crop_features: torch.Tensor,
+                     temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE over the batch: image i's crop is the one to pick among all crops for image i (and the other way
+    round), on L2-normalised head outputs at `temperature`; ln(batch) when nothing tells images apart."""
+    a = F.normalize(head(features), dim=1)
+    b = F.normalize(head(crop_features), dim=1)
+    logits = a @ b.t() / temperature
+    target = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def masked_disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -265,7 +320,7 @@ class GeneratorEnsemble(SynthesisMethod):
     def _hooks(self, teacher: nn.Module, stack: contextlib.ExitStack) -> dict:
         """Teacher hooks for the loss terms: BN statistics, and penultimate features if used."""
         hooks = {"bn": stack.enter_context(BNStatsLoss(teacher, self.config.first_bn_weight))}
-        if self.config.feature_diversity_weight:
+        if self.config.feature_diversity_weight or self.config.contrastive_weight:
             hooks["features"] = stack.enter_context(PenultimateFeatures(teacher))
         return hooks
 
@@ -288,6 +343,8 @@ class GeneratorEnsemble(SynthesisMethod):
     def _fit_generators(self, ks: list[int], teacher: nn.Module, state_dir: Path, progress: bool, seed: int) -> None:
         """Train generators `ks` (restartably: each continues from its checkpoint) concurrently, then load them."""
         self.check_teacher(teacher)
+        if self.config.contrastive_weight:
+            self._feature_dim = PenultimateFeatures.classifier(teacher).in_features
         state_dir.mkdir(parents=True, exist_ok=True)
         members = [self._member(k, state_dir / f"generator-{k:03d}.pt", seed) for k in ks]
         pending = [m for m in members if m.start < self.config.steps]
@@ -302,7 +359,10 @@ class GeneratorEnsemble(SynthesisMethod):
         moved to the device, restored from its checkpoint when there is one."""
         cfg, spec, compute = self.config, self.spec, self.compute
         torch.manual_seed(seeded_generator(seed, k).initial_seed())
-        gen = compute.model(self._new_generator(k))
+        gen = self._new_generator(k)
+        if cfg.contrastive_weight:   # the projection head trains with the generator and lives in its checkpoint
+            gen.add_module("contrast_head", ProjectionHead(self._feature_dim))
+        gen = compute.model(gen)
         opt = torch.optim.Adam(gen.parameters(), cfg.lr, betas=(0.5, 0.999))
         proxy = proxy_opt = None
         if cfg.adversarial_weight > 0:
@@ -376,12 +436,14 @@ class GeneratorEnsemble(SynthesisMethod):
         labels = training_labels(step, b, self.spec.num_classes).to(self.compute.device)
         zs, natives, views = self._render_part(part, labels, seed, step)
         logits, bn, extra, extra_terms, features = self._teacher_pass(teacher, hooks, views, labels, n)
+        crops = self._crop_pass(teacher, hooks, views, [seeded_generator(seed, m.k, step, 2) for m in part])
         losses, outputs = [], []
         for i, m in enumerate(part):
             loss, terms = self._member_loss(m, labels, logits[i], bn[i], zs[i], natives[i], views[i],
                                             features[i] if features is not None else None,
                                             extra[i] if extra is not None else None,
-                                            {name: v[i].detach() for name, v in extra_terms.items()})
+                                            {name: v[i].detach() for name, v in extra_terms.items()},
+                                            crops[i] if crops is not None else None)
             losses.append(loss)
             outputs.append((terms, views[i].detach(), logits[i].detach()))
         total = losses[0] if n == 1 else torch.stack(losses).sum()
@@ -417,13 +479,27 @@ class GeneratorEnsemble(SynthesisMethod):
             logits_all = teacher(compute.batch(spec.normalize(x_all))).float()
         bn = hooks["bn"].loss().reshape(n)
         extra, extra_terms = self._extra_loss(hooks, logits_all, labels.repeat(n), n)
-        features = hooks["features"].value.float().chunk(n) if cfg.feature_diversity_weight else None
+        features = hooks["features"].value.float().chunk(n) if "features" in hooks else None
         logits = logits_all.chunk(n) if n > 1 else [logits_all]
         return logits, bn, extra, extra_terms, features
 
+    def _crop_pass(self, teacher: nn.Module, hooks: dict, views: list[torch.Tensor],
+                   generators: list[torch.Generator]) -> Any:
+        """The contrastive term's second teacher pass, after `_teacher_pass` has read its hooks: the penultimate
+        features of a random resized crop of every image, per generator (None when the term is off). Each
+        generator's crops are drawn from its own seeded stream, so a generator's training does not depend on
+        which others share its pass."""
+        if not self.config.contrastive_weight:
+            return None
+        x = torch.cat([random_resized_crops(v, g) for v, g in zip(views, generators)])
+        with self.compute.autocast():
+            teacher(self.compute.batch(self.spec.normalize(x)))
+        return hooks["features"].value.float().chunk(len(views))
+
     def _member_loss(self, m: "_Member", labels: torch.Tensor, logits: torch.Tensor, bn: torch.Tensor,
                      z: torch.Tensor, native: torch.Tensor, view: torch.Tensor, features: torch.Tensor | None,
-                     extra: torch.Tensor | None, extra_terms: dict) -> tuple[torch.Tensor, dict]:
+                     extra: torch.Tensor | None, extra_terms: dict,
+                     crop_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """One generator's loss (BN statistics, CE, class balance, mode seeking on pixels and features, the
         method's extra term, the adversarial term against its proxy student) and its terms, detached."""
         cfg, spec, compute = self.config, self.spec, self.compute
@@ -440,6 +516,10 @@ class GeneratorEnsemble(SynthesisMethod):
             fdiv = feature_mode_seeking_loss(features, z)
             loss = loss + cfg.feature_diversity_weight * fdiv
             terms["fdiv"] = fdiv.detach()
+        if crop_features is not None:
+            con = contrastive_loss(m.gen.contrast_head, features, crop_features)
+            loss = loss + cfg.contrastive_weight * con
+            terms["con"] = con.detach()
         if extra is not None:
             loss = loss + extra
             terms.update(extra_terms)
@@ -475,7 +555,7 @@ class GeneratorEnsemble(SynthesisMethod):
         """Load a training checkpoint (tensors only, weights_only=True) into the given objects; its step."""
         fix = "delete it to retrain that generator, or rerun with --overwrite"
         state = load_torch_safely(path, fix)
-        if not isinstance(state, dict) or state.get("config") != hashed(self.config):
+        if not isinstance(state, dict) or not self._same_config(state.get("config")):
             raise UserError(f"{path} was trained with another configuration; use --overwrite to start over")
         try:
             gen.load_state_dict(state["generator"])
@@ -488,6 +568,13 @@ class GeneratorEnsemble(SynthesisMethod):
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"{path} does not hold a checkpoint of this generator ({type(e).__name__}); "
                             f"{fix}") from None
+
+    def _same_config(self, recorded: Any) -> bool:
+        """Whether a checkpoint's recorded options are this config's (an option declared since it was written
+        counts as its declared default)."""
+        cls = type(self.config)
+        return isinstance(recorded, dict) and not differences(
+            recorded, hashed(self.config), cls, {s.name: s.default for s in options_of(cls)})
 
     def _save(self, m: "_Member", step: int) -> None:
         state = {"config": hashed(self.config), "step": step, "generator": m.gen.state_dict(),
