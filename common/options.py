@@ -338,6 +338,11 @@ def _as_stored(value: Any) -> Any:
     return value
 
 
+def declared_defaults(cls: type) -> dict[str, Any]:
+    """Each option of `cls` with its declared default: the value of a setting a record written before it lacks."""
+    return {s.name: s.default for s in options_of(cls)}
+
+
 def differences(old: Mapping[str, Any], new: Mapping[str, Any], cls: type | None = None,
                 defaults: Mapping[str, Any] | None = None) -> list[Change]:
     """The settings whose value differs between a recorded run (`old`) and this one (`new`), values

@@ -488,13 +488,13 @@ def _config_changes(old: dict, new: dict) -> str:
 
     specs = {s.name: s for s in options.options_of(GenerateConfig)}
     parts = []
-    for change in options.differences(old, new, defaults={name: spec.default for name, spec in specs.items()}):
+    for change in options.differences(old, new, defaults=options.declared_defaults(GenerateConfig)):
         key, a, b = change.name, change.old, change.new
         if key in specs:
             parts.append(f"{specs[key].flag_name} {show(a)} there, {show(b)} now")
         elif key in ("method_config", "compute") and isinstance(a, dict) and isinstance(b, dict):
             method_cls = METHODS[new["method"]].Config if new.get("method") in METHODS else None
-            defaults = ({s.name: s.default for s in options.options_of(method_cls)}
+            defaults = (options.declared_defaults(method_cls)
                         if key == "method_config" and method_cls is not None else None)
             for sub in options.differences(a, b, defaults=defaults):
                 what = f"method option {sub.name}" if key == "method_config" else f"--{sub.name.replace('_', '-')}"

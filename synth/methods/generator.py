@@ -53,7 +53,7 @@ from dfkd.common.faults import fault_point
 from dfkd.common.fileio import load_torch_safely, save_torch_atomic
 from dfkd.common.input_spec import InputSpec
 from dfkd.common.models import create_model
-from dfkd.common.options import differences, hashed, option, options_of
+from dfkd.common.options import declared_defaults, differences, hashed, option
 from dfkd.common.options import validate as validate_options
 
 from ..bn_stats import BNStatsLoss
@@ -574,7 +574,7 @@ class GeneratorEnsemble(SynthesisMethod):
         counts as its declared default)."""
         cls = type(self.config)
         return isinstance(recorded, dict) and not differences(
-            recorded, hashed(self.config), cls, {s.name: s.default for s in options_of(cls)})
+            recorded, hashed(self.config), cls, declared_defaults(cls))
 
     def _save(self, m: "_Member", step: int) -> None:
         state = {"config": hashed(self.config), "step": step, "generator": m.gen.state_dict(),
