@@ -39,7 +39,7 @@ def test_no_flags_resolve_the_small_grey_recipe(tiny_teacher_path):
     resolved = resolve_recipe(GenerateConfig(teacher="lenet5", weights=str(tiny_teacher_path)), MNIST_SPEC)
     cfg = resolved.config
     assert resolved.recipe.name == "small-grey"
-    assert resolved.reason == "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5, MNIST-M grey lenet5)"
+    assert resolved.reason == "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5, MNIST-M grey lenet5, MNIST-M digit pairs grey lenet5)"
     assert (cfg.num_images, cfg.shard_size, cfg.image_format, cfg.method) == (96_000, 4_000, "npy", "generator")
     method = parse_config(METHODS["generator"].Config, cfg.method_options)
     assert (method.num_generators, method.steps, method.train_batch_size, method.width, method.latent_dim) == \
@@ -52,7 +52,7 @@ def test_no_flags_resolve_the_small_grey_recipe(tiny_teacher_path):
 def test_cli_start_line_and_manifest_record_the_recipe(tiny_teacher_path, tmp_path):
     result = _generate(tiny_teacher_path, tmp_path / "auto")
     assert result.exit_code == 0, result.output
-    assert "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5, MNIST-M grey lenet5)" in result.output
+    assert "recipe: small-grey (auto: 1-channel 28 px teacher; measured on MNIST lenet5, MNIST-M grey lenet5, MNIST-M digit pairs grey lenet5)" in result.output
     manifest = read_manifest(tmp_path / "auto")
     assert manifest.recipe["name"] == "small-grey" and len(manifest.recipe["sha256"]) == 64
     assert manifest.recipe["path"].endswith("small-grey.toml") and manifest.recipe["reason"].startswith("recipe: ")
@@ -64,7 +64,7 @@ def test_cli_start_line_and_manifest_record_the_recipe(tiny_teacher_path, tmp_pa
     assert named.exit_code == 0, named.output
     again = read_manifest(tmp_path / "named")
     assert again.config_sha256 == manifest.config_sha256 and again.shards == manifest.shards
-    assert "recipe: small-grey (--recipe small-grey; measured on MNIST lenet5, MNIST-M grey lenet5)" in named.output
+    assert "recipe: small-grey (--recipe small-grey; measured on MNIST lenet5, MNIST-M grey lenet5, MNIST-M digit pairs grey lenet5)" in named.output
 
 
 def test_explicit_flags_override_the_recipe(tiny_teacher_path, tmp_path):
@@ -306,7 +306,7 @@ def test_distill_auto_takes_the_shards_recipe_else_the_teachers_input():
         run = _run(_manifest(recipe=recipe))  # chosen from the teacher's input
         assert run.recipe.name == "small-grey" and run.reason.startswith("recipe: small-grey (auto: 1-channel 28 px")
         assert ("'gone' is not here" in run.reason) == (recipe is not None and recipe["name"] == "gone")
-        assert (run.config.epochs, run.config.lr, run.config.mixup, run.config.aug) == (10, 0.05, 1.0, "translate")
+        assert (run.config.epochs, run.config.lr, run.config.mixup, run.config.aug) == (grey["epochs"], 0.05, 1.0, "translate")
     rgb = _run(_manifest(InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3, 10)))
     assert rgb.recipe.name == "small-rgb" and rgb.config.aug == "crop-colour"
     # shards made with --recipe none: distilled with none too (the declared defaults), not small-grey
